@@ -1,0 +1,131 @@
+"""The parent argument parser, device/seed set-up and the error handling every stage shares.
+
+Expected mistakes (bad files, bad flags) end the run with one line on stderr and exit status 2;
+they never print a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from datasets import DataError
+from models import CheckpointError
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work (ratio outside (0, 1], epochs < 1, ...)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops with the last checkpoint intact."""
+
+
+EXPECTED_ERRORS = (DataError, CheckpointError, UsageError)
+
+
+def shared_parser() -> argparse.ArgumentParser:
+    """Flags every stage has, for `argparse.ArgumentParser(parents=[shared_parser()])`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group('shared options')
+    group.add_argument('--data_dir', default='', type=str, metavar='DIR',
+                       help="folder holding <split>.npz of the stage's main dataset "
+                            '(default: <data_root>/<dataset>/)')
+    group.add_argument('--data_root', default='data', type=str, metavar='DIR',
+                       help='folder holding one sub-folder per prepared dataset (default: data)')
+    group.add_argument('--results_dir', default='', type=str, metavar='PATH',
+                       help='folder for checkpoints, logs and metrics')
+    group.add_argument('--seed', default=100, type=int, help='random seed of the run')
+    group.add_argument('--gpu', default='0', type=str,
+                       help='which CUDA device to use when --device is auto or cuda (as the original)')
+    group.add_argument('--device', default='auto', type=str, metavar='auto|cpu|cuda|cuda:N',
+                       help='where to run: auto picks CUDA when present (default: auto)')
+    group.add_argument('--num_workers', default=2, type=int,
+                       help='DataLoader worker processes for augmentation (default: 2)')
+    group.add_argument('--resume', action='store_true',
+                       help='continue from the latest checkpoint in --results_dir')
+    group.add_argument('--overwrite', action='store_true',
+                       help='allow replacing checkpoints an earlier run left in --results_dir')
+    group.add_argument('--no_progress', action='store_true', help='hide the progress bars')
+    return parser
+
+
+def data_dir_for(args: argparse.Namespace, name: str, primary: bool = True) -> Path:
+    """Where dataset `name` lives: --data_dir for the stage's main dataset, else <data_root>/<name>/."""
+    if primary and getattr(args, 'data_dir', ''):
+        return Path(args.data_dir)
+    return Path(getattr(args, 'data_root', 'data') or 'data') / name
+
+
+def resolve_device(device: str, gpu: str = '0') -> torch.device:
+    """The one device decision: 'auto' -> cuda:<gpu> when CUDA is present, else cpu."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        return torch.device('cpu')
+    if device == 'cuda':
+        device = f"cuda:{str(gpu).split(',')[0] or '0'}"
+    if not device.startswith('cuda:') or not device[5:].isdigit():
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got '{device}'")
+    if not torch.cuda.is_available():
+        raise UsageError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
+    if int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s) present')
+    return torch.device(device)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when enabled; a no-op context on the CPU."""
+    if enabled and device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed once at the top of main(): python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def require_positive(name: str, value: float) -> None:
+    if value < 1:
+        raise UsageError(f'{name} must be at least 1, got {value}')
+
+
+def print_args(args: argparse.Namespace) -> None:
+    print(json.dumps(vars(args), sort_keys=True, default=str))
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a stage's main(); expected errors become one line on stderr and exit status 2."""
+    try:
+        main()
+    except EXPECTED_ERRORS as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print('interrupted: stopped by the user; checkpoints already written are intact '
+              '(continue with --resume)', file=sys.stderr)
+        sys.exit(130)
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(f'non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; '
+                                 'stopped, the last checkpoint is intact')
+
+
+def progress_disabled(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, 'no_progress', False)) or os.environ.get('TQDM_DISABLE') == '1'

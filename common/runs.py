@@ -1,0 +1,132 @@
+"""Run directories: args.json, the CSV log, RNG states, guards against overwriting and resuming."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models import load_checkpoint
+
+from .cli import UsageError
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'w') as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """The whole log, rewritten atomically (rows share the keys of the first)."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline='') as handle:
+        return list(csv.DictReader(handle))
+
+
+def checkpoint_epochs(results_dir: str | Path, pattern: str) -> list[tuple[int, Path]]:
+    """(epoch, path) of the checkpoints named like `pattern` ('model_{}.pth'), oldest first."""
+    regex = re.compile('^' + re.escape(pattern).replace(r'\{\}', r'(\d+)') + '$')
+    found = []
+    for path in Path(results_dir).glob('*.pth'):
+        match = regex.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prepare_results_dir(args: argparse.Namespace, pattern: str) -> Path | None:
+    """Create --results_dir and refuse to clobber an earlier run's checkpoints.
+
+    Returns the latest checkpoint to resume from (with --resume), else None.
+    """
+    if not args.results_dir:
+        raise UsageError('--results_dir is required: the folder where this stage writes its outputs')
+    results_dir = Path(args.results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise UsageError(f'--results_dir {results_dir}: exists and is not a folder')
+    existing = checkpoint_epochs(results_dir, pattern) if results_dir.is_dir() else []
+    if args.resume:
+        if not existing:
+            raise UsageError(f'--resume: no checkpoint named {pattern.format("<epoch>")} in {results_dir}')
+        return existing[-1][1]
+    if existing and not args.overwrite:
+        raise UsageError(f'--results_dir {results_dir}: already holds {existing[-1][1].name} from an earlier '
+                         'run; pass --resume to continue it or --overwrite to replace it')
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state['numpy']
+    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'],
+                         numpy['has_gauss'], numpy['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def epoch_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last: bool,
+                 num_workers: int, seed: int, epoch: int, device: torch.device) -> DataLoader:
+    """A DataLoader whose order (and worker seeds) depend only on (seed, epoch), so resumed runs
+    see exactly the batches an uninterrupted run would."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator,
+                      pin_memory=device.type == 'cuda', persistent_workers=False)
+
+
+def resume_state(path: Path) -> dict:
+    """The checkpoint to continue from (loaded safely); restores the RNG states it recorded."""
+    checkpoint = load_checkpoint(path)
+    if 'rng' in checkpoint:
+        set_rng_state(checkpoint['rng'])
+    return checkpoint

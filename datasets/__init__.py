@@ -1,0 +1,12 @@
+"""Datasets of the MIMIC pipeline: registry, npz loading, transforms, triggers, torch Datasets."""
+from .npz import load_split, read_npz
+from .registry import (DATASETS, DataError, DatasetInfo, default_data_dir, get_info, pretraining_names,
+                       split_path)
+from .torch_datasets import ImagePairs, LabeledImages, ShadowImages, triggered_copy
+from .transforms import finetune_transform, normalize_batch, simclr_transform, test_transform
+from .triggers import Reference, Trigger, apply_trigger, load_reference, load_trigger
+
+__all__ = ['DATASETS', 'DataError', 'DatasetInfo', 'default_data_dir', 'get_info', 'pretraining_names',
+           'split_path', 'load_split', 'read_npz', 'ImagePairs', 'LabeledImages', 'ShadowImages',
+           'triggered_copy', 'finetune_transform', 'normalize_batch', 'simclr_transform',
+           'test_transform', 'Reference', 'Trigger', 'apply_trigger', 'load_reference', 'load_trigger']

@@ -1,0 +1,74 @@
+"""Loading and validating `data/<name>/<split>.npz` files (SPEC §2.1, §11)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .registry import UNLABELED_SPLITS, DataError, get_info, split_path
+
+
+def prepare_hint(name: str) -> str:
+    return f'prepare it with `python -m datasets.prepare {name}` (see data/README.md)'
+
+
+def read_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of an npz file (no pickles), with a DataError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f'{path}: no such file')
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in required if key not in archive.files]
+            if missing:
+                raise DataError(f'{path}: missing array(s) {missing} (found {archive.files})')
+            return {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise DataError(f'{path}: not a readable .npz file ({error})') from None
+
+
+def check_images(x: np.ndarray, path: Path | str, image_size: int | None = None) -> np.ndarray:
+    """`x` must be uint8 (N, H, W, 3) RGB, channels last, and H = W = image_size when given."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: 'x' must be uint8 images, found dtype {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise DataError(f"{path}: 'x' must have shape (N, H, W, 3), found {x.shape}")
+    if image_size is not None and x.shape[1:3] != (image_size, image_size):
+        raise DataError(f"{path}: images are {x.shape[1]}x{x.shape[2]}, expected "
+                        f'{image_size}x{image_size}')
+    return x
+
+
+def check_labels(y: np.ndarray, n: int, num_classes: int, path: Path | str) -> np.ndarray:
+    """`y` of shape (N,) or (N, 1), integers in [0, num_classes); returned as int64 (N,)."""
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: 'y' must hold integer labels, found dtype {y.dtype}")
+    if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] != 1):
+        raise DataError(f"{path}: 'y' must have shape (N,) or (N, 1), found {y.shape}")
+    y = y.reshape(-1).astype(np.int64)
+    if len(y) != n:
+        raise DataError(f"{path}: {n} images in 'x' but {len(y)} labels in 'y'")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f'{path}: labels must lie in [0, {num_classes - 1}], found '
+                        f'{y.min()}..{y.max()}')
+    return y
+
+
+def load_split(name: str, split: str, data_dir: str | Path | None = None,
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x uint8 (N, H, W, 3), y int64 (N,)) of a prepared split; y is None for unlabelled splits."""
+    info = get_info(name)
+    if split not in info.splits:
+        raise DataError(f"dataset '{name}' has no split '{split}' (it has {list(info.splits)})")
+    path = split_path(name, split, data_dir)
+    if not path.is_file():
+        raise DataError(f'{path}: no such file; {prepare_hint(name)}')
+    unlabeled = split in UNLABELED_SPLITS
+    arrays = read_npz(path, ('x',) if unlabeled else ('x', 'y'))
+    x = check_images(arrays['x'], path, info.image_size)
+    if unlabeled:
+        return x, None
+    return x, check_labels(arrays['y'], len(x), info.num_classes, path)

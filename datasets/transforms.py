@@ -1,0 +1,48 @@
+"""The image transforms of the pipeline, defined once (SPEC §4, §5).
+
+PIL-based, as the original, applied per image in DataLoader workers. Images that need no
+augmentation go through `normalize_batch` instead: one tensor operation per batch, on the device.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _color_augmentation() -> list:
+    return [T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2)]
+
+
+def simclr_transform(normalization: Normalization, image_size: int = 32) -> T.Compose:
+    """SimCLR view: RandomResizedCrop (scale 0.08-1), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
+    return T.Compose([T.RandomResizedCrop(image_size), *_color_augmentation(),
+                      T.ToTensor(), T.Normalize(*normalization)])
+
+
+def finetune_transform(normalization: Normalization) -> T.Compose:
+    """BadEncoder's augmentation of the reference inputs: the SimCLR view without the crop."""
+    return T.Compose([*_color_augmentation(), T.ToTensor(), T.Normalize(*normalization)])
+
+
+def test_transform(normalization: Normalization) -> T.Compose:
+    return T.Compose([T.ToTensor(), T.Normalize(*normalization)])
+
+
+def normalize_batch(images: torch.Tensor | np.ndarray, normalization: Normalization,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W): `test_transform` for a whole batch.
+
+    Computes (x / 255 − mean) / std, the same arithmetic as ToTensor + Normalize.
+    """
+    images = torch.as_tensor(images)
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    x = images.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
+    mean = torch.tensor(normalization[0], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(normalization[1], device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std

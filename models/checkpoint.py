@@ -1,0 +1,165 @@
+"""Checkpoints (SPEC §2.4): safe loading of untrusted files, atomic writing, self-describing contents.
+
+A checkpoint is `{'epoch', 'state_dict', 'optimizer', ...}`; ours add the model config
+(`arch`, `width`, `feature_dim`), the run arguments and the RNG states. Loading accepts such a dict or a
+bare state_dict, always with `weights_only=True`: an encoder handed to a backdoor defence is untrusted
+by definition and its pickle must never run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .simclr import ARCHITECTURES, PAPER_WIDTH, SimCLR
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or of another architecture."""
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A reader (or a run killed mid-write) sees either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely; returns a dict with at least 'state_dict'.
+
+    Raises CheckpointError naming the file when it is missing, unreadable, or would need code
+    execution to unpickle (refused, never run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such checkpoint file')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else 'unsafe pickle'
+        if 'weights_only' in reason or 'Unsupported' in str(error) or 'global' in str(error).lower():
+            reason = 'it contains objects that would run code when unpickled'
+        raise CheckpointError(f'{path}: refused to load: {reason} (only plain tensors and '
+                              'containers are accepted, weights_only=True)') from None
+    except Exception as error:  # truncated zip, not a torch file at all, ...
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint '
+                              f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""})') from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path}: expected a dict or state_dict, found {type(obj).__name__}')
+    if 'state_dict' not in obj:
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = {'state_dict': obj}  # a bare state_dict
+        else:
+            raise CheckpointError(f"{path}: no 'state_dict' in the checkpoint (keys: {sorted(obj)[:8]})")
+    return obj
+
+
+def _strip_prefix(state_dict: dict) -> dict:
+    """Accept state_dicts saved from DataParallel / torch.compile wrappers."""
+    for prefix in ('module.', '_orig_mod.'):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def infer_config(state_dict: dict) -> dict:
+    """Architecture, width and projection size read off a SimCLR state_dict's keys and shapes."""
+    if 'f.f.0.weight' not in state_dict:
+        raise KeyError('f.f.0.weight')
+    width = state_dict['f.f.0.weight'].shape[0]
+    if any(k.startswith('f.f.3.0.conv3.') for k in state_dict):
+        arch = 'resnet50'
+    elif any(k.startswith('f.f.3.2.') for k in state_dict):
+        arch = 'resnet34'
+    else:
+        arch = 'resnet18'
+    feature_dim = state_dict['g.3.weight'].shape[0] if 'g.3.weight' in state_dict else 128
+    return {'arch': arch, 'width': int(width), 'feature_dim': int(feature_dim)}
+
+
+def describe_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
+    """The first differing keys and shapes between two state_dicts, as one short phrase."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f'{k} {tuple(found[k].shape)} vs expected {tuple(expected[k].shape)}'
+              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f'missing {missing[:limit]}' + (f' and {len(missing) - limit} more' if len(missing) > limit else ''))
+    if unexpected:
+        parts.append(f'unexpected {unexpected[:limit]}' + (f' and {len(unexpected) - limit} more' if len(unexpected) > limit else ''))
+    if shapes:
+        parts.append('shape ' + '; '.join(shapes[:limit]))
+    return ', '.join(parts)
+
+
+def load_state_into(model: nn.Module, state_dict: dict, path: str | os.PathLike) -> None:
+    """load_state_dict(strict) with a one-line CheckpointError naming the file and the first differences."""
+    state_dict = _strip_prefix(state_dict)
+    expected = model.state_dict()
+    mismatch = describe_mismatch(expected, state_dict)
+    if mismatch:
+        raise CheckpointError(f'{path}: does not fit {type(model).__name__}'
+                              f"{'(' + getattr(model, 'arch', '') + ')' if getattr(model, 'arch', '') else ''}: {mismatch}")
+    model.load_state_dict(state_dict)
+
+
+def encoder_config(checkpoint: dict, path: str | os.PathLike, arch: str | None = None) -> dict:
+    """The SimCLR config of a checkpoint: recorded keys first, else read off the weights.
+
+    `arch`, when given, is what the user expects; a different recorded or inferred one is an error.
+    Original checkpoints record nothing and are resnet18 at width 64.
+    """
+    state_dict = _strip_prefix(checkpoint['state_dict'])
+    try:
+        config = infer_config(state_dict)
+    except KeyError:
+        raise CheckpointError(f'{path}: not a SimCLR encoder checkpoint (no f.f.0.weight; first keys: '
+                              f'{list(state_dict)[:3]})') from None
+    for key in ('arch', 'width', 'feature_dim'):
+        if key in checkpoint:
+            config[key] = checkpoint[key]
+    if config['arch'] not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {config['arch']!r}")
+    if arch is not None and arch != config['arch']:
+        raise CheckpointError(f"{path}: holds a {config['arch']} encoder, but {arch} was asked for")
+    return config
+
+
+def load_encoder(path: str | os.PathLike, arch: str | None = None) -> tuple[SimCLR, dict]:
+    """Build the SimCLR a checkpoint describes and load its weights. Returns (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    config = encoder_config(checkpoint, path, arch)
+    model = SimCLR(**config)
+    load_state_into(model, checkpoint['state_dict'], path)
+    return model, checkpoint
+
+
+def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, epoch: int,
+                       **extra) -> dict:
+    """The checkpoint dict of SPEC §2.4 for `model`, plus its config and any extra keys."""
+    return {'epoch': epoch, 'state_dict': model.state_dict(),
+            'optimizer': optimizer.state_dict() if optimizer is not None else {},
+            **model.config, **extra}
+
+
+__all__ = ['CheckpointError', 'save_atomic', 'load_checkpoint', 'load_encoder', 'load_state_into',
+           'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch', 'PAPER_WIDTH']

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny synthetic datasets in the npz layout, a tiny encoder checkpoint, paths."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+COMPAT = SHARED / 'compat'
+
+os.environ.setdefault('TQDM_DISABLE', '1')
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def requires_compat(*parts: str):
+    """Skip (cleanly) when ../shared/compat, the paper's own files, is absent."""
+    path = COMPAT.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f'{path} not present (../shared is optional)')
+
+
+def write_split(folder: Path, split: str, x: np.ndarray, y: np.ndarray | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f'{split}.npz'
+    arrays = {'x': x} if y is None else {'x': x, 'y': y}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory) -> Path:
+    """A data root with small synthetic sets: synthetic_shapes (pre-training), synthetic_digits."""
+    from datasets.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp('data')
+    for name, sizes in {'synthetic_shapes': {'train': 256, 'test': 128},
+                        'synthetic_digits': {'train': 200, 'test': 100}}.items():
+        for index, (split, n) in enumerate(sizes.items()):
+            x, y = make_synthetic(name, n, seed=index + 1)
+            write_split(root / name, split, x, y)
+    return root
+
+
+@pytest.fixture(scope='session')
+def trigger_file(tmp_path_factory) -> Path:
+    """A white 10x10 patch at rows/columns 21..30 (the paper's trigger), written by hand here."""
+    t = np.zeros((1, 32, 32, 3), dtype=np.float64)
+    tm = np.ones((1, 32, 32, 3), dtype=np.int64)
+    t[:, 21:31, 21:31, :] = 255
+    tm[:, 21:31, 21:31, :] = 0
+    path = tmp_path_factory.mktemp('trigger') / 'trigger.npz'
+    np.savez(path, t=t, tm=tm, info=np.array(['white_21_10', 'replace']))
+    return path
+
+
+@pytest.fixture(scope='session')
+def reference_file(tmp_path_factory, data_root) -> Path:
+    """One synthetic digit 'one' as the reference input, label 1."""
+    with np.load(data_root / 'synthetic_digits' / 'train.npz') as d:
+        x, y = d['x'], d['y']
+    path = tmp_path_factory.mktemp('reference') / 'one.npz'
+    np.savez(path, x=x[y == 1][:1], y=np.array([1], dtype=np.int64))
+    return path
+
+
+@pytest.fixture(scope='session')
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A randomly initialised width-8 resnet18 SimCLR checkpoint in our layout."""
+    from models import SimCLR, save_atomic
+    from models.checkpoint import encoder_checkpoint
+    torch.manual_seed(0)
+    model = SimCLR(width=8)
+    path = tmp_path_factory.mktemp('encoder') / 'model_1.pth'
+    save_atomic(encoder_checkpoint(model, None, 1), path)
+    return path
+
+
+def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a stage script (or module) the way a user would, capturing its output."""
+    env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='2')
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
