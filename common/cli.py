@@ -54,6 +54,8 @@ def shared_parser() -> argparse.ArgumentParser:
                        help='continue from the latest checkpoint in --results_dir')
     group.add_argument('--overwrite', action='store_true',
                        help='allow replacing checkpoints an earlier run left in --results_dir')
+    group.add_argument('--amp', action='store_true',
+                       help='bf16 autocast on CUDA (ignored on the CPU; default: off, full precision)')
     group.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     return parser
 
