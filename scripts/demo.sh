@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole story on a CPU in about ten minutes, offline:
+#   synthetic data -> clean SimCLR encoder -> BadEncoder backdoor -> MIMIC purification
+#   -> ACC / ASR of all three encoders on a synthetic downstream task (digits, target "one").
+#
+#   bash scripts/demo.sh [OUT_DIR]        # default runs/demo; prints the table, writes OUT_DIR/summary.json
+#
+# The scale (image counts, encoder width, epochs, ratio, learning rates) is chosen to fit a 2-core CPU;
+# the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
+# Run it again and finished stages are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${1:-runs/demo}
+mkdir -p "$OUT"
+start=$(date +%s)
+
+# --- demo scale -------------------------------------------------------------------------------
+PRETRAIN_SIZES=${PRETRAIN_SIZES:-train=4000,test=1000}
+DOWNSTREAM_SIZES=${DOWNSTREAM_SIZES:-train=2000,test=1000}
+WIDTH=${WIDTH:-8}
+CLEAN_EPOCHS=${CLEAN_EPOCHS:-15}
+BAD_EPOCHS=${BAD_EPOCHS:-5}
+MIMIC_EPOCHS=${MIMIC_EPOCHS:-10}
+MI_EPOCHS=${MI_EPOCHS:-20}
+NN_EPOCHS=${NN_EPOCHS:-50}
+RATIO=${RATIO:-0.1}
+MIMIC_LR=${MIMIC_LR:-0.01}
+# -----------------------------------------------------------------------------------------------
+
+data="$OUT/data"
+[ -f "$data/synthetic_shapes/train.npz" ] || \
+  "$PYTHON" -m datasets.prepare synthetic_shapes --out "$data" --sizes "$PRETRAIN_SIZES" --seed 1
+[ -f "$data/synthetic_digits/train.npz" ] || \
+  "$PYTHON" -m datasets.prepare synthetic_digits --out "$data" --sizes "$DOWNSTREAM_SIZES" --seed 2
+[ -f "$OUT/reference_one.npz" ] || \
+  "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
+    --first 1 --out "$OUT/reference_one.npz"
+
+bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DEVICE:-cpu}" \
+  --pretraining_dataset synthetic_shapes --downstream_dataset synthetic_digits \
+  --reference_file "$OUT/reference_one.npz" --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+  --width "$WIDTH" --clean_epochs "$CLEAN_EPOCHS" --badencoder_epochs "$BAD_EPOCHS" \
+  --mimic_epochs "$MIMIC_EPOCHS" --mi_epochs "$MI_EPOCHS" --nn_epochs "$NN_EPOCHS" \
+  --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 \
+  --clean_args "--batch_size 256" --badencoder_args "--batch_size 128" \
+  --mimic_args "--batch_size 128" --eval_args "--no_progress"
+
+echo "demo finished in $(( $(date +%s) - start )) s; summary: $OUT/summary.json"
+cat "$OUT/summary.json"

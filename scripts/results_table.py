@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Collect the paper-style results table from pipeline run directories.
+
+A run directory is what `scripts/run_pipeline.sh` makes: `run.json` (the setting) and
+`eval_clean/`, `eval_backdoored/`, `eval_mimic/`, each holding the `metrics.json` that
+`training_downstream_classifier.py --results_dir` writes.
+
+    python scripts/results_table.py runs/cifar10_gtsrb runs/cifar10_svhn --out results/table
+    # -> results/table.md and results/table.csv, one row per (pre-training set, downstream task)
+    python scripts/results_table.py runs/demo --summary runs/demo/summary.json
+
+Percentages throughout; ASR is counted as the original (over every triggered test image), and
+`ASR*` excludes the test images whose true label is the target.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+ENCODERS = ('clean', 'backdoored', 'mimic')
+METRICS = (('acc', 'ACC'), ('asr', 'ASR'), ('asr_excluding_target', 'ASR*'))
+
+
+class TableError(ValueError):
+    """A run directory that does not hold what the table needs."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise TableError(f'{path}: no such file') from None
+    except json.JSONDecodeError as error:
+        raise TableError(f'{path}: not valid JSON ({error})') from None
+
+
+def read_run(run_dir: Path) -> dict:
+    """{'pretraining', 'downstream', 'clean': metrics | None, 'backdoored': ..., 'mimic': ...}."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TableError(f'{run_dir}: no such run directory')
+    setting = read_json(run_dir / 'run.json')
+    row = {'run': str(run_dir), 'pretraining': setting.get('pretraining_dataset', '?'),
+           'downstream': setting.get('downstream_dataset', '?')}
+    found = False
+    for encoder in ENCODERS:
+        path = run_dir / f'eval_{encoder}' / 'metrics.json'
+        row[encoder] = read_json(path) if path.is_file() else None
+        found = found or row[encoder] is not None
+    if not found:
+        raise TableError(f'{run_dir}: no eval_*/metrics.json yet (has the pipeline reached stage 3?)')
+    return row
+
+
+def cell(metrics: dict | None, key: str) -> str:
+    value = None if metrics is None else metrics.get(key)
+    return '–' if value is None else f'{float(value):.2f}'
+
+
+def header() -> list[str]:
+    return ['Pre-training', 'Downstream'] + [f'{encoder} {label}' for encoder in ENCODERS
+                                              for _, label in METRICS]
+
+
+def rows_of(runs: list[dict]) -> list[list[str]]:
+    ordered = sorted(runs, key=lambda r: (r['pretraining'], r['downstream']))
+    return [[r['pretraining'], r['downstream']] + [cell(r[encoder], key) for encoder in ENCODERS
+                                                  for key, _ in METRICS] for r in ordered]
+
+
+def markdown(runs: list[dict]) -> str:
+    head = header()
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 2 + ['---:'] * (len(head) - 2)) + '|']
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows_of(runs)]
+    note = ('\nACC: clean test accuracy (%). ASR: triggered test images classified as the target (%), '
+            'over all test images as the original counts it; ASR*: excluding images of the target class.\n')
+    return '\n'.join(lines) + '\n' + note
+
+
+def csv_text(runs: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['pretraining', 'downstream'] + [f'{encoder}_{key}' for encoder in ENCODERS
+                                                     for key, _ in METRICS])
+    for row in rows_of(runs):
+        writer.writerow([value if value != '–' else '' for value in row])
+    return buffer.getvalue()
+
+
+def summary(run: dict) -> dict:
+    """{'clean': {'acc', 'asr', 'asr_excluding_target'}, 'backdoored': ..., 'mimic': ...} of one run."""
+    return {encoder: ({key: run[encoder].get(key) for key, _ in METRICS} if run[encoder] else None)
+            for encoder in ENCODERS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('run_dirs', nargs='+', type=Path, help='pipeline run directories')
+    parser.add_argument('--out', type=Path, help='write <out>.md and <out>.csv')
+    parser.add_argument('--summary', type=Path, help='write the summary JSON of the (single) run here')
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(run_dir) for run_dir in args.run_dirs]
+    except TableError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    table = markdown(runs)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix('.md').write_text(table)
+        args.out.with_suffix('.csv').write_text(csv_text(runs))
+    if args.summary:
+        if len(runs) != 1:
+            print('error: --summary takes exactly one run directory', file=sys.stderr)
+            return 2
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summary(runs[0]), indent=2) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

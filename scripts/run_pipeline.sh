@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Chain the four stages for one setting, each stage in its own folder under one run directory:
+#
+#   RUN/clean/       stage 0  train_clean_encoder.py          -> model_<E0>.pth
+#   RUN/backdoor/    stage 1  train_badencoder.py             -> model_<E1>.pth
+#   RUN/mimic/       stage 2  MIMIC.py                        -> model<E2>.pth (+ mi.json)
+#   RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/
+#                    stage 3  training_downstream_classifier.py -> metrics.json
+#   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed
+#
+# Run it again and a finished stage is skipped; an interrupted one continues with --resume from its
+# latest checkpoint. Example (the paper's CIFAR10 -> GTSRB setting, on a GPU machine):
+#
+#   bash scripts/run_pipeline.sh --run_dir runs/cifar10_gtsrb --pretraining_dataset cifar10 \
+#       --downstream_dataset gtsrb --reference_file reference/cifar10/priority.npz \
+#       --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
+#
+# Options (default):
+#   --run_dir DIR (required)            --pretraining_dataset cifar10      --downstream_dataset gtsrb
+#   --reference_file F (required)       --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
+#   --clean_epochs 1000  --badencoder_epochs 200  --mimic_epochs 1000  --mi_epochs 200  --nn_epochs 1000
+#   --ratio 0.04  --mimic_lr 0.01  --arch resnet18  --width 64  --device auto  --data_root data
+#   --num_workers 2  --seed 100  --save_freq 50 (stage 0 and 2 checkpoints, for resuming)
+#   --clean_encoder PATH   use this encoder instead of training stage 0
+#   --clean_args "..." --badencoder_args "..." --mimic_args "..." --eval_args "..."  extra flags per stage
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+run_dir='' pretraining=cifar10 downstream=gtsrb reference='' trigger=trigger/trigger_pt_white_21_10_ap_replace.npz
+clean_epochs=1000 bad_epochs=200 mimic_epochs=1000 mi_epochs=200 nn_epochs=1000 ratio=0.04 mimic_lr=0.01
+arch=resnet18 width=64 device=auto data_root=data num_workers=2 seed=100 save_freq=50 clean_encoder=''
+clean_args='' bad_args='' mimic_args='' eval_args=''
+
+die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || die "option $1 needs a value"
+  case "$1" in
+    --run_dir) run_dir=$2 ;;                 --pretraining_dataset) pretraining=$2 ;;
+    --downstream_dataset) downstream=$2 ;;   --reference_file) reference=$2 ;;
+    --trigger_file) trigger=$2 ;;            --clean_epochs) clean_epochs=$2 ;;
+    --badencoder_epochs) bad_epochs=$2 ;;    --mimic_epochs) mimic_epochs=$2 ;;
+    --mi_epochs) mi_epochs=$2 ;;             --nn_epochs) nn_epochs=$2 ;;
+    --ratio) ratio=$2 ;;                     --mimic_lr) mimic_lr=$2 ;;
+    --arch) arch=$2 ;;                       --width) width=$2 ;;
+    --device) device=$2 ;;                   --data_root) data_root=$2 ;;
+    --num_workers) num_workers=$2 ;;         --seed) seed=$2 ;;
+    --save_freq) save_freq=$2 ;;             --clean_encoder) clean_encoder=$2 ;;
+    --clean_args) clean_args=$2 ;;           --badencoder_args) bad_args=$2 ;;
+    --mimic_args) mimic_args=$2 ;;           --eval_args) eval_args=$2 ;;
+    *) die "unknown option $1 (see the header of $0)" ;;
+  esac
+  shift 2
+done
+[ -n "$run_dir" ] || die "--run_dir is required"
+[ -n "$reference" ] || die "--reference_file is required (e.g. reference/cifar10/priority.npz)"
+[ -f "$reference" ] || die "--reference_file $reference: no such file"
+[ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
+[ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
+
+target_label=$("$PYTHON" -c "import numpy as np, sys; print(int(np.load(sys.argv[1])['y'].reshape(-1)[0]))" "$reference")
+common=(--device "$device" --data_root "$data_root" --num_workers "$num_workers" --seed "$seed")
+mkdir -p "$run_dir"
+cat > "$run_dir/run.json" <<JSON
+{"pretraining_dataset": "$pretraining", "downstream_dataset": "$downstream", "target_label": $target_label,
+ "reference_file": "$reference", "trigger_file": "$trigger", "arch": "$arch", "width": $width,
+ "clean_epochs": $clean_epochs, "badencoder_epochs": $bad_epochs, "mimic_epochs": $mimic_epochs,
+ "mi_epochs": $mi_epochs, "nn_epochs": $nn_epochs, "ratio": $ratio, "mimic_lr": $mimic_lr, "seed": $seed}
+JSON
+
+# stage NAME DIR FINAL_FILE CHECKPOINT_GLOB command...: skip when FINAL_FILE exists, resume when the
+# folder holds earlier checkpoints, otherwise start; what the stage prints goes to RUN/NAME.log too.
+stage() {
+  local name=$1 dir=$2 final=$3 glob=$4; shift 4
+  if [ -f "$dir/$final" ]; then
+    echo "== $name: done ($dir/$final), skipped"; return 0
+  fi
+  local resume=()
+  if compgen -G "$dir/$glob" > /dev/null; then resume=(--resume); fi
+  echo "== $name: $* ${resume[*]}"
+  "$PYTHON" -u "$@" "${resume[@]}" 2>&1 | tee -a "$run_dir/$name.log"
+  [ -f "$dir/$final" ] || die "$name did not produce $dir/$final (see $run_dir/$name.log)"
+}
+
+if [ -z "$clean_encoder" ]; then
+  # shellcheck disable=SC2086  # the *_args strings are split into flags on purpose
+  stage clean "$run_dir/clean" "model_$clean_epochs.pth" 'model_*.pth' \
+    train_clean_encoder.py --pretraining_dataset "$pretraining" --arch "$arch" --width "$width" \
+    --epochs "$clean_epochs" --save_freq "$save_freq" --results_dir "$run_dir/clean" "${common[@]}" $clean_args
+  clean_encoder=$run_dir/clean/model_$clean_epochs.pth
+fi
+
+# shellcheck disable=SC2086
+stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
+  train_badencoder.py --pretraining_dataset "$pretraining" --shadow_dataset "$pretraining" \
+  --encoder_usage_info "$pretraining" --downstreamTask "$downstream" --pretrained_encoder "$clean_encoder" \
+  --reference_file "$reference" --trigger_file "$trigger" --epochs "$bad_epochs" \
+  --results_dir "$run_dir/backdoor" "${common[@]}" $bad_args
+backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
+
+# shellcheck disable=SC2086
+stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
+  MIMIC.py --pretraining_dataset "$pretraining" --teacher "$backdoored_encoder" --ratio "$ratio" \
+  --lr "$mimic_lr" --epochs "$mimic_epochs" --mi_epochs "$mi_epochs" --save_freq "$save_freq" \
+  --results_dir "$run_dir/mimic" "${common[@]}" $mimic_args
+mimic_encoder=$run_dir/mimic/model$mimic_epochs.pth
+
+for pair in "clean:$clean_encoder" "backdoored:$backdoored_encoder" "mimic:$mimic_encoder"; do
+  name=${pair%%:*} encoder=${pair#*:}
+  # shellcheck disable=SC2086
+  stage "eval_$name" "$run_dir/eval_$name" metrics.json 'no-checkpoints' \
+    training_downstream_classifier.py --dataset "$downstream" --encoder_usage_info "$pretraining" \
+    --encoder "$encoder" --trigger_file "$trigger" --reference_file "$reference" \
+    --reference_label "$target_label" --nn_epochs "$nn_epochs" --results_dir "$run_dir/eval_$name" \
+    "${common[@]}" $eval_args
+done
+
+"$PYTHON" scripts/results_table.py "$run_dir" --out "$run_dir/table" --summary "$run_dir/summary.json"
