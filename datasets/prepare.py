@@ -1,0 +1,427 @@
+"""Prepare datasets as `<out>/<name>/<split>.npz` (SPEC §2.1): real sets from their raw files, synthetic
+sets from a seed.
+
+    python -m datasets.prepare synthetic_shapes synthetic_digits                  # offline, seconds
+    python -m datasets.prepare cifar10 stl10 gtsrb svhn --root ~/raw --download   # real sets
+
+Raw files (--root, default data/raw) are read in torchvision's own layout, so a folder torchvision
+downloaded into before works as it is:
+
+    cifar10  <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    stl10    <root>/stl10_binary/{train_X, train_y, test_X, test_y, unlabeled_X}.bin
+    gtsrb    <root>/gtsrb/GTSRB/Training/<00000..00042>/*.ppm, <root>/gtsrb/GTSRB/Final_Test/Images/*.ppm,
+             <root>/gtsrb/GT-final_test.csv
+    svhn     <root>/train_32x32.mat, <root>/test_32x32.mat   (reading .mat files needs scipy)
+
+Reading goes through torchvision.datasets.CIFAR10 / STL10 / GTSRB / SVHN. torchvision accepts the
+CIFAR10, STL10 and SVHN files only when their MD5 matches the official release; files that differ (a
+subset, a re-packed copy) are refused with a one-line error, or, with --skip_checksums, read by this
+module's own readers of the same formats (CIFAR10's pickles through an unpickler that builds nothing
+but lists, strings and numpy arrays: an unverified pickle could otherwise run code). GTSRB has no
+checksum in torchvision; its class is the number of the class folder.
+
+Images: uint8 (N, 32, 32, 3) RGB. STL10 (96x96) and GTSRB (15..250 px, not square) are resized to
+32x32 with PIL's bilinear filter (`Image.BILINEAR`, which Pillow widens when shrinking, so it averages
+like an antialiased resize; the default of torchvision's transforms.Resize). CIFAR10 and SVHN are
+32x32 already and are copied unchanged.
+Labels: int64 (N,) in the registry's class order: CIFAR10 and STL10 0..9, GTSRB 0..42, SVHN the digit
+(the .mat files store digit zero as 10; torchvision and the own reader both map it to 0).
+STL10's `train_unlabeled.npz` holds `x` only (no `y`), which is what `datasets.load_split` reads;
+torchvision reads that split's 2.7 GB file whole, so STL10 needs about 4 GB of memory.
+
+Existing npz files are never overwritten without --force. Every split of a dataset is written to a
+temporary folder beside its destination, checked with `datasets.load_split`, then renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import functools
+import hashlib
+import importlib.util
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets import CIFAR10, GTSRB, STL10, SVHN
+from tqdm import tqdm
+
+from .npz import load_split
+from .registry import DATASETS, UNLABELED_SPLITS, DataError, get_info
+from .synthetic import synthetic_splits
+
+RAW_ROOT = Path('data') / 'raw'
+RESIZE_FILTER = Image.BILINEAR
+STL10_SIZE = 96
+GTSRB_URL = 'https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/'
+
+# Raw files torchvision reads, relative to --root, with the MD5 it insists on (None: not checked).
+RAW_FILES: dict[str, list[tuple[str, str | None]]] = {
+    'cifar10': [(f'{CIFAR10.base_folder}/{file}', md5) for file, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    + [(f"{CIFAR10.base_folder}/{CIFAR10.meta['filename']}", CIFAR10.meta['md5'])],
+    'stl10': [(f'{STL10.base_folder}/{file}', md5) for file, md5 in STL10.train_list + STL10.test_list],
+    'gtsrb': [('gtsrb/GTSRB/Training', None), ('gtsrb/GTSRB/Final_Test/Images', None),
+              ('gtsrb/GT-final_test.csv', None)],
+    'svhn': [(SVHN.split_list[split][1], SVHN.split_list[split][2]) for split in ('train', 'test')],
+}
+HOW_TO_GET = {
+    'cifar10': f'unpack {CIFAR10.url} into the --root folder',
+    'stl10': f'unpack {STL10.url} into the --root folder',
+    'gtsrb': f'unzip GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip '
+             f'from {GTSRB_URL} into <root>/gtsrb/',
+    'svhn': 'put train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ '
+            'into the --root folder',
+}
+EXTRA_PACKAGES = {'svhn': 'scipy'}  # GTSRB needs only Pillow, which torchvision brings
+
+# split -> torchvision reader, called as reader(root, download=...)
+TORCHVISION_READERS: dict[str, dict[str, Callable]] = {
+    'cifar10': {'train': functools.partial(CIFAR10, train=True), 'test': functools.partial(CIFAR10, train=False)},
+    'stl10': {'train': functools.partial(STL10, split='train'), 'test': functools.partial(STL10, split='test'),
+              'train_unlabeled': functools.partial(STL10, split='unlabeled')},
+    'gtsrb': {'train': functools.partial(GTSRB, split='train'), 'test': functools.partial(GTSRB, split='test')},
+    'svhn': {'train': functools.partial(SVHN, split='train'), 'test': functools.partial(SVHN, split='test')},
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray],
+                    check: Callable[[Path], object] | None = None) -> None:
+    """np.savez to a temporary file beside `path`, run `check(temporary path)`, then rename it over
+    `path`: a reader sees the old file or the complete, checked new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_dataset(name: str, out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """Write every split into a temporary folder inside `out_dir`, validate them with load_split, then
+    rename them into place (same file system, so each rename is atomic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix='.prepare-', dir=out_dir))
+    try:
+        for split, (x, y) in splits.items():
+            arrays = {'x': x} if y is None else {'x': x, 'y': y}
+            with open(staging / f'{split}.npz', 'wb') as handle:
+                np.savez(handle, **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+            load_split(name, split, staging)
+        for split in splits:
+            os.replace(staging / f'{split}.npz', out_dir / f'{split}.npz')
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def describe(name: str, split: str, path: Path, x: np.ndarray, y: np.ndarray | None) -> str:
+    text = f'wrote {path}: {len(x)} images {x.shape[1]}x{x.shape[2]}'
+    if y is not None and len(y):
+        text += f', labels {y.min()}..{y.max()} ({len(np.unique(y))} classes present)'
+    expected = get_info(name).splits[split]
+    if not get_info(name).synthetic and len(x) != expected:
+        text += f' (note: the full {name} {split} split has {expected})'
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converting image sequences to arrays
+# ---------------------------------------------------------------------------------------------------
+
+def convert(images: Sequence, image_size: int, desc: str, progress: bool = True,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8 (N, S, S, 3), y int64 (N,)) from a dataset whose items are (PIL image, label)."""
+    x = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+    y = np.empty(len(images), dtype=np.int64)
+    for index in tqdm(range(len(images)), desc=desc, unit='img', disable=not progress):
+        image, label = images[index]
+        image = image.convert('RGB')
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), RESIZE_FILTER)
+        x[index] = np.asarray(image)
+        y[index] = -1 if label is None else label
+    return x, y
+
+
+class ArrayImages:
+    """uint8 (N, H, W, 3) images and their labels, indexed like a torchvision dataset."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f'{len(images)} images but {len(labels)} labels')
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int | None]:
+        label = None if self.labels is None else int(self.labels[index])
+        return Image.fromarray(np.ascontiguousarray(self.images[index])), label
+
+
+# ---------------------------------------------------------------------------------------------------
+# The project's own readers, for raw files whose checksum differs from the official release
+# ---------------------------------------------------------------------------------------------------
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+PICKLE_ALLOWED = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                  ('numpy.core.multiarray', '_reconstruct'): _reconstruct,
+                  ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
+                  ('_codecs', 'encode'): codecs.encode}
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings and numpy arrays (a CIFAR batch) and refuses every other class."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f'refusing to unpickle {module}.{name} (only numpy arrays allowed)')
+        return PICKLE_ALLOWED[module, name]
+
+
+def read_cifar10(root: Path, train: bool) -> ArrayImages:
+    files = [file for file, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    images, labels = [], []
+    for file in files:
+        path = root / CIFAR10.base_folder / file
+        with open(path, 'rb') as handle:
+            try:
+                batch = ArrayUnpickler(handle, encoding='latin1').load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+                raise DataError(f'{path}: not a CIFAR10 batch ({error})') from None
+        if not isinstance(batch, dict) or 'data' not in batch or 'labels' not in batch:
+            raise DataError(f"{path}: not a CIFAR10 batch (expected a dict with 'data' and 'labels')")
+        data = np.asarray(batch['data'], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch['labels']):
+            raise DataError(f"{path}: 'data' must be (N, 3072) with one label per row, found {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes
+        labels.extend(batch['labels'])
+    return ArrayImages(np.concatenate(images), np.asarray(labels, dtype=np.int64))
+
+
+def read_stl10(root: Path, split: str) -> ArrayImages:
+    prefix = {'train': 'train', 'test': 'test', 'train_unlabeled': 'unlabeled'}[split]
+    path = root / STL10.base_folder / f'{prefix}_X.bin'
+    pixels = np.memmap(path, dtype=np.uint8, mode='r')  # the unlabelled file is 2.7 GB: read lazily
+    if pixels.size % (3 * STL10_SIZE * STL10_SIZE):
+        raise DataError(f'{path}: size {pixels.size} is not a whole number of 3x96x96 images')
+    # each image is stored channel by channel, column-major: (N, C, W, H) -> (N, H, W, C)
+    images = pixels.reshape(-1, 3, STL10_SIZE, STL10_SIZE).transpose(0, 3, 2, 1)
+    if split == 'train_unlabeled':
+        return ArrayImages(images, None)
+    labels = np.fromfile(root / STL10.base_folder / f'{prefix}_y.bin', dtype=np.uint8).astype(np.int64) - 1
+    return ArrayImages(images, labels)  # the file counts classes from 1
+
+
+def read_svhn(root: Path, split: str) -> ArrayImages:
+    import scipy.io
+    path = root / SVHN.split_list[split][1]
+    try:
+        mat = scipy.io.loadmat(path)
+    except (ValueError, OSError, TypeError) as error:
+        raise DataError(f'{path}: not a readable .mat file ({error})') from None
+    if 'X' not in mat or 'y' not in mat:
+        raise DataError(f"{path}: missing 'X' or 'y' (found {sorted(k for k in mat if not k.startswith('__'))})")
+    images = np.asarray(mat['X'], dtype=np.uint8).transpose(3, 0, 1, 2)  # (H, W, C, N) -> (N, H, W, C)
+    labels = np.asarray(mat['y'], dtype=np.int64).reshape(-1)
+    labels[labels == 10] = 0  # SVHN stores digit zero as 10
+    return ArrayImages(images, labels)
+
+
+OWN_READERS: dict[str, dict[str, Callable[[Path], ArrayImages]]] = {
+    'cifar10': {'train': functools.partial(read_cifar10, train=True),
+                'test': functools.partial(read_cifar10, train=False)},
+    'stl10': {split: functools.partial(read_stl10, split=split) for split in ('train', 'test', 'train_unlabeled')},
+    'svhn': {split: functools.partial(read_svhn, split=split) for split in ('train', 'test')},
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real sets
+# ---------------------------------------------------------------------------------------------------
+
+def md5_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_package(name: str) -> None:
+    package = EXTRA_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise DataError(f'{name}: reading its raw files needs the package {package} (pip install {package})')
+
+
+def check_raw_files(name: str, root: Path, skip_checksums: bool) -> bool:
+    """Check the raw files of a real set are there; True when every checksum matches torchvision's.
+
+    Raises a DataError saying what was looked for and how to get it, or which file fails its MD5.
+    """
+    missing = [root / file for file, _ in RAW_FILES[name] if not (root / file).exists()]
+    if missing:
+        more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+        raise DataError(f'{name}: looked for {missing[0]}{more}, not found; rerun with --download '
+                        f'(online), or {HOW_TO_GET[name]} (--root {root})')
+    mismatched = [root / file for file, md5 in RAW_FILES[name] if md5 and md5_of(root / file) != md5]
+    if mismatched and not skip_checksums:
+        more = f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''
+        raise DataError(f"{mismatched[0]}{more}: MD5 differs from the official {name} release, so torchvision "
+                        'refuses it; re-download with --download, or pass --skip_checksums to read it anyway')
+    return not mismatched
+
+
+def check_gtsrb_classes(root: Path) -> None:
+    """torchvision numbers GTSRB's training classes by folder order; that is the class only when all
+    43 folders 00000..00042 are there."""
+    training = root / RAW_FILES['gtsrb'][0][0]
+    folders = sorted(entry.name for entry in training.iterdir() if entry.is_dir())
+    expected = [f'{label:05d}' for label in range(get_info('gtsrb').num_classes)]
+    if folders != expected:
+        found = ', '.join(folders[:5]) + (' ...' if len(folders) > 5 else '')
+        raise DataError(f'{training}: expected the {len(expected)} class folders 00000..00042, found '
+                        f'{len(folders)} ({found}); torchvision numbers the classes by folder order')
+
+
+def read_real(name: str, root: Path, download: bool, verified: bool, progress: bool,
+              ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Every split of a real set, converted to (x, y); y is None for unlabelled splits.
+
+    `verified`: the raw files match torchvision's checksums (or --download fetches them), so torchvision
+    reads them; otherwise the own readers do.
+    """
+    image_size = get_info(name).image_size
+    splits = {}
+    for split in get_info(name).splits:
+        try:
+            if verified:
+                images = TORCHVISION_READERS[name][split](str(root), download=download)
+            else:
+                images = OWN_READERS[name][split](root)
+            if name == 'gtsrb' and split == 'train':
+                check_gtsrb_classes(root)
+            x, y = convert(images, image_size, f'{name}/{split}', progress)
+        except DataError:
+            raise
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            reason = ' '.join(str(error).split())
+            what = 'downloading into' if download else 'reading the raw files under'
+            raise DataError(f'{name} {split}: {what} {root} failed ({reason}); {HOW_TO_GET[name]}') from None
+        splits[split] = (x, None if split in UNLABELED_SPLITS else y)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic sets
+# ---------------------------------------------------------------------------------------------------
+
+def parse_sizes(text: str) -> dict[str, int]:
+    """'train=N,test=M' -> {'train': N, 'test': M}."""
+    sizes = {}
+    for item in filter(None, text.split(',')):
+        split, _, number = item.partition('=')
+        if not number.strip().isdigit() or int(number) < 1:
+            raise DataError(f"--sizes: expected split=N with N >= 1 (e.g. train=1000,test=200), got '{item}'")
+        sizes[split.strip()] = int(number)
+    return sizes
+
+
+def make_synthetic_splits(name: str, sizes: dict[str, int], seed: int, progress: bool,
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    info = get_info(name)
+    unknown = sorted(set(sizes) - set(info.splits))
+    if unknown:
+        raise DataError(f"--sizes: dataset '{name}' has no split '{unknown[0]}' (it has {list(info.splits)})")
+    all_sizes = {**info.splits, **sizes}
+    with tqdm(total=1, desc=f'{name} ({sum(all_sizes.values())} images)', disable=not progress) as bar:
+        splits = synthetic_splits(name, all_sizes, seed=seed)
+        bar.update()
+    return {split: splits[split] for split in info.splits}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     epilog=__doc__.split('\n\n', 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('names', nargs='+', choices=sorted(DATASETS), metavar='NAME',
+                        help=f"datasets to prepare: {', '.join(DATASETS)}")
+    parser.add_argument('--root', default=str(RAW_ROOT), metavar='DIR',
+                        help='folder holding the raw files of the real sets, in torchvision\'s layout '
+                             f'(default: {RAW_ROOT})')
+    parser.add_argument('--out', '--data_root', dest='out', default='data', metavar='DATA_ROOT',
+                        help='where to write <name>/<split>.npz (default: data)')
+    parser.add_argument('--download', action='store_true',
+                        help='download missing raw files of the real sets into --root (needs a network)')
+    parser.add_argument('--skip_checksums', action='store_true',
+                        help='read raw files whose MD5 differs from the official release with this '
+                             "module's own readers (torchvision refuses them)")
+    parser.add_argument('--sizes', default='', metavar='train=N,test=M',
+                        help="number of images per split of the synthetic sets (default: the registry's)")
+    parser.add_argument('--seed', default=0, type=int, help='seed of the synthetic sets (default: 0)')
+    parser.add_argument('--force', action='store_true', help='overwrite existing npz files')
+    parser.add_argument('--no_progress', action='store_true', help='hide the progress bars')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    names = list(dict.fromkeys(args.names))
+    root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
+    progress = not args.no_progress and os.environ.get('TQDM_DISABLE') != '1'
+    sizes = parse_sizes(args.sizes)
+    real = [name for name in names if not get_info(name).synthetic]
+    if sizes and real:
+        raise DataError(f'--sizes applies to the synthetic sets only, not to {real[0]}')
+
+    # Fail before writing anything: existing outputs, missing packages or raw files.
+    existing = [out / name / f'{split}.npz' for name in names for split in get_info(name).splits
+                if (out / name / f'{split}.npz').exists()]
+    if existing and not args.force:
+        more = f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''
+        raise DataError(f'{existing[0]}{more} already exists; pass --force to overwrite')
+    for name in real:
+        check_package(name)
+    verified = {name: args.download or check_raw_files(name, root, args.skip_checksums) for name in real}
+
+    for name in names:
+        if get_info(name).synthetic:
+            splits = make_synthetic_splits(name, sizes, args.seed, progress)
+        else:
+            splits = read_real(name, root, args.download, verified[name], progress)
+        write_dataset(name, out / name, splits)
+        for split, (x, y) in splits.items():
+            print(describe(name, split, out / name / f'{split}.npz', x, y))
+
+
+if __name__ == '__main__':
+    from common.cli import run_main
+    run_main(main)
