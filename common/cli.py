@@ -107,15 +107,20 @@ def print_args(args: argparse.Namespace) -> None:
     print(json.dumps(vars(args), sort_keys=True, default=str))
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a message quoting a library error may span several)."""
+    return ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(); expected errors become one line on stderr and exit status 2."""
     try:
         main()
     except EXPECTED_ERRORS as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {one_line(error)}', file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {one_line(error)}', file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
         print('interrupted: stopped by the user; checkpoints already written are intact '

@@ -19,15 +19,26 @@ def read_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarra
     if not path.is_file():
         raise DataError(f'{path}: no such file')
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise DataError(f'{path}: not a readable .npz file ({_first_line(error)})') from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array saved under this name
+        raise DataError(f"{path}: not an .npz archive of named arrays (expected {list(required)})")
+    try:
+        with archive:
             missing = [key for key in required if key not in archive.files]
             if missing:
                 raise DataError(f'{path}: missing array(s) {missing} (found {archive.files})')
             return {key: archive[key] for key in archive.files}
     except DataError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise DataError(f'{path}: not a readable .npz file ({error})') from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:  # e.g. a pickled object array
+        raise DataError(f'{path}: not a readable .npz file ({_first_line(error)})') from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_images(x: np.ndarray, path: Path | str, image_size: int | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import DataError, get_info
+from .registry import SHAPES, DataError, get_info
 
 SIZE = 32
 
@@ -43,43 +43,63 @@ def _colours(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return foreground, background
 
 
-def _compose(mask: np.ndarray, rng: np.random.Generator, noise: float = 8.0) -> np.ndarray:
-    """Paint boolean masks (n, H, W) in random colours, add pixel noise, return uint8 (n, H, W, 3)."""
+def _compose(mask: np.ndarray, rng: np.random.Generator, noise: float = 8.0,
+             chunk: int = 1000) -> np.ndarray:
+    """Paint boolean masks (n, H, W) in random colours, add pixel noise, return uint8 (n, H, W, 3).
+
+    Painted `chunk` images at a time to bound memory; the noise is drawn in the same order as in one
+    piece, so the images do not depend on `chunk`.
+    """
     foreground, background = _colours(len(mask), rng)
-    m = mask[..., None].astype(np.float64)
-    image = m * foreground[:, None, None] + (1 - m) * background[:, None, None]
-    image += rng.normal(0, noise, image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    out = np.empty(mask.shape + (3,), dtype=np.uint8)
+    for start in range(0, len(mask), chunk):
+        part = slice(start, start + chunk)
+        m = mask[part, ..., None].astype(np.float64)  # (c, H, W, 1)
+        image = m * foreground[part, None, None] + (1 - m) * background[part, None, None]
+        image += rng.normal(0, noise, image.shape)
+        out[part] = np.clip(np.rint(image), 0, 255)
+    return out
 
 
 def _shape_masks(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = len(labels)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
-    cx = rng.uniform(10, 22, (n, 1, 1))
-    cy = rng.uniform(10, 22, (n, 1, 1))
-    r = rng.uniform(6, 10, (n, 1, 1))
-    period = rng.uniform(5, 9, (n, 1, 1))
-    phase = rng.uniform(0, 10, (n, 1, 1))
-    dx, dy = xx - cx, yy - cy
-    dist, box = np.hypot(dx, dy), np.maximum(np.abs(dx), np.abs(dy))
-    stripes = lambda v: np.floor((v + phase) / (period / 2)) % 2 == 0  # noqa: E731
-    masks = [
-        dist < r,  # disc
-        (dist < r) & (dist > 0.55 * r),  # ring
-        box < r,  # square
-        (box < r) & (box > 0.55 * r),  # frame
-        (dy < r) & (dy > -r) & (np.abs(dx) < (dy + r) / 2),  # triangle
-        ((np.abs(dx) < r / 3) & (np.abs(dy) < r)) | ((np.abs(dy) < r / 3) & (np.abs(dx) < r)),  # cross
-        stripes(yy + 0 * xx),  # horizontal stripes
-        stripes(xx + 0 * yy),  # vertical stripes
-        stripes(xx + 0 * yy) ^ stripes(yy + 0 * xx + period / 4 - phase),  # checkerboard
-        stripes((xx + yy) / np.sqrt(2)),  # diagonal stripes
-    ]
-    choice = labels[:, None, None]
+    params = [rng.uniform(low, high, (n, 1, 1))  # centre x, centre y, radius, stripe period, phase
+              for low, high in ((10, 22), (10, 22), (6, 10), (5, 9), (0, 10))]
     out = np.zeros((n, SIZE, SIZE), dtype=bool)
-    for label, mask in enumerate(masks):
-        out = np.where(choice == label, np.broadcast_to(mask, out.shape), out)
+    for label in range(len(SHAPES)):  # each image gets only its own class's mask computed
+        chosen = labels == label
+        if chosen.any():
+            out[chosen] = _shape_mask(label, yy, xx, *(p[chosen] for p in params))
     return out
+
+
+def _shape_mask(label: int, yy: np.ndarray, xx: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+                r: np.ndarray, period: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """The mask (m, H, W) of shape class `label` for m images with parameters of shape (m, 1, 1)."""
+    dx, dy = xx - cx, yy - cy
+    stripes = lambda v: np.floor((v + phase) / (period / 2)) % 2 == 0  # noqa: E731
+    if label == 0:  # disc
+        return np.hypot(dx, dy) < r
+    if label == 1:  # ring
+        dist = np.hypot(dx, dy)
+        return (dist < r) & (dist > 0.55 * r)
+    if label == 2:  # square
+        return np.maximum(np.abs(dx), np.abs(dy)) < r
+    if label == 3:  # frame
+        box = np.maximum(np.abs(dx), np.abs(dy))
+        return (box < r) & (box > 0.55 * r)
+    if label == 4:  # triangle
+        return (dy < r) & (dy > -r) & (np.abs(dx) < (dy + r) / 2)
+    if label == 5:  # cross
+        return ((np.abs(dx) < r / 3) & (np.abs(dy) < r)) | ((np.abs(dy) < r / 3) & (np.abs(dx) < r))
+    if label == 6:  # horizontal stripes
+        return stripes(yy)
+    if label == 7:  # vertical stripes
+        return stripes(xx)
+    if label == 8:  # checkerboard
+        return stripes(xx) ^ stripes(yy + period / 4 - phase)
+    return stripes((xx + yy) / np.sqrt(2))  # diagonal stripes
 
 
 def _digit_masks(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

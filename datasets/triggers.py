@@ -51,9 +51,11 @@ def load_trigger(path: str | Path, image_size: int | None = None) -> Trigger:
     patch, mask = arrays['t'], arrays['tm']
     if patch.ndim == 3:  # a single (H, W, 3) trigger
         patch, mask = patch[None], mask[None]
-    if patch.ndim != 4 or patch.shape[-1] != 3 or patch.shape != mask.shape:
-        raise DataError(f"{path}: 't' and 'tm' must both have shape (K, H, W, 3), found "
+    if patch.ndim != 4 or patch.shape[-1] != 3 or patch.shape != mask.shape or len(patch) == 0:
+        raise DataError(f"{path}: 't' and 'tm' must both have shape (K, H, W, 3) with K >= 1, found "
                         f'{patch.shape} and {mask.shape}')
+    if patch.dtype.kind not in 'biuf' or mask.dtype.kind not in 'biuf':
+        raise DataError(f"{path}: 't' and 'tm' must be numeric, found {patch.dtype} and {mask.dtype}")
     if patch.shape[1] != patch.shape[2]:
         raise DataError(f'{path}: trigger is {patch.shape[1]}x{patch.shape[2]}, expected a square image')
     if image_size is not None and patch.shape[1] != image_size:
@@ -61,7 +63,7 @@ def load_trigger(path: str | Path, image_size: int | None = None) -> Trigger:
                         f'{image_size}x{image_size}')
     if not np.isin(mask, (0, 1)).all():
         raise DataError(f"{path}: mask 'tm' must hold only 0 and 1")
-    if patch.min() < 0 or patch.max() > 255:
+    if not np.isfinite(patch).all() or patch.min() < 0 or patch.max() > 255:
         raise DataError(f"{path}: patch 't' must lie in 0..255, found {patch.min()}..{patch.max()}")
     info = tuple(str(s) for s in np.atleast_1d(arrays.get('info', np.array([]))))
     return Trigger(patch.astype(np.float64), mask.astype(np.int64), info)

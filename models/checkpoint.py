@@ -22,6 +22,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe or of another architecture."""
 
 
+def default_file_mode() -> int:
+    """The permissions `open(path, 'w')` would give a new file (0o666 less the umask).
+
+    `tempfile.mkstemp` creates files readable by their owner only; files renamed into place get these
+    permissions instead, so that an atomic write leaves the same file as a plain one.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -35,6 +46,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -161,5 +173,6 @@ def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, e
             **model.config, **extra}
 
 
-__all__ = ['CheckpointError', 'save_atomic', 'load_checkpoint', 'load_encoder', 'load_state_into',
-           'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch', 'PAPER_WIDTH']
+__all__ = ['CheckpointError', 'save_atomic', 'default_file_mode', 'load_checkpoint', 'load_encoder',
+           'load_state_into', 'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch',
+           'PAPER_WIDTH']

@@ -17,7 +17,7 @@ def knn_predict(feature: torch.Tensor, feature_bank: torch.Tensor, feature_label
     sim_weight, sim_indices = sim_matrix.topk(k=min(knn_k, feature_bank.shape[1]), dim=-1)  # (B, K)
     sim_labels = torch.gather(feature_labels.expand(feature.shape[0], -1), dim=-1, index=sim_indices)
     sim_weight = (sim_weight / knn_t).exp()
-    one_hot = F.one_hot(sim_labels, classes).to(sim_weight.dtype)  # (B, K, C)
+    one_hot = F.one_hot(sim_labels.long(), classes).to(sim_weight.dtype)  # (B, K, C); any integer labels
     pred_scores = (one_hot * sim_weight.unsqueeze(-1)).sum(dim=1)  # (B, C)
     return pred_scores.argsort(dim=-1, descending=True)
 
