@@ -1,0 +1,257 @@
+"""Stage 2, MIMIC.py: frozen teacher, fresh student, MI step, distillation, outputs, errors, resume."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import MIMIC
+from common.cli import UsageError, run_main
+from models import SimCLR, load_encoder
+from models.checkpoint import load_checkpoint
+from conftest import run_script
+
+NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # synthetic_shapes
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny convolutions: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(data_root, teacher, results_dir, *extra, ratio=0.25, batch_size=32, mi_epochs=2):
+    """256 training images at ratio 0.25: D holds 64 images, two steps of 32 per epoch."""
+    return ['--pretraining_dataset', 'synthetic_shapes', '--data_root', str(data_root),
+            '--teacher', str(teacher), '--ratio', str(ratio), '--batch_size', str(batch_size),
+            '--mi_epochs', str(mi_epochs), '--results_dir', str(results_dir), '--num_workers', '0',
+            '--device', 'cpu', '--no_progress', *[str(e) for e in extra]]
+
+
+def images(n=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def views(n=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randn(n, 3, 32, 32, generator=generator)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class CountCalls:
+    """Replaces a module's forward with a counting wrapper (no hooks)."""
+
+    def __init__(self, module):
+        self.calls, self.kwargs, original = 0, [], module.forward
+
+        def forward(*args, **kwargs):
+            self.calls += 1
+            self.kwargs.append(kwargs)
+            return original(*args, **kwargs)
+        module.forward = forward
+
+
+@pytest.fixture()
+def teacher(tiny_encoder):
+    return MIMIC.load_teacher(str(tiny_encoder), torch.device('cpu'))
+
+
+def test_parser_keeps_every_original_flag_and_default():
+    args = MIMIC.get_args_parser().parse_args([])
+    expected = {'lr': 0.001, 'batch_size': 128, 'epochs': 1000, 'pretraining_dataset': 'cifar10',
+                'opt1': 1000, 'opt2': 1000, 'opt3': 1000, 'opt4': 1000, 'opt5': 1, 'knn_t': 0.5,
+                'knn_k': 200, 'teacher': '', 'student': '', 'ratio': 0.04, 'results_dir': '', 'seed': 100,
+                'gpu': '0', 'mi_model': 'teacher', 'mi_epochs': 200, 'save_freq': 1000, 'subset': 'first'}
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_teacher_is_frozen_and_student_is_fresh(teacher, tiny_encoder):
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    torch.manual_seed(1)
+    student = MIMIC.build_student(teacher, '', torch.device('cpu'))
+    assert student.config == teacher.config == {'arch': 'resnet18', 'width': 8, 'feature_dim': 128}
+    assert all(p.requires_grad for p in student.parameters())
+    for key, value in teacher.state_dict().items():
+        if value.is_floating_point() and 'weight' in key and 'bn' not in key and value.dim() > 1:
+            assert not torch.equal(student.state_dict()[key], value), key  # nothing inherited
+    from_file = MIMIC.build_student(teacher, str(tiny_encoder), torch.device('cpu'))
+    assert same_state(from_file.state_dict(), teacher.state_dict())  # --student PATH loads the file
+
+
+def test_student_of_another_architecture_is_refused(teacher, tmp_path):
+    from models import save_atomic
+    from models.checkpoint import CheckpointError, encoder_checkpoint
+    path = tmp_path / 'wide.pth'
+    save_atomic(encoder_checkpoint(SimCLR(width=4), None, 1), path)
+    with pytest.raises(CheckpointError, match='same architecture'):
+        MIMIC.build_student(teacher, str(path), torch.device('cpu'))
+
+
+def test_one_teacher_and_two_student_forwards_per_step(teacher):
+    torch.manual_seed(0)
+    student = SimCLR(width=8)
+    counts = {name: CountCalls(module) for name, module in
+              {'teacher': teacher, 'student': student, 'teacher_trunk': teacher.f.f[0],
+               'student_trunk': student.f.f[0]}.items()}
+    batches = [views(8, seed) for seed in range(3)]
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    MIMIC.train_one_epoch(student, teacher, batches, optimizer, [1000.0] * 4, 1.0, 0.5, epoch=1, epochs=1,
+                          device=torch.device('cpu'), disable_progress=True)
+    steps = len(batches)
+    assert counts['teacher'].calls == counts['teacher_trunk'].calls == steps  # no hidden second pass
+    assert counts['student'].calls == counts['student_trunk'].calls == 2 * steps
+    assert all(kw.get('return_taps') for kw in counts['teacher'].kwargs)
+    assert [bool(kw.get('return_taps')) for kw in counts['student'].kwargs] == [True, False] * steps
+
+
+def test_distillation_leaves_the_teacher_untouched(teacher):
+    before = snapshot(teacher)  # parameters and BatchNorm buffers
+    torch.manual_seed(0)
+    student = SimCLR(width=8)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    student_before = snapshot(student)
+    MIMIC.train_one_epoch(student, teacher, [views(8, seed) for seed in range(2)], optimizer, [1000.0] * 4,
+                          1.0, 0.5, epoch=1, epochs=1, device=torch.device('cpu'), disable_progress=True)
+    assert same_state(snapshot(teacher), before)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    assert not same_state(snapshot(student), student_before)  # the student did learn
+
+
+def test_distillation_loss_falls_on_a_fixed_batch(teacher):
+    torch.manual_seed(0)
+    student = SimCLR(width=8)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=1e-6)
+    x1, x2 = views(16)
+    losses = []
+    for _ in range(12):
+        loss, terms = MIMIC.distillation_losses(student, teacher, x1, x2, [2000.0, 3000.0, 4000.0, 5000.0],
+                                                1.0, 0.5)
+        assert set(terms) == {'loss_con', 'loss_at1', 'loss_at2', 'loss_at3', 'loss_at4', 'loss_clone'}
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    expected = (terms['loss_con'] + 2000 * terms['loss_at1'] + 3000 * terms['loss_at2']
+                + 4000 * terms['loss_at3'] + 5000 * terms['loss_at4'] + terms['loss_clone'])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_tapped_representations_are_cached_in_eval_mode(teacher):
+    torch.manual_seed(0)
+    student = SimCLR(width=8)  # in train mode, as during distillation
+    before = snapshot(student)
+    taps, z = MIMIC.tapped_representations(student, images(20), NORMALIZATION, batch_size=8,
+                                           device=torch.device('cpu'), disable_progress=True)
+    assert same_state(snapshot(student), before) and student.training  # BN stats untouched, mode restored
+    assert [t.shape for t in taps] == [(20, 8 * 32 * 32), (20, 16 * 16 * 16), (20, 32 * 8 * 8), (20, 64 * 4 * 4)]
+    assert z.shape == (20, 64) and torch.allclose(z.norm(dim=1), torch.ones(20))
+    assert not z.requires_grad and not any(t.requires_grad for t in taps)
+
+
+def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, capsys):
+    estimates = iter([0.1, 0.2, 0.3, 0.4])
+    monkeypatch.setattr(MIMIC, 'estimate_mi', lambda h, z, **kw: (next(estimates), [0.0]))
+    report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+                                           batch_size=8, seed=0, device=torch.device('cpu'),
+                                           disable_progress=True)
+    assert report['mi'] == {'layer3': 0.1, 'layer4': 0.2, 'layer5': 0.3, 'layer6': 0.4}
+    assert report['opt'] == pytest.approx([2000, 3000, 4000, 5000]) and not report['fell_back']
+    monkeypatch.setattr(MIMIC, 'estimate_mi', lambda h, z, **kw: (0.0, [0.0]))
+    report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+                                           batch_size=8, seed=0, device=torch.device('cpu'),
+                                           disable_progress=True)
+    MIMIC.report_weights(report, 'teacher')
+    assert report['fell_back'] and report['weights'] == [0.25] * 4
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'warning' in err and 'uniform' in err
+
+
+def test_clean_subset_first_and_random():
+    data = images(100)
+    assert np.array_equal(MIMIC.clean_subset(data, 0.3, 'first', 0, 16, 'x'), data[:30])
+    random_a = MIMIC.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    random_b = MIMIC.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    assert len(random_a) == 30 and np.array_equal(random_a, random_b)
+    assert not np.array_equal(random_a, data[:30])
+
+
+def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
+    """The README command (lr 1e-2, one epoch) on the synthetic set; the result loads as an encoder."""
+    out = tmp_path / 'mimic'
+    result = run_script('MIMIC.py', '--lr', '1e-2', '--epochs', '1',
+                        *tiny_args(data_root, tiny_encoder, out))
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} >= {'args.json', 'mi.json', 'log.csv', 'model1.pth'}
+    student, checkpoint = load_encoder(out / 'model1.pth')  # as training_downstream_classifier loads it
+    assert student.config == {'arch': 'resnet18', 'width': 8, 'feature_dim': 128}
+    assert checkpoint['epoch'] == 1 and {'state_dict', 'optimizer', 'opt', 'rng'} <= set(checkpoint)
+    teacher, _ = load_encoder(tiny_encoder)
+    assert not same_state(student.state_dict(), teacher.state_dict())
+    mi = json.loads((out / 'mi.json').read_text())
+    assert mi['mi_model'] == 'teacher' and set(mi['mi']) == {'layer3', 'layer4', 'layer5', 'layer6'}
+    assert isinstance(mi['fell_back'], bool) and len(mi['history']['layer3']) == 2
+    assert mi['opt'] == pytest.approx(checkpoint['opt'])
+    assert sum(mi['weights']) == pytest.approx(1.0)
+    with open(out / 'log.csv') as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ['epoch', 'loss', 'loss_con', 'loss_at1', 'loss_at2', 'loss_at3', 'loss_at4',
+                             'loss_clone']
+    assert len(rows) == 1 and np.isfinite(float(rows[0]['loss']))
+    assert json.loads((out / 'args.json').read_text())['lr'] == 0.01
+    with pytest.raises(UsageError, match=r'already holds model1\.pth .* --overwrite'):
+        MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', '1'))  # refuses to clobber
+
+
+def test_too_small_subset_is_one_line_and_writes_nothing(data_root, tiny_encoder, tmp_path):
+    out = tmp_path / 'mimic'
+    result = run_script('MIMIC.py', '--epochs', '1',
+                        *tiny_args(data_root, tiny_encoder, out, '--ratio', '0.05'))  # 12 images < 32
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
+    assert 'gives 12 of the 256 images' in result.stderr and 'one batch of 32' in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('ratio', ['0', '1.5', '-0.1'])
+def test_ratio_outside_unit_interval_is_one_line_exit_2(data_root, tiny_encoder, tmp_path, ratio, capsys):
+    out = tmp_path / 'mimic'
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--ratio', ratio)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f'error: --ratio must lie in (0, 1], got {float(ratio)}\n'
+    assert not out.exists()
+
+
+def test_resume_is_bit_identical(data_root, tiny_encoder, tmp_path):
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    MIMIC.main(tiny_args(data_root, tiny_encoder, straight, '--epochs', 2, '--save_freq', 1))
+    MIMIC.main(tiny_args(data_root, tiny_encoder, resumed, '--epochs', 1, '--save_freq', 1))
+    mi_json = (resumed / 'mi.json').read_text()
+    MIMIC.main(tiny_args(data_root, tiny_encoder, resumed, '--epochs', 2, '--save_freq', 1, '--resume'))
+    assert (resumed / 'mi.json').read_text() == mi_json  # the MI step is not repeated
+    a, b = load_checkpoint(straight / 'model2.pth'), load_checkpoint(resumed / 'model2.pth')
+    assert same_state(a['state_dict'], b['state_dict'])
+    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert a['opt'] == b['opt'] and a['log'] == b['log'] and len(b['log']) == 2
+    assert (straight / 'log.csv').read_text() == (resumed / 'log.csv').read_text()
+    first = load_checkpoint(resumed / 'model1.pth')
+    assert not same_state(first['state_dict'], b['state_dict'])  # epoch 2 did train
+    # A resumed run must keep the settings that shape the trajectory.
+    with pytest.raises(UsageError, match='--lr 0.001 -> 0.01'):
+        MIMIC.main(tiny_args(data_root, tiny_encoder, resumed, '--epochs', 3, '--resume', '--lr', '1e-2'))
