@@ -142,11 +142,11 @@ def color_jitter(images: torch.Tensor, generator: torch.Generator | None = None,
     factors = [_uniform((batch,), 1 - s, 1 + s, generator, device) for s in strength[:3]]
     factors.append(_uniform((batch,), -strength[3], strength[3], generator, device))
     order = torch.argsort(torch.rand(batch, 4, generator=generator, device=device), dim=1)  # a permutation each
+    images = images.clone()
     for slot in range(4):
         for op_index, op in enumerate(COLOR_OPS):
-            chosen = order[:, slot] == op_index
-            if chosen.any():
-                images = torch.where(chosen.view(-1, 1, 1, 1), op(images, factors[op_index]), images)
+            chosen = (order[:, slot] == op_index).nonzero().squeeze(1)  # images doing this op in this slot
+            images[chosen] = op(images[chosen], factors[op_index][chosen])
     return images
 
 
@@ -155,8 +155,9 @@ def color_augment(images: torch.Tensor, generator: torch.Generator | None = None
     batch, device = images.shape[0], images.device
     flip = torch.rand(batch, generator=generator, device=device) < P_FLIP
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-    jitter = torch.rand(batch, generator=generator, device=device) < P_JITTER
-    images = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(images, generator), images)
+    jitter = (torch.rand(batch, generator=generator, device=device) < P_JITTER).nonzero().squeeze(1)
+    images = images.clone()
+    images[jitter] = color_jitter(images[jitter], generator)
     gray = torch.rand(batch, generator=generator, device=device) < P_GRAY
     return torch.where(gray.view(-1, 1, 1, 1), grayscale(images).expand_as(images), images)
 
