@@ -124,7 +124,7 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(3)
     except KeyboardInterrupt:
         print('interrupted: stopped by the user; checkpoints already written are intact '
-              '(continue with --resume)', file=sys.stderr)
+              '(stages that save checkpoints continue with --resume)', file=sys.stderr)
         sys.exit(130)
 
 

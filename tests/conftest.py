@@ -15,7 +15,7 @@ SHARED = REPO.parent / 'shared'
 COMPAT = SHARED / 'compat'
 
 os.environ.setdefault('TQDM_DISABLE', '1')
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # the CI machine has 2 cores, shared with DataLoader workers
 
 
 def requires_compat(*parts: str):
@@ -81,6 +81,6 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a stage script (or module) the way a user would, capturing its output."""
-    env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='2')
+    env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

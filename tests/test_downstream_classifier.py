@@ -1,0 +1,172 @@
+"""Stage 3 (training_downstream_classifier.py): flags, ACC/ASR, the original's output lines, errors."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import training_downstream_classifier as stage3
+from common.cli import UsageError
+from models import SimCLR, save_atomic
+from models.checkpoint import encoder_checkpoint
+
+from conftest import run_script
+
+METRIC_LINE = re.compile(r'^\{"metric": "Eval - (?P<name>[^"]+)", "value": (?P<value>[^,]+), '
+                         r'"epoch": (?P<epoch>\d+)\}$')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, 2 threads run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def probe_args(data_root, trigger_file, reference_file, tiny_encoder):
+    return ['--dataset', 'synthetic_digits', '--data_root', str(data_root), '--trigger_file', str(trigger_file),
+            '--reference_file', str(reference_file), '--encoder', str(tiny_encoder),
+            '--encoder_usage_info', 'synthetic_shapes', '--device', 'cpu', '--no_progress']
+
+
+def run_in_process(monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, 'argv', ['training_downstream_classifier.py', *argv])
+    stage3.main()
+
+
+def parse_metric_lines(stdout: str) -> list[dict]:
+    """The original's JSON lines; each must also be valid JSON."""
+    lines = [line for line in stdout.splitlines() if line.startswith('{"metric"')]
+    for line in lines:
+        assert METRIC_LINE.match(line), line
+    return [json.loads(line) for line in lines]
+
+
+def test_parser_has_the_original_flags_and_defaults():
+    args = stage3.get_args_parser().parse_args([])
+    assert (args.dataset, args.reference_label, args.trigger_file, args.encoder_usage_info) == ('cifar10', -1, '', '')
+    assert (args.encoder, args.gpu, args.lr, args.seed, args.nn_epochs) == ('', '0', 0.0001, 100, 1000)
+    assert (args.hidden_size_1, args.hidden_size_2, args.batch_size, args.reference_file) == (512, 256, 64, '')
+    assert args.results_dir == ''
+
+
+def test_accuracy_and_attack_success_rate_on_a_hand_built_case():
+    pred = torch.tensor([1, 1, 1, 0])
+    true = torch.tensor([0, 2, 1, 1])
+    assert stage3.accuracy(pred, true) == 25.0  # only image 2 is right
+    # target 1: three of the four triggered images go to it (the original's count) ...
+    assert stage3.attack_success_rate(pred, true, target=1) == 75.0
+    # ... and both images whose true label is not 1 do
+    assert stage3.attack_success_rate(pred, true, target=1, exclude_target=True) == 100.0
+    assert stage3.attack_success_rate(pred, true, target=0, exclude_target=True) == pytest.approx(100 / 3)
+    assert stage3.attack_success_rate(torch.tensor([2, 2]), torch.tensor([0, 1]), target=0) == 0.0
+
+
+def test_metric_names_follow_the_encoder_path():
+    assert stage3.metric_names('out/clean_encoder/model_1000.pth') == ('Clean Accuracy (CA)',
+                                                                       'Attack Success Rate-Baseline (ASR-B)')
+    assert stage3.metric_names('out/backdoor/model_200.pth') == ('Backdoored Accuracy (BA)',
+                                                                 'Attack Success Rate (ASR)')
+    assert stage3.metric_line('Attack Success Rate (ASR)', 98.5, 3) == \
+        '{"metric": "Eval - Attack Success Rate (ASR)", "value": 98.5, "epoch": 3}'
+
+
+def test_probe_learns_separable_features():
+    """Three well-separated clusters: the probe reaches full accuracy; the trigger sends all to class 2."""
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    labels = torch.arange(3).repeat(40)
+    train = torch.nn.functional.normalize(centres[labels] + 0.05 * torch.randn(120, 16), dim=1)
+    features = stage3.Features(train, labels, train[:30], labels[:30], centres[[2] * 30], None)
+    probe = stage3.MLPProbe(16, (32, 16), 3)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    first = stage3.evaluate(probe, features, target=2)
+    metrics = stage3.train_probe(probe, optimizer, features, target=2, epochs=20, batch_size=16,
+                                 names=stage3.metric_names('model.pth'), disable_progress=True)
+    assert first['acc'] < 100 and metrics['acc'] == 100.0
+    assert metrics['asr'] == 100.0 and metrics['asr_excluding_target'] == 100.0 and metrics['epoch'] == 20
+
+
+def test_end_to_end_prints_the_original_lines_and_writes_metrics(probe_args, tiny_encoder, tmp_path):
+    results = tmp_path / 'probe'
+    result = run_script('training_downstream_classifier.py', *probe_args, '--nn_epochs', '2',
+                        '--results_dir', str(results))
+    assert result.returncode == 0, result.stderr
+    metrics = parse_metric_lines(result.stdout)
+    names = ['Backdoored Accuracy (BA)', 'Attack Success Rate (ASR)', 'Attack Success Rate excluding target class']
+    assert [(m['metric'], m['epoch']) for m in metrics] == [(f'Eval - {n}', e) for e in (1, 2) for n in names]
+    assert all(0 <= m['value'] <= 100 for m in metrics)
+    losses = re.findall(r'^Train Epoch: (\d+) \tLoss: (\d+\.\d{6})$', result.stdout, flags=re.M)
+    assert [int(epoch) for epoch, _ in losses] == [1, 2]
+
+    saved = json.loads((results / 'metrics.json').read_text())
+    assert [saved['acc'], saved['asr'], saved['asr_excluding_target']] == [m['value'] for m in metrics[-3:]]
+    assert (saved['epoch'], saved['dataset'], saved['reference_label']) == (2, 'synthetic_digits', 1)
+    assert (saved['encoder'], saved['encoder_usage_info']) == (str(tiny_encoder), 'synthetic_shapes')
+    assert json.loads((results / 'args.json').read_text())['reference_label'] == 1  # y[0] of the reference
+
+
+def test_clean_encoder_names_usage_info_from_checkpoint_and_no_results_dir(monkeypatch, capsys, probe_args,
+                                                                          tmp_path):
+    """'clean' in the path gives CA / ASR-B; the checkpoint's recorded pre-training set is used; nothing written."""
+    torch.manual_seed(1)
+    folder = tmp_path / 'clean_encoder'
+    save_atomic(encoder_checkpoint(SimCLR(width=8), None, 5, args={'pretraining_dataset': 'synthetic_shapes'}),
+                folder / 'model_5.pth')
+    argv = [a for a in probe_args if a not in ('--encoder_usage_info', 'synthetic_shapes')]
+    argv[argv.index('--encoder') + 1] = str(folder / 'model_5.pth')
+    run_in_process(monkeypatch, *argv, '--nn_epochs', '1', '--reference_label', '1')
+    out = capsys.readouterr().out
+    assert [m['metric'] for m in parse_metric_lines(out)] == [
+        'Eval - Clean Accuracy (CA)', 'Eval - Attack Success Rate-Baseline (ASR-B)',
+        'Eval - Attack Success Rate excluding target class']
+    assert '"encoder_usage_info": "synthetic_shapes"' in out
+    assert [p.name for p in folder.iterdir()] == ['model_5.pth']
+
+
+def test_same_seed_same_numbers(monkeypatch, capsys, probe_args):
+    run_in_process(monkeypatch, *probe_args, '--nn_epochs', '2')
+    first = parse_metric_lines(capsys.readouterr().out)
+    run_in_process(monkeypatch, *probe_args, '--nn_epochs', '2')
+    assert parse_metric_lines(capsys.readouterr().out) == first
+
+
+def test_bad_reference_label_is_a_one_line_error(probe_args, tmp_path):
+    result = run_script('training_downstream_classifier.py', *probe_args, '--reference_label', '10',
+                        '--results_dir', str(tmp_path / 'probe'))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in result.stderr
+    assert lines[0].startswith('error: --reference_label 10') and '0..9' in lines[0]
+    assert not (tmp_path / 'probe').exists()
+
+
+def test_missing_usage_info_and_bad_usage_info_are_refused(monkeypatch, probe_args):
+    argv = [a for a in probe_args if a not in ('--encoder_usage_info', 'synthetic_shapes')]
+    with pytest.raises(UsageError, match='--encoder_usage_info is required'):
+        run_in_process(monkeypatch, *argv)  # the fixture checkpoint records no pre-training set
+    with pytest.raises(UsageError, match="--encoder_usage_info 'synthetic_digits': not a pre-training set"):
+        run_in_process(monkeypatch, *argv, '--encoder_usage_info', 'synthetic_digits')
+
+
+def test_missing_reference_label_without_reference_file_is_refused(monkeypatch, probe_args):
+    argv = probe_args[:probe_args.index('--reference_file')] + probe_args[probe_args.index('--reference_file') + 2:]
+    with pytest.raises(UsageError, match=r'--reference_label -1: .* 0\.\.9'):
+        run_in_process(monkeypatch, *argv)
+
+
+def test_encoder_usage_info_prefers_the_flag_and_warns_on_a_recorded_mismatch(capsys):
+    recorded = {'args': {'encoder_usage_info': 'stl10', 'pretraining_dataset': 'cifar10'}}
+    args = stage3.get_args_parser().parse_args(['--encoder', 'm.pth'])
+    assert stage3.encoder_usage_info(args, recorded) == 'stl10'  # BadEncoder's own flag comes first
+    assert stage3.encoder_usage_info(args, {'args': {'pretraining_dataset': 'cifar10'}}) == 'cifar10'
+    capsys.readouterr()
+    args.encoder_usage_info = 'cifar10'
+    assert stage3.encoder_usage_info(args, recorded) == 'cifar10'
+    assert "records the pre-training set 'stl10'" in capsys.readouterr().err

@@ -1,0 +1,226 @@
+"""Stage 0: pre-train a clean SimCLR encoder (SPEC §4).
+
+Two augmented views of each image of the pre-training split, NT-Xent loss (τ = --knn-t), Adam
+(lr 1e-3, weight decay 1e-6), batch 256, 1000 epochs; a weighted-kNN monitor of `f` on the test set
+after every epoch. With the paper's recipe (CIFAR10, ResNet18) the kNN accuracy reaches about 88%.
+
+    # the paper's run (data/cifar10/{train,test}.npz prepared first, see data/README.md)
+    python train_clean_encoder.py --pretraining_dataset cifar10 --epochs 1000 \
+        --results_dir output/cifar10/clean_encoder
+    # a quick CPU run on the offline synthetic set (python -m datasets.prepare synthetic_shapes first)
+    python train_clean_encoder.py --pretraining_dataset synthetic_shapes --width 8 --batch_size 64 \
+        --epochs 2 --results_dir output/synthetic/clean_encoder --device cpu
+    # continue a stopped run from its latest model_<epoch>.pth
+    python train_clean_encoder.py ... --results_dir output/cifar10/clean_encoder --resume
+
+Writes to --results_dir: args.json, log.csv (epoch, train_loss, test_acc@1) and model_<epoch>.pth at
+the end (and every --save_freq epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common.cli import (UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+                        require_positive, resolve_device, run_main, seed_everything, shared_parser)
+from common.features import knn_monitor
+from common.runs import (epoch_loader, prepare_results_dir, read_csv, rng_state, set_rng_state, write_csv,
+                         write_json)
+from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
+from models import ARCHITECTURES, PAPER_WIDTH, CheckpointError, SimCLR, load_encoder, save_atomic
+from models.checkpoint import encoder_checkpoint
+from models.losses import nt_xent
+
+CHECKPOINT_PATTERN = 'model_{}.pth'
+ADAM_WEIGHT_DECAY = 1e-6
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Train a clean SimCLR encoder (stage 0 of the pipeline).',
+                                     parents=[shared_parser()])
+    parser.add_argument('--lr', default=0.001, type=float, help='Adam learning rate (default: 0.001)')
+    parser.add_argument('--batch_size', default=256, type=int, help='images per batch (default: 256)')
+    parser.add_argument('--epochs', default=1000, type=int, help='number of training epochs (default: 1000)')
+    parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                        help='dataset to pre-train on (default: cifar10)')
+    parser.add_argument('--suffix_encoder', default='', type=str, metavar='PATH',
+                        help='start from this encoder checkpoint; its architecture and width win '
+                             '(default: random initialisation)')
+    parser.add_argument('--knn-t', default=0.5, type=float,
+                        help='temperature of the kNN monitor and of the NT-Xent loss (default: 0.5)')
+    parser.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
+    parser.add_argument('--arch', default='resnet18', type=str, choices=sorted(ARCHITECTURES),
+                        help='encoder architecture (default: resnet18)')
+    parser.add_argument('--width', default=PAPER_WIDTH, type=int,
+                        help=f'base channels of the ResNet ({PAPER_WIDTH} = the paper; smaller for fast CPU runs)')
+    parser.add_argument('--save_freq', default=0, type=int,
+                        help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, before anything is loaded or written (SPEC §11)."""
+    for flag, value in (('--epochs', args.epochs), ('--batch_size', args.batch_size),
+                        ('--knn-k', args.knn_k), ('--width', args.width)):
+        require_positive(flag, value)
+    if not args.lr > 0:
+        raise UsageError(f'--lr must be positive, got {args.lr}')
+    if not args.knn_t > 0:
+        raise UsageError(f'--knn-t must be positive, got {args.knn_t}')
+    if args.save_freq < 0:
+        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+
+
+@dataclass
+class PretrainingData:
+    """The pre-training images and the labelled splits of the kNN monitor."""
+    images: np.ndarray  # uint8 (N, H, W, 3), the split SimCLR trains on
+    memory: tuple[np.ndarray, np.ndarray]  # labelled training split: the kNN memory bank
+    test: tuple[np.ndarray, np.ndarray]
+    normalization: tuple
+    image_size: int
+    num_classes: int
+
+
+def load_pretraining_data(args: argparse.Namespace) -> PretrainingData:
+    info = get_info(args.pretraining_dataset)
+    data_dir = data_dir_for(args, info.name)
+    images, _ = load_split(info.name, info.pretraining_split, data_dir)
+    memory = load_split(info.name, 'train', data_dir)
+    test = load_split(info.name, 'test', data_dir)
+    if len(images) < args.batch_size:
+        raise UsageError(f'--batch_size {args.batch_size}: the {info.pretraining_split} split in {data_dir} '
+                         f'has only {len(images)} images, fewer than one batch')
+    return PretrainingData(images, memory, test, info.normalization, info.image_size, info.num_classes)
+
+
+@dataclass
+class TrainingState:
+    model: SimCLR
+    optimizer: torch.optim.Optimizer
+    start_epoch: int
+    log_rows: list[dict]  # epoch, train_loss, test_acc@1 of the epochs already run
+
+
+def restore_optimizer_and_log(checkpoint: dict, path: Path,
+                              optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Load a checkpoint's optimiser state; returns (first epoch to run, log rows up to the checkpoint)."""
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f'{path}: cannot resume, no usable optimizer state ({error})') from None
+    rows = checkpoint.get('log') or read_csv(path.parent / 'log.csv')
+    rows = [{'epoch': int(row['epoch']), 'train_loss': float(row['train_loss']),
+             'test_acc@1': float(row['test_acc@1'])}
+            for row in rows if int(row['epoch']) <= checkpoint['epoch']]
+    return int(checkpoint['epoch']) + 1, rows
+
+
+def initial_model(args: argparse.Namespace) -> SimCLR:
+    """A fresh SimCLR, or the encoder of --suffix_encoder (whose architecture and width win)."""
+    if not args.suffix_encoder:
+        return SimCLR(arch=args.arch, width=args.width)
+    model, _ = load_encoder(args.suffix_encoder)
+    if (model.arch, model.width) != (args.arch, args.width):
+        print(f'note: {args.suffix_encoder} holds a {model.arch} of width {model.width}; '
+              f'using it instead of --arch {args.arch} --width {args.width}')
+    return model
+
+
+def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingState:
+    """Model and optimiser: fresh, from --suffix_encoder, or (--resume) from the latest checkpoint.
+
+    Creates the results folder, after --suffix_encoder has been checked, so a bad file writes nothing.
+    """
+    # a resumed run takes everything from the checkpoint that prepare_results_dir finds
+    model, checkpoint = (None, None) if args.resume else (initial_model(args), None)
+    resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
+    if resume_from is not None:
+        model, checkpoint = load_encoder(resume_from)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)
+    if checkpoint is None:
+        return TrainingState(model, optimizer, 1, [])
+    start_epoch, log_rows = restore_optimizer_and_log(checkpoint, resume_from, optimizer)
+    if 'rng' in checkpoint:  # restored after the model is built: its initialisation draws nothing from them
+        set_rng_state(checkpoint['rng'])
+    print(f'resuming from {resume_from} at epoch {start_epoch}')
+    return TrainingState(model, optimizer, start_epoch, log_rows)
+
+
+def train_one_epoch(model: SimCLR, loader: DataLoader, optimizer: torch.optim.Optimizer, temperature: float,
+                    epoch: int, device: torch.device, use_amp: bool, disable_progress: bool) -> float:
+    """One pass of SimCLR over the loader (one forward per view); returns the mean NT-Xent loss."""
+    model.train()
+    total_loss, total_images = 0.0, 0
+    bar = tqdm(loader, desc=f'Train epoch {epoch}', leave=False, disable=disable_progress)
+    for step, (view_1, view_2) in enumerate(bar):
+        view_1 = view_1.to(device, non_blocking=True)
+        view_2 = view_2.to(device, non_blocking=True)
+        with autocast(device, use_amp):
+            _, out_1 = model(view_1)  # (B, 128), L2-normalised projections
+            _, out_2 = model(view_2)
+        loss = nt_xent(out_1.float(), out_2.float(), temperature)
+        check_finite(loss, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_images += len(view_1)
+        total_loss += loss.item() * len(view_1)
+        bar.set_postfix(loss=f'{total_loss / total_images:.4f}')
+    return total_loss / total_images
+
+
+def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData, device: torch.device,
+          results_dir: Path) -> None:
+    """Epochs state.start_epoch..args.epochs: train, kNN monitor, log, checkpoint."""
+    model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
+    disable = progress_disabled(args)
+    pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size))
+    epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
+                  total=args.epochs, disable=disable)
+    for epoch in epochs:
+        # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
+        loader = epoch_loader(pairs, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
+        train_loss = train_one_epoch(model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
+        test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
+                               args.knn_k, args.knn_t, device, disable_progress=disable)
+        log_rows.append({'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': test_acc})
+        write_csv(results_dir / 'log.csv', log_rows)
+        epochs.set_postfix(loss=f'{train_loss:.4f}', knn_acc=f'{test_acc:.2f}')
+        tqdm.write(json.dumps(log_rows[-1]))
+        if epoch == args.epochs or (args.save_freq and epoch % args.save_freq == 0):
+            checkpoint = encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(),
+                                            log=log_rows)
+            save_atomic(checkpoint, results_dir / CHECKPOINT_PATTERN.format(epoch))
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    print_args(args)
+    check_args(args)
+    seed_everything(args.seed)
+    device = resolve_device(args.device, args.gpu)
+
+    data = load_pretraining_data(args)
+    state = setup_training(args, device)
+    if state.start_epoch > args.epochs:
+        print(f'already trained for {state.start_epoch - 1} epochs (--epochs {args.epochs}); nothing to do')
+        return
+    results_dir = Path(args.results_dir)
+    write_json(results_dir / 'args.json', vars(args))
+
+    train(args, state, data, device, results_dir)
+    print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,311 @@
+"""Stage 3: a downstream MLP probe on a frozen encoder, reporting ACC and ASR (SPEC §7).
+
+The encoder's features f(x), L2-normalised, are computed once on the device for the downstream
+training set, its test set, the triggered test set (trigger 0 on every test image, labelled with the
+target) and the reference images. An MLP (d → 512 → 256 → C, dropout 0.5) is then trained on the
+cached training features (Adam lr 1e-4, batch 64, fixed order, as the original), and after every
+epoch it prints the original's JSON lines: clean accuracy, ASR (the fraction of ALL triggered test
+images predicted as the target, as the original counts it) and ASR over the triggered images whose
+true label is not the target (the stricter definition).
+
+    # the original README's evaluation (data/gtsrb prepared first, see data/README.md)
+    python training_downstream_classifier.py --encoder_usage_info cifar10 --dataset gtsrb \
+        --reference_label 12 --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+        --reference_file reference/cifar10/priority.npz --nn_epochs 1000 \
+        --encoder output/cifar10/gtsrb_backdoored_encoder/model_200.pth --results_dir output/probe
+    # a quick CPU check on the offline synthetic sets
+    python training_downstream_classifier.py --encoder_usage_info synthetic_shapes \
+        --dataset synthetic_digits --reference_label 1 --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+        --encoder output/synthetic/clean_encoder/model_2.pth --nn_epochs 5 --device cpu
+
+The metric names are those of the original: 'Clean Accuracy (CA)' and 'Attack Success Rate-Baseline
+(ASR-B)' when 'clean' is in the encoder path, else 'Backdoored Accuracy (BA)' and 'Attack Success
+Rate (ASR)'. With --results_dir, args.json and metrics.json (the last epoch's values) are written there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.cli import (UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+                        require_positive, resolve_device, run_main, seed_everything, shared_parser)
+from common.features import encode_images
+from common.runs import write_json
+from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
+                      pretraining_names, triggered_copy)
+from models import MLPProbe, SimCLR, load_encoder
+
+EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Evaluate a clean or backdoored encoder with a downstream '
+                                                 'classifier (stage 3 of the pipeline).',
+                                     parents=[shared_parser()])
+    parser.add_argument('--dataset', default='cifar10', type=str, choices=sorted(DATASETS),
+                        help='downstream dataset (default: cifar10)')
+    parser.add_argument('--reference_label', default=-1, type=int,
+                        help='target class of the attack in the downstream task (default: -1, '
+                             "take y[0] of --reference_file)")
+    parser.add_argument('--trigger_file', default='', type=str, metavar='PATH',
+                        help='trigger file (npz with t, tm); trigger 0 is applied to the test images')
+    parser.add_argument('--encoder_usage_info', default='', type=str,
+                        help=f"the encoder's pre-training set, which selects the input normalisation "
+                             f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint)")
+    parser.add_argument('--encoder', default='', type=str, metavar='PATH', help='encoder checkpoint to evaluate')
+    parser.add_argument('--lr', default=0.0001, type=float, help='Adam learning rate (default: 0.0001)')
+    parser.add_argument('--nn_epochs', default=1000, type=int, help='classifier training epochs (default: 1000)')
+    parser.add_argument('--hidden_size_1', default=512, type=int, help='first hidden layer (default: 512)')
+    parser.add_argument('--hidden_size_2', default=256, type=int, help='second hidden layer (default: 256)')
+    parser.add_argument('--batch_size', default=64, type=int, help='classifier batch size (default: 64)')
+    parser.add_argument('--reference_file', default='', type=str, metavar='PATH',
+                        help='reference inputs (npz with x, y); optional, their features are compared '
+                             'with those of the triggered images')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics: pure functions of predicted and true labels (percentages)
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of predicted labels (N,) against true labels (N,)."""
+    return 100. * (pred == labels).sum().item() / len(labels) if len(labels) else float('nan')
+
+
+def attack_success_rate(pred: torch.Tensor, true_labels: torch.Tensor, target: int,
+                        exclude_target: bool = False) -> float:
+    """Fraction (%) of triggered images predicted as `target`.
+
+    `pred` (N,) are the predictions on the triggered images and `true_labels` (N,) the clean labels of
+    the images the trigger was applied to. The original counts every image (exclude_target=False);
+    with exclude_target=True images whose true label is already the target are left out.
+    """
+    if exclude_target:
+        pred = pred[true_labels != target]
+    return 100. * (pred == target).sum().item() / len(pred) if len(pred) else float('nan')
+
+
+def metric_line(name: str, value: float, epoch: int) -> str:
+    """One JSON line in the original's exact format."""
+    return '{{"metric": "Eval - {}", "value": {}, "epoch": {}}}'.format(name, value, epoch)
+
+
+def metric_names(encoder_path: str) -> tuple[str, str]:
+    """The original names: CA / ASR-B for a path containing 'clean', else BA / ASR."""
+    if 'clean' in encoder_path:
+        return 'Clean Accuracy (CA)', 'Attack Success Rate-Baseline (ASR-B)'
+    return 'Backdoored Accuracy (BA)', 'Attack Success Rate (ASR)'
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, before anything is loaded (SPEC §11)."""
+    for flag, value in (('--nn_epochs', args.nn_epochs), ('--batch_size', args.batch_size),
+                        ('--hidden_size_1', args.hidden_size_1), ('--hidden_size_2', args.hidden_size_2)):
+        require_positive(flag, value)
+    if not args.lr > 0:
+        raise UsageError(f'--lr must be positive, got {args.lr}')
+    if not args.encoder:
+        raise UsageError('--encoder is required: the encoder checkpoint (.pth) to evaluate')
+    if not args.trigger_file:
+        raise UsageError('--trigger_file is required: the trigger (.npz) whose attack success rate is measured')
+    if args.encoder_usage_info and args.encoder_usage_info not in pretraining_names():
+        raise UsageError(f"--encoder_usage_info '{args.encoder_usage_info}': not a pre-training set, expected "
+                         f'one of {pretraining_names()}')
+    if args.results_dir and Path(args.results_dir).exists() and not Path(args.results_dir).is_dir():
+        raise UsageError(f'--results_dir {args.results_dir}: exists and is not a folder')
+
+
+def encoder_usage_info(args: argparse.Namespace, checkpoint: dict) -> str:
+    """--encoder_usage_info, else the pre-training set the checkpoint's run recorded."""
+    run_args = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    recorded = next((run_args[key] for key in ('encoder_usage_info', 'pretraining_dataset')
+                     if run_args.get(key) in pretraining_names()), None)
+    if args.encoder_usage_info:
+        if recorded is not None and recorded != args.encoder_usage_info:
+            print(f"warning: {args.encoder} records the pre-training set '{recorded}', but --encoder_usage_info "
+                  f"is '{args.encoder_usage_info}'; using --encoder_usage_info", file=sys.stderr)
+        return args.encoder_usage_info
+    if recorded is not None:
+        print(f"--encoder_usage_info: using '{recorded}', recorded in {args.encoder}")
+        return recorded
+    raise UsageError(f'--encoder_usage_info is required: {args.encoder} does not record its pre-training set '
+                     f'(one of {pretraining_names()})')
+
+
+@dataclass
+class ProbeData:
+    """Downstream images (uint8) and labels, the triggered test set and the reference images."""
+    train: tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3), int64 (N,)
+    test: tuple[np.ndarray, np.ndarray]
+    triggered_test: np.ndarray  # uint8 (N_test, H, W, 3), trigger 0 applied
+    reference_images: np.ndarray | None  # uint8 (R, H, W, 3)
+    num_classes: int
+
+
+def target_label(reference_label: int, reference: Reference | None, dataset: str, num_classes: int) -> int:
+    """--reference_label, checked against the classes; -1 takes y[0] of the reference file."""
+    if reference_label == -1 and reference is not None:
+        return reference.target_label  # load_reference checked it against the classes
+    if not 0 <= reference_label < num_classes:
+        raise UsageError(f'--reference_label {reference_label}: the target class must lie in 0..{num_classes - 1} '
+                         f'({dataset} has {num_classes} classes)'
+                         + ('; give it, or a --reference_file' if reference_label == -1 else ''))
+    if reference is not None and reference.target_label != reference_label:
+        print(f'warning: --reference_label {reference_label} differs from the label {reference.target_label} '
+              'of --reference_file; using --reference_label', file=sys.stderr)
+    return reference_label
+
+
+def load_probe_data(args: argparse.Namespace) -> ProbeData:
+    """Load and validate every input; resolves args.reference_label (from the reference file if -1)."""
+    info = get_info(args.dataset)
+    data_dir = data_dir_for(args, info.name)
+    train, test = load_split(info.name, 'train', data_dir), load_split(info.name, 'test', data_dir)
+    for split, (x, _) in (('train', train), ('test', test)):
+        if len(x) == 0:
+            raise DataError(f'{data_dir}/{split}.npz: holds no images')
+    trigger = load_trigger(args.trigger_file, info.image_size)
+    reference = None
+    if args.reference_file:
+        reference = load_reference(args.reference_file, info.num_classes, info.image_size)
+    args.reference_label = target_label(args.reference_label, reference, info.name, info.num_classes)
+    return ProbeData(train, test, triggered_copy(test[0], trigger, 0),
+                     reference.x if reference is not None else None, info.num_classes)
+
+
+@dataclass
+class Features:
+    """L2-normalised encoder features, computed once, on the device."""
+    train: torch.Tensor  # (N_train, d)
+    train_labels: torch.Tensor
+    test: torch.Tensor  # (N_test, d)
+    test_labels: torch.Tensor
+    triggered: torch.Tensor  # (N_test, d), the same images with the trigger
+    reference: torch.Tensor | None  # (R, d)
+
+
+def extract_features(encoder: SimCLR, data: ProbeData, normalization, device: torch.device,
+                     use_amp: bool, disable_progress: bool) -> Features:
+    def encode(images, desc):
+        with autocast(device, use_amp):
+            return encode_images(encoder.f, images, normalization, device, desc=desc,
+                                 disable_progress=disable_progress)
+
+    def labels(y):
+        return torch.as_tensor(y, dtype=torch.long, device=device)
+
+    train, test = encode(data.train[0], 'Train features'), encode(data.test[0], 'Test features')
+    triggered = encode(data.triggered_test, 'Triggered test features')
+    reference = None if data.reference_images is None else encode(data.reference_images, 'Reference features')
+    return Features(train, labels(data.train[1]), test, labels(data.test[1]), triggered, reference)
+
+
+def reference_similarity(features: Features) -> dict:
+    """Mean cosine similarity of triggered and clean test features to the reference features.
+
+    A backdoored encoder maps triggered images close to the reference (BadEncoder's L0), a clean one not.
+    """
+    if features.reference is None:
+        return {}
+    reference_t = features.reference.t()  # (d, R)
+    return {'reference_similarity_triggered': (features.triggered @ reference_t).mean().item(),  # (N, R)
+            'reference_similarity_clean': (features.test @ reference_t).mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# training and evaluation of the probe
+
+def train_one_epoch(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: torch.Tensor,
+                    labels: torch.Tensor, batch_size: int, epoch: int) -> float:
+    """One pass over the training features in fixed order, the last partial batch kept; mean loss."""
+    probe.train()
+    total_loss = 0.0
+    for step, start in enumerate(range(0, len(features), batch_size)):
+        batch, batch_labels = features[start:start + batch_size], labels[start:start + batch_size]
+        loss = F.cross_entropy(probe(batch), batch_labels)
+        check_finite(loss, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(batch)
+    return total_loss / len(features)
+
+
+@torch.no_grad()
+def predict(probe: MLPProbe, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Predicted labels (N,) of features (N, d), the probe in eval mode (no dropout)."""
+    probe.eval()
+    return torch.cat([probe(features[start:start + batch_size]).argmax(dim=1)
+                      for start in range(0, len(features), batch_size)])
+
+
+def evaluate(probe: MLPProbe, features: Features, target: int) -> dict:
+    """ACC on the clean test set, ASR (all triggered images) and ASR excluding the target class (%)."""
+    triggered_pred = predict(probe, features.triggered)
+    return {'acc': accuracy(predict(probe, features.test), features.test_labels),
+            'asr': attack_success_rate(triggered_pred, features.test_labels, target),
+            'asr_excluding_target': attack_success_rate(triggered_pred, features.test_labels, target,
+                                                        exclude_target=True)}
+
+
+def train_probe(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: Features, target: int,
+                epochs: int, batch_size: int, names: tuple[str, str], disable_progress: bool) -> dict:
+    """Train for `epochs` epochs, printing the original's lines after each; returns the last metrics."""
+    acc_name, asr_name = names
+    bar = tqdm(range(1, epochs + 1), desc='Probe epochs', disable=disable_progress)
+    for epoch in bar:
+        loss = train_one_epoch(probe, optimizer, features.train, features.train_labels, batch_size, epoch)
+        metrics = evaluate(probe, features, target)
+        tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(epoch, loss))
+        tqdm.write(metric_line(acc_name, metrics['acc'], epoch))
+        tqdm.write(metric_line(asr_name, metrics['asr'], epoch))
+        tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], epoch))
+        bar.set_postfix(loss=f'{loss:.4f}', acc=f"{metrics['acc']:.2f}", asr=f"{metrics['asr']:.2f}")
+    return {**metrics, 'epoch': epochs}
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    check_args(args)
+    seed_everything(args.seed)
+    device = resolve_device(args.device, args.gpu)
+    encoder, checkpoint = load_encoder(args.encoder)
+    args.encoder_usage_info = encoder_usage_info(args, checkpoint)
+    data = load_probe_data(args)
+    print_args(args)
+    if args.results_dir:
+        write_json(Path(args.results_dir) / 'args.json', vars(args))
+
+    disable = progress_disabled(args)
+    normalization = get_info(args.encoder_usage_info).normalization
+    features = extract_features(encoder.to(device), data, normalization, device, args.amp, disable)
+    similarity = reference_similarity(features)
+    if similarity:
+        print('reference: mean cos(f(triggered), f(reference)) = {reference_similarity_triggered:.4f}, '
+              'mean cos(f(clean), f(reference)) = {reference_similarity_clean:.4f}'.format(**similarity))
+    probe = MLPProbe(features.train.shape[1], (args.hidden_size_1, args.hidden_size_2), data.num_classes)
+    optimizer = torch.optim.Adam(probe.to(device).parameters(), lr=args.lr)
+
+    metrics = train_probe(probe, optimizer, features, args.reference_label, args.nn_epochs, args.batch_size,
+                          metric_names(args.encoder), disable)
+
+    if args.results_dir:
+        write_json(Path(args.results_dir) / 'metrics.json',
+                   {**metrics, 'dataset': args.dataset, 'encoder': args.encoder,
+                    'reference_label': args.reference_label, 'encoder_usage_info': args.encoder_usage_info,
+                    **similarity})
+        print(f"saved {Path(args.results_dir) / 'metrics.json'}")
+
+
+if __name__ == '__main__':
+    run_main(main)
