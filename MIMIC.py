@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import (UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
 from common.runs import (epoch_loader, prepare_results_dir, resume_state, rng_state, write_csv,
                          write_json)
@@ -53,7 +53,7 @@ RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'ba
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='MIMIC: distil a clean student from a suspect encoder '
+    parser = StageParser(description='MIMIC: distil a clean student from a suspect encoder '
                                                  '(stage 2 of the pipeline).', parents=[shared_parser()])
     parser.add_argument('--lr', default=0.001, type=float,
                         help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')

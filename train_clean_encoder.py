@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.cli import (UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
 from common.features import knn_monitor
 from common.runs import (epoch_loader, prepare_results_dir, read_csv, rng_state, set_rng_state, write_csv,
@@ -43,7 +43,7 @@ ADAM_WEIGHT_DECAY = 1e-6
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Train a clean SimCLR encoder (stage 0 of the pipeline).',
+    parser = StageParser(description='Train a clean SimCLR encoder (stage 0 of the pipeline).',
                                      parents=[shared_parser()])
     parser.add_argument('--lr', default=0.001, type=float, help='Adam learning rate (default: 0.001)')
     parser.add_argument('--batch_size', default=256, type=int, help='images per batch (default: 256)')

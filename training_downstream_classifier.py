@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import (UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
 from common.features import encode_images
 from common.runs import write_json
@@ -46,7 +46,7 @@ EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Evaluate a clean or backdoored encoder with a downstream '
+    parser = StageParser(description='Evaluate a clean or backdoored encoder with a downstream '
                                                  'classifier (stage 3 of the pipeline).',
                                      parents=[shared_parser()])
     parser.add_argument('--dataset', default='cifar10', type=str, choices=sorted(DATASETS),

@@ -32,6 +32,14 @@ class NonFiniteLossError(RuntimeError):
 EXPECTED_ERRORS = (DataError, CheckpointError, UsageError)
 
 
+class StageParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (`<prog>: error: ...`), exit status 2, like every other
+    expected mistake; `--help` shows the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 def shared_parser() -> argparse.ArgumentParser:
     """Flags every stage has, for `argparse.ArgumentParser(parents=[shared_parser()])`."""
     parser = argparse.ArgumentParser(add_help=False)
