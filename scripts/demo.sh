@@ -19,13 +19,15 @@ start=$(date +%s)
 PRETRAIN_SIZES=${PRETRAIN_SIZES:-train=4000,test=1000}
 DOWNSTREAM_SIZES=${DOWNSTREAM_SIZES:-train=2000,test=1000}
 WIDTH=${WIDTH:-8}
-CLEAN_EPOCHS=${CLEAN_EPOCHS:-15}
+CLEAN_EPOCHS=${CLEAN_EPOCHS:-20}
 BAD_EPOCHS=${BAD_EPOCHS:-5}
-MIMIC_EPOCHS=${MIMIC_EPOCHS:-10}
+MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}
 MI_EPOCHS=${MI_EPOCHS:-20}
-NN_EPOCHS=${NN_EPOCHS:-50}
-RATIO=${RATIO:-0.1}
+NN_EPOCHS=${NN_EPOCHS:-100}
+RATIO=${RATIO:-0.25}
 MIMIC_LR=${MIMIC_LR:-0.01}
+BAD_LR=${BAD_LR:-0.01}
+PROBE_LR=${PROBE_LR:-0.001}
 # -----------------------------------------------------------------------------------------------
 
 data="$OUT/data"
@@ -43,8 +45,8 @@ bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DE
   --width "$WIDTH" --clean_epochs "$CLEAN_EPOCHS" --badencoder_epochs "$BAD_EPOCHS" \
   --mimic_epochs "$MIMIC_EPOCHS" --mi_epochs "$MI_EPOCHS" --nn_epochs "$NN_EPOCHS" \
   --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 \
-  --clean_args "--batch_size 256" --badencoder_args "--batch_size 128" \
-  --mimic_args "--batch_size 128" --eval_args "--no_progress"
+  --clean_args "--batch_size 256" --badencoder_args "--batch_size 128 --lr $BAD_LR" \
+  --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress"
 
 echo "demo finished in $(( $(date +%s) - start )) s; summary: $OUT/summary.json"
 cat "$OUT/summary.json"

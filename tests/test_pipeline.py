@@ -1,0 +1,68 @@
+"""scripts/run_pipeline.sh on a tiny setting: all four stages, skip when finished, resume when interrupted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *extra: str):
+    command = ['bash', 'scripts/run_pipeline.sh', '--run_dir', str(run_dir), '--data_root', str(data_root),
+               '--device', 'cpu', '--num_workers', '0', '--pretraining_dataset', 'synthetic_shapes',
+               '--downstream_dataset', 'synthetic_digits', '--reference_file', str(reference),
+               '--trigger_file', str(trigger), '--width', '8', '--clean_epochs', '2', '--badencoder_epochs', '1',
+               '--mimic_epochs', '2', '--mi_epochs', '1', '--nn_epochs', '2', '--ratio', '0.25',
+               '--save_freq', '1', '--clean_args', '--batch_size 32 --no_progress',
+               '--badencoder_args', '--batch_size 32 --no_progress', '--mimic_args', '--batch_size 32 --no_progress',
+               '--eval_args', '--no_progress', *extra]
+    env = dict(os.environ, TQDM_DISABLE='1', OMP_NUM_THREADS='1')
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, trigger_file):
+    run = tmp_path / 'run'
+    first = pipeline(run, data_root, reference_file, trigger_file)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for path in ['clean/model_2.pth', 'backdoor/model_1.pth', 'mimic/model2.pth', 'mimic/mi.json',
+                 'eval_clean/metrics.json', 'eval_backdoored/metrics.json', 'eval_mimic/metrics.json',
+                 'run.json', 'table.md', 'table.csv', 'summary.json']:
+        assert (run / path).is_file(), path
+    setting = json.loads((run / 'run.json').read_text())
+    assert setting['target_label'] == 1 and setting['downstream_dataset'] == 'synthetic_digits'
+    summary = json.loads((run / 'summary.json').read_text())
+    assert set(summary) == {'clean', 'backdoored', 'mimic'}
+    assert all(0 <= summary[e]['acc'] <= 100 and 0 <= summary[e]['asr'] <= 100 for e in summary)
+
+    # run again: every stage is skipped, nothing is rewritten
+    mtime = (run / 'mimic' / 'model2.pth').stat().st_mtime_ns
+    again = pipeline(run, data_root, reference_file, trigger_file)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ['clean', 'backdoor', 'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']:
+        assert f'== {stage}: done' in again.stdout
+    assert (run / 'mimic' / 'model2.pth').stat().st_mtime_ns == mtime
+
+    # an interrupted MIMIC stage (only its epoch-1 checkpoint left) resumes, and its evaluation is redone
+    (run / 'mimic' / 'model2.pth').unlink()
+    (run / 'eval_mimic' / 'metrics.json').unlink()
+    resumed = pipeline(run, data_root, reference_file, trigger_file)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    mimic_line = next(line for line in resumed.stdout.splitlines() if line.startswith('== mimic:'))
+    assert '--resume' in mimic_line
+    assert '== backdoor: done' in resumed.stdout and '== eval_backdoored: done' in resumed.stdout
+    assert (run / 'mimic' / 'model2.pth').is_file() and (run / 'eval_mimic' / 'metrics.json').is_file()
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], '--run_dir is required'),
+    (['--run_dir', 'x', '--reference_file', 'nowhere.npz'], 'nowhere.npz'),
+    (['--run_dir', 'x', '--bogus', '1'], 'unknown option --bogus'),
+])
+def test_pipeline_bad_arguments(args, message):
+    result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
