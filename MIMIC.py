@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
-from common.runs import (epoch_loader, prepare_results_dir, resume_state, rng_state, write_csv,
-                         write_json)
+from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, restore_optimizer,
+                         resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, normalize_batch, pretraining_names, simclr_transform
-from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder, save_atomic
-from models.checkpoint import encoder_checkpoint, load_state_into
+from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
+from models.checkpoint import load_state_into
 from models.losses import attention_transfer, negative_cosine, nt_xent
 from models.mutual_info import estimate_mi, layer_weights
 
@@ -49,7 +49,7 @@ RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
                  for stage, index in enumerate(TAPPED_LAYERS, start=1)}
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size', 'knn_t',
-                     'opt5', 'mi_model')
+                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--mi_epochs', default=200, type=int,
                         help='training epochs of each layer\'s MI estimator (default: 200)')
     parser.add_argument('--save_freq', default=1000, type=int,
-                        help='save model<epoch>.pth every this many epochs, and at the end (default: 1000)')
+                        help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
+                             '(default: 1000)')
     return parser
 
 
@@ -103,7 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError('--results_dir is required: the folder where the student and logs are written')
     require_positive('--epochs', args.epochs)
     require_positive('--mi_epochs', args.mi_epochs)
-    require_positive('--save_freq', args.save_freq)
+    if args.save_freq < 0:
+        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
     if args.batch_size < 2:
         raise UsageError(f'--batch_size must be at least 2 (contrastive loss, BatchNorm), got {args.batch_size}')
 
@@ -122,9 +124,14 @@ def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch
     return images[indices]
 
 
-def load_teacher(path: str, device: torch.device) -> SimCLR:
+def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
     """The suspect encoder, loaded safely, in eval mode and frozen: it never receives a gradient."""
-    teacher, _ = load_encoder(path)
+    teacher, checkpoint = load_encoder(path)
+    recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
+        (checkpoint.get('args') or {}).get('pretraining_dataset')
+    if pretraining_dataset and recorded and recorded != pretraining_dataset:
+        print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
+              f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
 
@@ -244,28 +251,17 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
     return {key: value / steps for key, value in totals.items()}
 
 
-def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path) -> None:
-    """A resumed run must continue the same run: our checkpoint, same trajectory-shaping flags."""
-    missing = [key for key in ('opt', 'args', 'rng', 'log') if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f'{path}: not a MIMIC checkpoint written by this script (no {missing}); '
-                              'cannot resume from it')
-    changed = [f'--{key.replace("knn_t", "knn-t")} {checkpoint["args"].get(key)} -> {getattr(args, key)}'
-               for key in RESUME_MUST_MATCH if checkpoint['args'].get(key) != getattr(args, key)]
-    if changed:
-        raise UsageError(f'--resume: {path} was written with other settings ({"; ".join(changed)}); '
-                         'pass the original values')
-
-
 def restore_run(path: Path, args: argparse.Namespace, student: SimCLR, optimizer: torch.optim.Optimizer,
                 ) -> tuple[list[float], dict, list[dict], int]:
     """Student, optimiser, RNG states, opt weights and log rows of an interrupted run."""
     checkpoint = resume_state(path)  # restores the RNG states it recorded
-    check_resumable(checkpoint, args, path)
+    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
+    if 'opt' not in checkpoint or 'log' not in checkpoint:
+        raise CheckpointError(f'{path}: not a MIMIC checkpoint of this script (no layer weights); cannot resume')
     load_state_into(student, checkpoint['state_dict'], path)
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    print(f"resuming from {path} (epoch {checkpoint['epoch']}); opt: {checkpoint['opt']}")
-    return list(checkpoint['opt']), checkpoint.get('mi', {}), list(checkpoint['log']), int(checkpoint['epoch'])
+    epoch = restore_optimizer(optimizer, checkpoint, path)
+    print(f"resuming from {path} (epoch {epoch}); opt: {checkpoint['opt']}")
+    return list(checkpoint['opt']), checkpoint.get('mi', {}), list(checkpoint['log']), epoch
 
 
 def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimizer: torch.optim.Optimizer,
@@ -281,16 +277,15 @@ def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimize
         rows.append({'epoch': epoch, **metrics})
         write_csv(results_dir / 'log.csv', rows)
         print(json.dumps(rows[-1]))
-        if epoch % args.save_freq == 0 or epoch == args.epochs:
-            save_atomic(encoder_checkpoint(student, optimizer, epoch, args=vars(args), rng=rng_state(),
-                                           opt=opt_weights, mi=mi, log=rows),
-                        results_dir / CHECKPOINT_PATTERN.format(epoch))
+        if is_save_epoch(epoch, args.epochs, args.save_freq):
+            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), student, optimizer, epoch, args,
+                                opt=opt_weights, mi=mi, log=rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
 
     # Data: the clean subset D of the pre-training split, normalised as the teacher expects.
@@ -300,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                          f'{info.name}/{info.pretraining_split}')
 
     # Models: the frozen teacher and a student of the same architecture.
-    teacher = load_teacher(args.teacher, device)
+    teacher = load_teacher(args.teacher, device, args.pretraining_dataset)
     student = build_student(teacher, args.student, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-6)
 

@@ -48,16 +48,19 @@ from common.cli import (StageParser, UsageError, autocast, check_finite, data_di
                         progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
 from common.features import encode_images, knn_classify
-from common.runs import (epoch_loader, prepare_results_dir, read_csv, resume_state, rng_state, write_csv,
-                         write_json)
+from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, read_csv,
+                         restore_optimizer, resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import (DATASETS, DataError, Reference, ShadowImages, Trigger, apply_trigger, finetune_transform,
                       get_info, load_reference, load_split, load_trigger, normalize_batch, pretraining_names,
                       split_path, test_transform, triggered_copy)
-from models import SimCLR, load_encoder, save_atomic
-from models.checkpoint import encoder_checkpoint, load_state_into
+from models import SimCLR, load_encoder
+from models.checkpoint import load_state_into
 from models.losses import negative_cosine
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
+# Flags that shape the trajectory of a run: a resumed run must be given the same values.
+RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder', 'trigger_file', 'reference_file',
+                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers')
 SHADOW_SIZE = 50000  # BadEncoder's shadow set: all of CIFAR10's train split, 50000 images of STL10's unlabeled
 SHADOW_SUBSET_SEED = 100  # the fixed numpy seed of that subset (independent of --seed)
 LOG_COLUMNS = ('epoch', 'loss', 'loss0', 'loss1', 'loss2', 'knn_acc', 'knn_asr')
@@ -323,13 +326,13 @@ def clean_encoder_features(clean_encoder: nn.Module, shadow_images: np.ndarray, 
                                  desc='f0(references)', disable_progress=disable_progress)
 
 
-def restore_run(path: Path, model: SimCLR, optimizer: torch.optim.Optimizer,
+def restore_run(path: Path, args: argparse.Namespace, model: SimCLR, optimizer: torch.optim.Optimizer,
                 results_dir: Path) -> tuple[int, list[dict]]:
     """Continue from a checkpoint: weights, optimiser, RNG states and the log rows up to its epoch."""
     checkpoint = resume_state(path)
+    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
     load_state_into(model, checkpoint['state_dict'], path)
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    epoch = int(checkpoint['epoch'])
+    epoch = restore_optimizer(optimizer, checkpoint, path)
     rows = [row for row in read_csv(results_dir / 'log.csv') if int(row['epoch']) <= epoch]
     print(f'resuming from {path} (epoch {epoch})')
     return epoch + 1, rows
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = get_args_parser()
     args = parser.parse_args(fix_readme_typo(sys.argv[1:] if argv is None else argv, parser))
     check_args(args)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
     normalization = get_info(args.encoder_usage_info).normalization
 
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     start_epoch = 1
     if resume_from is not None:
-        start_epoch, rows = restore_run(resume_from, model, optimizer, results_dir)
+        start_epoch, rows = restore_run(resume_from, args, model, optimizer, results_dir)
         if start_epoch > args.epochs:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')
             return
@@ -389,10 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                                  trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch)
         metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) if monitor else None
         log_epoch(rows, results_dir, epoch, losses, metrics)
-        if epoch == args.epochs or (args.save_freq and epoch % args.save_freq == 0):
-            save_atomic(encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(),
-                                           target_label=reference.target_label),
-                        results_dir / CHECKPOINT_PATTERN.format(epoch))
+        if is_save_epoch(epoch, args.epochs, args.save_freq):
+            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
+                                target_label=reference.target_label)
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
 
 

@@ -31,15 +31,17 @@ from tqdm import tqdm
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
 from common.features import knn_monitor
-from common.runs import (epoch_loader, prepare_results_dir, read_csv, rng_state, set_rng_state, write_csv,
-                         write_json)
+from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, read_csv,
+                         restore_optimizer, save_run_checkpoint, set_rng_state, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
-from models import ARCHITECTURES, PAPER_WIDTH, CheckpointError, SimCLR, load_encoder, save_atomic
-from models.checkpoint import encoder_checkpoint
+from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 from models.losses import nt_xent
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6
+# Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
+# workers decides which RNG draws the augmentations).
+RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,15 +114,12 @@ class TrainingState:
 def restore_optimizer_and_log(checkpoint: dict, path: Path,
                               optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
     """Load a checkpoint's optimiser state; returns (first epoch to run, log rows up to the checkpoint)."""
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f'{path}: cannot resume, no usable optimizer state ({error})') from None
+    epoch = restore_optimizer(optimizer, checkpoint, path)
     rows = checkpoint.get('log') or read_csv(path.parent / 'log.csv')
     rows = [{'epoch': int(row['epoch']), 'train_loss': float(row['train_loss']),
              'test_acc@1': float(row['test_acc@1'])}
-            for row in rows if int(row['epoch']) <= checkpoint['epoch']]
-    return int(checkpoint['epoch']) + 1, rows
+            for row in rows if int(row['epoch']) <= epoch]
+    return epoch + 1, rows
 
 
 def initial_model(args: argparse.Namespace) -> SimCLR:
@@ -148,9 +147,9 @@ def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingSt
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)
     if checkpoint is None:
         return TrainingState(model, optimizer, 1, [])
+    check_resumable(checkpoint, args, resume_from, RESUME_MUST_MATCH)
     start_epoch, log_rows = restore_optimizer_and_log(checkpoint, resume_from, optimizer)
-    if 'rng' in checkpoint:  # restored after the model is built: its initialisation draws nothing from them
-        set_rng_state(checkpoint['rng'])
+    set_rng_state(checkpoint['rng'])  # after the model is built: its initialisation draws nothing from them
     print(f'resuming from {resume_from} at epoch {start_epoch}')
     return TrainingState(model, optimizer, start_epoch, log_rows)
 
@@ -197,17 +196,16 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
         write_csv(results_dir / 'log.csv', log_rows)
         epochs.set_postfix(loss=f'{train_loss:.4f}', knn_acc=f'{test_acc:.2f}')
         tqdm.write(json.dumps(log_rows[-1]))
-        if epoch == args.epochs or (args.save_freq and epoch % args.save_freq == 0):
-            checkpoint = encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(),
-                                            log=log_rows)
-            save_atomic(checkpoint, results_dir / CHECKPOINT_PATTERN.format(epoch))
+        if is_save_epoch(epoch, args.epochs, args.save_freq):
+            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
+                                log=log_rows)
 
 
 def main() -> None:
     args = get_args_parser().parse_args()
     print_args(args)
     check_args(args)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
 
     data = load_pretraining_data(args)

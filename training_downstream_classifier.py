@@ -277,7 +277,7 @@ def train_probe(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: Fea
 def main() -> None:
     args = get_args_parser().parse_args()
     check_args(args)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
     encoder, checkpoint = load_encoder(args.encoder)
     args.encoder_usage_info = encoder_usage_info(args, checkpoint)

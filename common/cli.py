@@ -64,6 +64,9 @@ def shared_parser() -> argparse.ArgumentParser:
                        help='allow replacing checkpoints an earlier run left in --results_dir')
     group.add_argument('--amp', action='store_true',
                        help='bf16 autocast on CUDA (ignored on the CPU; default: off, full precision)')
+    group.add_argument('--deterministic', action='store_true',
+                       help='deterministic cuDNN/cuBLAS kernels and no autotuning: bit-reproducible GPU runs at '
+                            'some speed cost (CPU runs are reproducible either way)')
     group.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     return parser
 
@@ -99,11 +102,20 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
-def seed_everything(seed: int) -> None:
-    """Seed once at the top of main(): python, numpy and torch (all devices)."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed once at the top of main(): python, numpy and torch (all devices); choose the CUDA kernels.
+
+    By default cuDNN autotunes its kernels (fast, not bit-reproducible on a GPU); `deterministic` selects
+    deterministic kernels instead, as the original code always did.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def require_positive(name: str, value: float) -> None:

@@ -17,16 +17,18 @@ def encode_images(encoder: nn.Module, images: np.ndarray, normalization, device:
                   disable_progress: bool = False) -> torch.Tensor:
     """L2-normalised `encoder(x)` (N, d) of uint8 images (N, H, W, 3), left on `device`.
 
-    `encoder` is the feature network `f` (SimCLR.f); it is put in eval mode and restored afterwards.
+    `encoder` is the feature network `f` (SimCLR.f); it is put in eval mode and every module's own mode is
+    restored afterwards (so BadEncoder's BatchNorm layers, kept in eval mode while f trains, stay so).
     The test transform is applied as one tensor operation per batch (`normalize_batch`).
     """
-    was_training = encoder.training
+    modes = [(module, module.training) for module in encoder.modules()]
     encoder.eval()
     features = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=disable_progress):
         batch = normalize_batch(images[start:start + batch_size], normalization, device)
         features.append(F.normalize(encoder(batch).float(), dim=1))
-    encoder.train(was_training)
+    for module, training in modes:
+        module.training = training
     return torch.cat(features) if features else torch.empty(0, device=device)
 
 

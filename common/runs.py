@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models import load_checkpoint
+from models import CheckpointError, load_checkpoint, save_atomic
+from models.checkpoint import encoder_checkpoint
 from models.checkpoint import default_file_mode
 
 from .cli import UsageError
@@ -132,3 +133,38 @@ def resume_state(path: Path) -> dict:
     if 'rng' in checkpoint:
         set_rng_state(checkpoint['rng'])
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, keys: tuple[str, ...]) -> None:
+    """A resumed run must continue the same run: a checkpoint of this project whose recorded `keys`
+    (the flags that shape the run's trajectory) equal the current ones."""
+    recorded = checkpoint.get('args')
+    if not isinstance(recorded, dict) or 'rng' not in checkpoint:
+        raise CheckpointError(f'{path}: records no run arguments or RNG states (not written by this '
+                              'project?); cannot resume from it')
+    changed = [f'--{key.replace("knn_", "knn-")} {recorded.get(key)!r} -> {getattr(args, key)!r}'
+               for key in keys if recorded.get(key) != getattr(args, key)]
+    if changed:
+        raise UsageError(f'--resume: {path} was written with other settings ({"; ".join(changed)}); '
+                         'pass the original values')
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: dict, path: Path) -> int:
+    """Load the optimiser state of a checkpoint; returns its epoch. CheckpointError when unusable."""
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        return int(checkpoint['epoch'])
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f'{path}: cannot resume, no usable optimizer state or epoch '
+                              f'({type(error).__name__}: {error})') from None
+
+
+def is_save_epoch(epoch: int, epochs: int, save_freq: int) -> bool:
+    """Checkpoints are written every `save_freq` epochs (0: never in between) and after the last one."""
+    return epoch == epochs or (save_freq > 0 and epoch % save_freq == 0)
+
+
+def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                        args: argparse.Namespace, **extra) -> None:
+    """A self-describing, resumable checkpoint (SPEC §2.4), written atomically."""
+    save_atomic(encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(), **extra), path)

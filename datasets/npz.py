@@ -29,7 +29,13 @@ def read_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarra
             missing = [key for key in required if key not in archive.files]
             if missing:
                 raise DataError(f'{path}: missing array(s) {missing} (found {archive.files})')
-            return {key: archive[key] for key in archive.files}
+            arrays = {key: archive[key] for key in required}
+            for key in set(archive.files) - set(required):  # optional ('info', ...): skipped if unreadable
+                try:
+                    arrays[key] = archive[key]
+                except ValueError:  # a pickled object array: never unpickled
+                    pass
+            return arrays
     except DataError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:  # e.g. a pickled object array

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    if args.summary and len(runs) != 1:
+        print('error: --summary takes exactly one run directory', file=sys.stderr)
+        return 2
     table = markdown(runs)
     print(table)
     if args.out:
@@ -116,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix('.md').write_text(table)
         args.out.with_suffix('.csv').write_text(csv_text(runs))
     if args.summary:
-        if len(runs) != 1:
-            print('error: --summary takes exactly one run directory', file=sys.stderr)
-            return 2
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary(runs[0]), indent=2) + '\n')
     return 0

@@ -58,7 +58,13 @@ done
 [ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
 [ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
 
-target_label=$("$PYTHON" -c "import numpy as np, sys; print(int(np.load(sys.argv[1])['y'].reshape(-1)[0]))" "$reference")
+target_label=$("$PYTHON" -c "
+import sys
+from datasets import DataError, load_reference
+try:
+    print(load_reference(sys.argv[1]).target_label)
+except DataError as error:
+    sys.exit(f'run_pipeline.sh: --reference_file {error}')" "$reference") || exit 2
 common=(--device "$device" --data_root "$data_root" --num_workers "$num_workers" --seed "$seed")
 mkdir -p "$run_dir"
 cat > "$run_dir/run.json" <<JSON
@@ -105,8 +111,20 @@ stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
   --results_dir "$run_dir/mimic" "${common[@]}" $mimic_args
 mimic_encoder=$run_dir/mimic/model$mimic_epochs.pth
 
+# an evaluation is redone when its metrics.json belongs to another encoder file or probe length
+fresh_metrics() {  # metrics.json encoder nn_epochs
+  "$PYTHON" -c "
+import json, sys
+m = json.load(open(sys.argv[1]))
+sys.exit(0 if m.get('encoder') == sys.argv[2] and int(m.get('epoch', -1)) == int(sys.argv[3]) else 1)" "$@"
+}
 for pair in "clean:$clean_encoder" "backdoored:$backdoored_encoder" "mimic:$mimic_encoder"; do
   name=${pair%%:*} encoder=${pair#*:}
+  metrics=$run_dir/eval_$name/metrics.json
+  if [ -f "$metrics" ] && ! fresh_metrics "$metrics" "$encoder" "$nn_epochs"; then
+    echo "== eval_$name: $metrics is for another encoder or probe length, evaluating again"
+    rm "$metrics"
+  fi
   # shellcheck disable=SC2086
   stage "eval_$name" "$run_dir/eval_$name" metrics.json 'no-checkpoints' \
     training_downstream_classifier.py --dataset "$downstream" --encoder_usage_info "$pretraining" \

@@ -205,3 +205,17 @@ def test_killed_runs_leave_only_loadable_checkpoints_and_resume(tmp_path, data_r
     result = run_script(*command, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(out / 'model_40.pth')['epoch'] == 40
+
+
+@pytest.mark.parametrize('stage, flag, value', [('clean', '--lr', '0.01'), ('badencoder', '--lambda1', '2.0'),
+                                                ('mimic', '--num_workers', '2')])
+def test_resume_with_other_settings_is_refused(stage, flag, value, tmp_path, data_root, trigger_file,
+                                               reference_file, tiny_encoder):
+    out = tmp_path / 'out'
+    command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)[stage]
+    first = run_script(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob('*.pth')}
+    result = run_script(*with_flag(with_flag(command, '--epochs', '2'), flag, value), '--resume')
+    assert_clean_error(result, '--resume', flag)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob('*.pth')} == before
