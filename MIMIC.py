@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
-from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, restore_optimizer,
+from common.fastpath import add_speed_arguments, device_copy, pair_batches, to_channels_last
+from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, restore_optimizer,
                          resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, normalize_batch, pretraining_names, simclr_transform
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
@@ -49,7 +50,7 @@ RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
                  for stage, index in enumerate(TAPPED_LAYERS, start=1)}
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size', 'knn_t',
-                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers')
+                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers', 'augment')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--save_freq', default=1000, type=int,
                         help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
                              '(default: 1000)')
+    add_speed_arguments(parser)
     return parser
 
 
@@ -133,18 +135,18 @@ def load_teacher(path: str, device: torch.device, pretraining_dataset: str | Non
         print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
               f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
     teacher.eval().requires_grad_(False)
-    return teacher.to(device)
+    return to_channels_last(teacher.to(device), device)
 
 
 def build_student(teacher: SimCLR, student_path: str, device: torch.device) -> SimCLR:
     """A freshly initialised SimCLR of the teacher's config, or --student's weights (same config)."""
     if not student_path:
-        return SimCLR(**teacher.config).to(device)
+        return to_channels_last(SimCLR(**teacher.config).to(device), device)
     student, _ = load_encoder(student_path)
     if student.config != teacher.config:
         raise CheckpointError(f'{student_path}: the student is {student.config} but the teacher is '
                               f'{teacher.config}; they must have the same architecture')
-    return student.to(device)
+    return to_channels_last(student.to(device), device)
 
 
 @torch.no_grad()
@@ -268,9 +270,10 @@ def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimize
             dataset: ImagePairs, opt_weights: list[float], mi: dict, rows: list[dict], start_epoch: int,
             device: torch.device, results_dir: Path) -> None:
     """Epochs start_epoch+1 .. --epochs: train, log, and save model<epoch>.pth every --save_freq and at the end."""
+    normalization = get_info(args.pretraining_dataset).normalization
+    device_images = device_copy(dataset, args, device)  # the fast path keeps the clean subset on the device
     for epoch in range(start_epoch + 1, args.epochs + 1):
-        loader = epoch_loader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
+        loader = pair_batches(dataset, args, normalization, epoch, device, device_images)
         metrics = train_one_epoch(student, teacher, loader, optimizer, opt_weights, args.opt5, args.knn_t,
                                   epoch=epoch, epochs=args.epochs, device=device, amp=args.amp,
                                   disable_progress=progress_disabled(args))

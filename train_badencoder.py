@@ -47,8 +47,9 @@ from tqdm import tqdm
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args,
                         progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
+from common.fastpath import add_speed_arguments, shadow_batches, to_channels_last
 from common.features import encode_images, knn_classify
-from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, read_csv,
+from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import (DATASETS, DataError, Reference, ShadowImages, Trigger, apply_trigger, finetune_transform,
                       get_info, load_reference, load_split, load_trigger, normalize_batch, pretraining_names,
@@ -60,7 +61,7 @@ from models.losses import negative_cosine
 CHECKPOINT_PATTERN = 'model_{}.pth'
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder', 'trigger_file', 'reference_file',
-                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers')
+                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers', 'augment')
 SHADOW_SIZE = 50000  # BadEncoder's shadow set: all of CIFAR10's train split, 50000 images of STL10's unlabeled
 SHADOW_SUBSET_SEED = 100  # the fixed numpy seed of that subset (independent of --seed)
 LOG_COLUMNS = ('epoch', 'loss', 'loss0', 'loss1', 'loss2', 'knn_acc', 'knn_asr')
@@ -100,6 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write model_<epoch>.pth every this many epochs, and at the end '
                              '(0: only at the end) (default: 20)')
+    add_speed_arguments(parser)
     return parser
 
 
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     results_dir = Path(args.results_dir)
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
-    model = model.to(device)
+    model = to_channels_last(model.to(device), device)
     print(f'shadow set: {len(shadow_images)} images of {args.shadow_dataset}; {len(reference)} reference(s), '
           f'target label {reference.target_label}; {len(trigger)} trigger patch(es); device {device}')
 
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     clean_features, clean_reference_features = clean_encoder_features(
         copy.deepcopy(model.f), shadow_images, reference.x, normalization, device, progress_disabled(args))
     references = normalize_batch(reference.x, normalization, device)  # (R, 3, H, W)
+    device_references = torch.from_numpy(reference.x).to(device)  # (R, H, W, 3) uint8, for the fast path
     shadow = torch.from_numpy(shadow_images).to(device)  # (N, H, W, 3) uint8
     dataset = IndexedShadow(shadow_images, trigger, reference, test_transform(normalization),
                             finetune_transform(normalization))
@@ -386,8 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         log_epoch(rows, results_dir, 0, None, evaluate_backdoor(model.f, monitor, normalization, args, device))
 
     for epoch in range(start_epoch, args.epochs + 1):
-        loader = epoch_loader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
+        loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)
         losses = train_one_epoch(model.f, loader, shadow, clean_features, references, clean_reference_features,
                                  trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch)
         metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) if monitor else None

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
+from common.fastpath import add_speed_arguments, device_copy, pair_batches, to_channels_last
 from common.features import knn_monitor
-from common.runs import (check_resumable, epoch_loader, is_save_epoch, prepare_results_dir, read_csv,
+from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, save_run_checkpoint, set_rng_state, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
@@ -41,7 +42,8 @@ CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6
 # Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
 # workers decides which RNG draws the augmentations).
-RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder')
+RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder',
+                     'augment')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'base channels of the ResNet ({PAPER_WIDTH} = the paper; smaller for fast CPU runs)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
+    add_speed_arguments(parser)
     return parser
 
 
@@ -143,7 +146,7 @@ def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingSt
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
     if resume_from is not None:
         model, checkpoint = load_encoder(resume_from)
-    model = model.to(device)
+    model = to_channels_last(model.to(device), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)
     if checkpoint is None:
         return TrainingState(model, optimizer, 1, [])
@@ -183,12 +186,12 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
     model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
     disable = progress_disabled(args)
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size))
+    device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
     epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
                   total=args.epochs, disable=disable)
     for epoch in epochs:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
-        loader = epoch_loader(pairs, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
+        loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images)
         train_loss = train_one_epoch(model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
                                args.knn_k, args.knn_t, device, disable_progress=disable)

@@ -1,0 +1,118 @@
+"""The GPU fast path: the uint8 dataset kept on the device and augmented in whole batches.
+
+`--augment pil` is the original data path: per-image PIL transforms in `--num_workers` worker processes.
+`--augment tensor` keeps the images on the device and draws the views with `datasets.tensor_augment`
+(the same parameter distributions as torchvision's transforms, checked in tests/test_tensor_augment.py).
+`--augment auto` (the default) takes the tensor path on CUDA and the PIL path on the CPU, where the PIL
+workers are as fast and reproduce the original pixel for pixel.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.data import Dataset
+
+from datasets import ImagePairs
+from datasets.tensor_augment import finetune_views, simclr_views
+
+from .runs import epoch_loader
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('speed')
+    group.add_argument('--augment', default='auto', choices=('auto', 'pil', 'tensor'),
+                       help='augmentation path: per-image PIL in worker processes (the original), batched '
+                            'tensor operations on the device, or auto = tensor on CUDA, PIL on the CPU')
+
+
+def use_tensor_augment(args: argparse.Namespace, device: torch.device) -> bool:
+    return args.augment == 'tensor' or (args.augment == 'auto' and device.type == 'cuda')
+
+
+def to_channels_last(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """channels_last memory format on CUDA (faster convolutions with cuDNN); unchanged on the CPU."""
+    return model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
+
+
+def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 100003 + epoch)
+
+
+class DevicePairBatches:
+    """Two SimCLR views of each image, batch by batch, from a uint8 set (N, H, W, 3) on the device.
+
+    A drop-in for `epoch_loader(ImagePairs(...), shuffle=True, drop_last=True)`: the order and every
+    augmentation depend only on (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, images: torch.Tensor, normalization, batch_size: int, seed: int, epoch: int):
+        self.images, self.normalization, self.batch_size = images, normalization, batch_size
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def __iter__(self):
+        generator = _epoch_generator(self.seed, self.epoch, self.images.device)
+        order = torch.randperm(len(self.images), generator=generator, device=self.images.device)
+        for step in range(len(self)):
+            batch = self.images[order[step * self.batch_size:(step + 1) * self.batch_size]]
+            yield (simclr_views(batch, self.normalization, generator),
+                   simclr_views(batch, self.normalization, generator))
+
+
+def pair_batches(pairs: ImagePairs, args: argparse.Namespace, normalization, epoch: int, device: torch.device,
+                 device_images: torch.Tensor | None = None):
+    """The epoch's batches of view pairs through the chosen augmentation path (see module docstring).
+
+    `device_images` is `pairs.images` already on the device (uploaded once per run by the caller).
+    """
+    if use_tensor_augment(args, device):
+        if device_images is None:
+            device_images = torch.from_numpy(pairs.images).to(device)
+        return DevicePairBatches(device_images, normalization, args.batch_size, args.seed, epoch)
+    return epoch_loader(pairs, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
+
+
+def device_copy(pairs: ImagePairs, args: argparse.Namespace, device: torch.device) -> torch.Tensor | None:
+    """The uint8 images on the device when the tensor path is taken (once per run), else None."""
+    return torch.from_numpy(pairs.images).to(device) if use_tensor_augment(args, device) else None
+
+
+class DeviceShadowBatches:
+    """BadEncoder's batches on the tensor path: (indices (B,), augmented references (B, R, 3, H, W)).
+
+    A drop-in for `epoch_loader(IndexedShadow(...), shuffle=True, drop_last=True)`; each batch element gets
+    its own augmentation of every reference (`finetune_views`), drawn from a generator of (seed, epoch).
+    """
+
+    def __init__(self, size: int, references: torch.Tensor, normalization, batch_size: int, seed: int,
+                 epoch: int):
+        self.size, self.references, self.normalization = size, references, normalization
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size
+
+    def __iter__(self):
+        device = self.references.device
+        generator = _epoch_generator(self.seed, self.epoch, device)
+        order = torch.randperm(self.size, generator=generator, device=device)
+        num_references = len(self.references)
+        for step in range(len(self)):
+            indices = order[step * self.batch_size:(step + 1) * self.batch_size]
+            repeated = self.references.repeat(self.batch_size, 1, 1, 1)  # (B·R, H, W, 3), b-major
+            views = finetune_views(repeated, self.normalization, generator)
+            yield indices, views.view(self.batch_size, num_references, *views.shape[1:])
+
+
+def shadow_batches(dataset: Dataset, args: argparse.Namespace, normalization, epoch: int, device: torch.device,
+                   device_references: torch.Tensor):
+    """The epoch's BadEncoder batches through the chosen augmentation path (see module docstring)."""
+    if use_tensor_augment(args, device):
+        return DeviceShadowBatches(len(dataset), device_references, normalization, args.batch_size, args.seed,
+                                   epoch)
+    return epoch_loader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers, seed=args.seed, epoch=epoch, device=device)
