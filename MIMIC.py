@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
-from common.fastpath import add_speed_arguments, device_copy, pair_batches, to_channels_last
+from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, restore_optimizer,
                          resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, normalize_batch, pretraining_names, simclr_transform
@@ -272,9 +272,10 @@ def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimize
     """Epochs start_epoch+1 .. --epochs: train, log, and save model<epoch>.pth every --save_freq and at the end."""
     normalization = get_info(args.pretraining_dataset).normalization
     device_images = device_copy(dataset, args, device)  # the fast path keeps the clean subset on the device
+    student_forward, teacher_forward = maybe_compile(student, args.compile), maybe_compile(teacher, args.compile)
     for epoch in range(start_epoch + 1, args.epochs + 1):
         loader = pair_batches(dataset, args, normalization, epoch, device, device_images)
-        metrics = train_one_epoch(student, teacher, loader, optimizer, opt_weights, args.opt5, args.knn_t,
+        metrics = train_one_epoch(student_forward, teacher_forward, loader, optimizer, opt_weights, args.opt5, args.knn_t,
                                   epoch=epoch, epochs=args.epochs, device=device, amp=args.amp,
                                   disable_progress=progress_disabled(args))
         rows.append({'epoch': epoch, **metrics})

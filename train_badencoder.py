@@ -47,7 +47,7 @@ from tqdm import tqdm
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args,
                         progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
-from common.fastpath import add_speed_arguments, shadow_batches, to_channels_last
+from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.features import encode_images, knn_classify
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, resume_state, save_run_checkpoint, write_csv, write_json)
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     # Only f is trained (its BatchNorm affine parameters are frozen and get no gradient); g is kept as loaded.
     freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    encoder_forward = maybe_compile(model.f, args.compile)
 
     rows: list[dict] = []
     start_epoch = 1
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for epoch in range(start_epoch, args.epochs + 1):
         loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)
-        losses = train_one_epoch(model.f, loader, shadow, clean_features, references, clean_reference_features,
+        losses = train_one_epoch(encoder_forward, loader, shadow, clean_features, references, clean_reference_features,
                                  trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch)
         metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) if monitor else None
         log_epoch(rows, results_dir, epoch, losses, metrics)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
-from common.fastpath import add_speed_arguments, device_copy, pair_batches, to_channels_last
+from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, save_run_checkpoint, set_rng_state, write_csv, write_json)
@@ -187,12 +187,13 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
     disable = progress_disabled(args)
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
+    forward_model = maybe_compile(model, args.compile)
     epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
                   total=args.epochs, disable=disable)
     for epoch in epochs:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
         loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images)
-        train_loss = train_one_epoch(model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
+        train_loss = train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
                                args.knn_k, args.knn_t, device, disable_progress=disable)
         log_rows.append({'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': test_acc})

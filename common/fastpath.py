@@ -24,6 +24,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--augment', default='auto', choices=('auto', 'pil', 'tensor'),
                        help='augmentation path: per-image PIL in worker processes (the original), batched '
                             'tensor operations on the device, or auto = tensor on CUDA, PIL on the CPU')
+    group.add_argument('--compile', action='store_true',
+                       help='run the training forward passes through torch.compile (first epoch slower)')
 
 
 def use_tensor_augment(args: argparse.Namespace, device: torch.device) -> bool:
@@ -33,6 +35,15 @@ def use_tensor_augment(args: argparse.Namespace, device: torch.device) -> bool:
 def to_channels_last(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """channels_last memory format on CUDA (faster convolutions with cuDNN); unchanged on the CPU."""
     return model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool, backend: str = 'inductor') -> torch.nn.Module:
+    """`torch.compile(model)` when enabled, else the model itself.
+
+    The compiled wrapper shares the parameters; checkpoints are always taken from the original module,
+    so their keys carry no `_orig_mod.` prefix.
+    """
+    return torch.compile(model, backend=backend) if enabled else model
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:

@@ -84,3 +84,18 @@ def test_badencoder_on_the_tensor_path_plants_the_backdoor(tmp_path, data_root, 
     rows = (out / 'log.csv').read_text().splitlines()
     loss0 = [float(r.split(',')[2]) for r in rows[1:] if r.split(',')[2]]
     assert loss0[-1] < loss0[0]  # triggered inputs move towards the reference
+
+
+def test_compiled_forward_shares_weights_and_keeps_checkpoint_keys():
+    from common.fastpath import maybe_compile
+    from models import SimCLR
+    torch.manual_seed(0)
+    model = SimCLR(width=8).eval()
+    assert maybe_compile(model, False) is model
+    compiled = maybe_compile(model, True, backend='eager')  # Dynamo tracing without a C++ toolchain
+    x = torch.randn(4, 3, 32, 32)
+    feature, out, taps = compiled(x, return_taps=True)
+    reference = model(x, return_taps=True)
+    assert torch.allclose(feature, reference[0]) and torch.allclose(out, reference[1]) and len(taps) == 4
+    assert list(model.state_dict()) == list(SimCLR(width=8).state_dict())
+    assert next(compiled.parameters()) is next(model.parameters())
