@@ -19,14 +19,6 @@ METRIC_LINE = re.compile(r'^\{"metric": "Eval - (?P<name>[^"]+)", "value": (?P<v
                          r'"epoch": (?P<epoch>\d+)\}$')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, 2 threads run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def probe_args(data_root, trigger_file, reference_file, tiny_encoder):

@@ -15,14 +15,6 @@ from conftest import run_script
 NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # synthetic_shapes
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny convolutions: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_args(data_root, teacher, results_dir, *extra, ratio=0.25, batch_size=32, mi_epochs=2):
     """256 training images at ratio 0.25: D holds 64 images, two steps of 32 per epoch."""

@@ -8,14 +8,6 @@ from models.mutual_info import (MI_LAST_EPOCHS, StatisticsNetwork, dv_lower_boun
                                 evaluate_mi, layer_weights)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small matrices: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_dv(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> torch.Tensor:
     """The textbook formula, as the original wrote it: mean(T_joint) − log(mean(exp(T_marginal)))."""

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,26 +14,13 @@ from common.cli import NonFiniteLossError, UsageError
 from common.features import encode_images
 from datasets import (Reference, ShadowImages, finetune_transform, get_info, load_reference, load_trigger,
                       normalize_batch, triggered_copy)
-from datasets import test_transform as eval_transform  # (an alias, so that pytest does not collect it)
+from datasets import test_transform as eval_transform
 from models import load_checkpoint, load_encoder
-from tests.conftest import REPO
+from conftest import run_script
 
 NORMALIZATION = get_info('synthetic_shapes').normalization
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One torch thread: on cores shared with other jobs, two threads spin against each other (4-10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    """conftest.run_script with OMP_NUM_THREADS=1 (see `single_thread`)."""
-    env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def attack_args(data_root, trigger_file, reference_file, encoder, results_dir, *extra: str) -> list[str]:

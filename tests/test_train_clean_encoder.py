@@ -20,14 +20,6 @@ TINY = ['--pretraining_dataset', 'synthetic_shapes', '--width', '8', '--batch_si
         '--device', 'cpu', '--no_progress']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, 2 threads run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope='module')
 def small_root(tmp_path_factory):
