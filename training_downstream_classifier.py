@@ -37,12 +37,18 @@ from tqdm import tqdm
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, resolve_device, run_main, seed_everything, shared_parser)
 from common.features import encode_images
-from common.runs import write_json
+from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, resume_state, restore_optimizer,
+                         rng_state, write_json)
 from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
                       pretraining_names, triggered_copy)
-from models import MLPProbe, SimCLR, load_encoder
+from models import MLPProbe, SimCLR, load_encoder, save_atomic
+from models.checkpoint import load_state_into
 
 EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
+PROBE_PATTERN = 'probe_{}.pth'
+# Flags that shape the probe's training: a resumed evaluation must be given the same values.
+RESUME_MUST_MATCH = ('dataset', 'encoder', 'encoder_usage_info', 'trigger_file', 'reference_label', 'lr', 'seed',
+                     'batch_size', 'hidden_size_1', 'hidden_size_2')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--reference_file', default='', type=str, metavar='PATH',
                         help='reference inputs (npz with x, y); optional, their features are compared '
                              'with those of the triggered images')
+    parser.add_argument('--save_freq', default=100, type=int,
+                        help='with --results_dir, save the probe as probe_<epoch>.pth every this many epochs '
+                             '(0: only at the end), for --resume (default: 100)')
     return parser
 
 
@@ -121,6 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.encoder_usage_info and args.encoder_usage_info not in pretraining_names():
         raise UsageError(f"--encoder_usage_info '{args.encoder_usage_info}': not a pre-training set, expected "
                          f'one of {pretraining_names()}')
+    if args.save_freq < 0:
+        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
     if args.results_dir and Path(args.results_dir).exists() and not Path(args.results_dir).is_dir():
         raise UsageError(f'--results_dir {args.results_dir}: exists and is not a folder')
 
@@ -259,19 +270,48 @@ def evaluate(probe: MLPProbe, features: Features, target: int) -> dict:
 
 
 def train_probe(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: Features, target: int,
-                epochs: int, batch_size: int, names: tuple[str, str], disable_progress: bool) -> dict:
-    """Train for `epochs` epochs, printing the original's lines after each; returns the last metrics."""
+                epochs: int, batch_size: int, names: tuple[str, str], disable_progress: bool,
+                start_epoch: int = 1, on_epoch_end=None) -> dict:
+    """Train epochs start_epoch..epochs, printing the original's lines after each; returns the last metrics.
+
+    `on_epoch_end(epoch, metrics)` is called after every epoch (checkpointing).
+    """
     acc_name, asr_name = names
-    bar = tqdm(range(1, epochs + 1), desc='Probe epochs', disable=disable_progress)
+    bar = tqdm(range(start_epoch, epochs + 1), desc='Probe epochs', initial=start_epoch - 1, total=epochs,
+               disable=disable_progress)
+    metrics = {}
     for epoch in bar:
         loss = train_one_epoch(probe, optimizer, features.train, features.train_labels, batch_size, epoch)
-        metrics = evaluate(probe, features, target)
+        metrics = {**evaluate(probe, features, target), 'epoch': epoch}
         tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(epoch, loss))
         tqdm.write(metric_line(acc_name, metrics['acc'], epoch))
         tqdm.write(metric_line(asr_name, metrics['asr'], epoch))
         tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], epoch))
         bar.set_postfix(loss=f'{loss:.4f}', acc=f"{metrics['acc']:.2f}", asr=f"{metrics['asr']:.2f}")
-    return {**metrics, 'epoch': epochs}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return metrics
+
+
+def probe_checkpointer(args: argparse.Namespace, probe: MLPProbe, optimizer: torch.optim.Optimizer):
+    """The per-epoch callback saving probe_<epoch>.pth (atomic, resumable) in --results_dir."""
+    def save(epoch: int, metrics: dict) -> None:
+        if args.results_dir and is_save_epoch(epoch, args.nn_epochs, args.save_freq):
+            save_atomic({'epoch': epoch, 'state_dict': probe.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'args': vars(args), 'rng': rng_state(), 'metrics': metrics},
+                        Path(args.results_dir) / PROBE_PATTERN.format(epoch))
+    return save
+
+
+def restore_probe(path: Path, args: argparse.Namespace, probe: MLPProbe,
+                  optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Probe, optimiser and RNG states of an interrupted evaluation; returns (its epoch, its metrics)."""
+    checkpoint = resume_state(path)  # restores the RNG states: dropout continues as uninterrupted
+    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
+    load_state_into(probe, checkpoint['state_dict'], path)
+    epoch = restore_optimizer(optimizer, checkpoint, path)
+    print(f'resuming from {path} (epoch {epoch})')
+    return epoch, dict(checkpoint.get('metrics') or {})
 
 
 def main() -> None:
@@ -283,8 +323,12 @@ def main() -> None:
     args.encoder_usage_info = encoder_usage_info(args, checkpoint)
     data = load_probe_data(args)
     print_args(args)
+    resume_from = None
     if args.results_dir:
+        resume_from = prepare_results_dir(args, PROBE_PATTERN)
         write_json(Path(args.results_dir) / 'args.json', vars(args))
+    elif args.resume:
+        raise UsageError('--resume needs --results_dir, the folder holding probe_<epoch>.pth')
 
     disable = progress_disabled(args)
     normalization = get_info(args.encoder_usage_info).normalization
@@ -296,8 +340,11 @@ def main() -> None:
     probe = MLPProbe(features.train.shape[1], (args.hidden_size_1, args.hidden_size_2), data.num_classes)
     optimizer = torch.optim.Adam(probe.to(device).parameters(), lr=args.lr)
 
-    metrics = train_probe(probe, optimizer, features, args.reference_label, args.nn_epochs, args.batch_size,
-                          metric_names(args.encoder), disable)
+    done, metrics = restore_probe(resume_from, args, probe, optimizer) if resume_from else (0, {})
+    if done < args.nn_epochs:
+        metrics = train_probe(probe, optimizer, features, args.reference_label, args.nn_epochs, args.batch_size,
+                              metric_names(args.encoder), disable, start_epoch=done + 1,
+                              on_epoch_end=probe_checkpointer(args, probe, optimizer))
 
     if args.results_dir:
         write_json(Path(args.results_dir) / 'metrics.json',

@@ -111,7 +111,8 @@ stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
   --results_dir "$run_dir/mimic" "${common[@]}" $mimic_args
 mimic_encoder=$run_dir/mimic/model$mimic_epochs.pth
 
-# an evaluation is redone when its metrics.json belongs to another encoder file or probe length
+# an evaluation is redone (from scratch: it is the cheapest stage, and its encoder may have been retrained)
+# when it has no metrics.json, or one that belongs to another encoder file or probe length
 fresh_metrics() {  # metrics.json encoder nn_epochs
   "$PYTHON" -c "
 import json, sys
@@ -130,7 +131,7 @@ for pair in "clean:$clean_encoder" "backdoored:$backdoored_encoder" "mimic:$mimi
     training_downstream_classifier.py --dataset "$downstream" --encoder_usage_info "$pretraining" \
     --encoder "$encoder" --trigger_file "$trigger" --reference_file "$reference" \
     --reference_label "$target_label" --nn_epochs "$nn_epochs" --results_dir "$run_dir/eval_$name" \
-    "${common[@]}" $eval_args
+    --overwrite "${common[@]}" $eval_args
 done
 
 "$PYTHON" scripts/results_table.py "$run_dir" --out "$run_dir/table" --summary "$run_dir/summary.json"

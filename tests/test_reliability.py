@@ -219,3 +219,23 @@ def test_resume_with_other_settings_is_refused(stage, flag, value, tmp_path, dat
     result = run_script(*with_flag(with_flag(command, '--epochs', '2'), flag, value), '--resume')
     assert_clean_error(result, '--resume', flag)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob('*.pth')} == before
+
+
+def test_stage3_resume_is_bit_identical(tmp_path, data_root, trigger_file, reference_file, tiny_encoder):
+    command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, tmp_path / 'unused')['downstream']
+    straight = run_script(*with_flag(with_flag(command, '--nn_epochs', '2'), '--results_dir', str(tmp_path / 'a')),
+                          '--save_freq', '1')
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    split = with_flag(command, '--results_dir', str(tmp_path / 'b'))
+    assert run_script(*with_flag(split, '--nn_epochs', '1'), '--save_freq', '1').returncode == 0
+    again = run_script(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1')
+    assert_clean_error(again, '--resume')  # an earlier run's probe is not silently replaced
+    resumed = run_script(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1', '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / 'a' / 'probe_2.pth')
+    b = load_checkpoint(tmp_path / 'b' / 'probe_2.pth')
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
+    metrics_a = (tmp_path / 'a' / 'metrics.json').read_text()
+    assert metrics_a == (tmp_path / 'b' / 'metrics.json').read_text()
+    lines = [line for line in straight.stdout.splitlines() if '"epoch": 2' in line]
+    assert lines and all(line in resumed.stdout for line in lines)
