@@ -239,3 +239,26 @@ def test_stage3_resume_is_bit_identical(tmp_path, data_root, trigger_file, refer
     assert metrics_a == (tmp_path / 'b' / 'metrics.json').read_text()
     lines = [line for line in straight.stdout.splitlines() if '"epoch": 2' in line]
     assert lines and all(line in resumed.stdout for line in lines)
+
+
+def test_ctrl_c_is_one_line_and_leaves_loadable_checkpoints(tmp_path, data_root, trigger_file, reference_file,
+                                                           tiny_encoder):
+    """SIGINT to the whole process group (what Ctrl-C does), DataLoader workers included."""
+    out = tmp_path / 'run'
+    command = with_flag(with_flag(stage_commands(data_root, trigger_file, reference_file, tiny_encoder,
+                                                 out)['clean'], '--epochs', '40'), '--num_workers', '2')
+    env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, *command, '--save_freq', '1'], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob('model_*.pth')) and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    assert process.poll() is None, 'the run ended before it could be interrupted'
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('interrupted:'), err[-2000:]
+    for path in out.glob('*.pth'):
+        load_checkpoint(path)
