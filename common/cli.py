@@ -145,7 +145,11 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print('interrupted: stopped by the user; checkpoints already written are intact '
               '(stages that save checkpoints continue with --resume)', file=sys.stderr)
-        sys.exit(130)
+        # Leave at once: every file was written atomically, and the interpreter's teardown would only let
+        # half-started DataLoader iterators print tracebacks from their destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import signal
 import tempfile
 from pathlib import Path
 
@@ -117,13 +118,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly (run_main);
+    otherwise SIGINT kills them first and the main process dies of 'worker exited unexpectedly'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class InterruptSafeLoader(DataLoader):
+    """A DataLoader whose workers are started with SIGINT blocked, so a Ctrl-C that arrives while they
+    fork is delivered to the main process once they run (and ignore it), never to a half-started worker."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def epoch_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last: bool,
                  num_workers: int, seed: int, epoch: int, device: torch.device) -> DataLoader:
     """A DataLoader whose order (and worker seeds) depend only on (seed, epoch), so resumed runs
     see exactly the batches an uninterrupted run would."""
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    return InterruptSafeLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, generator=generator,
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
                       pin_memory=device.type == 'cuda', persistent_workers=False)
 
 

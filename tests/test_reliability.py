@@ -257,7 +257,7 @@ def test_ctrl_c_is_one_line_and_leaves_loadable_checkpoints(tmp_path, data_root,
     assert process.poll() is None, 'the run ended before it could be interrupted'
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, err[-3000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('interrupted:'), err[-2000:]
     for path in out.glob('*.pth'):
