@@ -132,6 +132,18 @@ def one_line(error: BaseException) -> str:
     return ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def caused_by_interrupt(error: BaseException) -> bool:
+    """True for a KeyboardInterrupt, or an error raised while one was being handled (a library's
+    cleanup failing on the way out of an interrupted call hides the Ctrl-C behind its own exception)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(); expected errors become one line on stderr and exit status 2."""
     try:
@@ -142,7 +154,9 @@ def run_main(main: Callable[[], None]) -> None:
     except NonFiniteLossError as error:
         print(f'error: {one_line(error)}', file=sys.stderr)
         sys.exit(3)
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not caused_by_interrupt(error):
+            raise
         print('interrupted: stopped by the user; checkpoints already written are intact '
               '(stages that save checkpoints continue with --resume)', file=sys.stderr)
         # Leave at once: every file was written atomically, and the interpreter's teardown would only let

@@ -7,9 +7,12 @@ by definition and its pickle must never run code.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -33,13 +36,42 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) for the duration of the block, then raise KeyboardInterrupt after it.
+
+    A KeyboardInterrupt raised inside torch.save's zip writer makes the writer's own cleanup fail with a
+    RuntimeError ('unexpected pos ...') that hides the interrupt; deferring it to the end of the write
+    keeps both the file and the one-line Ctrl-C report intact. Only the main thread receives signals, and
+    only Python's default handler is replaced; anywhere else the block runs unchanged.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A reader (or a run killed mid-write) sees either the old file or the complete new one.
+    A reader (or a run killed mid-write) sees either the old file or the complete new one; a Ctrl-C
+    during the write takes effect once the file is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with interrupts_deferred():
+        _write_then_rename(obj, path)
+
+
+def _write_then_rename(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as handle:

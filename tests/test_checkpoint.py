@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import signal
 import stat
 
 import pytest
@@ -259,3 +260,26 @@ def test_kill_during_first_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         save_atomic({'state_dict': {}}, tmp_path / 'model_1.pth')
     assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_during_save_waits_for_the_file(tmp_path, monkeypatch):
+    """A Ctrl-C arriving inside torch.save is held back until the file is complete, then raised."""
+    real_save = torch.save
+
+    def save_interrupted_midway(obj, handle):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to this (main) thread at once
+        real_save(obj, handle)
+
+    monkeypatch.setattr(torch, 'save', save_interrupted_midway)
+    path = tmp_path / 'model_3.pth'
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({'epoch': 3, 'state_dict': {'w': torch.arange(4.0)}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)['epoch'] == 3
+    assert sorted(os.listdir(tmp_path)) == ['model_3.pth']
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_save_without_interrupt_keeps_the_default_handler(tmp_path):
+    save_atomic({'state_dict': {}}, tmp_path / 'a.pth')
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

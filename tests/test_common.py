@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.cli import (NonFiniteLossError, UsageError, autocast, check_finite, data_dir_for, one_line,
-                        progress_disabled, require_positive, resolve_device, run_main, seed_everything,
+from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_interrupt, check_finite, data_dir_for,
+                        one_line, progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
 from common.features import encode_images, knn_classify, knn_monitor
 from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, resume_state,
@@ -329,3 +329,30 @@ def test_run_main_as_a_user_sees_it(tmp_path):
     assert result.stderr.count('\n') == 1 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('error: ') and 'train.npz' in result.stderr and 'prepare' in result.stderr
     assert result.stdout == ''
+
+
+def test_caused_by_interrupt_follows_the_exception_chain():
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError('unexpected pos 1279168 vs 1279056')  # a library's cleanup failing
+    except RuntimeError as error:
+        assert caused_by_interrupt(error)
+    assert caused_by_interrupt(KeyboardInterrupt())
+    assert not caused_by_interrupt(RuntimeError('a bug'))
+
+
+def test_interrupt_hidden_by_a_cleanup_error_is_still_one_line(tmp_path):
+    """Ctrl-C whose traceback a library's cleanup replaced (torch.save's zip writer did) -> exit 130."""
+    script = tmp_path / 'stage.py'
+    script.write_text('from common.cli import run_main\n'
+                      'def main():\n'
+                      '    try:\n'
+                      '        raise KeyboardInterrupt\n'
+                      '    finally:\n'
+                      '        raise RuntimeError("enforce fail: unexpected pos")\n'
+                      'run_main(main)\n')
+    result = run_script(str(script), timeout=120)
+    assert result.returncode == 130
+    assert result.stderr.startswith('interrupted: ') and result.stderr.count('\n') == 1
