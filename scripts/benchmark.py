@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import subprocess
@@ -61,6 +60,9 @@ from datasets.synthetic import make_synthetic  # noqa: E402
 from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, SimCLR, feature_dim_of  # noqa: E402
 from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tools import TimedLoader, counting_forwards, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ('simclr_img_per_s', 'badencoder_img_per_s', 'mimic_img_per_s', 'mi_estimation_s', 'downstream_s')
@@ -162,57 +164,6 @@ def resolve_counts(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------- measurement tools
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-class TimedLoader:
-    """A loader whose steps after the first `warmup` are timed.
-
-    The loop body of step k ends when batch k+1 is requested, so the time from requesting batch `warmup`
-    to the loader's exhaustion covers steps warmup..n-1, their data loading included and the loader's
-    start-up (worker processes) excluded.
-    """
-
-    def __init__(self, loader, warmup: int, device: torch.device):
-        self.loader, self.warmup, self.device = loader, warmup, device
-        self.seconds = math.nan
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        start = time.perf_counter()  # with no warm-up, the loader's start-up is timed too
-        for index, batch in enumerate(self.loader):
-            yield batch
-            if index == self.warmup - 1:  # here the consumer has finished the last warm-up step
-                synchronize(self.device)
-                start = time.perf_counter()
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - start
-
-    @property
-    def timed_steps(self) -> int:
-        return len(self.loader) - self.warmup
-
-
-@contextlib.contextmanager
-def counting_forwards(module: torch.nn.Module):
-    """Counts the forward passes of `module` and the images they carried while the block runs."""
-    counter = {'calls': 0, 'images': 0}
-
-    def count(_module, inputs, _output):
-        counter['calls'] += 1
-        counter['images'] += len(inputs[0])
-
-    handle = module.register_forward_hook(count)
-    try:
-        yield counter
-    finally:
-        handle.remove()
-
 
 def stage_args(stage, args: argparse.Namespace, batch_size: int, device: torch.device) -> argparse.Namespace:
     """The stage script's own flag defaults, with the benchmark's batch, device, seed, workers and speed flags."""
@@ -467,11 +418,16 @@ def device_name(device: torch.device) -> str:
 
 # -------------------------------------------------------------------------------------------------- main
 
-def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
-    disable = args.no_progress or os.environ.get('TQDM_DISABLE') == '1'
+def image_pool(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic images (uint8 (N, 32, 32, 3)) and labels, enough for every stage's measurement."""
     pool = max(images_needed(args.batch_size, args), images_needed(args.badencoder_batch_size, args) + 1,
                images_needed(args.mimic_batch_size, args), args.mi_images)
-    images, _ = make_synthetic('synthetic_shapes', pool, seed=args.seed)  # uint8 (pool, 32, 32, 3)
+    return make_synthetic('synthetic_shapes', pool, seed=args.seed)
+
+
+def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
+    disable = args.no_progress or os.environ.get('TQDM_DISABLE') == '1'
+    images, _ = image_pool(args)
     figures = {}
     for stage, run in (('stage 0: SimCLR', lambda: bench_simclr(images, args, device, disable)),
                        ('stage 1: BadEncoder', lambda: bench_badencoder(images, args, device, disable)),

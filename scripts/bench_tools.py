@@ -1,0 +1,65 @@
+"""Timing tools shared by scripts/benchmark.py and scripts/original_harness.py.
+
+This module imports nothing from the project: the harness that times the original implementation runs
+with the original's `models` and `datasets` packages on its path, which share our packages' names.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class TimedLoader:
+    """A loader whose steps after the first `warmup` are timed.
+
+    The loop body of step k ends when batch k+1 is requested, so the time from requesting batch `warmup`
+    to the loader's exhaustion covers steps warmup..n-1, their data loading included and the loader's
+    start-up (worker processes) excluded. `batch_size` is the wrapped loader's (the original's training
+    loops read it).
+    """
+
+    def __init__(self, loader, warmup: int, device: torch.device):
+        self.loader, self.warmup, self.device = loader, warmup, device
+        self.batch_size = getattr(loader, 'batch_size', None)
+        self.seconds = math.nan
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        start = time.perf_counter()  # with no warm-up, the loader's start-up is timed too
+        for index, batch in enumerate(self.loader):
+            yield batch
+            if index == self.warmup - 1:  # here the consumer has finished the last warm-up step
+                synchronize(self.device)
+                start = time.perf_counter()
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - start
+
+    @property
+    def timed_steps(self) -> int:
+        return len(self.loader) - self.warmup
+
+
+@contextlib.contextmanager
+def counting_forwards(module: torch.nn.Module):
+    """Counts the forward passes of `module` and the images they carried while the block runs."""
+    counter = {'calls': 0, 'images': 0}
+
+    def count(_module, inputs, _output):
+        counter['calls'] += 1
+        counter['images'] += len(inputs[0])
+
+    handle = module.register_forward_hook(count)
+    try:
+        yield counter
+    finally:
+        handle.remove()
