@@ -131,16 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
     images, labels = benchmark.image_pool(args)
     with tempfile.TemporaryDirectory(prefix='compare_original.') as folder:
         files = write_original_layout(Path(folder), images, labels)
-        print('-- ours', file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):
-            figures = benchmark.benchmark(args, device)
-        ours = benchmark.report(figures, args, device, time.perf_counter() - start)
-        print('-- the original', file=sys.stderr)
+        print('-- the original', file=sys.stderr)  # first: a checkout that fails to run fails fast
         original = time_original(args, device, files)
+    print('-- ours', file=sys.stderr)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        figures = benchmark.benchmark(args, device)
+    ours = benchmark.report(figures, args, device, time.perf_counter() - start)
     original['checkout'], original['commit'] = str(original_dir.resolve()), git_commit_of(original_dir)
     ratios = speedups(ours, original)
     print(table(ours, original, ratios), file=sys.stderr)
