@@ -48,7 +48,7 @@ from common.cli import (StageParser, UsageError, autocast, check_finite, data_di
                         progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
-from common.features import encode_images, knn_classify
+from common.features import encode_images, knn_accuracies
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, resume_state, save_run_checkpoint, write_csv, write_json)
 from datasets import (DATASETS, DataError, Reference, ShadowImages, Trigger, apply_trigger, finetune_transform,
@@ -286,17 +286,12 @@ def evaluate_backdoor(encoder: nn.Module, monitor: MonitorData, normalization, a
 
     The memory bank (the downstream train set) is encoded once for both.
     """
-    disable = progress_disabled(args)
-    bank = encode_images(encoder, monitor.train_x, normalization, device, disable_progress=disable)
-    bank_labels = torch.as_tensor(monitor.train_y, device=device)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        queries = encode_images(encoder, images, normalization, device, disable_progress=disable)
-        return knn_classify(bank, bank_labels, queries, monitor.num_classes, args.knn_k, args.knn_t).cpu().numpy()
-
-    accuracy = (predict(monitor.test_x) == monitor.test_y).mean() * 100
-    attack_success = (predict(monitor.triggered_x) == monitor.target_label).mean() * 100
-    return {'knn_acc': float(accuracy), 'knn_asr': float(attack_success)}
+    target = np.full(len(monitor.triggered_x), monitor.target_label)
+    accuracy, attack_success = knn_accuracies(encoder, (monitor.train_x, monitor.train_y),
+                                              [(monitor.test_x, monitor.test_y), (monitor.triggered_x, target)],
+                                              normalization, monitor.num_classes, args.knn_k, args.knn_t, device,
+                                              progress_disabled(args))
+    return {'knn_acc': accuracy, 'knn_asr': attack_success}
 
 
 def log_epoch(rows: list[dict], results_dir: Path, epoch: int, losses: dict | None, metrics: dict | None) -> None:

@@ -42,16 +42,28 @@ def knn_classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
+def knn_accuracies(encoder: nn.Module, memory: tuple[np.ndarray, np.ndarray],
+                   query_sets: list[tuple[np.ndarray, np.ndarray]], normalization, classes: int, knn_k: int,
+                   knn_t: float, device: torch.device, disable_progress: bool = False) -> list[float]:
+    """kNN top-1 accuracy (%) of `encoder` on each (images, labels) query set, against one memory bank.
+
+    The bank (uint8 images and labels, usually the training set) is encoded once for all the sets. Labels
+    may be a constant array (e.g. the target label of a triggered test set), which turns the accuracy into
+    the rate at which images are sent to that label.
+    """
+    bank = encode_images(encoder, memory[0], normalization, device, disable_progress=disable_progress)
+    bank_labels = torch.as_tensor(memory[1], device=device)
+    accuracies = []
+    for images, labels in query_sets:
+        queries = encode_images(encoder, images, normalization, device, disable_progress=disable_progress)
+        predicted = knn_classify(bank, bank_labels, queries, classes, knn_k, knn_t)
+        accuracies.append((predicted.cpu() == torch.as_tensor(labels)).float().mean().item() * 100)
+    return accuracies
+
+
 def knn_monitor(encoder: nn.Module, memory: tuple[np.ndarray, np.ndarray], test_images: np.ndarray,
                 test_labels: np.ndarray, normalization, classes: int, knn_k: int, knn_t: float,
                 device: torch.device, disable_progress: bool = False) -> float:
-    """kNN top-1 accuracy (%) of `encoder` on a test set, the training set as memory bank (SPEC §4).
-
-    `test_labels` may be a constant array (e.g. the target label of a triggered test set), which
-    turns the accuracy into the rate at which images are sent to that label.
-    """
-    bank = encode_images(encoder, memory[0], normalization, device, disable_progress=disable_progress)
-    queries = encode_images(encoder, test_images, normalization, device, disable_progress=disable_progress)
-    bank_labels = torch.as_tensor(memory[1], device=device)
-    predicted = knn_classify(bank, bank_labels, queries, classes, knn_k, knn_t)
-    return (predicted.cpu() == torch.as_tensor(test_labels)).float().mean().item() * 100
+    """kNN top-1 accuracy (%) of `encoder` on a test set, the training set as memory bank (SPEC §4)."""
+    return knn_accuracies(encoder, memory, [(test_images, test_labels)], normalization, classes, knn_k, knn_t,
+                          device, disable_progress)[0]

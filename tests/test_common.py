@@ -3,6 +3,7 @@ error handling of the stage scripts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import stat
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_interrupt, check_finite, data_dir_for,
                         one_line, progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
-from common.features import encode_images, knn_classify, knn_monitor
+from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, resume_state,
                          rng_state, set_rng_state, write_csv, write_json)
 from conftest import run_script
@@ -245,6 +246,31 @@ def test_knn_monitor_on_separable_features():
                         0.5, cpu, disable_progress=True)
     assert wrong == 0.0
 
+
+
+def test_knn_accuracies_encode_the_bank_once_for_every_query_set():
+    memory = colour_images(3, 10, seed=1)
+    test_x, test_y = colour_images(3, 6, seed=2)
+    encoder, cpu = MeanColour(), torch.device('cpu')
+    with counting_images(encoder) as seen:
+        accuracies = knn_accuracies(encoder, memory, [(test_x, test_y), (test_x, np.zeros_like(test_y))],
+                                    NORMALIZATION, 3, 5, 0.5, cpu, disable_progress=True)
+    assert accuracies == [pytest.approx(100.0), pytest.approx(100 / 3)]
+    assert seen['images'] == len(memory[0]) + 2 * len(test_x)
+
+
+@contextlib.contextmanager
+def counting_images(module: nn.Module):
+    seen = {'images': 0}
+
+    def count(_module, inputs, _output):
+        seen['images'] += len(inputs[0])
+
+    handle = module.register_forward_hook(count)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 def test_knn_classify_in_batches():
     bank = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)
