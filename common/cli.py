@@ -148,22 +148,28 @@ def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(); expected errors become one line on stderr and exit status 2."""
     try:
         main()
-    except EXPECTED_ERRORS as error:
-        print(f'error: {one_line(error)}', file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as error:
-        print(f'error: {one_line(error)}', file=sys.stderr)
-        sys.exit(3)
     except BaseException as error:
-        if not caused_by_interrupt(error):
-            raise
-        print('interrupted: stopped by the user; checkpoints already written are intact '
-              '(stages that save checkpoints continue with --resume)', file=sys.stderr)
-        # Leave at once: every file was written atomically, and the interpreter's teardown would only let
-        # half-started DataLoader iterators print tracebacks from their destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        # An interrupt first: an error raised while one was handled (a truncated read reported as an unreadable
+        # checkpoint, say) is the interrupt's doing, not the file's.
+        if caused_by_interrupt(error):
+            leave_interrupted()
+        if isinstance(error, EXPECTED_ERRORS):
+            print(f'error: {one_line(error)}', file=sys.stderr)
+            sys.exit(2)
+        if isinstance(error, NonFiniteLossError):
+            print(f'error: {one_line(error)}', file=sys.stderr)
+            sys.exit(3)
+        raise
+
+
+def leave_interrupted() -> None:
+    print('interrupted: stopped by the user; checkpoints already written are intact '
+          '(stages that save checkpoints continue with --resume)', file=sys.stderr)
+    # Leave at once: every file was written atomically, and the interpreter's teardown would only let
+    # half-started DataLoader iterators print tracebacks from their destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

@@ -57,7 +57,7 @@ def knn_accuracies(encoder: nn.Module, memory: tuple[np.ndarray, np.ndarray],
     for images, labels in query_sets:
         queries = encode_images(encoder, images, normalization, device, disable_progress=disable_progress)
         predicted = knn_classify(bank, bank_labels, queries, classes, knn_k, knn_t)
-        accuracies.append((predicted.cpu() == torch.as_tensor(labels)).float().mean().item() * 100)
+        accuracies.append((predicted.cpu() == torch.as_tensor(labels)).double().mean().item() * 100)  # float64
     return accuracies
 
 

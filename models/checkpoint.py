@@ -53,6 +53,10 @@ def interrupts_deferred():
     signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
+    except BaseException as error:  # the block failed (a full disk, say): the user's Ctrl-C still counts
+        if received:
+            raise KeyboardInterrupt from error
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if received:

@@ -283,3 +283,18 @@ def test_ctrl_c_during_save_waits_for_the_file(tmp_path, monkeypatch):
 def test_save_without_interrupt_keeps_the_default_handler(tmp_path):
     save_atomic({'state_dict': {}}, tmp_path / 'a.pth')
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_failing_save_is_not_lost(tmp_path, monkeypatch):
+    """The write fails (a full disk, say) after the user pressed Ctrl-C: the interrupt wins, the failure is
+    its context, and no temporary file is left."""
+    def interrupted_then_disk_full(obj, handle):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', interrupted_then_disk_full)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        save_atomic({'state_dict': {}}, tmp_path / 'model_1.pth')
+    assert isinstance(caught.value.__cause__, OSError)
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -3,7 +3,7 @@ error handling of the stage scripts."""
 from __future__ import annotations
 
 import argparse
-import contextlib
+import sys
 import random
 import stat
 
@@ -18,10 +18,13 @@ from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_inte
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, resume_state,
                          rng_state, set_rng_state, write_csv, write_json)
-from conftest import run_script
+from conftest import REPO, run_script
 from datasets import DataError
 from models import CheckpointError, load_checkpoint, save_atomic
 from models.checkpoint import default_file_mode
+
+sys.path.insert(0, str(REPO / 'scripts'))
+from bench_tools import counting_forwards  # noqa: E402
 
 
 # --- device --------------------------------------------------------------------------------------
@@ -247,30 +250,16 @@ def test_knn_monitor_on_separable_features():
     assert wrong == 0.0
 
 
-
 def test_knn_accuracies_encode_the_bank_once_for_every_query_set():
     memory = colour_images(3, 10, seed=1)
     test_x, test_y = colour_images(3, 6, seed=2)
     encoder, cpu = MeanColour(), torch.device('cpu')
-    with counting_images(encoder) as seen:
+    with counting_forwards(encoder) as seen:
         accuracies = knn_accuracies(encoder, memory, [(test_x, test_y), (test_x, np.zeros_like(test_y))],
                                     NORMALIZATION, 3, 5, 0.5, cpu, disable_progress=True)
     assert accuracies == [pytest.approx(100.0), pytest.approx(100 / 3)]
     assert seen['images'] == len(memory[0]) + 2 * len(test_x)
 
-
-@contextlib.contextmanager
-def counting_images(module: nn.Module):
-    seen = {'images': 0}
-
-    def count(_module, inputs, _output):
-        seen['images'] += len(inputs[0])
-
-    handle = module.register_forward_hook(count)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 def test_knn_classify_in_batches():
     bank = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)
@@ -382,3 +371,21 @@ def test_interrupt_hidden_by_a_cleanup_error_is_still_one_line(tmp_path):
     result = run_script(str(script), timeout=120)
     assert result.returncode == 130
     assert result.stderr.startswith('interrupted: ') and result.stderr.count('\n') == 1
+
+
+def test_interrupt_reported_as_an_expected_error_is_still_an_interrupt(tmp_path):
+    """A Ctrl-C inside torch.load surfaces as CheckpointError('not readable', from None): it is the interrupt."""
+    script = tmp_path / 'stage.py'
+    script.write_text('from common.cli import run_main\n'
+                      'from models import CheckpointError\n'
+                      'def main():\n'
+                      '    try:\n'
+                      '        raise KeyboardInterrupt\n'
+                      '    except Exception:\n'
+                      '        pass\n'
+                      '    except BaseException:\n'
+                      '        raise CheckpointError("model.pth: not a readable PyTorch checkpoint") from None\n'
+                      'run_main(main)\n')
+    result = run_script(str(script), timeout=120)
+    assert result.returncode == 130
+    assert result.stderr.startswith('interrupted: ') and 'not a readable' not in result.stderr
