@@ -63,3 +63,10 @@ def counting_forwards(module: torch.nn.Module):
         yield counter
     finally:
         handle.remove()
+
+
+def extrapolated_figures(args) -> list[str]:
+    """The figures timed over fewer epochs than they stand for, and so scaled linearly."""
+    measured = (('mi_estimation_s', args.mi_measure_epochs, args.mi_epochs),
+                ('downstream_s', args.probe_measure_epochs, args.probe_epochs))
+    return [key for key, epochs, full in measured if epochs < full]

@@ -62,7 +62,7 @@ from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tools import TimedLoader, counting_forwards, synchronize  # noqa: E402
+from bench_tools import TimedLoader, counting_forwards, extrapolated_figures, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ('simclr_img_per_s', 'badencoder_img_per_s', 'mimic_img_per_s', 'mi_estimation_s', 'downstream_s')
@@ -375,10 +375,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str | None:
-    """`git rev-parse --short HEAD`, with '+dirty' when tracked files differ from it (read-only git calls)."""
+def git_commit(checkout: Path = REPO) -> str | None:
+    """`git rev-parse --short HEAD` of a checkout (this repository by default), with '+dirty' when tracked
+    files differ from it; None when it is not a git checkout (read-only git calls)."""
     def git(*command: str) -> str:
-        return subprocess.run(['git', '--no-optional-locks', *command], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(['git', '--no-optional-locks', *command], cwd=checkout, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     try:
         commit = git('rev-parse', '--short', 'HEAD')
@@ -443,9 +444,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
 
 def report(figures: dict, args: argparse.Namespace, device: torch.device, wall_seconds: float) -> dict:
     """The JSON line: the five figures first, then the forward counts, the derived figures and the context."""
-    measured_epochs = (('mi_estimation_s', args.mi_measure_epochs, args.mi_epochs),
-                       ('downstream_s', args.probe_measure_epochs, args.probe_epochs))
-    extrapolated = [key for key, measured, full in measured_epochs if measured < full]
+    extrapolated = extrapolated_figures(args)
     return {
         **{key: figures[key] for key in FIGURES},
         **{key: figures[key] for key in ('mimic_student_forwards_per_step', 'mimic_teacher_forwards_per_step',

@@ -11,6 +11,9 @@ a checkout of the original implementation (https://github.com/wssun/MIMIC); noth
 
 Stdout is one JSON line {"ours": {...}, "original": {...}, "speedup": {...}}; a speedup above 1 means ours
 is faster (throughput ours/original, seconds original/ours). A Markdown table of the same goes to stderr.
+Each side runs its own defaults for the device: on CUDA ours takes its fast paths (--augment auto, and
+--amp or --compile if given), the original its PIL workers and deterministic cuDNN; the table's first
+line says which.
 The original has only ResNet18 at width 64, so --arch and --width cannot change.
 """
 from __future__ import annotations
@@ -100,7 +103,10 @@ def speedups(ours: dict, original: dict) -> dict:
 
 
 def table(ours: dict, original: dict, ratios: dict) -> str:
-    rows = ['| figure | original | ours | speedup |', '|---|---|---|---|']
+    rows = [f'ours: augmentation {ours["augment"]}, amp {ours["amp"]}, compile {ours["compile"]}; the original: '
+            f'PIL augmentation, float32; both: {ours["device_name"]}, {ours["threads"]} threads, '
+            f'{ours["num_workers"]} loader workers', '',
+            '| figure | original | ours | speedup |', '|---|---|---|---|']
     for key in COMPARED:
         if key in ours and key in original:
             speedup = f'{ratios[key]:.1f}x' if key in ratios else ''
@@ -108,14 +114,6 @@ def table(ours: dict, original: dict, ratios: dict) -> str:
         elif key in ours:
             rows.append(f'| `{key}` | not measured | {ours[key]:.4g} | |')
     return '\n'.join(rows)
-
-
-def git_commit_of(path: Path) -> str | None:
-    try:
-        return subprocess.run(['git', '--no-optional-locks', 'rev-parse', '--short', 'HEAD'], cwd=path,
-                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr):
         figures = benchmark.benchmark(args, device)
     ours = benchmark.report(figures, args, device, time.perf_counter() - start)
-    original['checkout'], original['commit'] = str(original_dir.resolve()), git_commit_of(original_dir)
+    original['checkout'], original['commit'] = str(original_dir.resolve()), benchmark.git_commit(original_dir)
     ratios = speedups(ours, original)
     print(table(ours, original, ratios), file=sys.stderr)
     print(json.dumps({'ours': ours, 'original': original, 'speedup': ratios}), flush=True)

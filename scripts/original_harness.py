@@ -11,18 +11,21 @@ not meant to be run by hand. The original's own functions are called unchanged:
     downstream_s           evaluation's net_train + 2 x net_test per epoch, on create_torch_dataloader loaders
 
 with the original's datasets and transforms (datasets.cifar10_dataset, datasets.backdoor_dataset) in
-DataLoaders of --num_workers workers, the same for both implementations. Three adaptations, none of which
-changes the work done: on a CPU `.cuda()` moves nothing (the original calls it everywhere); the modules the
-original imports but whose source its public repository lacks (CLIP, ImageNet, GTSRB and SVHN data,
-setproctitle, pandas), and which the timed code never calls, are stand-ins that raise if called; the
-original's globals read by its progress bars (`optimizer`, `epoch`) are set. The probe needs
-evaluation/nn_classifier.py, which the public repository holds only as .pyc: put BadEncoder's
-(github.com/jinyuan-jia/BadEncoder, evaluation/nn_classifier.py, from which the original's comes) in the
-checkout, or the probe figure is left out.
+DataLoaders of --num_workers workers, the same for both implementations. On CUDA the original's own settings
+apply (cuDNN deterministic, no autotuning; its 'file_system' tensor sharing during stage 1, which its
+train_badencoder.py sets). The adaptations, none of which changes the work done: on a CPU `.cuda()` moves
+nothing (the original calls it everywhere); the modules the original imports but whose source its public
+repository lacks (CLIP, ImageNet, GTSRB and SVHN data), or which are not installed (setproctitle, pandas),
+and which the timed code never calls, are stand-ins that raise if called; the original's globals read by its
+progress bars (`optimizer`, `epoch`) are set. The probe needs evaluation/nn_classifier.py, which the public
+repository holds only as .pyc: put BadEncoder's (github.com/jinyuan-jia/BadEncoder,
+evaluation/nn_classifier.py, from which the original's comes) in the checkout, or the probe figure is left
+out.
 
-The MI estimation and the probe are timed for a few epochs and scaled linearly, as benchmark.py does. For
-the original's MI estimation this is a lower bound: it registers new forward hooks on every batch and
-never removes them, so its later epochs are slower than its first.
+The MI estimation and the probe are timed for a few epochs and scaled linearly, as benchmark.py does (the
+MI estimation's one-off set-up is timed apart and not scaled). For the original's MI estimation this is a
+lower bound: it registers new forward hooks on every batch and never removes them, so its later epochs are
+slower than its first.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ import torchvision.models  # noqa: F401  (imported before the stand-ins exist: i
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tools import TimedLoader, counting_forwards, synchronize  # noqa: E402
+from bench_tools import TimedLoader, counting_forwards, extrapolated_figures, synchronize  # noqa: E402
 
 LAYERS = [3, 4, 5, 6]  # the tapped layers f.f.3..6, as the original's MIMIC.py passes them
 # Modules the original imports whose source is not in its public repository (or which are not installed
@@ -58,18 +61,26 @@ STAND_INS = {'models.clip_model': ['CLIP'], 'models.imagenet_model': ['ImageNetR
              'pandas': [], 'setproctitle': []}
 
 
+HELP = {'num_workers': 'DataLoader worker processes', 'threads': 'torch CPU threads, 0 = torch\'s choice',
+        'seed': 'random seed', 'warmup': 'untimed steps before each measurement', 'steps': 'timed steps per stage',
+        'batch_size': 'stage 0 batch', 'badencoder_batch_size': 'stage 1 batch', 'mimic_batch_size': 'stage 2 batch',
+        'mi_batch_size': 'batch of the MI estimation', 'mi_images': 'clean images of the MI estimation',
+        'mi_epochs': 'MI epochs the figure is for', 'mi_measure_epochs': 'MI epochs run',
+        'probe_features': 'training features of the probe', 'probe_test_features': 'test features of the probe',
+        'probe_classes': 'classes of the probe', 'probe_batch_size': 'probe batch',
+        'probe_epochs': 'probe epochs the figure is for', 'probe_measure_epochs': 'probe epochs run'}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    """The counts of scripts/benchmark.py, as compare_original.py resolved them; all required."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--original', required=True, help='checkout of the original implementation')
     parser.add_argument('--data_dir', required=True, help='folder with train.npz and test.npz (original layout)')
-    parser.add_argument('--trigger_file', required=True)
-    parser.add_argument('--reference_file', required=True)
+    parser.add_argument('--trigger_file', required=True, help='trigger file (t, tm) in the original layout')
+    parser.add_argument('--reference_file', required=True, help='reference file (x, y) in the original layout')
     parser.add_argument('--device', required=True, help='cpu, cuda or cuda:N')
-    for name in ('num_workers', 'threads', 'seed', 'warmup', 'steps', 'batch_size', 'badencoder_batch_size',
-                 'mimic_batch_size', 'mi_batch_size', 'mi_images', 'mi_epochs', 'mi_measure_epochs',
-                 'probe_features', 'probe_test_features', 'probe_classes', 'probe_batch_size', 'probe_epochs',
-                 'probe_measure_epochs'):
-        parser.add_argument(f'--{name}', required=True, type=int)
+    for name, text in HELP.items():
+        parser.add_argument(f'--{name}', required=True, type=int, help=text)
     return parser
 
 
@@ -105,7 +116,11 @@ def run_cuda_calls_on_the_cpu() -> None:
 
 
 def import_original(original: Path, stand_ins: list[str]) -> types.SimpleNamespace:
+    """The original's modules. Importing its train_badencoder switches the whole process to the 'file_system'
+    tensor sharing strategy; that is undone here and redone around stage 1 only, as the original's own scripts
+    run (bench_badencoder)."""
     sys.path.insert(0, str(original))
+    strategy = torch.multiprocessing.get_sharing_strategy()
     with contextlib.redirect_stdout(sys.stderr):
         import MIMIC
         import models
@@ -113,11 +128,13 @@ def import_original(original: Path, stand_ins: list[str]) -> types.SimpleNamespa
         import train_clean_encoder
         from datasets import backdoor_dataset, cifar10_dataset
         from evaluation import nn_classifier
+    badencoder_strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(strategy)
     if Path(models.__file__).resolve().parent != (original / 'models').resolve():
         raise SystemExit(f'error: imported models from {models.__file__}, not from {original}')
     return types.SimpleNamespace(mimic=MIMIC, models=models, clean=train_clean_encoder, bad=train_badencoder,
                                  cifar10=cifar10_dataset, backdoor=backdoor_dataset, nn=nn_classifier,
-                                 stand_ins=stand_ins)
+                                 stand_ins=stand_ins, badencoder_strategy=badencoder_strategy)
 
 
 def loader(dataset, batch_size: int, args, device: torch.device, shuffle: bool = True,
@@ -165,8 +182,13 @@ def bench_badencoder(original, args, device) -> dict:
     original.bad.epoch = 1  # the original's progress bar reads this global
     timed = TimedLoader(loader(shadow, batch, args, device), args.warmup, device)
     run_args = argparse.Namespace(lambda1=1.0, lambda2=1.0, epochs=1)
-    with counting_forwards(trunk(model)) as passes, counting_forwards(trunk(clean_model)) as clean_passes:
-        original.bad.train(model.f, clean_model.f, timed, optimizer, run_args)
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(original.badencoder_strategy)
+    try:
+        with counting_forwards(trunk(model)) as passes, counting_forwards(trunk(clean_model)) as clean_passes:
+            original.bad.train(model.f, clean_model.f, timed, optimizer, run_args)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)
     return {'badencoder_img_per_s': batch * timed.timed_steps / timed.seconds,
             'badencoder_encoder_forwards_per_step': passes['calls'] / len(timed),
             'badencoder_clean_encoder_forwards_per_step': clean_passes['calls'] / len(timed)}
@@ -196,19 +218,26 @@ def bench_mi(original, args, device) -> dict:
     clean = loader(first(memory_data, args.mi_images), args.mi_batch_size, args, device, shuffle=False,
                    drop_last=False)  # MIMIC.py's memory loader
     student = original.models.SimCLR().to(device)  # the original estimates MI on the fresh student
-    scheduler = original.models.weight_scheduler(base_opt=[1000] * 4, momentum_opt=10000,
-                                                 EPOCHS=args.mi_measure_epochs)
-    with counting_forwards(trunk(student)) as passes, contextlib.redirect_stdout(sys.stderr):
-        synchronize(device)
-        start = time.perf_counter()
-        scheduler.estimate_mi(student, clean, LAYERS, device)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    shape_probe_images = 100 * len(LAYERS)  # estimate_mi first runs 100 random images per layer for the sizes
+
+    def estimate(epochs: int) -> float:
+        scheduler = original.models.weight_scheduler(base_opt=[1000] * 4, momentum_opt=10000, EPOCHS=epochs)
+        with contextlib.redirect_stdout(sys.stderr):
+            synchronize(device)
+            start = time.perf_counter()
+            scheduler.estimate_mi(student, clean, LAYERS, device)
+            synchronize(device)
+        return time.perf_counter() - start
+
+    # The set-up (a 100-image pass per layer for the sizes, the statistics networks) happens once per run:
+    # timed on its own with 0 epochs, it is not scaled with the epochs, as benchmark.py does not scale ours.
+    setup_seconds = estimate(0)
+    with counting_forwards(trunk(student)) as passes:
+        seconds = estimate(args.mi_measure_epochs)
+    shape_probe_images = 100 * len(LAYERS)
     passes_per_image = (passes['images'] - shape_probe_images) / args.mi_images
     scale = args.mi_epochs / args.mi_measure_epochs
-    return {'mi_estimation_s': seconds * scale, 'mi_measured_s': seconds,
-            'mi_network_passes_per_image': passes_per_image * scale}
+    return {'mi_estimation_s': setup_seconds + (seconds - setup_seconds) * scale, 'mi_setup_s': setup_seconds,
+            'mi_measured_s': seconds, 'mi_network_passes_per_image': passes_per_image * scale}
 
 
 def bench_probe(original, args, device) -> dict | None:
@@ -262,7 +291,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings('ignore')  # the original's loaders ask for pinned memory on CPU runs too
     stand_ins = install_stand_ins(original)
-    if device.type != 'cuda':
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)  # the original's bare .cuda() calls go to the current device
+        torch.backends.cudnn.benchmark = False  # as the original's scripts set them
+        torch.backends.cudnn.deterministic = True
+    else:
         run_cuda_calls_on_the_cpu()
     modules = import_original(original, stand_ins)
     torch.manual_seed(args.seed)
@@ -280,12 +313,13 @@ def main() -> None:
             continue
         figures.update(result)
         print(f'{stage}: {seconds[stage]:.1f} s (original)', file=sys.stderr)
-    extrapolated = [key for key, measured, full in (('mi_estimation_s', args.mi_measure_epochs, args.mi_epochs),
-                                                     ('downstream_s', args.probe_measure_epochs, args.probe_epochs))
-                    if measured < full and key in figures]
+    extrapolated = [key for key in extrapolated_figures(args) if key in figures]
     print(json.dumps({**figures, 'extrapolated': extrapolated, 'stand_ins': stand_ins,
                       'threads': torch.get_num_threads(), 'num_workers': args.num_workers}), flush=True)
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # compare_original.py, which got the same Ctrl-C, reports it
+        sys.exit(130)

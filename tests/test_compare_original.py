@@ -149,10 +149,13 @@ FAKE_ORIGINAL = {
     ''',
     'train_badencoder.py': '''
         import setproctitle  # not installed here: the harness stands in
+        import torch
+        torch.multiprocessing.set_sharing_strategy('file_system')  # as the original, at import
         setproctitle.setproctitle('Genius')
 
 
         def train(backdoored_encoder, clean_encoder, data_loader, train_optimizer, args):
+            assert torch.multiprocessing.get_sharing_strategy() == 'file_system'
             for img_clean, backdoors, references, augmented in data_loader:
                 clean_encoder(img_clean.cuda())
                 clean_encoder(references[0].cuda())
@@ -168,6 +171,8 @@ FAKE_ORIGINAL = {
 
 
         def train(snet, tnet, data_loader, train_optimizer, epoch, args):
+            import torch
+            assert torch.multiprocessing.get_sharing_strategy() == 'file_descriptor'  # MIMIC.py never changes it
             for im_1, im_2 in data_loader:
                 im_1, im_2 = im_1.cuda(non_blocking=True, device=args.device), im_2.cuda(non_blocking=True)
                 loss = snet(im_1)[0].sum() + snet(im_2)[0].sum() + snet.f(im_1).sum()
@@ -212,12 +217,18 @@ def test_comparison_times_both_sides_and_prints_one_json_line(fake_original):
     assert original['simclr_forwards_per_step'] == 2
     assert original['mi_network_passes_per_image'] == 2 * 4 * 4  # 2 passes x 4 layers x 4 epochs (2 measured)
     assert original['extrapolated'] == ['mi_estimation_s', 'downstream_s']
+    # the one-off set-up counted once, the 2 measured epochs scaled to 4
+    setup, measured = original['mi_setup_s'], original['mi_measured_s']
+    assert 0 < setup < measured
+    assert math.isclose(original['mi_estimation_s'], setup + 2 * (measured - setup))
+    assert original['num_workers'] == ours['num_workers'] == 0
     assert set(original['stand_ins']) >= {'models.clip_model', 'setproctitle', 'pandas'}
     assert original['checkout'] == str(fake_original.resolve()) and original['threads'] == 1
     for key, ratio in report['speedup'].items():
         expected = ours[key] / original[key] if key.endswith('_per_s') else original[key] / ours[key]
         assert math.isclose(ratio, expected), key
     assert '| `mimic_img_per_s` |' in result.stderr
+    assert 'ours: augmentation pil, amp False, compile False; the original: PIL augmentation' in result.stderr
 
 
 def test_probe_left_out_without_nn_classifier(fake_original):
