@@ -47,6 +47,9 @@ FAKE_ORIGINAL = {
                 return F.normalize(feature, dim=-1), F.normalize(self.g(feature), dim=-1)
     ''',
     'models/scheduler.py': '''
+        timed_calls = []
+
+
         class weight_scheduler:
             def __init__(self, base_opt, momentum_opt, EPOCHS=100):
                 self.EPOCHS = EPOCHS
@@ -57,6 +60,9 @@ FAKE_ORIGINAL = {
                 model(torch.rand(100, 3, 32, 32))
                 model(torch.rand(100, 3, 32, 32))
                 model(torch.rand(100, 3, 32, 32))
+                if self.EPOCHS:
+                    timed_calls.append(self.EPOCHS)
+                    assert len(timed_calls) > 1, 'loss is NaN'  # the first estimation fails, as the original's can
                 for layer in layers:
                     for epoch in range(self.EPOCHS):
                         for _ in range(2):  # training pass, then test_mi
@@ -222,6 +228,7 @@ def test_comparison_times_both_sides_and_prints_one_json_line(fake_original):
     assert 0 < setup < measured
     assert math.isclose(original['mi_estimation_s'], setup + 2 * (measured - setup))
     assert original['num_workers'] == ours['num_workers'] == 0
+    assert original['mi_nan_failures'] == 1 and 'stopped on a NaN loss' in result.stderr
     assert set(original['stand_ins']) >= {'models.clip_model', 'setproctitle', 'pandas'}
     assert original['checkout'] == str(fake_original.resolve()) and original['threads'] == 1
     for key, ratio in report['speedup'].items():
