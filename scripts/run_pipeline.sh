@@ -84,7 +84,9 @@ stage() {
   local resume=()
   if compgen -G "$dir/$glob" > /dev/null; then resume=(--resume); fi
   echo "== $name: $* ${resume[*]}"
-  "$PYTHON" -u "$@" "${resume[@]}" 2>&1 | tee -a "$run_dir/$name.log"
+  # The terminal gets everything as printed; the log keeps what the terminal finally shows of each line
+  # (progress bars redraw themselves with \r: only their last state stays, and the JSON lines stay clean).
+  "$PYTHON" -u "$@" "${resume[@]}" 2>&1 | { tee /dev/fd/3 | sed -u 's/.*\r//' >> "$run_dir/$name.log"; } 3>&1
   [ -f "$dir/$final" ] || die "$name did not produce $dir/$final (see $run_dir/$name.log)"
 }
 

@@ -11,7 +11,9 @@ import pytest
 from conftest import REPO
 
 
-def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *extra: str):
+def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *extra: str,
+             eval_progress: bool = False):
+    """The pipeline on the tiny setting; progress bars only for the evaluations when `eval_progress`."""
     command = ['bash', 'scripts/run_pipeline.sh', '--run_dir', str(run_dir), '--data_root', str(data_root),
                '--device', 'cpu', '--num_workers', '0', '--pretraining_dataset', 'synthetic_shapes',
                '--downstream_dataset', 'synthetic_digits', '--reference_file', str(reference),
@@ -19,15 +21,25 @@ def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *ex
                '--mimic_epochs', '2', '--mi_epochs', '1', '--nn_epochs', '2', '--ratio', '0.25',
                '--save_freq', '1', '--clean_args', '--batch_size 32 --no_progress',
                '--badencoder_args', '--batch_size 32 --no_progress', '--mimic_args', '--batch_size 32 --no_progress',
-               '--eval_args', '--no_progress', *extra]
+               '--eval_args', '' if eval_progress else '--no_progress', *extra]
     env = dict(os.environ, TQDM_DISABLE='1', OMP_NUM_THREADS='1')
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if eval_progress:
+        del env['TQDM_DISABLE']
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=600)
+    # decoded by hand: text mode would turn the progress bars' \r into \n
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, trigger_file):
     run = tmp_path / 'run'
-    first = pipeline(run, data_root, reference_file, trigger_file)
+    first = pipeline(run, data_root, reference_file, trigger_file, eval_progress=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # the evaluations drew progress bars (redrawn with \r) on the terminal; their logs keep clean lines
+    assert '\r' in first.stdout
+    log = (run / 'eval_mimic.log').read_bytes().decode()  # not read_text: it would turn \r into \n
+    assert '\r' not in log
+    assert any(line.startswith('{"metric": ') for line in log.splitlines())
     for path in ['clean/model_2.pth', 'backdoor/model_1.pth', 'mimic/model2.pth', 'mimic/mi.json',
                  'eval_clean/metrics.json', 'eval_backdoored/metrics.json', 'eval_mimic/metrics.json',
                  'run.json', 'table.md', 'table.csv', 'summary.json']:
