@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
+from typing import Callable
 
 import torch
 
@@ -70,3 +72,22 @@ def extrapolated_figures(args) -> list[str]:
     measured = (('mi_estimation_s', args.mi_measure_epochs, args.mi_epochs),
                 ('downstream_s', args.probe_measure_epochs, args.probe_epochs))
     return [key for key, epochs, full in measured if epochs < full]
+
+
+def probe_figures(train_epochs: Callable[[int], None], args, device: torch.device) -> dict:
+    """Time a probe: `train_epochs(k)` runs k epochs, each with its evaluation, and what it prints is dropped.
+    One untimed warm-up epoch comes first when args.warmup is set. Then args.probe_measure_epochs epochs are
+    timed and scaled linearly to args.probe_epochs."""
+    def run(epochs: int) -> float:
+        with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+            synchronize(device)
+            start = time.perf_counter()
+            train_epochs(epochs)
+            synchronize(device)
+        return time.perf_counter() - start
+
+    if args.warmup:
+        run(1)
+    seconds = run(args.probe_measure_epochs)
+    return {'downstream_s': seconds / args.probe_measure_epochs * args.probe_epochs,
+            'probe_epoch_s': seconds / args.probe_measure_epochs}

@@ -62,7 +62,8 @@ from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tools import TimedLoader, counting_forwards, extrapolated_figures, synchronize  # noqa: E402
+from bench_tools import (TimedLoader, counting_forwards, extrapolated_figures, probe_figures,  # noqa: E402
+                         synchronize)
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ('simclr_img_per_s', 'badencoder_img_per_s', 'mimic_img_per_s', 'mi_estimation_s', 'downstream_s')
@@ -324,21 +325,10 @@ def bench_probe(args: argparse.Namespace, device: torch.device, disable: bool) -
     target = min(GTSRB_PRIORITY, args.probe_classes - 1)
     names = downstream.metric_names('benchmark')
 
-    def run(epochs: int) -> float:
-        # train_probe prints the original's per-epoch metric lines: not wanted here
-        with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
-            synchronize(device)
-            start = time.perf_counter()
-            downstream.train_probe(probe, optimizer, features, target, epochs, args.probe_batch_size, names,
-                                   disable)
-            synchronize(device)
-        return time.perf_counter() - start
-
-    if args.warmup:
-        run(1)
-    seconds = run(args.probe_measure_epochs)
-    return {'downstream_s': seconds / args.probe_measure_epochs * args.probe_epochs,
-            'probe_epoch_s': seconds / args.probe_measure_epochs}
+    # train_probe prints the original's per-epoch metric lines: probe_figures drops them
+    return probe_figures(lambda epochs: downstream.train_probe(probe, optimizer, features, target, epochs,
+                                                               args.probe_batch_size, names, disable),
+                         args, device)
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import json
-import os
 import sys
 import time
 import types
@@ -48,7 +47,8 @@ import torchvision.models  # noqa: F401  (imported before the stand-ins exist: i
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tools import TimedLoader, counting_forwards, extrapolated_figures, synchronize  # noqa: E402
+from bench_tools import (TimedLoader, counting_forwards, extrapolated_figures, probe_figures,  # noqa: E402
+                         synchronize)
 
 LAYERS = [3, 4, 5, 6]  # the tapped layers f.f.3..6, as the original's MIMIC.py passes them
 MI_ATTEMPTS = 3  # the original's MI estimator can stop on a NaN loss (exp overflow in its DV bound)
@@ -276,22 +276,13 @@ def bench_probe(original, args, device) -> dict | None:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
 
-    def run(epochs: int) -> float:
-        with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
-            synchronize(device)
-            start = time.perf_counter()
-            for epoch in range(1, epochs + 1):
-                nn_classifier.net_train(net, train, optimizer, epoch, criterion)
-                nn_classifier.net_test(net, test, epoch, criterion, 'Backdoored Accuracy (BA)')
-                nn_classifier.net_test(net, triggered, epoch, criterion, 'Attack Success Rate (ASR)')
-            synchronize(device)
-        return time.perf_counter() - start
+    def train_epochs(epochs: int) -> None:
+        for epoch in range(1, epochs + 1):
+            nn_classifier.net_train(net, train, optimizer, epoch, criterion)
+            nn_classifier.net_test(net, test, epoch, criterion, 'Backdoored Accuracy (BA)')
+            nn_classifier.net_test(net, triggered, epoch, criterion, 'Attack Success Rate (ASR)')
 
-    if args.warmup:
-        run(1)
-    seconds = run(args.probe_measure_epochs)
-    return {'downstream_s': seconds / args.probe_measure_epochs * args.probe_epochs,
-            'probe_epoch_s': seconds / args.probe_measure_epochs}
+    return probe_figures(train_epochs, args, device)
 
 
 def main() -> None:
