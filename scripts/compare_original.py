@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402  (puts the repository on the path too)
+import original_harness  # noqa: E402  (imports nothing of the original until its main() runs)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -41,9 +42,7 @@ HARNESS = Path(__file__).resolve().parent / 'original_harness.py'
 ORIGINAL_FILES = ('MIMIC.py', 'train_clean_encoder.py', 'train_badencoder.py', 'models/scheduler.py',
                   'datasets/backdoor_dataset.py', 'datasets/cifar10_dataset.py')
 # what the harness passes on to the original's measurements (the counts resolved as benchmark.py does)
-COUNTS = ('num_workers', 'threads', 'seed', 'warmup', 'steps', 'batch_size', 'badencoder_batch_size',
-          'mimic_batch_size', 'mi_batch_size', 'mi_images', 'mi_epochs', 'mi_measure_epochs', 'probe_features',
-          'probe_test_features', 'probe_classes', 'probe_batch_size', 'probe_epochs', 'probe_measure_epochs')
+COUNTS = tuple(original_harness.COUNT_HELP)
 COMPARED = (*benchmark.FIGURES, 'simclr_forwards_per_step', 'badencoder_encoder_forwards_per_step',
             'mimic_student_forwards_per_step', 'mimic_teacher_forwards_per_step', 'mi_network_passes_per_image')
 

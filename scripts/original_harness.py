@@ -62,14 +62,16 @@ STAND_INS = {'models.clip_model': ['CLIP'], 'models.imagenet_model': ['ImageNetR
              'pandas': [], 'setproctitle': []}
 
 
-HELP = {'num_workers': 'DataLoader worker processes', 'threads': 'torch CPU threads, 0 = torch\'s choice',
-        'seed': 'random seed', 'warmup': 'untimed steps before each measurement', 'steps': 'timed steps per stage',
-        'batch_size': 'stage 0 batch', 'badencoder_batch_size': 'stage 1 batch', 'mimic_batch_size': 'stage 2 batch',
-        'mi_batch_size': 'batch of the MI estimation', 'mi_images': 'clean images of the MI estimation',
-        'mi_epochs': 'MI epochs the figure is for', 'mi_measure_epochs': 'MI epochs run',
-        'probe_features': 'training features of the probe', 'probe_test_features': 'test features of the probe',
-        'probe_classes': 'classes of the probe', 'probe_batch_size': 'probe batch',
-        'probe_epochs': 'probe epochs the figure is for', 'probe_measure_epochs': 'probe epochs run'}
+# the counts compare_original.py resolves as benchmark.py does and passes on, with their help texts
+COUNT_HELP = {
+    'num_workers': 'DataLoader worker processes', 'threads': 'torch CPU threads, 0 = torch\'s choice',
+    'seed': 'random seed', 'warmup': 'untimed steps before each measurement', 'steps': 'timed steps per stage',
+    'batch_size': 'stage 0 batch', 'badencoder_batch_size': 'stage 1 batch', 'mimic_batch_size': 'stage 2 batch',
+    'mi_batch_size': 'batch of the MI estimation', 'mi_images': 'clean images of the MI estimation',
+    'mi_epochs': 'MI epochs the figure is for', 'mi_measure_epochs': 'MI epochs run',
+    'probe_features': 'training features of the probe', 'probe_test_features': 'test features of the probe',
+    'probe_classes': 'classes of the probe', 'probe_batch_size': 'probe batch',
+    'probe_epochs': 'probe epochs the figure is for', 'probe_measure_epochs': 'probe epochs run'}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--trigger_file', required=True, help='trigger file (t, tm) in the original layout')
     parser.add_argument('--reference_file', required=True, help='reference file (x, y) in the original layout')
     parser.add_argument('--device', required=True, help='cpu, cuda or cuda:N')
-    for name, text in HELP.items():
+    for name, text in COUNT_HELP.items():
         parser.add_argument(f'--{name}', required=True, type=int, help=text)
     return parser
 
@@ -304,18 +306,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    figures, seconds = {}, {}
+    figures = {}
     for stage, run in (('stage 0: SimCLR', bench_simclr), ('stage 1: BadEncoder', bench_badencoder),
                        ('stage 2: MIMIC distillation', bench_mimic), ('stage 2: MI estimation', bench_mi),
                        ('stage 3: downstream probe', bench_probe)):
         start = time.perf_counter()
         result = run(modules, args, device)
-        seconds[stage] = time.perf_counter() - start
         if result is None:
             print(f'{stage}: left out (evaluation/nn_classifier.py is not in the checkout)', file=sys.stderr)
             continue
         figures.update(result)
-        print(f'{stage}: {seconds[stage]:.1f} s (original)', file=sys.stderr)
+        print(f'{stage}: {time.perf_counter() - start:.1f} s (original)', file=sys.stderr)
     extrapolated = [key for key in extrapolated_figures(args) if key in figures]
     print(json.dumps({**figures, 'extrapolated': extrapolated, 'stand_ins': stand_ins,
                       'threads': torch.get_num_threads(), 'num_workers': args.num_workers}), flush=True)

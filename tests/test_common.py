@@ -358,34 +358,28 @@ def test_caused_by_interrupt_follows_the_exception_chain():
     assert not caused_by_interrupt(RuntimeError('a bug'))
 
 
-def test_interrupt_hidden_by_a_cleanup_error_is_still_one_line(tmp_path):
-    """Ctrl-C whose traceback a library's cleanup replaced (torch.save's zip writer did) -> exit 130."""
+@pytest.mark.parametrize('failing_main', [
+    # a Ctrl-C whose traceback a library's cleanup replaced (torch.save's zip writer did)
+    ('def main():\n'
+     '    try:\n'
+     '        raise KeyboardInterrupt\n'
+     '    finally:\n'
+     '        raise RuntimeError("enforce fail: unexpected pos")\n'),
+    # a Ctrl-C inside torch.load surfaces as CheckpointError('not readable', from None)
+    ('from models import CheckpointError\n'
+     'def main():\n'
+     '    try:\n'
+     '        raise KeyboardInterrupt\n'
+     '    except Exception:\n'
+     '        pass\n'
+     '    except BaseException:\n'
+     '        raise CheckpointError("model.pth: not a readable PyTorch checkpoint") from None\n'),
+], ids=['cleanup_error', 'expected_error'])
+def test_an_error_raised_by_an_interrupt_is_the_interrupt(tmp_path, failing_main):
+    """One line and exit 130, not the error the interrupt caused."""
     script = tmp_path / 'stage.py'
-    script.write_text('from common.cli import run_main\n'
-                      'def main():\n'
-                      '    try:\n'
-                      '        raise KeyboardInterrupt\n'
-                      '    finally:\n'
-                      '        raise RuntimeError("enforce fail: unexpected pos")\n'
-                      'run_main(main)\n')
+    script.write_text('from common.cli import run_main\n' + failing_main + 'run_main(main)\n')
     result = run_script(str(script), timeout=120)
     assert result.returncode == 130
     assert result.stderr.startswith('interrupted: ') and result.stderr.count('\n') == 1
-
-
-def test_interrupt_reported_as_an_expected_error_is_still_an_interrupt(tmp_path):
-    """A Ctrl-C inside torch.load surfaces as CheckpointError('not readable', from None): it is the interrupt."""
-    script = tmp_path / 'stage.py'
-    script.write_text('from common.cli import run_main\n'
-                      'from models import CheckpointError\n'
-                      'def main():\n'
-                      '    try:\n'
-                      '        raise KeyboardInterrupt\n'
-                      '    except Exception:\n'
-                      '        pass\n'
-                      '    except BaseException:\n'
-                      '        raise CheckpointError("model.pth: not a readable PyTorch checkpoint") from None\n'
-                      'run_main(main)\n')
-    result = run_script(str(script), timeout=120)
-    assert result.returncode == 130
-    assert result.stderr.startswith('interrupted: ') and 'not a readable' not in result.stderr
+    assert 'not a readable' not in result.stderr
