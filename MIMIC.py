@@ -17,40 +17,37 @@ A quick CPU run on the offline synthetic set (`python -m datasets.prepare synthe
     python MIMIC.py --pretraining_dataset synthetic_shapes --teacher <encoder.pth> --ratio 0.05 \
         --batch_size 64 --epochs 2 --mi_epochs 5 --results_dir /tmp/mimic
 
+The paper's ablations are one flag each: `--layer_weights uniform` (no MI step, equal layer weights),
+`--no_attention`, `--no_clone`, `--no_contrastive` (see defences/mimic.py).
+
 Writes to --results_dir: args.json, mi.json (MI per layer, weights, opt values), log.csv (one row per
 epoch) and the checkpoints. `--resume` continues the latest checkpoint; the MI step is not repeated.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import sys
 from pathlib import Path
-from typing import Callable, ContextManager
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
-                        require_positive, resolve_device, run_main, seed_everything, shared_parser)
-from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
-from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, restore_optimizer,
-                         resume_state, save_run_checkpoint, write_csv, write_json)
-from datasets import ImagePairs, get_info, load_split, normalize_batch, pretraining_names, simclr_transform
-from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
+from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, resolve_device, run_main,
+                        seed_everything, shared_parser, progress_disabled)
+from common.fastpath import add_speed_arguments, maybe_compile
+from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, write_json)
+from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
+from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
+                            distillation_modes, distillation_step, estimate_mi, load_teacher,
+                            locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
+                            uniform_layer_weights)
+from defences.training import Phase, run_phase
+from models import CheckpointError, SimCLR
 from models.checkpoint import load_state_into
-from models.losses import attention_transfer, negative_cosine, nt_xent
-from models.mutual_info import estimate_mi, layer_weights
 
 CHECKPOINT_PATTERN = 'model{}.pth'
-LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (SPEC §3)
-RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
-                 for stage, index in enumerate(TAPPED_LAYERS, start=1)}
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size', 'knn_t',
-                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers', 'augment')
+                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers', 'augment', 'layer_weights',
+                     'no_attention', 'no_clone', 'no_contrastive')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,6 +86,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'initial student (the released code) (default: teacher)')
     parser.add_argument('--mi_epochs', default=200, type=int,
                         help='training epochs of each layer\'s MI estimator (default: 200)')
+    ablation = parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)')
+    ablation.add_argument('--layer_weights', default='mi', choices=['mi', 'uniform'],
+                          help='mi: attention weights from the per-layer MI (the paper); uniform: no MI step, '
+                               'every layer gets the same weight, base + 10000/4 ("without MI guidance") '
+                               '(default: mi)')
+    ablation.add_argument('--no_attention', action='store_true',
+                          help='drop the attention-transfer loss (every opt_l = 0) ("without attention loss")')
+    ablation.add_argument('--no_clone', action='store_true',
+                          help='drop the clone (feature cosine) loss, as --opt5 0 ("without clone loss")')
+    ablation.add_argument('--no_contrastive', action='store_true',
+                          help='drop the NT-Xent loss of the student\'s two views ("without contrastive loss")')
     parser.add_argument('--save_freq', default=1000, type=int,
                         help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
                              '(default: 1000)')
@@ -108,149 +116,10 @@ def check_args(args: argparse.Namespace) -> None:
     require_positive('--mi_epochs', args.mi_epochs)
     if args.save_freq < 0:
         raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    if args.no_attention and args.no_clone and args.no_contrastive:
+        raise UsageError('--no_attention, --no_clone and --no_contrastive together leave no loss to train on')
     if args.batch_size < 2:
         raise UsageError(f'--batch_size must be at least 2 (contrastive loss, BatchNorm), got {args.batch_size}')
-
-
-def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch_size: int,
-                 source: str) -> np.ndarray:
-    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed` (SPEC §6)."""
-    count = int(ratio * len(images))
-    if count < batch_size:
-        raise UsageError(f'--ratio {ratio} gives {count} of the {len(images)} images of {source}, fewer '
-                         f'than one batch of {batch_size}; raise --ratio or lower --batch_size')
-    if subset == 'first':
-        return images[:count]
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(images), generator=generator)[:count].sort().values.numpy()
-    return images[indices]
-
-
-def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
-    """The suspect encoder, loaded safely, in eval mode and frozen: it never receives a gradient."""
-    teacher, checkpoint = load_encoder(path)
-    recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
-        (checkpoint.get('args') or {}).get('pretraining_dataset')
-    if pretraining_dataset and recorded and recorded != pretraining_dataset:
-        print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
-              f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
-    teacher.eval().requires_grad_(False)
-    return to_channels_last(teacher.to(device), device)
-
-
-def build_student(teacher: SimCLR, student_path: str, device: torch.device) -> SimCLR:
-    """A freshly initialised SimCLR of the teacher's config, or --student's weights (same config)."""
-    if not student_path:
-        return to_channels_last(SimCLR(**teacher.config).to(device), device)
-    student, _ = load_encoder(student_path)
-    if student.config != teacher.config:
-        raise CheckpointError(f'{student_path}: the student is {student.config} but the teacher is '
-                              f'{teacher.config}; they must have the same architecture')
-    return to_channels_last(student.to(device), device)
-
-
-@torch.no_grad()
-def tapped_representations(model: SimCLR, images: np.ndarray, normalization, batch_size: int,
-                           device: torch.device, disable_progress: bool = False,
-                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One eval-mode pass over the un-augmented images (SPEC §6.1): flattened tapped-layer outputs
-    [(N, C_l·H_l·W_l) for each l] and the normalised feature z (N, d), all left on `device`.
-
-    The network is frozen and D is not augmented, so these pairs are fixed and computed once.
-    """
-    was_training = model.training
-    model.eval()
-    taps, features = [[] for _ in TAPPED_LAYERS], []
-    for start in tqdm(range(0, len(images), batch_size), desc='Caching tapped layers', leave=False,
-                      disable=disable_progress):
-        x = normalize_batch(images[start:start + batch_size], normalization, device)  # (B, 3, H, W)
-        feature, _, batch_taps = model(x, return_taps=True)  # (B, d), [(B, C_l, H_l, W_l)]
-        features.append(feature)
-        for cache, tap in zip(taps, batch_taps):
-            cache.append(torch.flatten(tap, start_dim=1))  # (B, C_l·H_l·W_l)
-    model.train(was_training)
-    return [torch.cat(cache) for cache in taps], torch.cat(features)
-
-
-def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *, base: list[float],
-                            mi_epochs: int, batch_size: int, seed: int, device: torch.device,
-                            disable_progress: bool = False) -> dict:
-    """MI between each tapped layer and the representation, and the attention weights (SPEC §6.1-6.2).
-
-    Returns {'mi': {layer: MI}, 'weights': [w_l], 'opt': [opt_l], 'fell_back': bool, 'history': ...}.
-    """
-    taps, z = tapped_representations(model, images, normalization, batch_size, device, disable_progress)
-    generator = torch.Generator().manual_seed(seed)  # the permutations of the DV marginal term
-    mi, history = {}, {}
-    for name, h in zip(LAYER_NAMES, taps):
-        with tqdm(total=mi_epochs, desc=f'MI {name}', disable=disable_progress) as bar:
-            def on_epoch(epoch: int, estimate: float, bar=bar) -> None:
-                bar.set_postfix(mi=f'{estimate:.4f}')
-                bar.update(1)
-            mi[name], history[name] = estimate_mi(h, z, epochs=mi_epochs, batch_size=batch_size,
-                                                  generator=generator, on_epoch=on_epoch)
-    opt, weights, fell_back = layer_weights([mi[name] for name in LAYER_NAMES], base)
-    return {'mi': mi, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': fell_back,
-            'layers': RESNET_STAGES, 'history': history}
-
-
-def report_weights(report: dict, mi_model: str) -> None:
-    print(f'MI of each tapped layer with the representation ({mi_model}): '
-          + ', '.join(f'{name} {report["mi"][name]:.4f}' for name in LAYER_NAMES))
-    print('attention weights w: ' + ', '.join(f'{w:.4f}' for w in report['weights'])
-          + ' -> opt: ' + ', '.join(f'{o:.1f}' for o in report['opt']))
-    if report['fell_back']:
-        print('warning: every MI estimate is 0 (estimation too short, or data without structure); '
-              'the layer weights fall back to uniform', file=sys.stderr)
-
-
-def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: torch.Tensor,
-                        opt_weights: list[float], opt5: float, temperature: float,
-                        precision: Callable[[], ContextManager] = contextlib.nullcontext,
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = L_con + Σ_l opt_l·AT(S_l(x1), T_l(x1)) + opt5·L_clone on one batch of two views (SPEC §6.3).
-
-    One forward of the student per view and one of the teacher (no_grad): the tapped maps come from
-    those passes. (The original ran the student a second time on x1 to collect the maps: the same
-    outputs and gradients, but its BatchNorm running statistics were updated twice per step; once here.)
-    Returns the loss and its unweighted terms (loss_con, loss_at1..4, loss_clone).
-    """
-    with precision():
-        with torch.no_grad():
-            feature_t, _, taps_t = teacher(x1, return_taps=True)
-        feature_s, out_s1, taps_s = student(x1, return_taps=True)
-        _, out_s2 = student(x2)
-    terms = {'loss_con': nt_xent(out_s1.float(), out_s2.float(), temperature)}
-    for index, (tap_s, tap_t) in enumerate(zip(taps_s, taps_t), start=1):
-        terms[f'loss_at{index}'] = attention_transfer(tap_s.float(), tap_t.float())
-    terms['loss_clone'] = negative_cosine(feature_s.float(), feature_t.float())
-    loss = (terms['loss_con']
-            + sum(w * terms[f'loss_at{i}'] for i, w in enumerate(opt_weights, start=1))
-            + opt5 * terms['loss_clone'])
-    return loss, terms
-
-
-def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.optim.Optimizer,
-                    opt_weights: list[float], opt5: float, temperature: float, *, epoch: int, epochs: int,
-                    device: torch.device, amp: bool = False, disable_progress: bool = False) -> dict:
-    """One pass of distillation over the clean subset; returns the mean loss and terms of the epoch."""
-    student.train()
-    teacher.eval()
-    totals, steps = {}, 0
-    bar = tqdm(loader, disable=disable_progress)
-    for step, (x1, x2) in enumerate(bar):
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        loss, terms = distillation_losses(student, teacher, x1, x2, opt_weights, opt5, temperature,
-                                          precision=lambda: autocast(device, amp))
-        check_finite(loss, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        for key, value in {'loss': loss, **terms}.items():
-            totals[key] = totals.get(key, 0.0) + value.item()
-        bar.set_description(f'Distill Epoch: [{epoch}/{epochs}] Loss: {totals["loss"] / steps:.4f}')
-    return {key: value / steps for key, value in totals.items()}
 
 
 def restore_run(path: Path, args: argparse.Namespace, student: SimCLR, optimizer: torch.optim.Optimizer,
@@ -270,20 +139,15 @@ def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimize
             dataset: ImagePairs, opt_weights: list[float], mi: dict, rows: list[dict], start_epoch: int,
             device: torch.device, results_dir: Path) -> None:
     """Epochs start_epoch+1 .. --epochs: train, log, and save model<epoch>.pth every --save_freq and at the end."""
-    normalization = get_info(args.pretraining_dataset).normalization
-    device_images = device_copy(dataset, args, device)  # the fast path keeps the clean subset on the device
     student_forward, teacher_forward = maybe_compile(student, args.compile), maybe_compile(teacher, args.compile)
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        loader = pair_batches(dataset, args, normalization, epoch, device, device_images)
-        metrics = train_one_epoch(student_forward, teacher_forward, loader, optimizer, opt_weights, args.opt5, args.knn_t,
-                                  epoch=epoch, epochs=args.epochs, device=device, amp=args.amp,
-                                  disable_progress=progress_disabled(args))
-        rows.append({'epoch': epoch, **metrics})
-        write_csv(results_dir / 'log.csv', rows)
-        print(json.dumps(rows[-1]))
-        if is_save_epoch(epoch, args.epochs, args.save_freq):
-            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), student, optimizer, epoch, args,
-                                opt=opt_weights, mi=mi, log=rows)
+    attention_weights = [0.0] * len(opt_weights) if args.no_attention else opt_weights
+    opt5 = 0.0 if args.no_clone else args.opt5
+    step_loss = distillation_step(student_forward, teacher_forward, attention_weights, opt5, args.knn_t, device,
+                                  args.amp, contrastive_weight=0.0 if args.no_contrastive else 1.0)
+    phase = Phase('Distill', student, optimizer, step_loss, distillation_modes(student, teacher),
+                  checkpoint_pattern=CHECKPOINT_PATTERN, checkpoint_extra={'opt': opt_weights, 'mi': mi})
+    run_phase(phase, dataset, args, get_info(args.pretraining_dataset).normalization, epochs=args.epochs,
+              start_epoch=start_epoch, rows=rows, device=device, results_dir=results_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,16 +175,21 @@ def main(argv: list[str] | None = None) -> None:
           f'teacher {teacher.config} on {device}')
 
     # Layer weights from the MI of each tapped layer (§6.1-6.2): once, before distillation.
+    base = [args.opt1, args.opt2, args.opt3, args.opt4]
     if resume_from is not None:
         opt_weights, mi, rows, start_epoch = restore_run(resume_from, args, student, optimizer)
+    elif args.layer_weights == 'uniform':
+        report = uniform_layer_weights(base)
+        report_weights(report, args.mi_model)
+        write_json(results_dir / 'mi.json', {'mi_model': None, 'layer_weights': 'uniform', **report})
+        opt_weights, mi, rows, start_epoch = report['opt'], {}, [], 0
     else:
         measured = teacher if args.mi_model == 'teacher' else student
-        report = locate_benign_knowledge(measured, clean, info.normalization,
-                                         base=[args.opt1, args.opt2, args.opt3, args.opt4],
+        report = locate_benign_knowledge(measured, clean, info.normalization, base=base,
                                          mi_epochs=args.mi_epochs, batch_size=args.batch_size, seed=args.seed,
                                          device=device, disable_progress=progress_disabled(args))
         report_weights(report, args.mi_model)
-        write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, **report})
+        write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi', **report})
         opt_weights, mi, rows, start_epoch = report['opt'], report['mi'], [], 0
 
     dataset = ImagePairs(clean, simclr_transform(info.normalization, info.image_size))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import MIMIC
+import defences.mimic
 from common.cli import UsageError, run_main
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
@@ -156,13 +157,13 @@ def test_tapped_representations_are_cached_in_eval_mode(teacher):
 
 def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, capsys):
     estimates = iter([0.1, 0.2, 0.3, 0.4])
-    monkeypatch.setattr(MIMIC, 'estimate_mi', lambda h, z, **kw: (next(estimates), [0.0]))
+    monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (next(estimates), [0.0]))
     report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)
     assert report['mi'] == {'layer3': 0.1, 'layer4': 0.2, 'layer5': 0.3, 'layer6': 0.4}
     assert report['opt'] == pytest.approx([2000, 3000, 4000, 5000]) and not report['fell_back']
-    monkeypatch.setattr(MIMIC, 'estimate_mi', lambda h, z, **kw: (0.0, [0.0]))
+    monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (0.0, [0.0]))
     report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)

@@ -1,0 +1,177 @@
+"""Stage 2, the baselines: purify a suspect encoder with one of the seven defences MIMIC is compared with.
+
+Every defence works under MIMIC's threat model: the suspect encoder (`--teacher`, the flag MIMIC.py uses) and
+a small clean, unlabelled subset D of its pre-training set (`--ratio`, `--subset`: the same images MIMIC.py
+takes), nothing else. The methods live in `defences/` (one module each; its docstring gives the paper, the
+published recipe and what was adapted to the label-free setting):
+
+    ft      fine-tuning: SimCLR (NT-Xent) training of the suspect on D
+    fp      Fine-Pruning (RAID 2018): prune the least active channels of the last stage, then fine-tune
+    nad     Neural Attention Distillation (ICLR 2021): fine-tuned teacher, NT-Xent + attention distillation
+    clp     Channel Lipschitzness-based Pruning (ECCV 2022): data-free, prunes high-Lipschitz channels
+    anp     Adversarial Neuron Pruning (NeurIPS 2021): masks learnt against adversarial BN perturbations
+    kd      plain knowledge distillation into a fresh student (CVPR 2022): no attention, no MI
+    invert  trigger inversion (DECREE, CVPR 2023; SSL-Cleanse, ECCV 2024), then unlearning
+
+    python baseline_defence.py --defence fp --teacher runs/backdoor/model_200.pth --pretraining_dataset cifar10 \
+        --ratio 0.04 --epochs 100 --results_dir runs/fp
+    # offline, on the synthetic set
+    python baseline_defence.py --defence clp --teacher <encoder.pth> --pretraining_dataset synthetic_shapes \
+        --results_dir /tmp/clp --device cpu
+
+Writes to --results_dir: args.json, log.csv (defences that train; NAD also teacher_log.csv), the purified
+encoder model_<epochs>.pth (model_0.pth for clp and anp, which train no weight) — a plain SimCLR state_dict
+that stage 3, MIMIC.py and the original code load — and, last, defence.json: what the defence did (channels
+pruned per layer, the inverted trigger's size, epochs, images used) and its wall-clock seconds. `--resume`
+continues a defence that trains from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, resolve_device, run_main,
+                        seed_everything, shared_parser)
+from common.fastpath import add_speed_arguments
+from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
+from datasets import get_info, load_split, pretraining_names
+from defences import BASELINES, TRAINING_BASELINES, get_defence
+from defences.mimic import clean_subset, load_teacher
+from defences.nad import NAD_BETAS
+from defences.training import DefenceRun
+
+CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
+DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine-tune a trained encoder: 1e-3
+# Flags that shape the trajectory of a run: a resumed run must be given the same values.
+RESUME_MUST_MATCH = ('defence', 'teacher', 'pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size',
+                     'knn_t', 'num_workers', 'augment', 'prune_ratio', 'nad_betas', 'nad_teacher_epochs')
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = StageParser(description='Purify a suspect encoder with a baseline defence (stage 2, beside MIMIC.py).',
+                         parents=[shared_parser()])
+    parser.add_argument('--defence', required=True, choices=BASELINES,
+                        help='ft | fp | nad | clp | anp | kd | invert (see the module docstrings in defences/)')
+    parser.add_argument('--teacher', default='', type=str, metavar='PATH',
+                        help='the suspect (backdoored) encoder checkpoint (required; the flag MIMIC.py uses)')
+    parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                        help="the suspect's pre-training set: D comes from its pre-training split, and it fixes the "
+                             'normalisation (default: cifar10)')
+    parser.add_argument('--ratio', default=0.04, type=float,
+                        help='fraction of the pre-training split used as the clean subset D, in (0, 1] '
+                             '(default: 0.04, as MIMIC)')
+    parser.add_argument('--subset', default='first', choices=['first', 'random'],
+                        help='first: the first ratio*N images, as MIMIC.py; random: drawn with --seed (default: first)')
+    parser.add_argument('--epochs', default=1000, type=int,
+                        help='training epochs over D for ft, fp, nad, kd, invert; accepted and unused by clp and anp '
+                             "(default: 1000, MIMIC's budget)")
+    parser.add_argument('--batch_size', default=128, type=int,
+                        help='images per step of the defences that use D (default: 128, as MIMIC)')
+    parser.add_argument('--lr', default=None, type=float,
+                        help='Adam learning rate of the trained network (default: 1e-3 for the defences that '
+                             'fine-tune the suspect, stage 0\'s rate; 1e-2 for kd\'s fresh student, as MIMIC)')
+    parser.add_argument('--knn-t', default=0.5, type=float,
+                        help='temperature of the NT-Xent loss, as MIMIC.py (default: 0.5)')
+    parser.add_argument('--save_freq', default=0, type=int,
+                        help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
+    fp = parser.add_argument_group('fp (Fine-Pruning)')
+    fp.add_argument('--prune_ratio', default=0.2, type=float,
+                    help='fraction of the last stage\'s channels pruned, least active on D first, in [0, 1) '
+                         '(default: 0.2; the paper prunes until the accuracy drops, which needs labels)')
+    nad = parser.add_argument_group('nad (Neural Attention Distillation)')
+    nad.add_argument('--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
+                     help='attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD\'s CIFAR '
+                          'β on the last three stages)')
+    nad.add_argument('--nad_teacher_epochs', default=0, type=int,
+                     help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
+    add_speed_arguments(parser)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, refused before anything is loaded or written (SPEC §11)."""
+    if not args.teacher:
+        raise UsageError('--teacher is required: the suspect encoder checkpoint to purify')
+    if not args.results_dir:
+        raise UsageError('--results_dir is required: the folder where the purified encoder and logs are written')
+    if not 0 < args.ratio <= 1:
+        raise UsageError(f'--ratio must lie in (0, 1], got {args.ratio}')
+    require_positive('--epochs', args.epochs)
+    if args.batch_size < 2:
+        raise UsageError(f'--batch_size must be at least 2 (contrastive loss, BatchNorm), got {args.batch_size}')
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f'--lr must be positive, got {args.lr}')
+    if args.save_freq < 0:
+        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    if not 0 <= args.prune_ratio < 1:
+        raise UsageError(f'--prune_ratio must lie in [0, 1), got {args.prune_ratio}')
+    if len(args.nad_betas) != 4 or any(beta < 0 for beta in args.nad_betas):
+        raise UsageError(f'--nad_betas: expected 4 non-negative weights (layer1..layer4), got {args.nad_betas}')
+    if args.nad_teacher_epochs < 0:
+        raise UsageError(f'--nad_teacher_epochs must be 0 (half of --epochs) or positive, got {args.nad_teacher_epochs}')
+
+
+def prepare_results_dir(args: argparse.Namespace) -> None:
+    """Create --results_dir; refuse to clobber an earlier run's files; --resume needs a checkpoint to continue."""
+    results_dir = Path(args.results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise UsageError(f'--results_dir {results_dir}: exists and is not a folder')
+    existing = [path for pattern in CHECKPOINT_PATTERNS for _, path in checkpoint_epochs(results_dir, pattern)] \
+        if results_dir.is_dir() else []
+    if args.resume and not existing:
+        raise UsageError(f'--resume: no checkpoint (model_<epoch>.pth, teacher_<epoch>.pth) in {results_dir}')
+    if existing and not (args.resume or args.overwrite):
+        raise UsageError(f'--results_dir {results_dir}: already holds {existing[-1].name} from an earlier run; '
+                         'pass --resume to continue it or --overwrite to replace it')
+    if (results_dir / 'defence.json').exists() and not (args.resume or args.overwrite):
+        raise UsageError(f'--results_dir {results_dir}: already holds defence.json from an earlier run; pass '
+                         '--overwrite to replace it')
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    if args.lr is None:
+        args.lr = DEFAULT_LR.get(args.defence, 1e-3)
+    seed_everything(args.seed, args.deterministic)
+    device = resolve_device(args.device, args.gpu)
+
+    # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects.
+    info = get_info(args.pretraining_dataset)
+    images, _ = load_split(info.name, info.pretraining_split, data_dir_for(args, info.name))
+    clean = clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
+                         f'{info.name}/{info.pretraining_split}')
+    suspect = load_teacher(args.teacher, device, args.pretraining_dataset)  # frozen, eval mode
+
+    prepare_results_dir(args)
+    results_dir = Path(args.results_dir)
+    print_args(args)
+    write_json(results_dir / 'args.json', vars(args))
+    defence = get_defence(args.defence)
+    trains = args.defence in TRAINING_BASELINES
+    print(f'{args.defence} ({defence.PAPER}): {len(clean)} clean images of {info.name}/{info.pretraining_split} '
+          f'({args.subset}); suspect {suspect.config} on {device}')
+
+    start = time.perf_counter()
+    run = DefenceRun(args, info.normalization, device, results_dir, RESUME_MUST_MATCH)
+    purified, report = defence.purify(suspect, clean, run)
+    checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
+    if not trains:  # the defences that train saved their last epoch already
+        save_run_checkpoint(checkpoint, purified, None, 0, args, defence=args.defence)
+    write_json(results_dir / 'defence.json', {
+        'defence': args.defence, 'paper': defence.PAPER, 'checkpoint': checkpoint.name, 'images': len(clean),
+        'seconds': round(time.perf_counter() - start, 2), 'resumed': bool(args.resume), **report})
+    print(f'purified encoder: {checkpoint}')
+
+
+if __name__ == '__main__':
+    run_main(main)

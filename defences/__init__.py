@@ -1,0 +1,32 @@
+"""Backdoor defences for pre-trained encoders, all under MIMIC's threat model: the defender holds the suspect
+encoder and a small clean, unlabelled subset D of its pre-training set, nothing else (no labels, no poisoned
+data, no trigger).
+
+`mimic` holds MIMIC's own steps (used by MIMIC.py); the baselines of `baseline_defence.py` are one module
+each, and each exposes `purify(suspect, clean, run) -> (purified encoder, report)`:
+
+| name | module | method |
+|---|---|---|
+| ft | `defences.ft` | fine-tuning: SimCLR (NT-Xent) training of the suspect on D |
+| fp | `defences.fp` | Fine-Pruning (Liu et al., RAID 2018) |
+| nad | `defences.nad` | Neural Attention Distillation (Li et al., ICLR 2021) |
+| clp | `defences.clp` | Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), data-free |
+| anp | `defences.anp` | Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), label-free objective |
+| kd | `defences.kd` | plain knowledge distillation into a fresh student (Saha et al., CVPR 2022) |
+| invert | `defences.invert` | trigger inversion and unlearning (DECREE, CVPR 2023; SSL-Cleanse, ECCV 2024) |
+
+Every purified encoder is a plain SimCLR state_dict: pruned channels are zeroed weights, never extra modules.
+"""
+from __future__ import annotations
+
+import importlib
+
+BASELINES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')
+TRAINING_BASELINES = ('ft', 'fp', 'nad', 'kd', 'invert')  # the ones that train weights for --epochs
+
+
+def get_defence(name: str):
+    """The module of baseline `name` (imported on demand)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown defence '{name}', expected one of {', '.join(BASELINES)}")
+    return importlib.import_module(f'{__name__}.{name}')

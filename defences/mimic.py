@@ -1,0 +1,207 @@
+"""MIMIC (Han et al., "Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders", IEEE TIFS
+2025): the defence's steps, used by `MIMIC.py` (SPEC §6).
+
+1. Locate benign knowledge: the mutual information between each tapped layer of the teacher and its
+   representation, estimated with MINE on the clean subset D (§6.1), turned into attention weights
+   opt_l = base_l + 10000·MI_l/Σ MI (§6.2).
+2. Distil a freshly initialised student from the frozen teacher on augmented views of D (§6.3):
+       L = c_con·L_con + Σ_l opt_l · AT(S_l(x1), T_l(x1)) + opt5 · L_clone
+   with c_con = 1. The ablations of the paper each switch one part off: uniform layer weights instead of
+   the MI (`layer_weights(..)` with equal MI), no attention loss (opt_l = 0), no clone loss (opt5 = 0),
+   no contrastive loss (c_con = 0). A term whose weight is 0 is not computed at all.
+
+Plain knowledge distillation (the `kd` baseline) is the same loss with only the clone term left.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cli import UsageError, autocast
+from common.fastpath import to_channels_last
+from datasets import normalize_batch
+from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
+from models.losses import attention_transfer, negative_cosine, nt_xent
+from models.mutual_info import estimate_mi, layer_weights
+
+from .training import train_one_epoch as train_phase_epoch
+
+LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (SPEC §3)
+RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
+                 for stage, index in enumerate(TAPPED_LAYERS, start=1)}
+
+
+def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch_size: int,
+                 source: str) -> np.ndarray:
+    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed` (SPEC §6)."""
+    count = int(ratio * len(images))
+    if count < batch_size:
+        raise UsageError(f'--ratio {ratio} gives {count} of the {len(images)} images of {source}, fewer '
+                         f'than one batch of {batch_size}; raise --ratio or lower --batch_size')
+    if subset == 'first':
+        return images[:count]
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(images), generator=generator)[:count].sort().values.numpy()
+    return images[indices]
+
+
+def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
+    """The suspect encoder, loaded safely, in eval mode and frozen: it never receives a gradient."""
+    teacher, checkpoint = load_encoder(path)
+    recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
+        (checkpoint.get('args') or {}).get('pretraining_dataset')
+    if pretraining_dataset and recorded and recorded != pretraining_dataset:
+        print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
+              f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
+    teacher.eval().requires_grad_(False)
+    return to_channels_last(teacher.to(device), device)
+
+
+def build_student(teacher: SimCLR, student_path: str, device: torch.device) -> SimCLR:
+    """A freshly initialised SimCLR of the teacher's config, or --student's weights (same config)."""
+    if not student_path:
+        return to_channels_last(SimCLR(**teacher.config).to(device), device)
+    student, _ = load_encoder(student_path)
+    if student.config != teacher.config:
+        raise CheckpointError(f'{student_path}: the student is {student.config} but the teacher is '
+                              f'{teacher.config}; they must have the same architecture')
+    return to_channels_last(student.to(device), device)
+
+
+@torch.no_grad()
+def tapped_representations(model: SimCLR, images: np.ndarray, normalization, batch_size: int,
+                           device: torch.device, disable_progress: bool = False,
+                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One eval-mode pass over the un-augmented images (SPEC §6.1): flattened tapped-layer outputs
+    [(N, C_l·H_l·W_l) for each l] and the normalised feature z (N, d), all left on `device`.
+
+    The network is frozen and D is not augmented, so these pairs are fixed and computed once.
+    """
+    was_training = model.training
+    model.eval()
+    taps, features = [[] for _ in TAPPED_LAYERS], []
+    for start in tqdm(range(0, len(images), batch_size), desc='Caching tapped layers', leave=False,
+                      disable=disable_progress):
+        x = normalize_batch(images[start:start + batch_size], normalization, device)  # (B, 3, H, W)
+        feature, _, batch_taps = model(x, return_taps=True)  # (B, d), [(B, C_l, H_l, W_l)]
+        features.append(feature)
+        for cache, tap in zip(taps, batch_taps):
+            cache.append(torch.flatten(tap, start_dim=1))  # (B, C_l·H_l·W_l)
+    model.train(was_training)
+    return [torch.cat(cache) for cache in taps], torch.cat(features)
+
+
+def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *, base: list[float],
+                            mi_epochs: int, batch_size: int, seed: int, device: torch.device,
+                            disable_progress: bool = False) -> dict:
+    """MI between each tapped layer and the representation, and the attention weights (SPEC §6.1-6.2).
+
+    Returns {'mi': {layer: MI}, 'weights': [w_l], 'opt': [opt_l], 'fell_back': bool, 'history': ...}.
+    """
+    taps, z = tapped_representations(model, images, normalization, batch_size, device, disable_progress)
+    generator = torch.Generator().manual_seed(seed)  # the permutations of the DV marginal term
+    mi, history = {}, {}
+    for name, h in zip(LAYER_NAMES, taps):
+        with tqdm(total=mi_epochs, desc=f'MI {name}', disable=disable_progress) as bar:
+            def on_epoch(epoch: int, estimate: float, bar=bar) -> None:
+                bar.set_postfix(mi=f'{estimate:.4f}')
+                bar.update(1)
+            mi[name], history[name] = estimate_mi(h, z, epochs=mi_epochs, batch_size=batch_size,
+                                                  generator=generator, on_epoch=on_epoch)
+    opt, weights, fell_back = layer_weights([mi[name] for name in LAYER_NAMES], base)
+    return {'mi': mi, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': fell_back,
+            'layers': RESNET_STAGES, 'history': history}
+
+
+def uniform_layer_weights(base: list[float]) -> dict:
+    """The "without MI guidance" ablation: no MI step, w_l = 1/L, opt_l = base_l + 10000/L (SPEC §6.2 with
+    equal MI). The report has the layout of `locate_benign_knowledge`'s, with no MI values."""
+    opt, weights, _ = layer_weights([1.0] * len(base), base)
+    return {'mi': None, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': False,
+            'layers': RESNET_STAGES, 'history': None}
+
+
+def report_weights(report: dict, mi_model: str) -> None:
+    if report['mi'] is None:
+        print('layer weights: uniform (--layer_weights uniform, no MI step)')
+    else:
+        print(f'MI of each tapped layer with the representation ({mi_model}): '
+              + ', '.join(f'{name} {report["mi"][name]:.4f}' for name in LAYER_NAMES))
+    print('attention weights w: ' + ', '.join(f'{w:.4f}' for w in report['weights'])
+          + ' -> opt: ' + ', '.join(f'{o:.1f}' for o in report['opt']))
+    if report['fell_back']:
+        print('warning: every MI estimate is 0 (estimation too short, or data without structure); '
+              'the layer weights fall back to uniform', file=sys.stderr)
+
+
+def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: torch.Tensor,
+                        opt_weights: list[float], opt5: float, temperature: float,
+                        precision: Callable[[], ContextManager] = contextlib.nullcontext,
+                        contrastive_weight: float = 1.0,
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = c·L_con + Σ_l opt_l·AT(S_l(x1), T_l(x1)) + opt5·L_clone on one batch of two views (SPEC §6.3).
+
+    One forward of the student per view and one of the teacher (no_grad): the tapped maps come from
+    those passes. (The original ran the student a second time on x1 to collect the maps: the same
+    outputs and gradients, but its BatchNorm running statistics were updated twice per step; once here.)
+    A term whose weight is 0 (an ablation) is neither computed nor returned, and the second view is not
+    even encoded without the contrastive term. Returns the loss and its unweighted terms (loss_con,
+    loss_at1..4, loss_clone).
+    """
+    attention = any(w != 0 for w in opt_weights)
+    with precision():
+        with torch.no_grad():
+            feature_t, _, taps_t = teacher(x1, return_taps=True)
+        feature_s, out_s1, taps_s = student(x1, return_taps=True)
+        out_s2 = student(x2)[1] if contrastive_weight != 0 else None
+    terms, parts = {}, []  # summed in the original's order: L_con + (Σ_l opt_l·AT_l) + opt5·L_clone
+    if contrastive_weight != 0:
+        terms['loss_con'] = nt_xent(out_s1.float(), out_s2.float(), temperature)
+        parts.append(contrastive_weight * terms['loss_con'])
+    if attention:
+        for index, (tap_s, tap_t) in enumerate(zip(taps_s, taps_t), start=1):
+            terms[f'loss_at{index}'] = attention_transfer(tap_s.float(), tap_t.float())
+        parts.append(sum(w * terms[f'loss_at{i}'] for i, w in enumerate(opt_weights, start=1)))
+    if opt5 != 0:
+        terms['loss_clone'] = negative_cosine(feature_s.float(), feature_t.float())
+        parts.append(opt5 * terms['loss_clone'])
+    if not parts:
+        raise UsageError('every loss term is switched off: keep at least one of the contrastive, attention '
+                         'and clone terms')
+    loss = parts[0]
+    for part in parts[1:]:
+        loss = loss + part
+    return loss, terms
+
+
+def distillation_step(student: SimCLR, teacher: SimCLR, opt_weights: list[float], opt5: float, temperature: float,
+                      device: torch.device, amp: bool = False, contrastive_weight: float = 1.0):
+    """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training)."""
+    def step_loss(x1: torch.Tensor, x2: torch.Tensor):
+        return distillation_losses(student, teacher, x1, x2, opt_weights, opt5, temperature,
+                                   precision=lambda: autocast(device, amp), contrastive_weight=contrastive_weight)
+    return step_loss
+
+
+def distillation_modes(student: torch.nn.Module, teacher: torch.nn.Module) -> Callable[[], None]:
+    def set_modes() -> None:
+        student.train()
+        teacher.eval()
+    return set_modes
+
+
+def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.optim.Optimizer,
+                    opt_weights: list[float], opt5: float, temperature: float, *, epoch: int, epochs: int,
+                    device: torch.device, amp: bool = False, disable_progress: bool = False,
+                    contrastive_weight: float = 1.0) -> dict:
+    """One pass of distillation over the clean subset; returns the mean loss and terms of the epoch."""
+    return train_phase_epoch(loader, optimizer,
+                             distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp,
+                                               contrastive_weight),
+                             set_modes=distillation_modes(student, teacher), epoch=epoch, epochs=epochs,
+                             device=device, disable_progress=disable_progress, desc='Distill')

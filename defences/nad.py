@@ -1,0 +1,60 @@
+"""Neural Attention Distillation (NAD; Li, Lyu, Koren, Lyu, Li and Ma, "Neural Attention Distillation: Erasing
+Backdoor Triggers from Deep Neural Networks", ICLR 2021).
+
+Recipe as published: (1) fine-tune a copy of the backdoored network on the defender's small clean set (5%
+of the training data) to get a teacher (10 epochs in the released code); (2) train the backdoored network
+itself, the student, on the same data with its task loss plus β-weighted attention distillation from the
+teacher at the end of each residual group, AT(F) = normalise(mean_c F_c^p), p = 2 (20 epochs). The released
+code's CIFAR values for the three groups of its WRN-16-1 are β = 500, 1000, 1000 (`--beta1/2/3`).
+Label-free adaptation: both losses of a classifier become the encoder's own, NT-Xent on two views of D:
+the teacher is `ft` of the suspect (`--nad_teacher_epochs`, default half of --epochs, NAD's 10 of 20), and
+the student, a copy of the suspect, minimises NT-Xent + Σ_l β_l·AT(S_l(x1), T_l(x1)). A ResNet encoder has
+four stages; as toolkits that port NAD to ResNet-18 do (BackdoorBench), the three β go to its last three
+stages (layer2..layer4) and layer1 gets none: `--nad_betas 0,500,1000,1000`. The attention map is the
+project's `attention_transfer` (MIMIC's: Σ_c |F_c|^2 normalised over positions, which equals NAD's
+normalise(mean_c F_c^2) up to its 1e-6 guard, since the constant 1/C cancels in the normalisation).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models import SimCLR
+from models.losses import attention_transfer
+
+from .ft import finetune_phase, trainable_copy
+from .training import DefenceRun
+
+PAPER = 'Li et al., Neural Attention Distillation, ICLR 2021'
+NAD_BETAS = (0.0, 500.0, 1000.0, 1000.0)  # layer1..layer4; the released code's CIFAR β on the last three
+
+
+def attention_terms(teacher: SimCLR, betas: list[float]):
+    """extra(x1, x2, student_taps) for `contrastive_step`: {'loss_at<l>': (β_l, AT(S_l(x1), T_l(x1)))} for each
+    tapped layer with β_l ≠ 0; one no-grad teacher forward on x1 per step."""
+    def extra(x1: torch.Tensor, x2: torch.Tensor, student_taps: list[torch.Tensor]) -> dict:
+        with torch.no_grad():
+            _, _, teacher_taps = teacher(x1, return_taps=True)
+        return {f'loss_at{index}': (beta, attention_transfer(tap_s.float(), tap_t.float()))
+                for index, (beta, tap_s, tap_t) in enumerate(zip(betas, student_taps, teacher_taps), start=1)
+                if beta != 0}
+    return extra
+
+
+def teacher_epochs(args) -> int:
+    return args.nad_teacher_epochs if args.nad_teacher_epochs else max(1, args.epochs // 2)
+
+
+def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR, dict]:
+    args = run.args
+    # (1) the teacher: fine-tuning of the suspect, in its own checkpoints and log
+    teacher = trainable_copy(suspect)
+    run.train(finetune_phase(teacher, run, name='NAD teacher', checkpoint_pattern='teacher_{}.pth',
+                             log_name='teacher_log.csv'), clean, teacher_epochs(args))
+    teacher.eval().requires_grad_(False)
+    # (2) the student: the suspect, with attention distillation from the teacher
+    student = trainable_copy(suspect)
+    # the teacher stays in eval mode (set above); the phase puts only the student in training mode
+    phase = finetune_phase(student, run, name='NAD student', extra=attention_terms(teacher, args.nad_betas))
+    run.train(phase, clean, args.epochs)
+    return student, {'epochs': args.epochs, 'teacher_epochs': teacher_epochs(args), 'betas': list(args.nad_betas)}
