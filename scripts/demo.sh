@@ -4,6 +4,8 @@
 #   -> ACC / ASR of all three encoders on a synthetic downstream task (digits, target "one").
 #
 #   bash scripts/demo.sh [OUT_DIR]        # default runs/demo; prints the table, writes OUT_DIR/summary.json
+#   DEFENCES=all bash scripts/demo.sh OUT # also the seven baseline defences on the same backdoored encoder
+#                                         # (or a list: DEFENCES=ft,clp); summary.json gains "defences"
 #
 # The scale (image counts, encoder width, epochs, ratio, learning rates) is chosen to fit a 2-core CPU;
 # the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
@@ -25,6 +27,8 @@ MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}
 MI_EPOCHS=${MI_EPOCHS:-20}
 NN_EPOCHS=${NN_EPOCHS:-100}
 RATIO=${RATIO:-0.25}
+DEFENCES=${DEFENCES:-}
+ANP_ITERATIONS=${ANP_ITERATIONS:-200}
 MIMIC_LR=${MIMIC_LR:-0.01}
 BAD_LR=${BAD_LR:-0.01}
 PROBE_LR=${PROBE_LR:-0.001}
@@ -46,7 +50,8 @@ bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DE
   --mimic_epochs "$MIMIC_EPOCHS" --mi_epochs "$MI_EPOCHS" --nn_epochs "$NN_EPOCHS" \
   --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 \
   --clean_args "--batch_size 256" --badencoder_args "--batch_size 128 --lr $BAD_LR" \
-  --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress"
+  --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress" \
+  --defences "$DEFENCES" --defence_args "--batch_size 128 --anp_iterations $ANP_ITERATIONS"
 
 echo "demo finished in $(( $(date +%s) - start )) s; summary: $OUT/summary.json"
 cat "$OUT/summary.json"

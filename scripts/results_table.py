@@ -3,10 +3,14 @@
 
 A run directory is what `scripts/run_pipeline.sh` makes: `run.json` (the setting) and
 `eval_clean/`, `eval_backdoored/`, `eval_mimic/`, each holding the `metrics.json` that
-`training_downstream_classifier.py --results_dir` writes.
+`training_downstream_classifier.py --results_dir` writes, and, for each baseline defence the pipeline ran
+(`--defences`), `eval_<defence>/` beside `defence_<defence>/`. Each defence's folder holds
+`stage_seconds.txt`, the wall time the pipeline measured for it.
 
     python scripts/results_table.py runs/cifar10_gtsrb runs/cifar10_svhn --out results/table
-    # -> results/table.md and results/table.csv, one row per (pre-training set, downstream task)
+    # -> results/table.md and results/table.csv, one row per (pre-training set, downstream task);
+    #    with baseline defences also results/table_defences.csv and a second table in table.md,
+    #    one row per (setting, defence): ACC, ASR, ASR*, ACC change against the backdoored encoder, time
     python scripts/results_table.py runs/demo --summary runs/demo/summary.json
 
 Percentages throughout; ASR is counted as the original (over every triggered test image), and
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 ENCODERS = ('clean', 'backdoored', 'mimic')
+BASELINES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')  # defences.BASELINES, in the pipeline's order
 METRICS = (('acc', 'ACC'), ('asr', 'ASR'), ('asr_excluding_target', 'ASR*'))
 
 
@@ -54,7 +59,23 @@ def read_run(run_dir: Path) -> dict:
         found = found or row[encoder] is not None
     if not found:
         raise TableError(f'{run_dir}: no eval_*/metrics.json yet (has the pipeline reached stage 3?)')
+    row['attack'] = setting.get('attack', 'badencoder')
+    row['defences'] = {}
+    for defence in BASELINES:
+        path = run_dir / f'eval_{defence}' / 'metrics.json'
+        if path.is_file():
+            row['defences'][defence] = read_json(path)
+    row['seconds'] = {name: stage_seconds(run_dir / folder) for name, folder in
+                      [('mimic', 'mimic')] + [(d, f'defence_{d}') for d in row['defences']]}
     return row
+
+
+def stage_seconds(folder: Path) -> float | None:
+    """The wall time the pipeline measured for a stage (its stage_seconds.txt), or None."""
+    try:
+        return float((folder / 'stage_seconds.txt').read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def cell(metrics: dict | None, key: str) -> str:
@@ -92,10 +113,56 @@ def csv_text(runs: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def defence_rows(runs: list[dict]) -> list[dict]:
+    """One row per (setting, defence): MIMIC first, then the baselines the run has; ACC change against the
+    backdoored encoder of the same setting; the defence's wall time."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r['pretraining'], r['downstream'])):
+        backdoored = (run['backdoored'] or {}).get('acc')
+        for name, metrics in [('mimic', run['mimic'])] + list(run['defences'].items()):
+            if metrics is None:
+                continue
+            acc = metrics.get('acc')
+            rows.append({'pretraining': run['pretraining'], 'downstream': run['downstream'], 'attack': run['attack'],
+                         'defence': name, **{key: metrics.get(key) for key, _ in METRICS},
+                         'acc_change': None if acc is None or backdoored is None else acc - backdoored,
+                         'seconds': run['seconds'].get(name)})
+    return rows
+
+
+def defence_markdown(rows: list[dict]) -> str:
+    head = ['Pre-training', 'Downstream', 'Attack', 'Defence', 'ACC', 'ASR', 'ASR*', 'ΔACC', 'Time (s)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 4 + ['---:'] * 5) + '|']
+    for row in rows:
+        values = [row['pretraining'], row['downstream'], row['attack'], row['defence']]
+        values += [cell(row, key) for key, _ in METRICS]
+        values += ['–' if row['acc_change'] is None else f"{row['acc_change']:+.2f}",
+                   '–' if row['seconds'] is None else f"{row['seconds']:.0f}"]
+        lines.append('| ' + ' | '.join(values) + ' |')
+    return '\n'.join(lines) + ('\n\nΔACC: ACC of the purified encoder minus that of the backdoored one (points). '
+                                'Time: wall-clock seconds of the defence stage, as the pipeline measured it.\n')
+
+
+def defence_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    columns = ['pretraining', 'downstream', 'attack', 'defence'] + [key for key, _ in METRICS] + ['acc_change',
+                                                                                                   'seconds']
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: '' if row[key] is None else row[key] for key in columns})
+    return buffer.getvalue()
+
+
 def summary(run: dict) -> dict:
-    """{'clean': {'acc', 'asr', 'asr_excluding_target'}, 'backdoored': ..., 'mimic': ...} of one run."""
-    return {encoder: ({key: run[encoder].get(key) for key, _ in METRICS} if run[encoder] else None)
-            for encoder in ENCODERS}
+    """{'clean': {'acc', 'asr', 'asr_excluding_target'}, 'backdoored': ..., 'mimic': ...} of one run, and, when
+    baseline defences ran, 'defences': {name: {'acc', 'asr', 'asr_excluding_target', 'seconds'}} (MIMIC too)."""
+    result = {encoder: ({key: run[encoder].get(key) for key, _ in METRICS} if run[encoder] else None)
+              for encoder in ENCODERS}
+    if run['defences']:
+        result['defences'] = {row['defence']: {**{key: row[key] for key, _ in METRICS}, 'seconds': row['seconds']}
+                              for row in defence_rows([run])}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         print('error: --summary takes exactly one run directory', file=sys.stderr)
         return 2
     table = markdown(runs)
+    compared = defence_rows(runs) if any(run['defences'] for run in runs) else []
+    if compared:
+        table += '\n## Defences\n\n' + defence_markdown(compared)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix('.md').write_text(table)
         args.out.with_suffix('.csv').write_text(csv_text(runs))
+        if compared:
+            args.out.with_name(args.out.name + '_defences.csv').write_text(defence_csv(compared))
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary(runs[0]), indent=2) + '\n')

@@ -4,9 +4,11 @@
 #   RUN/clean/       stage 0  train_clean_encoder.py          -> model_<E0>.pth
 #   RUN/backdoor/    stage 1  train_badencoder.py             -> model_<E1>.pth
 #   RUN/mimic/       stage 2  MIMIC.py                        -> model<E2>.pth (+ mi.json)
-#   RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/
+#   RUN/defence_<d>/ stage 2  baseline_defence.py --defence d -> model_<E>.pth, defence.json  (--defences)
+#   RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/, RUN/eval_<d>/
 #                    stage 3  training_downstream_classifier.py -> metrics.json
-#   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed
+#   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed;
+#   <stage folder>/stage_seconds.txt  the stage's wall time (summed over the runs that resumed it)
 #
 # Run it again and a finished stage is skipped; an interrupted one continues with --resume from its
 # latest checkpoint. Example (the paper's CIFAR10 -> GTSRB setting, on a GPU machine):
@@ -22,7 +24,11 @@
 #   --ratio 0.04  --mimic_lr 0.01  --arch resnet18  --width 64  --device auto  --data_root data
 #   --num_workers 2  --seed 100  --save_freq 50 (stage 0 and 2 checkpoints, for resuming)
 #   --clean_encoder PATH   use this encoder instead of training stage 0
-#   --clean_args "..." --badencoder_args "..." --mimic_args "..." --eval_args "..."  extra flags per stage
+#   --defences LIST        baseline defences run beside MIMIC on the backdoored encoder, comma-separated
+#                          (ft,fp,nad,clp,anp,kd,invert or all; default: none); the ones that train get
+#                          --epochs = --mimic_epochs, MIMIC's budget, and MIMIC's --ratio
+#   --clean_args "..." --badencoder_args "..." --mimic_args "..." --defence_args "..." --eval_args "..."
+#                          extra flags per stage (--defence_args goes to every baseline defence)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -30,7 +36,8 @@ PYTHON=${PYTHON:-python}
 run_dir='' pretraining=cifar10 downstream=gtsrb reference='' trigger=trigger/trigger_pt_white_21_10_ap_replace.npz
 clean_epochs=1000 bad_epochs=200 mimic_epochs=1000 mi_epochs=200 nn_epochs=1000 ratio=0.04 mimic_lr=0.01
 arch=resnet18 width=64 device=auto data_root=data num_workers=2 seed=100 save_freq=50 clean_encoder=''
-clean_args='' bad_args='' mimic_args='' eval_args=''
+clean_args='' bad_args='' mimic_args='' eval_args='' defence_args='' defences=''
+ALL_DEFENCES=ft,fp,nad,clp,anp,kd,invert
 
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -48,6 +55,7 @@ while [ $# -gt 0 ]; do
     --save_freq) save_freq=$2 ;;             --clean_encoder) clean_encoder=$2 ;;
     --clean_args) clean_args=$2 ;;           --badencoder_args) bad_args=$2 ;;
     --mimic_args) mimic_args=$2 ;;           --eval_args) eval_args=$2 ;;
+    --defences) defences=$2 ;;               --defence_args) defence_args=$2 ;;
     *) die "unknown option $1 (see the header of $0)" ;;
   esac
   shift 2
@@ -57,6 +65,11 @@ done
 [ -f "$reference" ] || die "--reference_file $reference: no such file"
 [ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
 [ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
+[ "$defences" != all ] || defences=$ALL_DEFENCES
+IFS=, read -r -a defence_list <<< "$defences"
+for d in "${defence_list[@]}"; do
+  [[ ",$ALL_DEFENCES," == *",$d,"* ]] || die "--defences: unknown defence '$d' (expected some of $ALL_DEFENCES, or all)"
+done
 
 target_label=$("$PYTHON" -c "
 import sys
@@ -71,7 +84,8 @@ cat > "$run_dir/run.json" <<JSON
 {"pretraining_dataset": "$pretraining", "downstream_dataset": "$downstream", "target_label": $target_label,
  "reference_file": "$reference", "trigger_file": "$trigger", "arch": "$arch", "width": $width,
  "clean_epochs": $clean_epochs, "badencoder_epochs": $bad_epochs, "mimic_epochs": $mimic_epochs,
- "mi_epochs": $mi_epochs, "nn_epochs": $nn_epochs, "ratio": $ratio, "mimic_lr": $mimic_lr, "seed": $seed}
+ "mi_epochs": $mi_epochs, "nn_epochs": $nn_epochs, "ratio": $ratio, "mimic_lr": $mimic_lr, "seed": $seed,
+ "defences": "$defences"}
 JSON
 
 # stage NAME DIR FINAL_FILE CHECKPOINT_GLOB command...: skip when FINAL_FILE exists, resume when the
@@ -84,10 +98,14 @@ stage() {
   local resume=()
   if compgen -G "$dir/$glob" > /dev/null; then resume=(--resume); fi
   echo "== $name: $* ${resume[*]}"
+  local started=$SECONDS
   # The terminal gets everything as printed; the log keeps what the terminal finally shows of each line
   # (progress bars redraw themselves with \r: only their last state stays, and the JSON lines stay clean).
   "$PYTHON" -u "$@" "${resume[@]}" 2>&1 | { tee /dev/fd/3 | sed -u 's/.*\r//' >> "$run_dir/$name.log"; } 3>&1
   [ -f "$dir/$final" ] || die "$name did not produce $dir/$final (see $run_dir/$name.log)"
+  local spent=$(( SECONDS - started )) before=0
+  [ ! -f "$dir/stage_seconds.txt" ] || before=$(cat "$dir/stage_seconds.txt")
+  echo $(( before + spent )) > "$dir/stage_seconds.txt"
 }
 
 if [ -z "$clean_encoder" ]; then
@@ -113,6 +131,19 @@ stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
   --results_dir "$run_dir/mimic" "${common[@]}" $mimic_args
 mimic_encoder=$run_dir/mimic/model$mimic_epochs.pth
 
+# The baseline defences on the same backdoored encoder and clean subset as MIMIC.
+encoders=("clean:$clean_encoder" "backdoored:$backdoored_encoder" "mimic:$mimic_encoder")
+for d in "${defence_list[@]}"; do
+  # shellcheck disable=SC2086
+  stage "defence_$d" "$run_dir/defence_$d" defence.json '*_[0-9]*.pth' \
+    baseline_defence.py --defence "$d" --pretraining_dataset "$pretraining" --teacher "$backdoored_encoder" \
+    --ratio "$ratio" --epochs "$mimic_epochs" --save_freq "$save_freq" --results_dir "$run_dir/defence_$d" \
+    "${common[@]}" $defence_args
+  checkpoint=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['checkpoint'])" \
+    "$run_dir/defence_$d/defence.json")
+  encoders+=("$d:$run_dir/defence_$d/$checkpoint")
+done
+
 # an evaluation is redone (from scratch: it is the cheapest stage, and its encoder may have been retrained)
 # when it has no metrics.json, or one that belongs to another encoder file or probe length
 fresh_metrics() {  # metrics.json encoder nn_epochs
@@ -121,7 +152,7 @@ import json, sys
 m = json.load(open(sys.argv[1]))
 sys.exit(0 if m.get('encoder') == sys.argv[2] and int(m.get('epoch', -1)) == int(sys.argv[3]) else 1)" "$@"
 }
-for pair in "clean:$clean_encoder" "backdoored:$backdoored_encoder" "mimic:$mimic_encoder"; do
+for pair in "${encoders[@]}"; do
   name=${pair%%:*} encoder=${pair#*:}
   metrics=$run_dir/eval_$name/metrics.json
   if [ -f "$metrics" ] && ! fresh_metrics "$metrics" "$encoder" "$nn_epochs"; then

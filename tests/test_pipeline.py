@@ -61,18 +61,28 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     # an interrupted MIMIC stage (only its epoch-1 checkpoint left) resumes, and its evaluation is redone
     (run / 'mimic' / 'model2.pth').unlink()
     (run / 'eval_mimic' / 'metrics.json').unlink()
-    resumed = pipeline(run, data_root, reference_file, trigger_file)
+    # ... and baseline defences asked for now run beside it on the same backdoored encoder
+    resumed = pipeline(run, data_root, reference_file, trigger_file, '--defences', 'ft,clp',
+                       '--defence_args', '--batch_size 32 --no_progress')
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     mimic_line = next(line for line in resumed.stdout.splitlines() if line.startswith('== mimic:'))
     assert '--resume' in mimic_line
     assert '== backdoor: done' in resumed.stdout and '== eval_backdoored: done' in resumed.stdout
     assert (run / 'mimic' / 'model2.pth').is_file() and (run / 'eval_mimic' / 'metrics.json').is_file()
+    for path in ['defence_ft/model_2.pth', 'defence_clp/model_0.pth', 'eval_ft/metrics.json', 'eval_clp/metrics.json',
+                 'table_defences.csv', 'defence_ft/stage_seconds.txt', 'mimic/stage_seconds.txt']:
+        assert (run / path).is_file(), path
+    summary = json.loads((run / 'summary.json').read_text())
+    assert set(summary['defences']) == {'mimic', 'ft', 'clp'}
+    assert all(set(row) == {'acc', 'asr', 'asr_excluding_target', 'seconds'} for row in summary['defences'].values())
+    assert '| clp |' in (run / 'table.md').read_text()
 
 
 @pytest.mark.parametrize('args, message', [
     ([], '--run_dir is required'),
     (['--run_dir', 'x', '--reference_file', 'nowhere.npz'], 'nowhere.npz'),
     (['--run_dir', 'x', '--bogus', '1'], 'unknown option --bogus'),
+    (['--run_dir', 'x', '--reference_file', 'README.md', '--defences', 'ft,magic'], "unknown defence 'magic'"),
 ])
 def test_pipeline_bad_arguments(args, message):
     result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,

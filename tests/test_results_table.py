@@ -70,3 +70,28 @@ def test_summary_needs_one_run(tmp_path, capsys):
     b = make_run(tmp_path, 'cifar10', 'svhn', METRICS)
     assert results_table.main([str(a), str(b), '--summary', str(tmp_path / 's.json')]) == 2
     assert not (tmp_path / 's.json').exists()
+
+
+def test_defence_rows_summary_and_csv(tmp_path):
+    run = make_run(tmp_path, 'cifar10', 'gtsrb', {**METRICS, 'clp': {'acc': 70.0, 'asr': 50.0,
+                                                                     'asr_excluding_target': 49.0}})
+    (run / 'mimic').mkdir()
+    (run / 'mimic' / 'stage_seconds.txt').write_text('120\n')
+    (run / 'defence_clp').mkdir()
+    (run / 'defence_clp' / 'stage_seconds.txt').write_text('7\n')
+    out = tmp_path / 'table'
+    assert results_table.main([str(run), '--out', str(out), '--summary', str(tmp_path / 's.json')]) == 0
+    md = out.with_suffix('.md').read_text()
+    assert '| cifar10 | gtsrb | badencoder | mimic | 80.00 | 4.12 | 3.00 | -2.27 | 120 |' in md
+    assert '| cifar10 | gtsrb | badencoder | clp | 70.00 | 50.00 | 49.00 | -12.27 | 7 |' in md
+    rows = list(csv.DictReader((tmp_path / 'table_defences.csv').open()))
+    assert [r['defence'] for r in rows] == ['mimic', 'clp'] and rows[1]['seconds'] == '7.0'
+    summary = json.loads((tmp_path / 's.json').read_text())
+    assert summary['defences']['clp'] == {'acc': 70.0, 'asr': 50.0, 'asr_excluding_target': 49.0, 'seconds': 7.0}
+    assert summary['defences']['mimic']['seconds'] == 120.0 and summary['mimic']['acc'] == 80.0
+
+
+def test_no_baselines_keeps_the_summary_as_before(tmp_path):
+    run = make_run(tmp_path, 'cifar10', 'gtsrb', METRICS)
+    assert results_table.main([str(run), '--summary', str(tmp_path / 's.json')]) == 0
+    assert set(json.loads((tmp_path / 's.json').read_text())) == {'clean', 'backdoored', 'mimic'}
