@@ -37,6 +37,7 @@ from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
 from datasets import get_info, load_split, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
+from defences.anp import ANP_SETTINGS
 from defences.mimic import clean_subset, load_teacher
 from defences.nad import NAD_BETAS
 from defences.training import DefenceRun
@@ -45,7 +46,8 @@ CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
 DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine-tune a trained encoder: 1e-3
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('defence', 'teacher', 'pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size',
-                     'knn_t', 'num_workers', 'augment', 'prune_ratio', 'nad_betas', 'nad_teacher_epochs')
+                     'knn_t', 'num_workers', 'augment', 'prune_ratio', 'nad_betas', 'nad_teacher_epochs',
+                     'invert_steps', 'invert_lr', 'invert_lambda')
 
 
 def float_list(text: str) -> list[float]:
@@ -92,6 +94,31 @@ def get_args_parser() -> argparse.ArgumentParser:
                           'β on the last three stages)')
     nad.add_argument('--nad_teacher_epochs', default=0, type=int,
                      help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
+    clp = parser.add_argument_group('clp (Channel Lipschitzness-based Pruning, data-free)')
+    clp.add_argument('--clp_u', default=3.0, type=float,
+                     help='prune the channels whose Lipschitz upper bound exceeds mean + u·std of their layer '
+                          '(default: 3, CLP\'s)')
+    anp = parser.add_argument_group('anp (Adversarial Neuron Pruning; batch: --batch_size)')
+    anp.add_argument('--anp_eps', default=ANP_SETTINGS['eps'], type=float,
+                     help=f"bound of the adversarial BN perturbations (default: {ANP_SETTINGS['eps']}, ANP's)")
+    anp.add_argument('--anp_steps', default=ANP_SETTINGS['steps'], type=int,
+                     help=f"sign-gradient steps of the perturbation (default: {ANP_SETTINGS['steps']})")
+    anp.add_argument('--anp_alpha', default=ANP_SETTINGS['alpha'], type=float,
+                     help=f"weight of the unperturbed loss, α·L(m) + (1−α)·L(m, δ, ξ) (default: {ANP_SETTINGS['alpha']})")
+    anp.add_argument('--anp_lr', default=ANP_SETTINGS['lr'], type=float,
+                     help=f"SGD learning rate of the masks (default: {ANP_SETTINGS['lr']})")
+    anp.add_argument('--anp_iterations', default=ANP_SETTINGS['iterations'], type=int,
+                     help=f"mask optimisation steps (default: {ANP_SETTINGS['iterations']})")
+    anp.add_argument('--anp_threshold', default=ANP_SETTINGS['threshold'], type=float,
+                     help=f"prune the BN neurons whose mask is at most this (default: {ANP_SETTINGS['threshold']})")
+    invert = parser.add_argument_group('invert (DECREE trigger inversion, then unlearning; batch: --batch_size)')
+    invert.add_argument('--invert_steps', default=2000, type=int,
+                        help='at most this many inversion steps; DECREE stops earlier once the trigger no longer '
+                             'shrinks (default: 2000)')
+    invert.add_argument('--invert_lr', default=0.5, type=float, help="Adam learning rate of the inversion (default: 0.5, DECREE's)")
+    invert.add_argument('--invert_lambda', default=None, type=float,
+                        help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
+                             "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)")
     add_speed_arguments(parser)
     return parser
 
@@ -115,6 +142,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--prune_ratio must lie in [0, 1), got {args.prune_ratio}')
     if len(args.nad_betas) != 4 or any(beta < 0 for beta in args.nad_betas):
         raise UsageError(f'--nad_betas: expected 4 non-negative weights (layer1..layer4), got {args.nad_betas}')
+    for flag in ('anp_iterations', 'anp_steps', 'invert_steps'):
+        require_positive(f'--{flag}', getattr(args, flag))
+    if not 0 <= args.anp_threshold <= 1 or not args.anp_eps >= 0:
+        raise UsageError(f'--anp_threshold must lie in [0, 1] and --anp_eps be non-negative, got '
+                         f'{args.anp_threshold} and {args.anp_eps}')
     if args.nad_teacher_epochs < 0:
         raise UsageError(f'--nad_teacher_epochs must be 0 (half of --epochs) or positive, got {args.nad_teacher_epochs}')
 

@@ -236,3 +236,38 @@ def test_refuses_to_clobber_and_resume_needs_a_checkpoint(data_root, tiny_encode
         baseline_defence.main(tiny_args(data_root, tiny_encoder, out))
     with pytest.raises(UsageError, match='--resume: no checkpoint'):
         baseline_defence.main(tiny_args(data_root, tiny_encoder, tmp_path / 'empty', '--resume'))
+
+
+def test_clp_script_prunes_a_planted_high_lipschitz_channel(data_root, tmp_path):
+    from models import save_atomic
+    from models.checkpoint import encoder_checkpoint
+    torch.manual_seed(3)
+    model = SimCLR(width=8)
+    with torch.no_grad():
+        model.f.f[5][0].conv2.weight[7] *= 100  # layer3, block 0, output channel 7 of conv2 -> bn2
+    suspect = tmp_path / 'planted.pth'
+    save_atomic(encoder_checkpoint(model, None, 1), suspect)
+    out = tmp_path / 'clp'
+    result = run_script('baseline_defence.py', *tiny_args(data_root, suspect, out, defence='clp'))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / 'defence.json').read_text())
+    assert report['pruned']['f.f.5.0.bn2'] == [7] and report['checkpoint'] == 'model_0.pth'
+    state = load_checkpoint(out / 'model_0.pth')['state_dict']
+    assert state['f.f.5.0.bn2.weight'][7] == 0 and state['f.f.5.0.bn2.bias'][7] == 0
+
+
+def test_invert_writes_a_loadable_trigger_and_resumes(data_root, tiny_encoder, tmp_path):
+    from datasets import apply_trigger, load_trigger
+    out = tmp_path / 'invert'
+    baseline_defence.main(tiny_args(data_root, tiny_encoder, out, '--invert_steps', 2, '--epochs', 2, '--save_freq', 1,
+                                    defence='invert'))
+    report = json.loads((out / 'defence.json').read_text())
+    trigger = load_trigger(out / report['trigger_file'], image_size=32)
+    assert report['mask_l1'] == pytest.approx(float((1 - trigger.mask[0, ..., 0]).sum()), rel=1e-4)
+    assert apply_trigger(images(2), trigger).dtype == np.uint8
+    (out / 'model_2.pth').unlink()
+    (out / 'defence.json').unlink()
+    baseline_defence.main(tiny_args(data_root, tiny_encoder, out, '--invert_steps', 2, '--epochs', 2, '--save_freq', 1,
+                                    '--resume', defence='invert'))
+    again = json.loads((out / 'defence.json').read_text())
+    assert again['mask_l1'] == report['mask_l1'] and again['resumed']  # the inversion is not repeated
