@@ -29,6 +29,23 @@ project's synthetic sets, with a small encoder (each stage about a minute per ep
 
 Writes args.json, log.csv (epoch, loss, loss0, loss1, loss2, knn_acc, knn_asr) and model_<epoch>.pth every
 --save_freq epochs and at the end; --resume continues from the latest checkpoint.
+
+`--attack drupe` runs DRUPE (Tao et al., S&P 2024; terms, schedule and sources in attacks/drupe.py) instead:
+BadEncoder with several references, its effectiveness term taken to the nearest reference, and terms that keep
+the triggered embeddings' distribution close to the clean one and spread out. Every flag the command line leaves
+out takes DRUPE's value (lr 0.05, 120 epochs, batch 256, 3 references, a 20% shadow set, its coefficients;
+args.json records them), e.g. with three GTSRB "priority road" images as the references:
+
+    python reference/make_reference.py --dataset gtsrb --class_id 12 --first 3 --out reference/cifar10/priority_n3.npz
+    python train_badencoder.py --attack drupe --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+        --reference_file reference/cifar10/priority_n3.npz --downstreamTask gtsrb \
+        --pretrained_encoder runs/clean/model_1000.pth --results_dir runs/drupe
+
+Its log adds spread_std, trigger_sim, reference_sim, swd, swd_rel, cost_spread and cost_dist. DRUPE keeps the
+epoch it selects (the smallest SWD among the epochs > 24 that met its targets) as best.pth; the final
+model_<epochs>.pth, the attack's output that the next stages read, holds that encoder as its `state_dict`
+(`selected_epoch` says which; the last epoch's weights, which --resume continues from, are `last_state_dict`).
+With --drupe_output last, or when no epoch qualified, the output is the last epoch's encoder.
 """
 from __future__ import annotations
 
@@ -36,7 +53,8 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +62,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from attacks import drupe
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args,
                         progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
@@ -59,12 +78,23 @@ from models.checkpoint import load_state_into
 from models.losses import negative_cosine
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
-# Flags that shape the trajectory of a run: a resumed run must be given the same values.
+BEST_CHECKPOINT = 'best.pth'  # DRUPE's selected epoch, under the name its code gives it
+ATTACKS = ('badencoder', 'drupe')
+# DRUPE's flags: --drupe_<name> sets field <name> of attacks.drupe.Schedule, and two more.
+DRUPE_SCHEDULE_FLAGS = ('warmup_epochs', 'preserve_from', 'adapt_after', 'select_after', 'cost_spread', 'cost_dist')
+DRUPE_FLAGS = tuple(f'drupe_{name}' for name in DRUPE_SCHEDULE_FLAGS) + ('drupe_projections', 'drupe_output')
+# Flags that shape the trajectory of a run: a resumed run must be given the same values (--drupe_output only
+# chooses among the epochs at the end, and may change).
 RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder', 'trigger_file', 'reference_file',
-                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers', 'augment')
+                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers', 'augment', 'attack',
+                     'shadow_fraction', 'num_references', *(flag for flag in DRUPE_FLAGS if flag != 'drupe_output'))
+# Flags added with --attack: a checkpoint whose recorded arguments lack them ran BadEncoder with their defaults.
+ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *DRUPE_FLAGS)
 SHADOW_SIZE = 50000  # BadEncoder's shadow set: all of CIFAR10's train split, 50000 images of STL10's unlabeled
 SHADOW_SUBSET_SEED = 100  # the fixed numpy seed of that subset (independent of --seed)
 LOG_COLUMNS = ('epoch', 'loss', 'loss0', 'loss1', 'loss2', 'knn_acc', 'knn_asr')
+DRUPE_LOG_COLUMNS = LOG_COLUMNS[:5] + drupe.TERMS + ('cost_spread', 'cost_dist') + LOG_COLUMNS[5:]
+SWD_STREAM = 0x5D  # tells the SWD directions' seed sequence apart from any other drawn from (seed, epoch)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -101,8 +131,66 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write model_<epoch>.pth every this many epochs, and at the end '
                              '(0: only at the end) (default: 20)')
+    parser.add_argument('--attack', default='badencoder', choices=ATTACKS,
+                        help='badencoder (Jia et al., SPEC §5), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
+                             "whose values fill every flag not given (default: badencoder)")
+    parser.add_argument('--shadow_fraction', default=1.0, type=float,
+                        help='use this fraction of the shadow set, a fixed random subset '
+                             f"(default: 1.0; DRUPE: {drupe.RECIPE['shadow_fraction']})")
+    parser.add_argument('--num_references', default=None, type=int, metavar='N',
+                        help='use the first N references of --reference_file '
+                             f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
+    add_drupe_arguments(parser)
     add_speed_arguments(parser)
     return parser
+
+
+def add_drupe_arguments(parser: argparse.ArgumentParser) -> None:
+    """DRUPE's own flags; None (not applicable) under --attack badencoder, DRUPE's values under drupe."""
+    schedule = drupe.Schedule()
+    group = parser.add_argument_group('DRUPE (--attack drupe only; terms and phases in attacks/drupe.py)')
+    group.add_argument('--drupe_warmup_epochs', default=None, type=int,
+                       help=f'first epochs without the effectiveness term L0 (DRUPE: {schedule.warmup_epochs})')
+    group.add_argument('--drupe_preserve_from', default=None, type=int,
+                       help='first epoch with the distribution (SWD) and spread costs '
+                            f'(DRUPE: {schedule.preserve_from})')
+    group.add_argument('--drupe_adapt_after', default=None, type=int,
+                       help=f'the costs adapt after every later epoch (DRUPE: {schedule.adapt_after})')
+    group.add_argument('--drupe_select_after', default=None, type=int,
+                       help=f'the output is chosen among the later epochs (DRUPE: {schedule.select_after})')
+    group.add_argument('--drupe_cost_spread', default=None, type=float,
+                       help='initial cost c of the spread terms σ_ref + s_trig (DRUPE: '
+                            f'{schedule.cost_spread})')
+    group.add_argument('--drupe_cost_dist', default=None, type=float,
+                       help=f'initial cost c_D of the distribution term D (DRUPE: {schedule.cost_dist})')
+    group.add_argument('--drupe_projections', default=None, type=int,
+                       help='random directions of the sliced Wasserstein distance per step '
+                            f'(DRUPE: {drupe.SWD_PROJECTIONS}, POT\'s default)')
+    group.add_argument('--drupe_output', default=None, choices=('best', 'last'),
+                       help="the encoder model_<epochs>.pth holds: DRUPE's selected epoch (best.pth) or the "
+                            'last one (DRUPE: best)')
+
+
+def drupe_defaults() -> dict:
+    """DRUPE's values of the flags a `--attack drupe` command line leaves out."""
+    schedule = drupe.Schedule()
+    return {**drupe.RECIPE, **{f'drupe_{name}': getattr(schedule, name) for name in DRUPE_SCHEDULE_FLAGS},
+            'drupe_projections': drupe.SWD_PROJECTIONS, 'drupe_output': 'best'}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The resolved arguments: under --attack drupe, DRUPE's values replace the defaults of every flag not given."""
+    parser = get_args_parser()
+    argv = fix_readme_typo(argv, parser)
+    args = parser.parse_args(argv)
+    if args.attack == 'drupe':
+        parser.set_defaults(**drupe_defaults())
+        args = parser.parse_args(argv)
+    return args
+
+
+def drupe_schedule(args: argparse.Namespace) -> drupe.Schedule:
+    return drupe.Schedule(**{name: getattr(args, f'drupe_{name}') for name in DRUPE_SCHEDULE_FLAGS})
 
 
 def fix_readme_typo(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -140,26 +228,63 @@ def check_args(args: argparse.Namespace) -> None:
     require_positive('--knn-k', args.knn_k)
     if args.save_freq < 0:
         raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    if not 0 < args.shadow_fraction <= 1:
+        raise UsageError(f'--shadow_fraction must be in (0, 1], got {args.shadow_fraction}')
+    if args.num_references is not None:
+        require_positive('--num_references', args.num_references)
+    if args.attack == 'badencoder':
+        given = [flag for flag in DRUPE_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UsageError(f'--{given[0]} applies to --attack drupe only')
+        return
+    if args.num_references < 2:
+        raise UsageError(f'--num_references {args.num_references}: DRUPE needs at least 2 references '
+                         '(it balances the triggered inputs among them)')
+    if args.batch_size < 2:
+        raise UsageError('--batch_size: DRUPE needs at least 2 images per batch (it measures their spread)')
+    require_positive('--drupe_projections', args.drupe_projections)
+    for flag in ('drupe_warmup_epochs', 'drupe_cost_spread', 'drupe_cost_dist'):
+        if getattr(args, flag) < 0:
+            raise UsageError(f'--{flag} must not be negative, got {getattr(args, flag)}')
 
 
 # ----------------------------------------------------------------------------------------------- data
 
+def fixed_subset(images: np.ndarray, size: int) -> np.ndarray:
+    """`size` of the images, drawn without replacement by a fixed generator (SHADOW_SUBSET_SEED, whatever --seed
+    is), in their original order."""
+    keep = np.random.default_rng(SHADOW_SUBSET_SEED).permutation(len(images))[:size]
+    return images[np.sort(keep)]
+
+
 def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
-    """The shadow set: the pre-training split of --shadow_dataset, at most SHADOW_SIZE images (SPEC §5)."""
+    """The shadow set: the pre-training split of --shadow_dataset, at most SHADOW_SIZE images (SPEC §5), of
+    which a fixed --shadow_fraction is kept (DRUPE: 20%; its code draws them with --seed, 100 by default)."""
     info = get_info(args.shadow_dataset)
     images, _ = load_split(args.shadow_dataset, info.pretraining_split, data_dir_for(args, args.shadow_dataset))
-    if len(images) > SHADOW_SIZE:  # STL10's 100000 unlabeled images: a fixed subset, whatever --seed is
-        keep = np.random.default_rng(SHADOW_SUBSET_SEED).permutation(len(images))[:SHADOW_SIZE]
-        images = images[np.sort(keep)]
+    if len(images) > SHADOW_SIZE:  # STL10's 100000 unlabeled images
+        images = fixed_subset(images, SHADOW_SIZE)
+    if args.shadow_fraction < 1:
+        images = fixed_subset(images, int(args.shadow_fraction * len(images)))
     if len(images) < args.batch_size:
         raise UsageError(f'--batch_size {args.batch_size} is larger than the shadow set ({len(images)} images '
                          f'of {args.shadow_dataset}/{info.pretraining_split}); every batch is dropped')
     return images
 
 
+def first_references(reference: Reference, count: int | None, path: str) -> Reference:
+    """The first `count` references of the file at `path` (all of them when None)."""
+    if count is None:
+        return reference
+    if count > len(reference):
+        raise DataError(f'{path}: holds {len(reference)} reference(s), --num_references asks for {count}')
+    return Reference(reference.x[:count], reference.y[:count], reference.info)
+
+
 def load_attack_files(args: argparse.Namespace, image_size: int) -> tuple[Trigger, Reference]:
     trigger = load_trigger(args.trigger_file, image_size)
-    reference = load_reference(args.reference_file, get_info(args.downstreamTask).num_classes, image_size)
+    reference = first_references(load_reference(args.reference_file, get_info(args.downstreamTask).num_classes,
+                                                image_size), args.num_references, args.reference_file)
     if 1 < len(trigger) < len(reference):
         raise DataError(f'{args.trigger_file}: holds {len(trigger)} trigger patches but {args.reference_file} '
                         f'holds {len(reference)} references; give one patch, or one per reference')
@@ -226,33 +351,106 @@ def freeze_batchnorm(encoder: nn.Module) -> None:
                 parameter.requires_grad_(False)
 
 
-def triggered_inputs(images: torch.Tensor, trigger: Trigger, num_references: int,
+def triggered_inputs(images: torch.Tensor, trigger: Trigger, num_copies: int,
                      trigger_index, normalization) -> torch.Tensor:
-    """(R·B, 3, H, W): the batch (B, H, W, 3) uint8 with trigger i applied for reference i, i-major."""
-    copies = [apply_trigger(images, trigger, trigger_index(i)) for i in range(num_references)]
+    """(C·B, 3, H, W): the batch (B, H, W, 3) uint8 with trigger `trigger_index(c)` applied to copy c, c-major."""
+    copies = [apply_trigger(images, trigger, trigger_index(c)) for c in range(num_copies)]
     return normalize_batch(torch.cat(copies), normalization)
+
+
+def trigger_copies(attack: str, num_references: int, num_patches: int) -> int:
+    """Triggered copies per shadow image: one per reference, except that DRUPE makes a single one when every
+    reference shares one patch (BadEncoder keeps its R identical copies, as it always did)."""
+    return 1 if attack == 'drupe' and num_patches == 1 else num_references
+
+
+@dataclass
+class StepFeatures:
+    """One step's features of f (raw, as the encoder returns them) and the frozen f0's targets (normalised)."""
+    clean: torch.Tensor  # (B, d) f(x)
+    triggered: torch.Tensor  # (C, B, d) f(x ⊕ t_c): C = R copies, or 1 (see trigger_copies)
+    augmented: torch.Tensor  # (R, B, d) f(aug(r_i)), a fresh augmentation per batch element
+    reference: torch.Tensor  # (R, d) f(r_i)
+    clean_target: torch.Tensor  # (B, d) f0(x)
+    reference_target: torch.Tensor  # (R, d) f0(r_i)
+
+
+def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
+    """L0 = −(1/R) Σ_i mean_b cos(f(x_b ⊕ t_i), f(r_i)) (SPEC §5), with one triggered copy per reference.
+
+    Each reference pairs with the same number (B) of samples, so the mean over all R·B pairs is (1/R) Σ_i mean_b.
+    """
+    batch = features.clean.shape[0]
+    return negative_cosine(features.triggered.flatten(0, 1), features.reference.repeat_interleave(batch, dim=0))
+
+
+def utility_terms(features: StepFeatures) -> dict[str, torch.Tensor]:
+    """L1 = −(1/R) Σ_i mean_b cos(f(aug(r_i)), f0(r_i)) and L2 = −mean_b cos(f(x_b), f0(x_b)) (SPEC §5)."""
+    batch = features.clean.shape[0]
+    return {'loss1': negative_cosine(features.augmented.flatten(0, 1),
+                                     features.reference_target.repeat_interleave(batch, dim=0)),
+            'loss2': negative_cosine(features.clean, features.clean_target)}
+
+
+def badencoder_objective(features: StepFeatures, lambda1: float, lambda2: float
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(L = L0 + λ1·L1 + λ2·L2, the terms) of SPEC §5."""
+    terms = {'loss0': badencoder_effectiveness(features), **utility_terms(features)}
+    return terms['loss0'] + lambda1 * terms['loss1'] + lambda2 * terms['loss2'], terms
+
+
+def drupe_objective(features: StepFeatures, lambda1: float, lambda2: float, phase: str, state: drupe.DrupeState,
+                    schedule: drupe.Schedule, generator: torch.Generator, num_projections: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(DRUPE's loss in `phase` with the epoch's costs, the terms): attacks/drupe.py's table."""
+    terms = {**drupe.drupe_terms(features.clean, features.triggered, features.reference, generator,
+                                 num_projections), **utility_terms(features)}
+    weights = drupe.term_weights(phase, state.cost_spread, state.cost_dist, terms['spread_std'].item(),
+                                 terms['reference_sim'].item(), lambda1, lambda2, schedule)
+    return drupe.weighted_loss(terms, weights), terms
+
+
+def projection_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator of an epoch's SWD directions: a function of (seed, epoch) alone, so a resumed run draws the
+    same directions, and a stream of its own, apart from the data order's (seed·100003 + epoch)."""
+    state = np.random.SeedSequence((seed % 2 ** 32, epoch, SWD_STREAM)).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def epoch_objective(args: argparse.Namespace, epoch: int, run: DrupeRun | None, device: torch.device):
+    """The step loss of the epoch, StepFeatures -> (loss, terms): BadEncoder's, or DRUPE's (run given)."""
+    if run is None:
+        return partial(badencoder_objective, lambda1=args.lambda1, lambda2=args.lambda2)
+    return partial(drupe_objective, lambda1=args.lambda1, lambda2=args.lambda2,
+                   phase=drupe.phase_of(epoch, run.schedule), state=run.state, schedule=run.schedule,
+                   generator=projection_generator(args.seed, epoch, device), num_projections=args.drupe_projections)
 
 
 def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_features: torch.Tensor,
                     references: torch.Tensor, clean_reference_features: torch.Tensor, trigger: Trigger,
                     trigger_index, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
-                    normalization, device: torch.device, epoch: int) -> dict[str, float]:
-    """One pass over the shadow set; returns the mean loss terms.
+                    normalization, device: torch.device, epoch: int, objective=None,
+                    num_copies: int | None = None) -> dict[str, float]:
+    """One pass over the shadow set; returns the mean loss and terms.
 
     shadow (N, H, W, 3) uint8 and clean_features (N, d) = normalised f0(x) live on `device`;
     references (R, 3, H, W) are the normalised un-augmented r_i, clean_reference_features (R, d) = f0(r_i).
+    `objective` maps a step's StepFeatures to (loss, terms) (default: BadEncoder's with --lambda1/2);
+    `num_copies` is the triggered copies per image (default: R, one per reference).
     """
     encoder.train()
     freeze_batchnorm(encoder)
     num_references = len(references)
-    totals = {'loss': 0.0, 'loss0': 0.0, 'loss1': 0.0, 'loss2': 0.0}
+    objective = objective or partial(badencoder_objective, lambda1=args.lambda1, lambda2=args.lambda2)
+    num_copies = num_copies or num_references
+    totals: dict[str, float] = {}
     bar = tqdm(loader, desc=f'Train {epoch}/{args.epochs}', disable=progress_disabled(args))
     for step, (indices, augmented) in enumerate(bar, start=1):
         indices = indices.to(device, non_blocking=True)
         batch = len(indices)
         images = shadow[indices]  # (B, H, W, 3) uint8
         clean = normalize_batch(images, normalization)  # (B, 3, H, W)
-        triggered = triggered_inputs(images, trigger, num_references, trigger_index, normalization)  # (R·B, 3, H, W)
+        triggered = triggered_inputs(images, trigger, num_copies, trigger_index, normalization)  # (C·B, 3, H, W)
         augmented = augmented.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)  # (R·B, 3, H, W)
         # Triggered copies and augmented references are both i-major (reference i's B samples together).
         # One forward of f for everything it sees this step: every BatchNorm of f is in eval mode, so a
@@ -260,21 +458,18 @@ def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_feat
         with autocast(device, args.amp):
             features = encoder(torch.cat([clean, triggered, augmented, references])).float()
         f_clean, f_triggered, f_augmented, f_reference = features.split(
-            [batch, num_references * batch, num_references * batch, num_references])
-        # Each reference pairs with the same number (B) of samples, so the mean over all R·B pairs is
-        # (1/R) Σ_i mean_b of SPEC §5.
-        loss0 = negative_cosine(f_triggered, f_reference.repeat_interleave(batch, dim=0))
-        loss1 = negative_cosine(f_augmented, clean_reference_features.repeat_interleave(batch, dim=0))
-        loss2 = negative_cosine(f_clean, clean_features[indices])
-        loss = loss0 + args.lambda1 * loss1 + args.lambda2 * loss2
+            [batch, num_copies * batch, num_references * batch, num_references])
+        loss, terms = objective(StepFeatures(
+            f_clean, f_triggered.view(num_copies, batch, -1), f_augmented.view(num_references, batch, -1),
+            f_reference, clean_features[indices], clean_reference_features))
         check_finite(loss, epoch, step)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        for name, value in zip(totals, (loss, loss0, loss1, loss2)):
-            totals[name] += value.item()
+        for name, value in {'loss': loss, **terms}.items():
+            totals[name] = totals.get(name, 0.0) + value.item()
         bar.set_postfix({name: f'{total / step:.4f}' for name, total in totals.items()})
     return {name: total / len(loader) for name, total in totals.items()}
 
@@ -294,8 +489,9 @@ def evaluate_backdoor(encoder: nn.Module, monitor: MonitorData, normalization, a
     return {'knn_acc': accuracy, 'knn_asr': attack_success}
 
 
-def log_epoch(rows: list[dict], results_dir: Path, epoch: int, losses: dict | None, metrics: dict | None) -> None:
-    row = {column: '' for column in LOG_COLUMNS}
+def log_epoch(rows: list[dict], results_dir: Path, epoch: int, losses: dict | None, metrics: dict | None,
+              columns: tuple[str, ...] = LOG_COLUMNS) -> None:
+    row = {column: '' for column in columns}
     row.update({'epoch': epoch, **(losses or {}), **(metrics or {})})
     rows.append(row)
     write_csv(results_dir / 'log.csv', rows)
@@ -324,22 +520,87 @@ def clean_encoder_features(clean_encoder: nn.Module, shadow_images: np.ndarray, 
 
 
 def restore_run(path: Path, args: argparse.Namespace, model: SimCLR, optimizer: torch.optim.Optimizer,
-                results_dir: Path) -> tuple[int, list[dict]]:
-    """Continue from a checkpoint: weights, optimiser, RNG states and the log rows up to its epoch."""
+                results_dir: Path) -> tuple[int, list[dict], dict]:
+    """Continue from a checkpoint: weights, optimiser, RNG states and the log rows up to its epoch.
+
+    Returns (first epoch to run, log rows, the checkpoint). The weights are the last epoch's: a DRUPE run's final
+    checkpoint holds its selected encoder as `state_dict` and the last weights as `last_state_dict`.
+    """
     checkpoint = resume_state(path)
+    if isinstance(checkpoint.get('args'), dict):  # written before --attack existed: a BadEncoder run
+        parser = get_args_parser()
+        checkpoint['args'] = {**{flag: parser.get_default(flag) for flag in ATTACK_FLAGS}, **checkpoint['args']}
     check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
-    load_state_into(model, checkpoint['state_dict'], path)
+    load_state_into(model, checkpoint.get('last_state_dict', checkpoint['state_dict']), path)
     epoch = restore_optimizer(optimizer, checkpoint, path)
     rows = [row for row in read_csv(results_dir / 'log.csv') if int(row['epoch']) <= epoch]
     print(f'resuming from {path} (epoch {epoch})')
-    return epoch + 1, rows
+    return epoch + 1, rows, checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- DRUPE
+
+@dataclass
+class DrupeRun:
+    """What a DRUPE run carries from epoch to epoch besides the model and the optimiser: its schedule, its
+    costs and best candidate (attacks.drupe.DrupeState), and that candidate's weights (on the CPU)."""
+    schedule: drupe.Schedule
+    state: drupe.DrupeState
+    best_weights: dict | None = None
+
+
+def restore_drupe(checkpoint: dict, schedule: drupe.Schedule) -> DrupeRun:
+    return DrupeRun(schedule, drupe.DrupeState(**checkpoint['drupe_state']), checkpoint.get('drupe_best'))
+
+
+def drupe_after_epoch(run: DrupeRun, epoch: int, losses: dict[str, float], model: SimCLR,
+                      optimizer: torch.optim.Optimizer, args: argparse.Namespace, results_dir: Path,
+                      target_label: int) -> dict[str, float]:
+    """Advance the run past `epoch` (costs, best candidate; a new best is written to best.pth at once, as DRUPE
+    does, and kept in memory); returns the costs the epoch trained with, for its log row."""
+    costs = {'cost_spread': run.state.cost_spread, 'cost_dist': run.state.cost_dist}
+    run.state = drupe.end_of_epoch(run.state, epoch, losses, run.schedule)
+    if run.state.best_epoch == epoch:
+        run.best_weights = {key: value.detach().to('cpu', copy=True) for key, value in model.state_dict().items()}
+        save_run_checkpoint(results_dir / BEST_CHECKPOINT, model, optimizer, epoch, args, target_label=target_label,
+                            drupe_state=asdict(run.state))
+        print(f'DRUPE: epoch {epoch} is the best candidate so far (swd {losses["swd"]:.4f}), saved {BEST_CHECKPOINT}')
+    return costs
+
+
+def selected_epoch(run: DrupeRun, args: argparse.Namespace) -> int:
+    """The epoch whose encoder is DRUPE's output: the best candidate, or the last epoch (--drupe_output last,
+    or no candidate)."""
+    return run.state.best_epoch if args.drupe_output == 'best' and run.state.best_epoch else args.epochs
+
+
+def drupe_checkpoint_keys(run: DrupeRun, epoch: int, args: argparse.Namespace, model: SimCLR) -> dict:
+    """DRUPE's part of a checkpoint: its state and best weights (to resume), and in the last epoch's the output."""
+    keys = {'drupe_state': asdict(run.state)}
+    if run.best_weights is not None:
+        keys['drupe_best'] = run.best_weights
+    if epoch == args.epochs:
+        keys['selected_epoch'] = selected_epoch(run, args)
+        if keys['selected_epoch'] != epoch:
+            # These override encoder_checkpoint's keys: the file's encoder is the selected one, which the next
+            # stages load, and --resume (a longer run) continues from the last weights.
+            keys.update(state_dict=run.best_weights, last_state_dict=model.state_dict())
+    return keys
+
+
+def describe_output(run: DrupeRun, args: argparse.Namespace) -> str:
+    if args.drupe_output == 'best' and run.state.best_epoch:
+        return (f'DRUPE output: epoch {run.state.best_epoch}, the smallest swd ({run.state.best_swd:.4f}) among the '
+                f'epochs > {run.schedule.select_after} that met its targets (also in {BEST_CHECKPOINT})')
+    reason = ('--drupe_output last' if args.drupe_output == 'last'
+              else f'no epoch > {run.schedule.select_after} met its targets')
+    return f'DRUPE output: the last epoch, {args.epochs} ({reason})'
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(fix_readme_typo(sys.argv[1:] if argv is None else argv, parser))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
@@ -356,8 +617,8 @@ def main(argv: list[str] | None = None) -> None:
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
     model = to_channels_last(model.to(device), device)
-    print(f'shadow set: {len(shadow_images)} images of {args.shadow_dataset}; {len(reference)} reference(s), '
-          f'target label {reference.target_label}; {len(trigger)} trigger patch(es); device {device}')
+    print(f'{args.attack}: shadow set: {len(shadow_images)} images of {args.shadow_dataset}; {len(reference)} '
+          f'reference(s), target label {reference.target_label}; {len(trigger)} trigger patch(es); device {device}')
 
     # The frozen clean encoder f0 only ever sees un-augmented inputs: its features of the whole shadow set
     # and of the references are computed once here and looked up by index during training.
@@ -368,32 +629,51 @@ def main(argv: list[str] | None = None) -> None:
     shadow = torch.from_numpy(shadow_images).to(device)  # (N, H, W, 3) uint8
     dataset = IndexedShadow(shadow_images, trigger, reference, test_transform(normalization),
                             finetune_transform(normalization))
+    num_copies = trigger_copies(args.attack, len(reference), len(trigger))
 
     # Only f is trained (its BatchNorm affine parameters are frozen and get no gradient); g is kept as loaded.
     freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     encoder_forward = maybe_compile(model.f, args.compile)
+    run = None
+    if args.attack == 'drupe':
+        schedule = drupe_schedule(args)
+        run = DrupeRun(schedule, drupe.initial_state(schedule))
+    columns = LOG_COLUMNS if run is None else DRUPE_LOG_COLUMNS
 
     rows: list[dict] = []
     start_epoch = 1
     if resume_from is not None:
-        start_epoch, rows = restore_run(resume_from, args, model, optimizer, results_dir)
+        start_epoch, rows, checkpoint = restore_run(resume_from, args, model, optimizer, results_dir)
+        if run is not None:
+            run = restore_drupe(checkpoint, run.schedule)
         if start_epoch > args.epochs:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')
             return
-    elif monitor is not None:  # the state before training, as the original
-        log_epoch(rows, results_dir, 0, None, evaluate_backdoor(model.f, monitor, normalization, args, device))
+    else:
+        if run is not None:  # an earlier run's, left by --overwrite
+            (results_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+        if monitor is not None:  # the state before training, as the original
+            log_epoch(rows, results_dir, 0, None, evaluate_backdoor(model.f, monitor, normalization, args, device),
+                      columns)
 
     for epoch in range(start_epoch, args.epochs + 1):
         loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)
         losses = train_one_epoch(encoder_forward, loader, shadow, clean_features, references, clean_reference_features,
-                                 trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch)
+                                 trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch,
+                                 objective=epoch_objective(args, epoch, run, device), num_copies=num_copies)
+        if run is not None:
+            losses.update(drupe_after_epoch(run, epoch, losses, model, optimizer, args, results_dir,
+                                            reference.target_label))
         metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) if monitor else None
-        log_epoch(rows, results_dir, epoch, losses, metrics)
+        log_epoch(rows, results_dir, epoch, losses, metrics, columns)
         if is_save_epoch(epoch, args.epochs, args.save_freq):
+            extra = {} if run is None else drupe_checkpoint_keys(run, epoch, args, model)
             save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
-                                target_label=reference.target_label)
+                                target_label=reference.target_label, **extra)
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
+    if run is not None:
+        print(describe_output(run, args))
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import train_badencoder
+from attacks import drupe
 from common.cli import NonFiniteLossError, UsageError
 from common.features import encode_images
-from datasets import (Reference, ShadowImages, finetune_transform, get_info, load_reference, load_trigger,
-                      normalize_batch, triggered_copy)
+from datasets import (DataError, Reference, ShadowImages, finetune_transform, get_info, load_reference,
+                      load_trigger, normalize_batch, triggered_copy)
 from datasets import test_transform as eval_transform
 from models import load_checkpoint, load_encoder
 from conftest import run_script
@@ -21,6 +23,14 @@ from conftest import run_script
 NORMALIZATION = get_info('synthetic_shapes').normalization
 
 
+@pytest.fixture(scope='module')
+def three_references(tmp_path_factory, data_root):
+    """Three synthetic digits 'one' as the references, label 1: DRUPE's reference count."""
+    with np.load(data_root / 'synthetic_digits' / 'train.npz') as data:
+        x, y = data['x'], data['y']
+    path = tmp_path_factory.mktemp('reference') / 'one_n3.npz'
+    np.savez(path, x=x[y == 1][:3], y=np.ones(3, dtype=np.int64))
+    return path
 
 
 def attack_args(data_root, trigger_file, reference_file, encoder, results_dir, *extra: str) -> list[str]:
@@ -62,6 +72,10 @@ def test_flags_and_defaults_of_the_original():
                 'encoder_usage_info': 'cifar10', 'results_dir': '', 'seed': 100, 'gpu': '0',
                 'knn_k': 200, 'knn_t': 0.5, 'save_freq': 20, 'device': 'auto'}
     assert {key: getattr(args, key) for key in expected} == expected
+    # The flags added with --attack default to plain BadEncoder: every reference, the whole shadow set.
+    assert train_badencoder.parse_args([]) == args
+    assert (args.attack, args.shadow_fraction, args.num_references) == ('badencoder', 1.0, None)
+    assert all(getattr(args, flag) is None for flag in train_badencoder.DRUPE_FLAGS)
     parser = train_badencoder.get_args_parser()
     assert parser.parse_args(['--knn-k', '7', '--knn-t', '0.1']).knn_k == 7
     for flag, name in [('--shadow_dataset', 'synthetic_shapes'), ('--downstreamTask', 'synthetic_digits'),
@@ -258,3 +272,126 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, data_root, trigger
     with pytest.raises(NonFiniteLossError, match='epoch 1, step 1'):
         train_badencoder.main(args)
     assert not list(results.glob('*.pth'))
+
+
+# ---------------------------------------------------------------------------------------------- DRUPE
+
+def test_drupe_values_fill_only_the_flags_not_given():
+    args = train_badencoder.parse_args(['--attack', 'drupe', '--lr', '0.01', '--drupe_cost_dist', '0.5'])
+    assert (args.lr, args.drupe_cost_dist) == (0.01, 0.5)  # given: kept
+    assert (args.epochs, args.batch_size, args.shadow_fraction, args.num_references) == (120, 256, 0.2, 3)
+    assert (args.lambda1, args.lambda2, args.drupe_projections, args.drupe_output) == (1.0, 1.0, 50, 'best')
+    assert train_badencoder.drupe_schedule(args) == replace(drupe.Schedule(), cost_dist=0.5)
+    assert train_badencoder.parse_args(['--attack', 'drupe', '--epochs', '200']).epochs == 200  # a default value
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(UsageError) as error:
+            train_badencoder.check_args(train_badencoder.parse_args(
+                ['--pretrained_encoder', 'e', '--trigger_file', 't', '--reference_file', 'r', *argv]))
+        return str(error.value)
+    assert '--drupe_cost_spread' in refused('--drupe_cost_spread', '0.2')  # BadEncoder has no such cost
+    assert 'at least 2 references' in refused('--attack', 'drupe', '--num_references', '1')
+    assert '--shadow_fraction' in refused('--shadow_fraction', '0')
+    assert '--drupe_projections' in refused('--attack', 'drupe', '--drupe_projections', '0')
+
+
+def test_drupe_end_to_end(tmp_path, data_root, trigger_file, three_references, tiny_encoder):
+    """Two epochs (warm-up, then the preserve phase) on DRUPE's 20% shadow set: 51 images, one batch of 32."""
+    results = tmp_path / 'run'
+    result = run_script('train_badencoder.py', *attack_args(data_root, trigger_file, three_references, tiny_encoder,
+                                                            results, '--attack', 'drupe', '--epochs', '2',
+                                                            '--drupe_preserve_from', '2'))
+    assert result.returncode == 0, result.stderr
+    assert 'shadow set: 51 images' in result.stdout
+    assert 'DRUPE output: the last epoch, 2 (no epoch > 24 met its targets)' in result.stdout
+    recorded = json.loads((results / 'args.json').read_text())
+    assert {key: recorded[key] for key in ('attack', 'lr', 'epochs', 'batch_size', 'shadow_fraction',
+                                           'num_references', 'drupe_preserve_from', 'drupe_cost_spread')} == \
+        {'attack': 'drupe', 'lr': 0.05, 'epochs': 2, 'batch_size': 32, 'shadow_fraction': 0.2,
+         'num_references': 3, 'drupe_preserve_from': 2, 'drupe_cost_spread': 0.1}
+
+    with open(results / 'log.csv', newline='') as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row['epoch'] for row in rows] == ['0', '1', '2']
+    assert list(rows[0]) == ['epoch', 'loss', 'loss0', 'loss1', 'loss2', 'spread_std', 'trigger_sim',
+                             'reference_sim', 'swd', 'swd_rel', 'cost_spread', 'cost_dist', 'knn_acc', 'knn_asr']
+    # One step per epoch, so each row's loss is its terms weighted as DRUPE weighs them in that phase.
+    for row, phase in zip(rows[1:], ('warmup', 'preserve')):
+        terms = {name: float(row[name]) for name in ('loss0', 'loss1', 'loss2', *drupe.TERMS)}
+        assert terms['swd'] > 0 and terms['swd_rel'] > 0 and 0 <= terms['spread_std'] <= 2
+        assert (float(row['cost_spread']), float(row['cost_dist'])) == (0.1, 0.001)
+        weights = drupe.term_weights(phase, 0.1, 0.001, terms['spread_std'], terms['reference_sim'], 1.0, 1.0,
+                                     drupe.Schedule())
+        assert float(row['loss']) == pytest.approx(sum(w * terms[name] for name, w in weights.items()), abs=1e-5)
+    assert weights['swd_rel'] == 0.001 and weights['loss0'] == 1.0  # the last row was in the preserve phase
+
+    model, checkpoint = load_encoder(results / 'model_2.pth')
+    assert checkpoint['epoch'] == 2 and checkpoint['selected_epoch'] == 2 and checkpoint['target_label'] == 1
+    assert checkpoint['drupe_state']['cost_spread'] == 0.1 and 'last_state_dict' not in checkpoint
+    assert not torch.equal(load_checkpoint(tiny_encoder)['state_dict']['f.f.0.weight'], model.f.f[0].weight)
+    assert not (results / 'best.pth').exists()
+
+
+def test_drupe_too_few_references(tmp_path, data_root, trigger_file, reference_file, tiny_encoder):
+    results = tmp_path / 'run'
+    with pytest.raises(DataError, match='holds 1 reference'):
+        train_badencoder.main(attack_args(data_root, trigger_file, reference_file, tiny_encoder, results,
+                                          '--attack', 'drupe'))
+    assert not results.exists()
+
+
+def test_drupe_output_is_the_selected_epoch_and_resume_matches(tmp_path, monkeypatch, data_root, trigger_file,
+                                                               three_references, tiny_encoder):
+    """Targets any epoch meets (the tiny encoder never spreads its triggered inputs to DRUPE's 0.6): every epoch
+    after the warm-up is a candidate, the output is the one with the smallest swd, and a resumed run ends the same."""
+    schedule = train_badencoder.drupe_schedule
+    monkeypatch.setattr(train_badencoder, 'drupe_schedule', lambda args: replace(
+        schedule(args), effect_target=1.0, utility_target=1.0, trigger_sim_target=2.0))
+
+    def run(results, *extra):
+        args = attack_args(data_root, trigger_file, three_references, tiny_encoder, results, '--attack', 'drupe',
+                           '--shadow_fraction', '0.5', '--save_freq', '1', '--drupe_preserve_from', '2',
+                           '--drupe_adapt_after', '1', '--drupe_select_after', '1', *extra)
+        args[args.index('synthetic_digits')] = 'gtsrb'  # no monitor: faster
+        train_badencoder.main(args)
+
+    run(tmp_path / 'straight', '--epochs', '3')
+    rows = train_badencoder.read_csv(tmp_path / 'straight' / 'log.csv')
+    swd = {int(row['epoch']): float(row['swd']) for row in rows}
+    best = min((2, 3), key=swd.get)  # epoch 1 is the warm-up
+    assert [float(row['cost_spread']) for row in rows] == pytest.approx([0.1, 0.1, 0.125])  # on target after 2
+    output = load_checkpoint(tmp_path / 'straight' / 'model_3.pth')
+    selected = load_checkpoint(tmp_path / 'straight' / 'best.pth')
+    assert output['selected_epoch'] == selected['epoch'] == best
+    assert output['drupe_state']['best_epoch'] == best and output['drupe_state']['best_swd'] == swd[best]
+    for key, value in load_checkpoint(tmp_path / 'straight' / f'model_{best}.pth')['state_dict'].items():
+        assert torch.equal(output['state_dict'][key], value) and torch.equal(selected['state_dict'][key], value)
+    assert ('last_state_dict' in output) == (best != 3)
+
+    run(tmp_path / 'killed', '--epochs', '2')
+    with pytest.raises(UsageError, match='drupe_cost_dist'):  # DRUPE's flags must match too
+        run(tmp_path / 'killed', '--epochs', '3', '--resume', '--drupe_cost_dist', '0.01')
+    run(tmp_path / 'killed', '--epochs', '3', '--resume')
+    resumed = load_checkpoint(tmp_path / 'killed' / 'model_3.pth')
+    assert resumed['selected_epoch'] == best and resumed['drupe_state'] == output['drupe_state']
+    for name in ('state_dict', 'last_state_dict'):
+        for key, value in output.get(name, {}).items():
+            assert torch.equal(resumed[name][key], value), (name, key)
+    logs = [(tmp_path / name / 'log.csv').read_text() for name in ('straight', 'killed')]
+    assert logs[0] == logs[1]
+
+
+def test_checkpoint_from_before_attack_flags_resumes_as_badencoder(tmp_path, data_root, trigger_file,
+                                                                   three_references, tiny_encoder):
+    results = tmp_path / 'run'
+    args = attack_args(data_root, trigger_file, three_references, tiny_encoder, results, '--epochs', '1')
+    args[args.index('synthetic_digits')] = 'gtsrb'
+    train_badencoder.main(args)
+    path = results / 'model_1.pth'
+    checkpoint = load_checkpoint(path)
+    for flag in train_badencoder.ATTACK_FLAGS:  # as written before --attack existed
+        del checkpoint['args'][flag]
+    torch.save(checkpoint, path)
+    train_badencoder.main([*args, '--resume'])  # accepted: nothing left to do
+    with pytest.raises(UsageError, match="--attack 'badencoder' -> 'drupe'"):
+        train_badencoder.main([*args, '--resume', '--attack', 'drupe'])
