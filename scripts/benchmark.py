@@ -11,6 +11,10 @@ sizes, on 32x32 RGB images from `datasets.synthetic`; --augment and --compile ar
     mimic_img_per_s        stage 2: MIMIC distillation, images per second (two views each), batch 128
     mi_estimation_s        stage 2: seconds of the MI estimation (2000 images, 4 layers, 200 epochs)
     downstream_s           stage 3: seconds of the probe (39209 GTSRB-sized features, 43 classes, 1000 epochs)
+    defences               stage 2, the baselines: for each of ft, fp, nad, clp, anp, kd, invert, the seconds of
+                           its whole `purify` (pre-steps, training, pruning) on `defence_images` clean images,
+                           1 epoch for those that train (batch --mimic_batch_size), --steps + --warmup ANP
+                           iterations and inversion steps; img_per_s = clean images × epochs / seconds
 
 Throughputs are timed over --steps steps after --warmup steps (data loading included, the loader's
 start-up excluded). MI and probe times are measured in full, or, when fewer epochs are measured
@@ -34,6 +38,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import MIMIC  # noqa: E402
+import baseline_defence  # noqa: E402
 import train_badencoder  # noqa: E402
 import train_clean_encoder  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
@@ -57,6 +63,8 @@ from common.features import knn_classify  # noqa: E402
 from datasets import (ImagePairs, Reference, Trigger, finetune_transform, get_info, normalize_batch,  # noqa: E402
                       simclr_transform, test_transform)
 from datasets.synthetic import make_synthetic  # noqa: E402
+from defences import BASELINES, TRAINING_BASELINES, get_defence  # noqa: E402
+from defences.training import DefenceRun  # noqa: E402
 from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, SimCLR, feature_dim_of  # noqa: E402
 from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
@@ -139,6 +147,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--knn_queries', default=None, type=int,
                         help=f'kNN queries timed, extrapolated linearly to the {CIFAR10_TEST} CIFAR10 test images '
                              f'(default: {CIFAR10_TEST}; --quick: {QUICK["knn_queries"]})')
+    parser.add_argument('--defences', default=','.join(BASELINES), type=str,
+                        help='baseline defences to time, comma-separated, or none (default: all seven)')
     add_speed_arguments(parser)  # --augment and --compile, passed on to the stages
     return parser
 
@@ -302,6 +312,35 @@ def bench_mi(images: np.ndarray, args: argparse.Namespace, device: torch.device,
             'mi_network_passes_per_image': passes['images'] / len(clean)}
 
 
+def bench_defences(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
+    """Each baseline's `purify`, as baseline_defence.py calls it, timed whole on images_needed(mimic batch) images."""
+    names = [] if args.defences == 'none' else args.defences.split(',')
+    unknown = set(names) - set(BASELINES)
+    if unknown:
+        raise UsageError(f"--defences: unknown {sorted(unknown)}, expected some of {', '.join(BASELINES)} or none")
+    clean = images[:images_needed(args.mimic_batch_size, args)]
+    iterations = str(args.warmup + args.steps)
+    seconds, rates = {}, {}
+    for name in names:
+        run_args = baseline_defence.get_args_parser().parse_args(
+            ['--defence', name, '--teacher', 'benchmark', '--results_dir', 'benchmark', '--epochs', '1',
+             '--batch_size', str(args.mimic_batch_size), '--seed', str(args.seed), '--num_workers', str(args.num_workers),
+             '--augment', args.augment, '--anp_iterations', iterations, '--invert_steps', iterations]
+            + ['--amp'] * args.amp + ['--compile'] * args.compile + ['--no_progress'] * disable)
+        run_args.lr = baseline_defence.DEFAULT_LR.get(name, 1e-3)
+        suspect, _ = mimic_models(args, device)  # a frozen teacher of the paper's architecture
+        with tempfile.TemporaryDirectory() as folder:
+            run = DefenceRun(run_args, NORMALIZATION, device, Path(folder))
+            synchronize(device)
+            start = time.perf_counter()
+            get_defence(name).purify(suspect, clean, run)
+            synchronize(device)
+            seconds[name] = time.perf_counter() - start
+        if name in TRAINING_BASELINES:
+            rates[name] = len(clean) / seconds[name]
+    return {'defence_s': seconds, 'defence_img_per_s': rates, 'defence_images': len(clean)}
+
+
 def random_features(count: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     return F.normalize(torch.randn(count, dim, generator=generator), dim=1).to(device)  # (count, dim)
 
@@ -424,6 +463,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
                        ('stage 1: BadEncoder', lambda: bench_badencoder(images, args, device, disable)),
                        ('stage 2: MIMIC distillation', lambda: bench_mimic(images, args, device, disable)),
                        ('stage 2: MI estimation', lambda: bench_mi(images, args, device, disable)),
+                       ('stage 2: baseline defences', lambda: bench_defences(images, args, device, disable)),
                        ('stage 3: downstream probe', lambda: bench_probe(args, device, disable)),
                        ('stage 0: kNN monitor', lambda: bench_knn(args, device, figures['encode_img_per_s']))):
         start = time.perf_counter()
@@ -442,6 +482,7 @@ def report(figures: dict, args: argparse.Namespace, device: torch.device, wall_s
                                          'badencoder_encoder_forwards_per_step', 'encode_img_per_s',
                                          'knn_monitor_s', 'knn_classify_s', 'mi_cache_s', 'mi_epoch_s',
                                          'probe_epoch_s')},
+        **{key: figures[key] for key in ('defence_s', 'defence_img_per_s', 'defence_images')},
         'paper_estimate_s': paper_estimates(figures, args),
         'extrapolated': extrapolated + ['knn_monitor_s', 'paper_estimate_s'],
         'device': str(device), 'device_name': device_name(device), 'cpu_model': cpu_model(),

@@ -22,7 +22,7 @@ TINY = ('--quick', '--width', '8', '--device', 'cpu', '--num_workers', '0', '--b
 
 def test_quick_run_prints_the_figures_as_one_json_line():
     # --mi_epochs 1 equals --quick's one measured epoch, so only the probe time is extrapolated
-    result = run_script('scripts/benchmark.py', *TINY, '--mi_epochs', '1', timeout=120)
+    result = run_script('scripts/benchmark.py', *TINY, '--mi_epochs', '1', timeout=240)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
@@ -41,6 +41,9 @@ def test_quick_run_prints_the_figures_as_one_json_line():
     assert figures['batch_size']['simclr'] == 16 and figures['device'] == 'cpu'
     assert all(value > 0 for value in figures['paper_estimate_s'].values())
     assert 'stage 0: SimCLR' in result.stderr  # progress goes to stderr
+    assert set(figures['defence_s']) == {'ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert'}
+    assert set(figures['defence_img_per_s']) == {'ft', 'fp', 'nad', 'kd', 'invert'}
+    assert all(value > 0 for value in figures['defence_s'].values()) and figures['defence_images'] == 24
 
 
 def test_bad_count_is_a_one_line_error():
