@@ -4,12 +4,23 @@ Two augmented views of each image of the pre-training split, NT-Xent loss (τ = 
 (lr 1e-3, weight decay 1e-6), batch 256, 1000 epochs; a weighted-kNN monitor of `f` on the test set
 after every epoch. With the paper's recipe (CIFAR10, ResNet18) the kNN accuracy reaches about 88%.
 
+Trained on a poisoned copy of the pre-training split (`python -m datasets.poison`, e.g. with CTRL's trigger)
+it yields a backdoored encoder. CTRL's own SimCLR recipe (github.com/meet-cjli/CTRL, main_train.py and
+methods/base.py) is SGD, lr 0.06, momentum 0.9, weight decay 5e-4, batch 512, a linear warm-up over 10 epochs
+then a cosine decay, 800 epochs in its README (1000 by default), temperature 0.5; --optimizer, --momentum,
+--weight_decay, --schedule and --warmup_epochs give it (see `learning_rate` for how the schedule differs
+from the code's). The defaults are the paper's Adam recipe, unchanged.
+
     # the paper's run (data/cifar10/{train,test}.npz prepared first, see data/README.md)
     python train_clean_encoder.py --pretraining_dataset cifar10 --epochs 1000 \
         --results_dir output/cifar10/clean_encoder
     # a quick CPU run on the offline synthetic set (python -m datasets.prepare synthetic_shapes first)
     python train_clean_encoder.py --pretraining_dataset synthetic_shapes --width 8 --batch_size 64 \
         --epochs 2 --results_dir output/synthetic/clean_encoder --device cpu
+    # CTRL's recipe on a poisoned copy (python -m datasets.poison ... --out data/cifar10_ctrl first)
+    python train_clean_encoder.py --data_dir data/cifar10_ctrl --optimizer sgd --lr 0.06 --momentum 0.9 \
+        --weight_decay 5e-4 --schedule cosine --warmup_epochs 10 --batch_size 512 --epochs 800 \
+        --results_dir output/cifar10/ctrl_encoder
     # continue a stopped run from its latest model_<epoch>.pth
     python train_clean_encoder.py ... --results_dir output/cifar10/clean_encoder --resume
 
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +51,20 @@ from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 from models.losses import nt_xent
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
-ADAM_WEIGHT_DECAY = 1e-6
+ADAM_WEIGHT_DECAY = 1e-6  # the paper's (SPEC §4), the default of --weight_decay
+# The optimiser and schedule flags; a checkpoint written before they existed was trained with their defaults.
+RECIPE_FLAGS = ('optimizer', 'momentum', 'weight_decay', 'schedule', 'warmup_epochs')
 # Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
-# workers decides which RNG draws the augmentations).
+# workers decides which RNG draws the augmentations). A cosine schedule also depends on --epochs.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder',
-                     'augment')
+                     'augment') + RECIPE_FLAGS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Train a clean SimCLR encoder (stage 0 of the pipeline).',
                                      parents=[shared_parser()])
-    parser.add_argument('--lr', default=0.001, type=float, help='Adam learning rate (default: 0.001)')
+    parser.add_argument('--lr', default=0.001, type=float,
+                        help='learning rate (after any warm-up; the peak of a cosine schedule) (default: 0.001)')
     parser.add_argument('--batch_size', default=256, type=int, help='images per batch (default: 256)')
     parser.add_argument('--epochs', default=1000, type=int, help='number of training epochs (default: 1000)')
     parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
@@ -66,6 +81,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'base channels of the ResNet ({PAPER_WIDTH} = the paper; smaller for fast CPU runs)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
+    recipe = parser.add_argument_group('optimiser and schedule (defaults: the paper\'s Adam recipe; CTRL\'s: sgd, '
+                                       '--lr 0.06, --weight_decay 5e-4, cosine, 10 warm-up epochs)')
+    recipe.add_argument('--optimizer', default='adam', choices=('adam', 'sgd'), help='optimiser (default: adam)')
+    recipe.add_argument('--momentum', default=0.9, type=float, help='momentum of sgd (default: 0.9; adam ignores it)')
+    recipe.add_argument('--weight_decay', default=ADAM_WEIGHT_DECAY, type=float,
+                        help=f'weight decay (default: {ADAM_WEIGHT_DECAY:g})')
+    recipe.add_argument('--schedule', default='constant', choices=('constant', 'cosine'),
+                        help='learning rate per epoch after the warm-up (default: constant)')
+    recipe.add_argument('--warmup_epochs', default=0, type=int,
+                        help='epochs of linear learning-rate warm-up (default: 0)')
     add_speed_arguments(parser)
     return parser
 
@@ -81,6 +106,56 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--knn-t must be positive, got {args.knn_t}')
     if args.save_freq < 0:
         raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    if not 0 <= args.momentum < 1:
+        raise UsageError(f'--momentum must lie in [0, 1), got {args.momentum}')
+    if not args.weight_decay >= 0:
+        raise UsageError(f'--weight_decay must be 0 or positive, got {args.weight_decay}')
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UsageError(f'--warmup_epochs must lie in 0..{args.epochs - 1} (fewer than --epochs), '
+                         f'got {args.warmup_epochs}')
+
+
+def learning_rate(epoch: int, base_lr: float, epochs: int, schedule: str = 'constant', warmup_epochs: int = 0,
+                  ) -> float:
+    """The learning rate of epoch `epoch` (1-based), E = epochs, W = warmup_epochs:
+
+        epoch <= W (warm-up):    base_lr · epoch / W
+        constant, epoch > W:     base_lr
+        cosine, epoch > W:       base_lr · (1 + cos(π (epoch − W − 1) / (E − W))) / 2
+
+    Set once at the start of each epoch (per epoch, as CTRL's code steps its scheduler), so it is a function of
+    the epoch alone and a resumed run follows it exactly. CTRL's code (GradualWarmupScheduler(multiplier=1,
+    total_epoch=10) then CosineAnnealingLR(T_max=epochs)) also warms up linearly and decays by a cosine, but
+    its first epoch runs at lr 0 (its ramp is base_lr · (epoch − 1) / W), it holds base_lr for two epochs, and
+    its cosine spans `epochs` epochs after the warm-up rather than the E − W that remain.
+    """
+    if epoch <= warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    if schedule == 'constant':
+        return base_lr
+    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / (epochs - warmup_epochs))) / 2
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Adam (the paper's) or SGD with momentum (CTRL's), at --lr with --weight_decay."""
+    if args.optimizer == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def with_recipe_defaults(checkpoint: dict) -> dict:
+    """The checkpoint with the defaults of RECIPE_FLAGS filled into its recorded arguments (a run started
+    before those flags existed was trained with their defaults)."""
+    recorded = checkpoint.get('args')
+    if not isinstance(recorded, dict):
+        return checkpoint
+    defaults = {flag: get_args_parser().get_default(flag) for flag in RECIPE_FLAGS}
+    return {**checkpoint, 'args': {**defaults, **recorded}}
 
 
 @dataclass
@@ -147,10 +222,12 @@ def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingSt
     if resume_from is not None:
         model, checkpoint = load_encoder(resume_from)
     model = to_channels_last(model.to(device), device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)
+    optimizer = build_optimizer(model, args)
     if checkpoint is None:
         return TrainingState(model, optimizer, 1, [])
-    check_resumable(checkpoint, args, resume_from, RESUME_MUST_MATCH)
+    # a cosine schedule depends on the total number of epochs: extending such a run changes its past
+    must_match = RESUME_MUST_MATCH + (('epochs',) if args.schedule == 'cosine' else ())
+    check_resumable(with_recipe_defaults(checkpoint), args, resume_from, must_match)
     start_epoch, log_rows = restore_optimizer_and_log(checkpoint, resume_from, optimizer)
     set_rng_state(checkpoint['rng'])  # after the model is built: its initialisation draws nothing from them
     print(f'resuming from {resume_from} at epoch {start_epoch}')
@@ -193,6 +270,7 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
     for epoch in epochs:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
         loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images)
+        set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
         train_loss = train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
                                args.knn_k, args.knn_t, device, disable_progress=disable)

@@ -1,4 +1,8 @@
-"""Datasets of the MIMIC pipeline: registry, npz loading, transforms, triggers, torch Datasets."""
+"""Datasets of the MIMIC pipeline: registry, npz loading, transforms, triggers, torch Datasets.
+
+Command-line tools: `python -m datasets.prepare` (prepared npz sets), `python -m datasets.poison` (a poisoned
+copy of a pre-training split; not imported here, it builds on common.cli).
+"""
 from .npz import load_split, read_npz
 from .registry import (DATASETS, DataError, DatasetInfo, default_data_dir, get_info, pretraining_names,
                        split_path)

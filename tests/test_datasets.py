@@ -210,7 +210,7 @@ def test_load_trigger(trigger_file):
     trigger = load_trigger(trigger_file, image_size=32)
     assert len(trigger) == 1 and trigger.image_size == 32
     assert trigger.info == ('white_21_10', 'replace')
-    assert trigger.patch.dtype == np.float64 and trigger.mask.dtype == np.int64
+    assert trigger.patch.dtype == np.float64 and trigger.mask.dtype == np.float64
 
 
 @requires_compat('trigger', 'trigger_pt_white_21_10_ap_replace.npz')

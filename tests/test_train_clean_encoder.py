@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import sys
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import train_clean_encoder as stage0
 from common.cli import NonFiniteLossError, UsageError
+from common.runs import check_resumable
 from common.runs import epoch_loader
 from datasets import ImagePairs, load_split, simclr_transform
 from models import SimCLR, load_checkpoint, load_encoder
@@ -49,6 +52,24 @@ def test_parser_has_the_original_flags_and_defaults():
     assert (parsed.knn_t, parsed.knn_k, parsed.pretraining_dataset) == (0.1, 5, 'stl10')
     with pytest.raises(SystemExit):
         stage0.get_args_parser().parse_args(['--pretraining_dataset', 'gtsrb'])  # downstream only
+    assert (args.optimizer, args.momentum, args.weight_decay, args.schedule, args.warmup_epochs) == (
+        'adam', 0.9, 1e-6, 'constant', 0)
+
+
+def test_learning_rate_by_hand():
+    lr = stage0.learning_rate
+    assert [lr(epoch, 0.001, 1000) for epoch in (1, 500, 1000)] == [0.001] * 3  # the default: constant
+    assert [lr(epoch, 0.2, 10, 'constant', 4) for epoch in range(1, 7)] == [0.05, 0.1, 0.15000000000000002, 0.2,
+                                                                             0.2, 0.2]
+    # cosine over E = 4 epochs, no warm-up: base · (1 + cos(π (epoch - 1) / 4)) / 2
+    expected = [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2]
+    assert [lr(epoch, 1.0, 4, 'cosine') for epoch in range(1, 5)] == pytest.approx(expected, abs=1e-15)
+    # E = 10, W = 2: 0.05, 0.1 (warm-up), then the cosine over the 8 epochs left, starting at the full rate
+    cosine = [lr(epoch, 0.1, 10, 'cosine', 2) for epoch in range(1, 11)]
+    assert cosine[:3] == [0.05, 0.1, 0.1]
+    assert cosine[6] == pytest.approx(0.05, abs=1e-15)  # epoch 7: (1 + cos(π/2)) / 2
+    assert cosine[9] == pytest.approx(0.1 * (1 + math.cos(7 * math.pi / 8)) / 2, abs=1e-15)
+    assert all(a > b > 0 for a, b in zip(cosine[2:], cosine[3:]))
 
 
 @pytest.fixture(scope='module')
@@ -75,6 +96,9 @@ def test_end_to_end_writes_args_log_and_checkpoint(finished_run):
     assert (model.arch, model.width, checkpoint['epoch']) == ('resnet18', 8, 1)
     assert checkpoint['optimizer']['state'] and 'rng' in checkpoint
     assert checkpoint['args']['pretraining_dataset'] == 'synthetic_shapes'
+    # the defaults are the paper's optimiser, as before: Adam, lr 1e-3, weight decay 1e-6
+    group = checkpoint['optimizer']['param_groups'][0]
+    assert 'betas' in group and 'momentum' not in group and (group['lr'], group['weight_decay']) == (0.001, 1e-6)
 
 
 def test_refuses_to_overwrite_an_earlier_run(monkeypatch, finished_run, data_root):
@@ -117,6 +141,65 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(monkeypatch, small_root
     # the run did train: the weights moved away from those of epoch 1
     first = load_checkpoint(tmp_path / 'resumed' / 'model_1.pth')['state_dict']
     assert not torch.equal(first['f.f.0.weight'], resumed['state_dict']['f.f.0.weight'])
+
+
+CTRL_RECIPE = ['--optimizer', 'sgd', '--lr', '0.06', '--momentum', '0.9', '--weight_decay', '5e-4',
+               '--schedule', 'cosine', '--warmup_epochs', '2']
+
+
+def test_sgd_cosine_warmup_resume_is_bit_identical(monkeypatch, small_root, tmp_path):
+    """A run killed after epoch 2 (its directory holds model_2.pth) and resumed ends as the uninterrupted run."""
+    base = [*TINY, '--batch_size', '32', '--data_root', str(small_root), '--num_workers', '0']
+    common = [*base, '--epochs', '4', *CTRL_RECIPE]
+    run_in_process(monkeypatch, *common, '--save_freq', '1', '--results_dir', str(tmp_path / 'straight'))
+    (tmp_path / 'killed').mkdir()
+    shutil.copy(tmp_path / 'straight' / 'model_2.pth', tmp_path / 'killed' / 'model_2.pth')
+    run_in_process(monkeypatch, *common, '--results_dir', str(tmp_path / 'killed'), '--resume')
+    straight = load_checkpoint(tmp_path / 'straight' / 'model_4.pth')
+    resumed = load_checkpoint(tmp_path / 'killed' / 'model_4.pth')
+    for key, value in straight['state_dict'].items():
+        assert torch.equal(value, resumed['state_dict'][key]), key
+    assert straight['log'] == resumed['log'] and [row['epoch'] for row in resumed['log']] == [1, 2, 3, 4]
+    # SGD with momentum at the scheduled rate of each epoch: warm-up 0.06 · 1/2, 0.06 · 2/2, then the cosine over
+    # the 2 epochs left: 0.06 · (1 + cos(0)) / 2, 0.06 · (1 + cos(π/2)) / 2
+    for epoch, rate in ((1, 0.03), (2, 0.06), (3, 0.06), (4, 0.03)):
+        group = load_checkpoint(tmp_path / 'straight' / f'model_{epoch}.pth')['optimizer']['param_groups'][0]
+        assert (group['momentum'], group['weight_decay']) == (0.9, 5e-4) and group['lr'] == pytest.approx(rate)
+    assert all('momentum_buffer' in state for state in resumed['optimizer']['state'].values())
+
+    # a cosine schedule depends on --epochs, so extending the run is refused; so is another optimiser
+    with pytest.raises(UsageError, match="--epochs 4 -> 5"):
+        run_in_process(monkeypatch, *base, '--epochs', '5', *CTRL_RECIPE, '--results_dir', str(tmp_path / 'killed'),
+                       '--resume')
+    with pytest.raises(UsageError, match="--optimizer 'sgd' -> 'adam'"):
+        run_in_process(monkeypatch, *base, '--epochs', '5', '--lr', '0.06', '--results_dir', str(tmp_path / 'killed'),
+                       '--resume')
+
+
+def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp_path):
+    args = stage0.get_args_parser().parse_args([])
+    recorded = {key: value for key, value in vars(args).items() if key not in stage0.RECIPE_FLAGS}
+    old = {'args': recorded, 'rng': {}}
+    with pytest.raises(UsageError, match="--optimizer None -> 'adam'"):
+        check_resumable(old, args, tmp_path / 'model_1.pth', stage0.RESUME_MUST_MATCH)
+    check_resumable(stage0.with_recipe_defaults(old), args, tmp_path / 'model_1.pth', stage0.RESUME_MUST_MATCH)
+    sgd = stage0.with_recipe_defaults({'args': {**recorded, 'optimizer': 'sgd'}, 'rng': {}})
+    assert sgd['args']['optimizer'] == 'sgd' and sgd['args']['weight_decay'] == 1e-6
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--warmup_epochs', '2'], r'--warmup_epochs must lie in 0..1 \(fewer than --epochs\), got 2'),
+    (['--warmup_epochs', '-1'], '--warmup_epochs must lie in 0..1'),
+    (['--momentum', '1'], r'--momentum must lie in \[0, 1\), got 1.0'),
+    (['--weight_decay=-1e-4'], '--weight_decay must be 0 or positive'),
+])
+def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, data_root, tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        run_in_process(monkeypatch, *TINY, '--epochs', '2', '--data_root', str(data_root),
+                       '--results_dir', str(tmp_path / 'run'), *flags)
+    assert not (tmp_path / 'run').exists()
+    with pytest.raises(SystemExit):
+        stage0.get_args_parser().parse_args(['--optimizer', 'lamb'])
 
 
 def test_suffix_encoder_architecture_wins(monkeypatch, small_root, tiny_encoder, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from common.cli import UsageError
 from conftest import COMPAT, REPO, requires_compat, run_script
@@ -31,6 +32,38 @@ def assert_same_npz(ours, theirs):
 @requires_compat('trigger', PAPER_TRIGGER)
 def test_committed_trigger_equals_the_papers():
     assert_same_npz(load(REPO / 'trigger' / PAPER_TRIGGER), load(COMPAT / 'trigger' / PAPER_TRIGGER))
+
+
+def original_apply_numpy(x, t, tm):
+    """The formula before fractional and signed triggers (and the original code's): x * tm + t cast to uint8."""
+    return (x * tm + t).astype(np.uint8)
+
+
+def original_apply_torch(x, t, tm):
+    return (x.float() * torch.as_tensor(tm, dtype=torch.float32) + torch.as_tensor(t, dtype=torch.float32)
+            ).to(torch.uint8)
+
+
+@pytest.mark.parametrize('folder', [REPO / 'trigger',
+                                    pytest.param(COMPAT / 'trigger', marks=requires_compat('trigger', PAPER_TRIGGER))])
+def test_paper_trigger_applies_bit_for_bit_as_before(folder):
+    """clip(round(x * tm + t)) equals the original x * tm + t for the paper's patch, on numpy and torch: every
+    value 0..255 at every pixel, then random images."""
+    raw = load(folder / PAPER_TRIGGER)
+    t, tm = raw['t'][0], raw['tm'][0]
+    trigger = load_trigger(folder / PAPER_TRIGGER, image_size=32)
+    every_value = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None, None], (256, 32, 32, 3))
+    random = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    for x in (np.ascontiguousarray(every_value), random):
+        expected = original_apply_numpy(x, t, tm)
+        ours = apply_trigger(x, trigger)
+        assert ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, expected)
+        ours_torch = apply_trigger(torch.from_numpy(x), trigger)
+        assert ours_torch.dtype == torch.uint8
+        np.testing.assert_array_equal(ours_torch.numpy(), original_apply_torch(torch.from_numpy(x), t, tm).numpy())
+        np.testing.assert_array_equal(ours_torch.numpy(), expected)
+    assert (expected[:, 21:31, 21:31] == 255).all() and not np.array_equal(expected, random)
 
 
 def test_make_trigger_as_a_user_regenerates_the_committed_file(tmp_path):
