@@ -6,6 +6,9 @@
 #   bash scripts/demo.sh [OUT_DIR]        # default runs/demo; prints the table, writes OUT_DIR/summary.json
 #   DEFENCES=all bash scripts/demo.sh OUT # also the seven baseline defences on the same backdoored encoder
 #                                         # (or a list: DEFENCES=ft,clp); summary.json gains "defences"
+#   ATTACK=drupe bash scripts/demo.sh OUT # DRUPE instead of BadEncoder (3 references of the digit "one")
+#   ATTACK=ctrl bash scripts/demo.sh OUT  # CTRL: 1% of the shapes' class 0 ("disc") poisoned with CTRL's
+#                                         # frequency trigger, SimCLR on them; evaluated on the shapes, target 0
 #
 # The scale (image counts, encoder width, epochs, ratio, learning rates) is chosen to fit a 2-core CPU;
 # the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
@@ -22,12 +25,16 @@ PRETRAIN_SIZES=${PRETRAIN_SIZES:-train=4000,test=1000}
 DOWNSTREAM_SIZES=${DOWNSTREAM_SIZES:-train=2000,test=1000}
 WIDTH=${WIDTH:-8}
 CLEAN_EPOCHS=${CLEAN_EPOCHS:-20}
-BAD_EPOCHS=${BAD_EPOCHS:-5}
+case "${ATTACK:-badencoder}" in
+  drupe) BAD_EPOCHS=${BAD_EPOCHS:-10} ;;  # DRUPE's terms start at epoch 2 (effectiveness) and 5 (distribution)
+  *) BAD_EPOCHS=${BAD_EPOCHS:-5} ;;
+esac
 MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}
 MI_EPOCHS=${MI_EPOCHS:-20}
 NN_EPOCHS=${NN_EPOCHS:-100}
 RATIO=${RATIO:-0.25}
 DEFENCES=${DEFENCES:-}
+ATTACK=${ATTACK:-badencoder}
 ANP_ITERATIONS=${ANP_ITERATIONS:-200}
 MIMIC_LR=${MIMIC_LR:-0.01}
 BAD_LR=${BAD_LR:-0.01}
@@ -39,17 +46,33 @@ data="$OUT/data"
   "$PYTHON" -m datasets.prepare synthetic_shapes --out "$data" --sizes "$PRETRAIN_SIZES" --seed 1
 [ -f "$data/synthetic_digits/train.npz" ] || \
   "$PYTHON" -m datasets.prepare synthetic_digits --out "$data" --sizes "$DOWNSTREAM_SIZES" --seed 2
-[ -f "$OUT/reference_one.npz" ] || \
-  "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
-    --first 1 --out "$OUT/reference_one.npz"
+case "$ATTACK" in
+  badencoder)
+    attack_flags=(--reference_file "$OUT/reference_one.npz" --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
+                  --badencoder_args "--batch_size 128 --lr $BAD_LR")
+    [ -f "$OUT/reference_one.npz" ] || \
+      "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
+        --first 1 --out "$OUT/reference_one.npz" ;;
+  drupe)  # DRUPE's recipe (lr 0.05, 3 references) on the demo's whole shadow set, batch 128
+    attack_flags=(--attack drupe --reference_file "$OUT/reference_three.npz"
+                  --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
+                  --badencoder_args "--batch_size 128 --shadow_fraction 1.0")
+    [ -f "$OUT/reference_three.npz" ] || \
+      "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
+        --first 3 --out "$OUT/reference_three.npz" ;;
+  ctrl)  # CTRL's trigger on 1% of the pre-training set (class 0); stage 0 on the poisoned copy
+    [ -f "$OUT/trigger_ctrl.npz" ] || "$PYTHON" trigger/make_trigger.py --kind ctrl --out "$OUT/trigger_ctrl.npz"
+    attack_flags=(--attack ctrl --target_class 0 --poison_rate "${POISON_RATE:-0.01}"
+                  --trigger_file "$OUT/trigger_ctrl.npz") ;;
+  *) echo "demo.sh: ATTACK must be badencoder, drupe or ctrl, got '$ATTACK'" >&2; exit 2 ;;
+esac
 
 bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DEVICE:-cpu}" \
-  --pretraining_dataset synthetic_shapes --downstream_dataset synthetic_digits \
-  --reference_file "$OUT/reference_one.npz" --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+  --pretraining_dataset synthetic_shapes --downstream_dataset synthetic_digits "${attack_flags[@]}" \
   --width "$WIDTH" --clean_epochs "$CLEAN_EPOCHS" --badencoder_epochs "$BAD_EPOCHS" \
   --mimic_epochs "$MIMIC_EPOCHS" --mi_epochs "$MI_EPOCHS" --nn_epochs "$NN_EPOCHS" \
   --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 \
-  --clean_args "--batch_size 256" --badencoder_args "--batch_size 128 --lr $BAD_LR" \
+  --clean_args "--batch_size 256" \
   --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress" \
   --defences "$DEFENCES" --defence_args "--batch_size 128 --anp_iterations $ANP_ITERATIONS"
 

@@ -2,7 +2,9 @@
 # Chain the four stages for one setting, each stage in its own folder under one run directory:
 #
 #   RUN/clean/       stage 0  train_clean_encoder.py          -> model_<E0>.pth
-#   RUN/backdoor/    stage 1  train_badencoder.py             -> model_<E1>.pth
+#   RUN/backdoor/    stage 1  train_badencoder.py [--attack drupe] -> model_<E1>.pth
+#                    (--attack ctrl: RUN/poisoned_data/ = python -m datasets.poison, then stage 0 on it
+#                     -> model_<E0>.pth; the clean row keeps its own stage 0)
 #   RUN/mimic/       stage 2  MIMIC.py                        -> model<E2>.pth (+ mi.json)
 #   RUN/defence_<d>/ stage 2  baseline_defence.py --defence d -> model_<E>.pth, defence.json  (--defences)
 #   RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/, RUN/eval_<d>/
@@ -19,8 +21,12 @@
 #
 # Options (default):
 #   --run_dir DIR (required)            --pretraining_dataset cifar10      --downstream_dataset gtsrb
-#   --reference_file F (required)       --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
-#   --clean_epochs 1000  --badencoder_epochs 200  --mimic_epochs 1000  --mi_epochs 200  --nn_epochs 1000
+#   --reference_file F (required but with ctrl)   --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
+#   --attack badencoder|drupe|ctrl (badencoder)   --target_class 0 and --poison_rate 0.01 (ctrl: the poisoned
+#                          class of the pre-training set; the downstream task becomes the pre-training set
+#                          itself, with that class as the target, as CTRL evaluates)
+#   --clean_epochs 1000  --badencoder_epochs 200 (drupe: 120, DRUPE's)  --mimic_epochs 1000  --mi_epochs 200
+#   --nn_epochs 1000
 #   --ratio 0.04  --mimic_lr 0.01  --arch resnet18  --width 64  --device auto  --data_root data
 #   --num_workers 2  --seed 100  --save_freq 50 (stage 0 and 2 checkpoints, for resuming)
 #   --clean_encoder PATH   use this encoder instead of training stage 0
@@ -34,7 +40,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 
 run_dir='' pretraining=cifar10 downstream=gtsrb reference='' trigger=trigger/trigger_pt_white_21_10_ap_replace.npz
-clean_epochs=1000 bad_epochs=200 mimic_epochs=1000 mi_epochs=200 nn_epochs=1000 ratio=0.04 mimic_lr=0.01
+clean_epochs=1000 bad_epochs='' attack=badencoder target_class=0 poison_rate=0.01 mimic_epochs=1000 mi_epochs=200 nn_epochs=1000 ratio=0.04 mimic_lr=0.01
 arch=resnet18 width=64 device=auto data_root=data num_workers=2 seed=100 save_freq=50 clean_encoder=''
 clean_args='' bad_args='' mimic_args='' eval_args='' defence_args='' defences=''
 ALL_DEFENCES=ft,fp,nad,clp,anp,kd,invert
@@ -56,13 +62,23 @@ while [ $# -gt 0 ]; do
     --clean_args) clean_args=$2 ;;           --badencoder_args) bad_args=$2 ;;
     --mimic_args) mimic_args=$2 ;;           --eval_args) eval_args=$2 ;;
     --defences) defences=$2 ;;               --defence_args) defence_args=$2 ;;
+    --attack) attack=$2 ;;                   --target_class) target_class=$2 ;;
+    --poison_rate) poison_rate=$2 ;;
     *) die "unknown option $1 (see the header of $0)" ;;
   esac
   shift 2
 done
 [ -n "$run_dir" ] || die "--run_dir is required"
-[ -n "$reference" ] || die "--reference_file is required (e.g. reference/cifar10/priority.npz)"
-[ -f "$reference" ] || die "--reference_file $reference: no such file"
+case "$attack" in
+  badencoder) bad_epochs=${bad_epochs:-200} ;;
+  drupe) bad_epochs=${bad_epochs:-120} ;;
+  ctrl) bad_epochs=$clean_epochs downstream=$pretraining ;;  # stage 0 on poisoned data; evaluated on its classes
+  *) die "--attack: expected badencoder, drupe or ctrl, got '$attack'" ;;
+esac
+if [ "$attack" != ctrl ]; then
+  [ -n "$reference" ] || die "--reference_file is required (e.g. reference/cifar10/priority.npz)"
+fi
+[ -z "$reference" ] || [ -f "$reference" ] || die "--reference_file $reference: no such file"
 [ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
 [ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
 [ "$defences" != all ] || defences=$ALL_DEFENCES
@@ -71,17 +87,24 @@ for d in "${defence_list[@]}"; do
   [[ ",$ALL_DEFENCES," == *",$d,"* ]] || die "--defences: unknown defence '$d' (expected some of $ALL_DEFENCES, or all)"
 done
 
-target_label=$("$PYTHON" -c "
+if [ "$attack" = ctrl ]; then
+  target_label=$target_class
+else
+  target_label=$("$PYTHON" -c "
 import sys
 from datasets import DataError, load_reference
 try:
     print(load_reference(sys.argv[1]).target_label)
 except DataError as error:
     sys.exit(f'run_pipeline.sh: --reference_file {error}')" "$reference") || exit 2
+fi
+reference_flags=()
+[ -z "$reference" ] || reference_flags=(--reference_file "$reference")
 common=(--device "$device" --data_root "$data_root" --num_workers "$num_workers" --seed "$seed")
 mkdir -p "$run_dir"
 cat > "$run_dir/run.json" <<JSON
 {"pretraining_dataset": "$pretraining", "downstream_dataset": "$downstream", "target_label": $target_label,
+ "attack": "$attack", "poison_rate": $poison_rate,
  "reference_file": "$reference", "trigger_file": "$trigger", "arch": "$arch", "width": $width,
  "clean_epochs": $clean_epochs, "badencoder_epochs": $bad_epochs, "mimic_epochs": $mimic_epochs,
  "mi_epochs": $mi_epochs, "nn_epochs": $nn_epochs, "ratio": $ratio, "mimic_lr": $mimic_lr, "seed": $seed,
@@ -116,12 +139,27 @@ if [ -z "$clean_encoder" ]; then
   clean_encoder=$run_dir/clean/model_$clean_epochs.pth
 fi
 
-# shellcheck disable=SC2086
-stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
-  train_badencoder.py --pretraining_dataset "$pretraining" --shadow_dataset "$pretraining" \
-  --encoder_usage_info "$pretraining" --downstreamTask "$downstream" --pretrained_encoder "$clean_encoder" \
-  --reference_file "$reference" --trigger_file "$trigger" --epochs "$bad_epochs" \
-  --results_dir "$run_dir/backdoor" "${common[@]}" $bad_args
+if [ "$attack" = ctrl ]; then
+  # Data poisoning: a poisoned copy of the pre-training split, then plain SimCLR on it (CTRL's recipe).
+  poisoned=$run_dir/poisoned_data
+  if [ ! -f "$poisoned/poison.json" ]; then
+    echo "== poison: $poison_rate of $pretraining, class $target_class, with $trigger"
+    "$PYTHON" -m datasets.poison --dataset "$pretraining" --data_root "$data_root" --trigger_file "$trigger" \
+      --target_class "$target_class" --poison_rate "$poison_rate" --seed "$seed" --out "$poisoned" --overwrite
+  fi
+  # shellcheck disable=SC2086
+  stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
+    train_clean_encoder.py --pretraining_dataset "$pretraining" --data_dir "$poisoned" --arch "$arch" \
+    --width "$width" --epochs "$bad_epochs" --save_freq "$save_freq" --results_dir "$run_dir/backdoor" \
+    "${common[@]}" $clean_args $bad_args
+else
+  # shellcheck disable=SC2086
+  stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
+    train_badencoder.py --attack "$attack" --pretraining_dataset "$pretraining" --shadow_dataset "$pretraining" \
+    --encoder_usage_info "$pretraining" --downstreamTask "$downstream" --pretrained_encoder "$clean_encoder" \
+    --reference_file "$reference" --trigger_file "$trigger" --epochs "$bad_epochs" \
+    --results_dir "$run_dir/backdoor" "${common[@]}" $bad_args
+fi
 backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 
 # shellcheck disable=SC2086
@@ -162,7 +200,7 @@ for pair in "${encoders[@]}"; do
   # shellcheck disable=SC2086
   stage "eval_$name" "$run_dir/eval_$name" metrics.json 'no-checkpoints' \
     training_downstream_classifier.py --dataset "$downstream" --encoder_usage_info "$pretraining" \
-    --encoder "$encoder" --trigger_file "$trigger" --reference_file "$reference" \
+    --encoder "$encoder" --trigger_file "$trigger" "${reference_flags[@]}" \
     --reference_label "$target_label" --nn_epochs "$nn_epochs" --results_dir "$run_dir/eval_$name" \
     --overwrite "${common[@]}" $eval_args
 done
