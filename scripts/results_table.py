@@ -8,7 +8,7 @@ A run directory is what `scripts/run_pipeline.sh` makes: `run.json` (the setting
 `stage_seconds.txt`, the wall time the pipeline measured for it.
 
     python scripts/results_table.py runs/cifar10_gtsrb runs/cifar10_svhn --out results/table
-    # -> results/table.md and results/table.csv, one row per (pre-training set, downstream task);
+    # -> results/table.md and results/table.csv, one row per (pre-training set, downstream task, attack);
     #    with baseline defences also results/table_defences.csv and a second table in table.md,
     #    one row per (setting, defence): ACC, ASR, ASR*, ACC change against the backdoored encoder, time
     python scripts/results_table.py runs/demo --summary runs/demo/summary.json
@@ -84,19 +84,19 @@ def cell(metrics: dict | None, key: str) -> str:
 
 
 def header() -> list[str]:
-    return ['Pre-training', 'Downstream'] + [f'{encoder} {label}' for encoder in ENCODERS
-                                              for _, label in METRICS]
+    return ['Pre-training', 'Downstream', 'Attack'] + [f'{encoder} {label}' for encoder in ENCODERS
+                                                        for _, label in METRICS]
 
 
 def rows_of(runs: list[dict]) -> list[list[str]]:
-    ordered = sorted(runs, key=lambda r: (r['pretraining'], r['downstream']))
-    return [[r['pretraining'], r['downstream']] + [cell(r[encoder], key) for encoder in ENCODERS
-                                                  for key, _ in METRICS] for r in ordered]
+    ordered = sorted(runs, key=lambda r: (r['pretraining'], r['downstream'], r['attack']))
+    return [[r['pretraining'], r['downstream'], r['attack']] + [cell(r[encoder], key) for encoder in ENCODERS
+                                                               for key, _ in METRICS] for r in ordered]
 
 
 def markdown(runs: list[dict]) -> str:
     head = header()
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 2 + ['---:'] * (len(head) - 2)) + '|']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * (len(head) - 3)) + '|']
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows_of(runs)]
     note = ('\nACC: clean test accuracy (%). ASR: triggered test images classified as the target (%), '
             'over all test images as the original counts it; ASR*: excluding images of the target class.\n')
@@ -106,7 +106,7 @@ def markdown(runs: list[dict]) -> str:
 def csv_text(runs: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['pretraining', 'downstream'] + [f'{encoder}_{key}' for encoder in ENCODERS
+    writer.writerow(['pretraining', 'downstream', 'attack'] + [f'{encoder}_{key}' for encoder in ENCODERS
                                                      for key, _ in METRICS])
     for row in rows_of(runs):
         writer.writerow([value if value != '–' else '' for value in row])
@@ -117,7 +117,7 @@ def defence_rows(runs: list[dict]) -> list[dict]:
     """One row per (setting, defence): MIMIC first, then the baselines the run has; ACC change against the
     backdoored encoder of the same setting; the defence's wall time."""
     rows = []
-    for run in sorted(runs, key=lambda r: (r['pretraining'], r['downstream'])):
+    for run in sorted(runs, key=lambda r: (r['pretraining'], r['downstream'], r['attack'])):
         backdoored = (run['backdoored'] or {}).get('acc')
         for name, metrics in [('mimic', run['mimic'])] + list(run['defences'].items()):
             if metrics is None:

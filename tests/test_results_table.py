@@ -34,9 +34,9 @@ def test_markdown_csv_and_summary(tmp_path):
     out = tmp_path / 'table'
     assert results_table.main([str(svhn), str(gtsrb), '--out', str(out)]) == 0
     md = out.with_suffix('.md').read_text().splitlines()
-    assert md[0].startswith('| Pre-training | Downstream | clean ACC | clean ASR | clean ASR* |')
-    assert md[2] == ('| cifar10 | gtsrb | 81.84 | 2.50 | 1.00 | 82.27 | 98.64 | 98.50 | 80.00 | 4.12 | 3.00 |')
-    assert md[3].startswith('| cifar10 | svhn | 81.84 | 2.50 | 1.00 | – | – |')
+    assert md[0].startswith('| Pre-training | Downstream | Attack | clean ACC | clean ASR | clean ASR* |')
+    assert md[2] == ('| cifar10 | gtsrb | badencoder | 81.84 | 2.50 | 1.00 | 82.27 | 98.64 | 98.50 | 80.00 | 4.12 | 3.00 |')
+    assert md[3].startswith('| cifar10 | svhn | badencoder | 81.84 | 2.50 | 1.00 | – | – |')
     rows = list(csv.DictReader(out.with_suffix('.csv').open()))
     assert [r['downstream'] for r in rows] == ['gtsrb', 'svhn']
     assert rows[0]['backdoored_asr'] == '98.64' and rows[1]['mimic_acc'] == ''
