@@ -60,6 +60,7 @@ def read_run(run_dir: Path) -> dict:
     if not found:
         raise TableError(f'{run_dir}: no eval_*/metrics.json yet (has the pipeline reached stage 3?)')
     row['attack'] = setting.get('attack', 'badencoder')
+    row['label'] = setting.get('label') or ''  # run_pipeline.sh --label: which variant of an experiment
     row['defences'] = {}
     for defence in BASELINES:
         path = run_dir / f'eval_{defence}' / 'metrics.json'
@@ -83,20 +84,29 @@ def cell(metrics: dict | None, key: str) -> str:
     return '–' if value is None else f'{float(value):.2f}'
 
 
-def header() -> list[str]:
-    return ['Pre-training', 'Downstream', 'Attack'] + [f'{encoder} {label}' for encoder in ENCODERS
-                                                        for _, label in METRICS]
+def labelled(runs: list[dict]) -> bool:
+    return any(run['label'] for run in runs)
+
+
+def setting_of(run: dict, with_label: bool) -> list[str]:
+    return [run['pretraining'], run['downstream'], run['attack']] + ([run['label']] if with_label else [])
+
+
+def header(with_label: bool = False) -> list[str]:
+    return ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + [
+        f'{encoder} {label}' for encoder in ENCODERS for _, label in METRICS]
 
 
 def rows_of(runs: list[dict]) -> list[list[str]]:
-    ordered = sorted(runs, key=lambda r: (r['pretraining'], r['downstream'], r['attack']))
-    return [[r['pretraining'], r['downstream'], r['attack']] + [cell(r[encoder], key) for encoder in ENCODERS
-                                                               for key, _ in METRICS] for r in ordered]
+    with_label = labelled(runs)
+    return [setting_of(r, with_label) + [cell(r[encoder], key) for encoder in ENCODERS for key, _ in METRICS]
+            for r in runs]
 
 
 def markdown(runs: list[dict]) -> str:
-    head = header()
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 3 + ['---:'] * (len(head) - 3)) + '|']
+    head = header(labelled(runs))
+    text = len(head) - len(ENCODERS) * len(METRICS)
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * text + ['---:'] * (len(head) - text)) + '|']
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows_of(runs)]
     note = ('\nACC: clean test accuracy (%). ASR: triggered test images classified as the target (%), '
             'over all test images as the original counts it; ASR*: excluding images of the target class.\n')
@@ -106,7 +116,8 @@ def markdown(runs: list[dict]) -> str:
 def csv_text(runs: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['pretraining', 'downstream', 'attack'] + [f'{encoder}_{key}' for encoder in ENCODERS
+    writer.writerow(['pretraining', 'downstream', 'attack'] + ['run'] * labelled(runs) + [
+        f'{encoder}_{key}' for encoder in ENCODERS
                                                      for key, _ in METRICS])
     for row in rows_of(runs):
         writer.writerow([value if value != '–' else '' for value in row])
@@ -117,13 +128,14 @@ def defence_rows(runs: list[dict]) -> list[dict]:
     """One row per (setting, defence): MIMIC first, then the baselines the run has; ACC change against the
     backdoored encoder of the same setting; the defence's wall time."""
     rows = []
-    for run in sorted(runs, key=lambda r: (r['pretraining'], r['downstream'], r['attack'])):
+    for run in runs:
         backdoored = (run['backdoored'] or {}).get('acc')
         for name, metrics in [('mimic', run['mimic'])] + list(run['defences'].items()):
             if metrics is None:
                 continue
             acc = metrics.get('acc')
             rows.append({'pretraining': run['pretraining'], 'downstream': run['downstream'], 'attack': run['attack'],
+                         'run': run['label'],
                          'defence': name, **{key: metrics.get(key) for key, _ in METRICS},
                          'acc_change': None if acc is None or backdoored is None else acc - backdoored,
                          'seconds': run['seconds'].get(name)})
@@ -131,10 +143,12 @@ def defence_rows(runs: list[dict]) -> list[dict]:
 
 
 def defence_markdown(rows: list[dict]) -> str:
-    head = ['Pre-training', 'Downstream', 'Attack', 'Defence', 'ACC', 'ASR', 'ASR*', 'ΔACC', 'Time (s)']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 4 + ['---:'] * 5) + '|']
+    with_label = any(row['run'] for row in rows)
+    head = ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Defence', 'ACC', 'ASR', 'ASR*', 'ΔACC',
+                                                                              'Time (s)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * (len(head) - 5) + ['---:'] * 5) + '|']
     for row in rows:
-        values = [row['pretraining'], row['downstream'], row['attack'], row['defence']]
+        values = [row['pretraining'], row['downstream'], row['attack']] + [row['run']] * with_label + [row['defence']]
         values += [cell(row, key) for key, _ in METRICS]
         values += ['–' if row['acc_change'] is None else f"{row['acc_change']:+.2f}",
                    '–' if row['seconds'] is None else f"{row['seconds']:.0f}"]
@@ -145,7 +159,7 @@ def defence_markdown(rows: list[dict]) -> str:
 
 def defence_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    columns = ['pretraining', 'downstream', 'attack', 'defence'] + [key for key, _ in METRICS] + ['acc_change',
+    columns = ['pretraining', 'downstream', 'attack', 'run', 'defence'] + [key for key, _ in METRICS] + ['acc_change',
                                                                                                    'seconds']
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
     writer.writeheader()
@@ -179,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary and len(runs) != 1:
         print('error: --summary takes exactly one run directory', file=sys.stderr)
         return 2
+    # by setting; runs of the same setting (an experiment's variants) keep the order they were given in
+    runs.sort(key=lambda r: (r['pretraining'], r['downstream'], r['attack']))
     table = markdown(runs)
     compared = defence_rows(runs) if any(run['defences'] for run in runs) else []
     if compared:

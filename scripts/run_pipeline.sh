@@ -30,6 +30,10 @@
 #   --ratio 0.04  --mimic_lr 0.01  --arch resnet18  --width 64  --device auto  --data_root data
 #   --num_workers 2  --seed 100  --save_freq 50 (stage 0 and 2 checkpoints, for resuming)
 #   --clean_encoder PATH   use this encoder instead of training stage 0
+#   --backdoored_encoder PATH  use this backdoored encoder instead of stage 1 (e.g. one trained by another
+#                          run, to compare defences or MIMIC settings on the same backdoor)
+#   --label TEXT           a name for the run, kept in run.json and shown by results_table.py
+#   --dry_run 1            print every stage's command in order and run nothing (no file is read or written)
 #   --defences LIST        baseline defences run beside MIMIC on the backdoored encoder, comma-separated
 #                          (ft,fp,nad,clp,anp,kd,invert or all; default: none); the ones that train get
 #                          --epochs = --mimic_epochs, MIMIC's budget, and MIMIC's --ratio
@@ -43,6 +47,7 @@ run_dir='' pretraining=cifar10 downstream=gtsrb reference='' trigger=trigger/tri
 clean_epochs=1000 bad_epochs='' attack=badencoder target_class=0 poison_rate=0.01 mimic_epochs=1000 mi_epochs=200 nn_epochs=1000 ratio=0.04 mimic_lr=0.01
 arch=resnet18 width=64 device=auto data_root=data num_workers=2 seed=100 save_freq=50 clean_encoder=''
 clean_args='' bad_args='' mimic_args='' eval_args='' defence_args='' defences=''
+backdoored_encoder='' label='' dry_run=0
 ALL_DEFENCES=ft,fp,nad,clp,anp,kd,invert
 
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
@@ -63,7 +68,8 @@ while [ $# -gt 0 ]; do
     --mimic_args) mimic_args=$2 ;;           --eval_args) eval_args=$2 ;;
     --defences) defences=$2 ;;               --defence_args) defence_args=$2 ;;
     --attack) attack=$2 ;;                   --target_class) target_class=$2 ;;
-    --poison_rate) poison_rate=$2 ;;
+    --poison_rate) poison_rate=$2 ;;         --backdoored_encoder) backdoored_encoder=$2 ;;
+    --label) label=$2 ;;                     --dry_run) dry_run=$2 ;;
     *) die "unknown option $1 (see the header of $0)" ;;
   esac
   shift 2
@@ -72,15 +78,19 @@ done
 case "$attack" in
   badencoder) bad_epochs=${bad_epochs:-200} ;;
   drupe) bad_epochs=${bad_epochs:-120} ;;
-  ctrl) bad_epochs=$clean_epochs downstream=$pretraining ;;  # stage 0 on poisoned data; evaluated on its classes
+  ctrl) bad_epochs=${bad_epochs:-$clean_epochs} downstream=$pretraining ;;  # stage 0 on poisoned data, on its classes
   *) die "--attack: expected badencoder, drupe or ctrl, got '$attack'" ;;
 esac
 if [ "$attack" != ctrl ]; then
   [ -n "$reference" ] || die "--reference_file is required (e.g. reference/cifar10/priority.npz)"
 fi
-[ -z "$reference" ] || [ -f "$reference" ] || die "--reference_file $reference: no such file"
-[ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
-[ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
+if [ "$dry_run" = 0 ]; then  # a dry run may list the commands of a run whose inputs later steps make
+  [ -z "$reference" ] || [ -f "$reference" ] || die "--reference_file $reference: no such file"
+  [ -f "$trigger" ] || die "--trigger_file $trigger: no such file"
+  [ -z "$clean_encoder" ] || [ -f "$clean_encoder" ] || die "--clean_encoder $clean_encoder: no such file"
+  [ -z "$backdoored_encoder" ] || [ -f "$backdoored_encoder" ] || \
+    die "--backdoored_encoder $backdoored_encoder: no such file"
+fi
 [ "$defences" != all ] || defences=$ALL_DEFENCES
 IFS=, read -r -a defence_list <<< "$defences"
 for d in "${defence_list[@]}"; do
@@ -89,6 +99,8 @@ done
 
 if [ "$attack" = ctrl ]; then
   target_label=$target_class
+elif [ "$dry_run" != 0 ]; then
+  target_label="<y[0] of $reference>"
 else
   target_label=$("$PYTHON" -c "
 import sys
@@ -101,6 +113,9 @@ fi
 reference_flags=()
 [ -z "$reference" ] || reference_flags=(--reference_file "$reference")
 common=(--device "$device" --data_root "$data_root" --num_workers "$num_workers" --seed "$seed")
+if [ "$dry_run" != 0 ]; then
+  echo "== run $run_dir${label:+ ($label)}"
+else
 mkdir -p "$run_dir"
 cat > "$run_dir/run.json" <<JSON
 {"pretraining_dataset": "$pretraining", "downstream_dataset": "$downstream", "target_label": $target_label,
@@ -108,13 +123,17 @@ cat > "$run_dir/run.json" <<JSON
  "reference_file": "$reference", "trigger_file": "$trigger", "arch": "$arch", "width": $width,
  "clean_epochs": $clean_epochs, "badencoder_epochs": $bad_epochs, "mimic_epochs": $mimic_epochs,
  "mi_epochs": $mi_epochs, "nn_epochs": $nn_epochs, "ratio": $ratio, "mimic_lr": $mimic_lr, "seed": $seed,
- "defences": "$defences"}
+ "defences": "$defences", "label": "$label", "backdoored_encoder": "$backdoored_encoder"}
 JSON
+fi
 
 # stage NAME DIR FINAL_FILE CHECKPOINT_GLOB command...: skip when FINAL_FILE exists, resume when the
 # folder holds earlier checkpoints, otherwise start; what the stage prints goes to RUN/NAME.log too.
 stage() {
   local name=$1 dir=$2 final=$3 glob=$4; shift 4
+  if [ "$dry_run" != 0 ]; then
+    echo "$PYTHON $*"; return 0
+  fi
   if [ -f "$dir/$final" ]; then
     echo "== $name: done ($dir/$final), skipped"; return 0
   fi
@@ -139,10 +158,15 @@ if [ -z "$clean_encoder" ]; then
   clean_encoder=$run_dir/clean/model_$clean_epochs.pth
 fi
 
-if [ "$attack" = ctrl ]; then
+if [ -n "$backdoored_encoder" ]; then
+  echo "== backdoor: given, $backdoored_encoder"
+elif [ "$attack" = ctrl ]; then
   # Data poisoning: a poisoned copy of the pre-training split, then plain SimCLR on it (CTRL's recipe).
   poisoned=$run_dir/poisoned_data
-  if [ ! -f "$poisoned/poison.json" ]; then
+  if [ "$dry_run" != 0 ]; then
+    echo "$PYTHON -m datasets.poison --dataset $pretraining --data_root $data_root --trigger_file $trigger" \
+      "--target_class $target_class --poison_rate $poison_rate --seed $seed --out $poisoned --overwrite"
+  elif [ ! -f "$poisoned/poison.json" ]; then
     echo "== poison: $poison_rate of $pretraining, class $target_class, with $trigger"
     "$PYTHON" -m datasets.poison --dataset "$pretraining" --data_root "$data_root" --trigger_file "$trigger" \
       --target_class "$target_class" --poison_rate "$poison_rate" --seed "$seed" --out "$poisoned" --overwrite
@@ -159,8 +183,8 @@ else
     --encoder_usage_info "$pretraining" --downstreamTask "$downstream" --pretrained_encoder "$clean_encoder" \
     --reference_file "$reference" --trigger_file "$trigger" --epochs "$bad_epochs" \
     --results_dir "$run_dir/backdoor" "${common[@]}" $bad_args
+  backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 fi
-backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 
 # shellcheck disable=SC2086
 stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
@@ -177,8 +201,12 @@ for d in "${defence_list[@]}"; do
     baseline_defence.py --defence "$d" --pretraining_dataset "$pretraining" --teacher "$backdoored_encoder" \
     --ratio "$ratio" --epochs "$mimic_epochs" --save_freq "$save_freq" --results_dir "$run_dir/defence_$d" \
     "${common[@]}" $defence_args
-  checkpoint=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['checkpoint'])" \
-    "$run_dir/defence_$d/defence.json")
+  if [ "$dry_run" != 0 ]; then
+    checkpoint='<defence.json: checkpoint>'
+  else
+    checkpoint=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['checkpoint'])" \
+      "$run_dir/defence_$d/defence.json")
+  fi
   encoders+=("$d:$run_dir/defence_$d/$checkpoint")
 done
 
@@ -193,7 +221,7 @@ sys.exit(0 if m.get('encoder') == sys.argv[2] and int(m.get('epoch', -1)) == int
 for pair in "${encoders[@]}"; do
   name=${pair%%:*} encoder=${pair#*:}
   metrics=$run_dir/eval_$name/metrics.json
-  if [ -f "$metrics" ] && ! fresh_metrics "$metrics" "$encoder" "$nn_epochs"; then
+  if [ "$dry_run" = 0 ] && [ -f "$metrics" ] && ! fresh_metrics "$metrics" "$encoder" "$nn_epochs"; then
     echo "== eval_$name: $metrics is for another encoder or probe length, evaluating again"
     rm "$metrics"
   fi
@@ -205,4 +233,8 @@ for pair in "${encoders[@]}"; do
     --overwrite "${common[@]}" $eval_args
 done
 
-"$PYTHON" scripts/results_table.py "$run_dir" --out "$run_dir/table" --summary "$run_dir/summary.json"
+if [ "$dry_run" != 0 ]; then
+  echo "$PYTHON scripts/results_table.py $run_dir --out $run_dir/table --summary $run_dir/summary.json"
+else
+  "$PYTHON" scripts/results_table.py "$run_dir" --out "$run_dir/table" --summary "$run_dir/summary.json"
+fi
