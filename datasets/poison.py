@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import StageParser, UsageError, run_main
+from common.runs import write_text_atomic
+from models.checkpoint import default_file_mode
 
 from .npz import check_images, check_labels, load_split, read_npz
 from .prepare import save_npz_atomic
@@ -71,36 +73,14 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_mode() -> int:
-    """The mode a new file gets under the current umask (mkstemp's files are private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def copy_atomic(source: Path, destination: Path) -> None:
     """Copy a file byte for byte through a temporary file beside `destination` and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f'.{destination.name}.', suffix='.tmp', dir=destination.parent)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, destination)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
