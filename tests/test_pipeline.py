@@ -88,3 +88,53 @@ def test_pipeline_bad_arguments(args, message):
     result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', 'scripts/reproduce_paper.sh', '--dry_run', *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_path):
+    runs = tmp_path / 'paper'
+    result = dry_run(str(runs))
+    assert result.returncode == 0, result.stderr
+    assert not runs.exists()
+    out = result.stdout
+    lines = out.splitlines()
+    assert lines.index(next(l for l in lines if 'train_clean_encoder.py' in l)) < lines.index(
+        next(l for l in lines if l.startswith('== run')))  # the clean encoder first, once
+    assert sum('train_clean_encoder.py' in l and '--data_dir' not in l for l in lines) == 1
+    for task in ('gtsrb', 'svhn', 'stl10'):
+        for attack in ('badencoder', 'drupe'):
+            assert f'== run {runs}/main/cifar10_{task}_{attack}' in out
+    assert f'== run {runs}/main/cifar10_cifar10_ctrl' in out and 'datasets.poison' in out
+    assert sum('baseline_defence.py' in l for l in lines) == 7 * 7  # every defence on every main run
+    for ratio in ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10'):
+        assert f'{runs}/ratio/ratio_{ratio} (ratio {ratio})' in out
+    for size in (5, 10, 15, 20):
+        assert f'--size {size}' in out and f'{runs}/trigger_size/white_{size}' in out
+    for flag in ('--layer_weights uniform', '--no_attention', '--no_clone', '--no_contrastive', '--mi_model student'):
+        assert flag in out, flag
+    assert f'{runs}/triggers/red_21' in out
+    for experiment in ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers'):
+        assert f'--out {runs}/{experiment}/table' in out, experiment
+
+
+def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
+    result = dry_run('--scale', 'demo', '--experiments', 'ratio', str(tmp_path / 'demo'))
+    assert result.returncode == 0, result.stderr
+    assert 'datasets.prepare synthetic_shapes' in result.stdout and 'train_badencoder.py' in result.stdout
+    assert '/main/' in result.stdout and 'baseline_defence.py' not in result.stdout  # only the shared backdoor
+    assert result.stdout.count('--backdoored_encoder') == 0 and result.stdout.count('== backdoor: given') == 6
+    assert not (tmp_path / 'demo').exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--experiments', 'main,bogus'], "unknown experiment 'bogus'"),
+    (['--scale', 'huge'], "--scale: expected paper or demo"),
+    (['--frobnicate'], 'unknown option --frobnicate'),
+])
+def test_reproduce_paper_bad_arguments(args, message):
+    result = dry_run(*args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count('\n') == 1
