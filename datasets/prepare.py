@@ -29,6 +29,15 @@ Labels: int64 (N,) in the registry's class order: CIFAR10 and STL10 0..9, GTSRB 
 STL10's `train_unlabeled.npz` holds `x` only (no `y`), which is what `datasets.load_split` reads;
 torchvision reads that split's 2.7 GB file whole, so STL10 needs about 4 GB of memory.
 
+Order: torchvision reads GTSRB's training images class folder by class folder, so they come sorted by class,
+and the probe of stage 3 iterates its training features in a fixed order (as the original): trained on a
+sorted file it sees one class after another, and its predictions pile up on the later classes at a cost in
+accuracy (tests/test_probe_order.py). A labelled split whose labels come sorted by class is therefore written
+in one fixed random order (numpy's default_rng(--seed).permutation), recorded in the npz as `order` (int64:
+`order[i]` is the index, in the order read, of the i-th image written; `datasets.load_split` reads only `x`
+and `y`), with one printed line. --keep_order writes such splits as read. Splits whose labels are not sorted
+are written as read.
+
 Existing npz files are never overwritten without --force. Every split of a dataset is written to a
 temporary folder beside its destination, checked with `datasets.load_split`, then renamed into place.
 """
@@ -56,6 +65,7 @@ from .registry import DATASETS, UNLABELED_SPLITS, DataError, get_info
 from .synthetic import synthetic_splits
 
 RAW_ROOT = Path('data') / 'raw'
+ORDER_KEY = 'order'  # npz key of the permutation a class-sorted split was written in
 RESIZE_FILTER = Image.BILINEAR
 STL10_SIZE = 96
 GTSRB_URL = 'https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/'
@@ -117,14 +127,17 @@ def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray],
         raise
 
 
-def write_dataset(name: str, out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+def write_dataset(name: str, out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                  extra: dict[str, dict[str, np.ndarray]] | None = None) -> None:
     """Write every split into a temporary folder inside `out_dir`, validate them with load_split, then
-    rename them into place (same file system, so each rename is atomic)."""
+    rename them into place (same file system, so each rename is atomic). `extra[split]`: more arrays for
+    that split's npz (e.g. its `order`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.prepare-', dir=out_dir))
     try:
         for split, (x, y) in splits.items():
             arrays = {'x': x} if y is None else {'x': x, 'y': y}
+            arrays.update((extra or {}).get(split, {}))
             with open(staging / f'{split}.npz', 'wb') as handle:
                 np.savez(handle, **arrays)
                 handle.flush()
@@ -144,6 +157,41 @@ def describe(name: str, split: str, path: Path, x: np.ndarray, y: np.ndarray | N
     if not get_info(name).synthetic and len(x) != expected:
         text += f' (note: the full {name} {split} split has {expected})'
     return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Order
+# ---------------------------------------------------------------------------------------------------
+
+def class_sorted(y: np.ndarray | None) -> bool:
+    """Labels in non-decreasing order over more than one class: a split read class by class."""
+    return y is not None and len(y) > 1 and y[0] != y[-1] and bool(np.all(y[1:] >= y[:-1]))
+
+
+def fixed_order(x: np.ndarray, y: np.ndarray | None, seed: int,
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(x, y, None) as given, or, when the labels are sorted by class, (x[order], y[order], order) with
+    order = default_rng(seed).permutation(N): one fixed random order, the same for the same seed and N."""
+    if not class_sorted(y):
+        return x, y, None
+    order = np.random.default_rng(seed).permutation(len(y))
+    return x[order], y[order], order
+
+
+def reorder_splits(name: str, splits: dict[str, tuple[np.ndarray, np.ndarray | None]], seed: int,
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], dict[str, dict[str, np.ndarray]]]:
+    """Every class-sorted split of `splits` in its fixed random order; returns (splits, {split: {'order': ...}})
+    and prints one line per split reordered."""
+    ordered, extra = {}, {}
+    for split, (x, y) in splits.items():
+        x, y, order = fixed_order(x, y, seed)
+        ordered[split] = (x, y)
+        if order is not None:
+            extra[split] = {ORDER_KEY: order.astype(np.int64)}
+            print(f"{name}/{split}: its labels come sorted by class, which would bias the probe's fixed-order "
+                  f"training; written in a fixed random order (seed {seed}), recorded as '{ORDER_KEY}' in the npz "
+                  '(--keep_order: as read)')
+    return ordered, extra
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,7 +434,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "module's own readers (torchvision refuses them)")
     parser.add_argument('--sizes', default='', metavar='train=N,test=M',
                         help="number of images per split of the synthetic sets (default: the registry's)")
-    parser.add_argument('--seed', default=0, type=int, help='seed of the synthetic sets (default: 0)')
+    parser.add_argument('--seed', default=0, type=int,
+                        help='seed of the synthetic sets and of the order class-sorted splits are written in '
+                             '(default: 0)')
+    parser.add_argument('--keep_order', action='store_true',
+                        help='write splits whose labels come sorted by class (GTSRB train) in the order read, '
+                             'not in a fixed random order')
     parser.add_argument('--force', action='store_true', help='overwrite existing npz files')
     parser.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     return parser
@@ -417,7 +470,10 @@ def main(argv: list[str] | None = None) -> None:
             splits = make_synthetic_splits(name, sizes, args.seed, progress)
         else:
             splits = read_real(name, root, args.download, verified[name], progress)
-        write_dataset(name, out / name, splits)
+        extra = {}
+        if not args.keep_order:
+            splits, extra = reorder_splits(name, splits, args.seed)
+        write_dataset(name, out / name, splits, extra)
         for split, (x, y) in splits.items():
             print(describe(name, split, out / name / f'{split}.npz', x, y))
 

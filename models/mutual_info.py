@@ -6,7 +6,8 @@ computed once and the statistics networks train on the cached tensors.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,37 +54,103 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
+def dv_estimates(network: StatisticsNetwork, h: torch.Tensor, z: torch.Tensor, batch_size: int,
+                 generator: torch.Generator) -> list[float]:
+    """The DV bound of each batch of the data, in order, as computed (NaN and ±inf included)."""
+    network.eval()
+    return [dv_on_batch(network, h[batch], z[batch], generator).item() for batch in _batches(h.shape[0], batch_size)]
+
+
+def clipped_mean(values: Sequence[float]) -> float:
+    """Mean of per-batch estimates, a negative or non-finite one counted as 0 (SPEC §6.1).
+
+    Not only NaN: a +inf batch would otherwise make MI_l infinite and the weights of §6.2 NaN.
+    """
+    return sum(v if math.isfinite(v) and v > 0 else 0.0 for v in values) / len(values)
+
+
+def count_nonfinite(values: Iterable[float]) -> int:
+    """How many of the values are NaN or ±inf."""
+    return sum(not math.isfinite(v) for v in values)
+
+
 def evaluate_mi(network: StatisticsNetwork, h: torch.Tensor, z: torch.Tensor, batch_size: int,
                 generator: torch.Generator) -> float:
-    """Mean of the per-batch DV estimates over the data; a negative or NaN batch counts as 0."""
-    network.eval()
-    values = []
-    for batch in _batches(h.shape[0], batch_size):
-        value = dv_on_batch(network, h[batch], z[batch], generator).item()
-        values.append(0.0 if math.isnan(value) or value < 0 else value)
-    return sum(values) / len(values)
+    """Mean of the per-batch DV estimates over the data; a negative or non-finite batch counts as 0."""
+    return clipped_mean(dv_estimates(network, h, z, batch_size, generator))
+
+
+@dataclass
+class NonFiniteCounts:
+    """What `estimate_mi(..., nonfinite=counts)` met that was not a finite number, epoch by epoch.
+
+    `estimates[e]`: batches of epoch e's estimate whose DV value was NaN or ±inf (each counted as 0 in the
+    epoch's estimate, so a failing layer quietly reads as "no information"); `losses[e]`: training steps of
+    epoch e whose loss was NaN or ±inf (the step is still taken, as in the original; its NaN gradient
+    usually leaves the statistics network NaN from then on). `batches`: batches per epoch.
+    """
+    estimates: list[int] = field(default_factory=list)
+    losses: list[int] = field(default_factory=list)
+    batches: int = 0
+
+    @property
+    def total_estimates(self) -> int:
+        return sum(self.estimates)
+
+    @property
+    def total_losses(self) -> int:
+        return sum(self.losses)
+
+    def __bool__(self) -> bool:
+        return self.total_estimates + self.total_losses > 0
+
+    def warning(self, layer: str) -> str:
+        """One line for a layer whose estimation met non-finite values ('' when it met none)."""
+        return nonfinite_warning(layer, self.total_estimates, self.total_losses)
+
+
+def nonfinite_warning(layer: str, estimates: int, losses: int) -> str:
+    """The warning for a layer whose MI estimation met `estimates` non-finite batch estimates and `losses`
+    non-finite training losses ('' when none): one line, for the caller to print."""
+    if not estimates and not losses:
+        return ''
+    return (f'warning: MI of {layer}: {estimates} batch estimate(s) were NaN or infinite (counted as 0) and '
+            f'{losses} training loss(es) were; its MI, and so its layer weight, is unreliable')
 
 
 def estimate_mi(h: torch.Tensor, z: torch.Tensor, *, epochs: int, batch_size: int,
                 generator: torch.Generator, lr: float = 1e-3, weight_decay: float = 1e-5,
-                on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, list[float]]:
+                on_epoch: Callable[[int, float], None] | None = None,
+                nonfinite: NonFiniteCounts | None = None) -> tuple[float, list[float]]:
     """Train a fresh statistics network on fixed pairs (h (N, Dh), z (N, Dz)) by maximising I_DV.
 
     Adam (lr 1e-3, weight decay 1e-5), `epochs` passes over the data in order, in batches of
     `batch_size`; after each epoch the bound is estimated over the data (see `evaluate_mi`).
     Returns (MI, per-epoch estimates), MI being the mean of the last 10 estimates (SPEC §6.1).
+    `nonfinite`, when given, is filled in with the non-finite batch estimates and training losses of
+    every epoch (see `NonFiniteCounts`); the estimate is the same with or without it.
     """
     network = StatisticsNetwork(h.shape[1], z.shape[1]).to(device=h.device, dtype=h.dtype)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, weight_decay=weight_decay)
+    batches = _batches(h.shape[0], batch_size)
+    if nonfinite is not None:
+        nonfinite.estimates, nonfinite.losses, nonfinite.batches = [], [], len(batches)
     history = []
     for epoch in range(epochs):
         network.train()
-        for batch in _batches(h.shape[0], batch_size):
+        bad_losses = torch.zeros((), dtype=torch.int64, device=h.device)  # summed on the device: no sync per step
+        for batch in batches:
             loss = -dv_on_batch(network, h[batch], z[batch], generator)
+            if nonfinite is not None:
+                bad_losses += ~torch.isfinite(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        history.append(evaluate_mi(network, h, z, batch_size, generator))
+        values = dv_estimates(network, h, z, batch_size, generator)
+        history.append(clipped_mean(values))
+        if nonfinite is not None:
+            nonfinite.estimates.append(count_nonfinite(values))
+            nonfinite.losses.append(int(bad_losses.item()))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     tail = history[-MI_LAST_EPOCHS:]

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from models.mutual_info import (MI_LAST_EPOCHS, StatisticsNetwork, dv_lower_bound, estimate_mi,
-                                evaluate_mi, layer_weights)
-
+from models.mutual_info import (MI_LAST_EPOCHS, NonFiniteCounts, StatisticsNetwork, clipped_mean, count_nonfinite,
+                                dv_estimates, dv_lower_bound, estimate_mi, evaluate_mi, layer_weights,
+                                nonfinite_warning)
 
 
 def naive_dv(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> torch.Tensor:
@@ -114,6 +114,68 @@ def test_evaluate_mi_counts_negative_batches_as_zero():
     generator = torch.Generator().manual_seed(0)
     assert dv_lower_bound(network(h, h), network(h, h.flip(0))) < 0
     assert evaluate_mi(network, h, h.clone(), batch_size=16, generator=generator) == 0.0
+
+
+def test_clipped_mean_counts_negative_and_non_finite_batches_as_zero():
+    values = [1.0, -2.0, float('nan'), float('inf'), float('-inf'), 3.0]
+    assert clipped_mean(values) == pytest.approx(4.0 / 6)  # +inf too: it would make MI_l infinite
+    assert count_nonfinite(values) == 3
+    assert count_nonfinite([0.0, -1.0, 2.5]) == 0
+
+
+def test_evaluate_mi_of_a_nan_statistics_network_is_zero_and_every_batch_is_counted():
+    network = StatisticsNetwork(h_dim=2, z_dim=2, hidden=4)
+    with torch.no_grad():
+        network.dense3.weight.fill_(float('nan'))  # what a NaN training step leaves behind
+    h, z = correlated_gaussians(0.9, n=40, d=2, seed=4)
+    values = dv_estimates(network, h, z, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert len(values) == 3 and all(math.isnan(v) for v in values)  # batches of 16, 16, 8
+    assert evaluate_mi(network, h, z, batch_size=16, generator=torch.Generator().manual_seed(0)) == 0.0
+
+
+def nan_in_last_batch(n: int = 64, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correlated pairs whose last batch of h holds a NaN: its training loss is NaN in every epoch."""
+    h, z = correlated_gaussians(0.9, n=n, d=2, seed=5)
+    h[n - batch_size + 3, 1] = float('nan')
+    return h, z
+
+
+def test_estimate_mi_reports_non_finite_losses_and_estimates_per_epoch():
+    h, z = nan_in_last_batch()
+    counts = NonFiniteCounts()
+    torch.manual_seed(0)
+    result = estimate_mi(h, z, epochs=3, batch_size=16, generator=torch.Generator().manual_seed(0),
+                         nonfinite=counts)
+    mi, history = result  # still (MI, history) for every caller
+    assert len(result) == 2 and mi == 0.0 and history == [0.0, 0.0, 0.0]  # silently 0 without the report
+    # epoch 0: three finite steps, then the NaN batch; its NaN gradient turns the network NaN, so every batch
+    # of every estimate, and every later loss, is NaN
+    assert counts.batches == 4
+    assert counts.losses == [1, 4, 4] and counts.estimates == [4, 4, 4]
+    assert counts.total_losses == 9 and counts.total_estimates == 12 and counts
+    line = counts.warning('layer5')
+    assert line == nonfinite_warning('layer5', 12, 9)
+    assert '\n' not in line and line.startswith('warning: MI of layer5: 12 batch estimate(s) were NaN or infinite')
+    assert '9 training loss(es)' in line and 'unreliable' in line
+
+
+def test_nonfinite_warning_only_when_something_was_not_finite():
+    assert nonfinite_warning('layer3', 0, 0) == ''
+    assert nonfinite_warning('layer3', 0, 2).startswith('warning: MI of layer3: 0 batch')
+    assert nonfinite_warning('layer4', 5, 0).startswith('warning: MI of layer4: 5 batch')
+
+
+def test_estimate_mi_counts_nothing_on_finite_data_and_is_unchanged_by_the_report():
+    h, z = correlated_gaussians(0.9, n=64, d=2, seed=3)
+    torch.manual_seed(0)
+    plain = estimate_mi(h, z, epochs=3, batch_size=32, generator=torch.Generator().manual_seed(0))
+    counts = NonFiniteCounts(estimates=[7], losses=[7])  # a reused object is reset
+    torch.manual_seed(0)
+    reported = estimate_mi(h, z, epochs=3, batch_size=32, generator=torch.Generator().manual_seed(0),
+                           nonfinite=counts)
+    assert reported == plain and plain[0] > 0
+    assert counts.estimates == [0, 0, 0] and counts.losses == [0, 0, 0] and counts.batches == 2
+    assert not counts and counts.warning('layer3') == ''
 
 
 def test_layer_weights_follow_spec():

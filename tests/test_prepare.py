@@ -223,12 +223,62 @@ def write_gtsrb(root, classes: int = 43):
     return {'train': (np.stack(train_x), np.array(train_y)), 'test': (np.stack(test_x), np.array(test_y))}
 
 
-def test_gtsrb_labels_from_folders_and_resized(tmp_path):
+def test_gtsrb_labels_from_folders_and_resized(tmp_path, capsys):
     expected = write_gtsrb(tmp_path / 'raw')
     prepare.main(['gtsrb', '--root', str(tmp_path / 'raw'), '--out', str(tmp_path / 'data')])
-    check_written(tmp_path / 'data', 'gtsrb', expected)
+    # torchvision reads the training images class by class: they are written in a fixed random order, recorded
+    train = load(tmp_path / 'data' / 'gtsrb' / 'train.npz')
+    order = train['order']
+    assert set(train) == {'x', 'y', 'order'} and order.dtype == np.int64
+    assert sorted(order.tolist()) == list(range(43)) and order.tolist() != list(range(43))
+    np.testing.assert_array_equal(order, np.random.default_rng(0).permutation(43))  # --seed 0, the default
+    x_read, y_read = expected['train']
+    check_written(tmp_path / 'data', 'gtsrb', {'train': (x_read[order], y_read[order]), 'test': expected['test']})
     x, y = load_split('gtsrb', 'train', tmp_path / 'data' / 'gtsrb')
-    assert y.tolist() == list(range(43)) and x.shape == (43, 32, 32, 3)
+    assert x.shape == (43, 32, 32, 3) and sorted(y.tolist()) == list(range(43)) and y.tolist() == order.tolist()
+    assert 'order' not in load(tmp_path / 'data' / 'gtsrb' / 'test.npz')  # test labels 12, 0, 42: not sorted
+    printed = [line for line in capsys.readouterr().out.splitlines() if 'sorted by class' in line]
+    assert len(printed) == 1 and printed[0].startswith('gtsrb/train:') and 'seed 0' in printed[0]
+
+    # the same order every time; another with another --seed; the order read with --keep_order
+    prepare.main(['gtsrb', '--root', str(tmp_path / 'raw'), '--out', str(tmp_path / 'again'), '--no_progress'])
+    assert load(tmp_path / 'again' / 'gtsrb' / 'train.npz')['order'].tolist() == order.tolist()
+    prepare.main(['gtsrb', '--root', str(tmp_path / 'raw'), '--out', str(tmp_path / 'seed1'), '--seed', '1'])
+    assert load(tmp_path / 'seed1' / 'gtsrb' / 'train.npz')['order'].tolist() != order.tolist()
+    capsys.readouterr()
+    prepare.main(['gtsrb', '--root', str(tmp_path / 'raw'), '--out', str(tmp_path / 'kept'), '--keep_order'])
+    check_written(tmp_path / 'kept', 'gtsrb', expected)
+    assert set(load(tmp_path / 'kept' / 'gtsrb' / 'train.npz')) == {'x', 'y'}
+    assert 'sorted by class' not in capsys.readouterr().out
+
+
+def test_fixed_order_only_for_class_sorted_labels():
+    x = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1).repeat(3, axis=3)
+    sorted_labels = np.repeat(np.arange(4), 3)
+    shuffled_x, shuffled_y, order = prepare.fixed_order(x, sorted_labels, seed=7)
+    np.testing.assert_array_equal(order, np.random.default_rng(7).permutation(12))
+    np.testing.assert_array_equal(shuffled_x, x[order])
+    np.testing.assert_array_equal(shuffled_y, sorted_labels[order])
+    assert not prepare.class_sorted(shuffled_y)
+    for labels in (sorted_labels[::-1].copy(), np.zeros(12, dtype=np.int64), np.array([2, 0, 1] * 4), None):
+        same_x, same_y, none = prepare.fixed_order(x, labels, seed=7)  # descending, one class, mixed, unlabelled
+        assert none is None and same_x is x and same_y is labels
+    assert prepare.class_sorted(np.array([0, 0, 1, 5, 5])) and not prepare.class_sorted(np.array([3]))
+
+
+def test_sorted_synthetic_split_is_reordered_and_loads(tmp_path, capsys):
+    """Any labelled split that comes sorted is reordered, not only GTSRB's; load_split still reads it."""
+    x, y = synthetic_splits('synthetic_digits', {'train': 30, 'test': 10}, seed=0)['train']
+    by_class = np.argsort(y, kind='stable')
+    splits, extra = prepare.reorder_splits('synthetic_digits', {'train': (x[by_class], y[by_class]),
+                                                                'test': (x, y)}, seed=3)
+    assert set(extra) == {'train'} and splits['test'][0] is x
+    prepare.write_dataset('synthetic_digits', tmp_path / 'synthetic_digits', splits, extra)
+    x_loaded, y_loaded = load_split('synthetic_digits', 'train', tmp_path / 'synthetic_digits')
+    order = load(tmp_path / 'synthetic_digits' / 'train.npz')['order']
+    np.testing.assert_array_equal(x_loaded, x[by_class][order])
+    np.testing.assert_array_equal(y_loaded, y[by_class][order])
+    assert "synthetic_digits/train: its labels come sorted by class" in capsys.readouterr().out
 
 
 def test_gtsrb_with_missing_class_folders_is_refused(tmp_path):
