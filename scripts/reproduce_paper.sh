@@ -22,7 +22,8 @@
 #
 # RUNS_DIR (default runs/paper, or runs/paper_demo with --scale demo) holds clean/ (the clean encoder, trained
 # once for everything), triggers/ (the generated trigger files) and one folder per experiment with one
-# pipeline run per variant and the experiment's table.md / table.csv (+ table_defences.csv). Shared stages are
+# pipeline run per variant, the experiment's table.md / table.csv (+ table_defences.csv) and, when matplotlib
+# is installed (requirements-plot.txt), its figures/ (scripts/plot_results.py). Shared stages are
 # trained once: each backdoored encoder of main is reused by ratio, ablation and mi_model. Running the script
 # again skips what is finished and resumes what was interrupted. Extra flags for every stage: EXTRA="--amp".
 set -euo pipefail
@@ -83,9 +84,14 @@ pipeline() {
     --mimic_epochs "$E2" --mi_epochs "$MI" --nn_epochs "$NN" --ratio "$RATIO" --mimic_lr "$MIMIC_LR" \
     --clean_encoder "$CLEAN" --eval_args "$EVAL_ARGS" --defence_args "$DEFENCE_ARGS" "$@"
 }
-table() {  # OUT_STEM RUN_DIR...
+table() {  # OUT_STEM RUN_DIR...: the experiment's table, and its figures when matplotlib is installed
   local out=$1; shift
   run "$PYTHON" scripts/results_table.py "$@" --out "$out"
+  if [ "$dry_run" = 1 ] || "$PYTHON" -c 'import matplotlib' 2> /dev/null; then
+    run "$PYTHON" scripts/plot_results.py "$@" --out "$(dirname "$out")/figures"
+  else
+    echo "note: no figures for $(dirname "$out") (pip install -r requirements-plot.txt, then run scripts/plot_results.py)"
+  fi
 }
 with_mimic_args() { echo "$MIMIC_ARGS $*"; }
 
