@@ -27,7 +27,7 @@ from common.fastpath import to_channels_last
 from datasets import normalize_batch
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
 from models.losses import attention_transfer, negative_cosine, nt_xent
-from models.mutual_info import estimate_mi, layer_weights
+from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
 from .training import train_one_epoch as train_phase_epoch
 
@@ -101,21 +101,26 @@ def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *,
                             disable_progress: bool = False) -> dict:
     """MI between each tapped layer and the representation, and the attention weights (SPEC §6.1-6.2).
 
-    Returns {'mi': {layer: MI}, 'weights': [w_l], 'opt': [opt_l], 'fell_back': bool, 'history': ...}.
+    Returns {'mi': {layer: MI}, 'weights': [w_l], 'opt': [opt_l], 'fell_back': bool, 'history': ...,
+    'nonfinite': {layer: batch estimates that were NaN or ±inf, counted as 0}, 'nonfinite_losses': {layer: training
+    losses that were}}.
     """
     taps, z = tapped_representations(model, images, normalization, batch_size, device, disable_progress)
     generator = torch.Generator().manual_seed(seed)  # the permutations of the DV marginal term
-    mi, history = {}, {}
+    mi, history, counts = {}, {}, {}
     for name, h in zip(LAYER_NAMES, taps):
+        counts[name] = NonFiniteCounts()
         with tqdm(total=mi_epochs, desc=f'MI {name}', disable=disable_progress) as bar:
             def on_epoch(epoch: int, estimate: float, bar=bar) -> None:
                 bar.set_postfix(mi=f'{estimate:.4f}')
                 bar.update(1)
             mi[name], history[name] = estimate_mi(h, z, epochs=mi_epochs, batch_size=batch_size,
-                                                  generator=generator, on_epoch=on_epoch)
+                                                  generator=generator, on_epoch=on_epoch, nonfinite=counts[name])
     opt, weights, fell_back = layer_weights([mi[name] for name in LAYER_NAMES], base)
     return {'mi': mi, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': fell_back,
-            'layers': RESNET_STAGES, 'history': history}
+            'layers': RESNET_STAGES, 'history': history,
+            'nonfinite': {name: c.total_estimates for name, c in counts.items()},
+            'nonfinite_losses': {name: c.total_losses for name, c in counts.items()}}
 
 
 def uniform_layer_weights(base: list[float]) -> dict:
@@ -134,6 +139,11 @@ def report_weights(report: dict, mi_model: str) -> None:
               + ', '.join(f'{name} {report["mi"][name]:.4f}' for name in LAYER_NAMES))
     print('attention weights w: ' + ', '.join(f'{w:.4f}' for w in report['weights'])
           + ' -> opt: ' + ', '.join(f'{o:.1f}' for o in report['opt']))
+    nonfinite, losses = report.get('nonfinite') or {}, report.get('nonfinite_losses') or {}
+    for name in LAYER_NAMES:  # one line per layer whose estimation met NaN / inf
+        line = nonfinite_warning(name, nonfinite.get(name, 0), losses.get(name, 0))
+        if line:
+            print(line, file=sys.stderr)
     if report['fell_back']:
         print('warning: every MI estimate is 0 (estimation too short, or data without structure); '
               'the layer weights fall back to uniform', file=sys.stderr)

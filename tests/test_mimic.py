@@ -248,3 +248,23 @@ def test_resume_is_bit_identical(data_root, tiny_encoder, tmp_path):
     # A resumed run must keep the settings that shape the trajectory.
     with pytest.raises(UsageError, match='--lr 0.001 -> 0.01'):
         MIMIC.main(tiny_args(data_root, tiny_encoder, resumed, '--epochs', 3, '--resume', '--lr', '1e-2'))
+
+
+def test_nan_layer_is_recorded_and_warned(monkeypatch, capsys):
+    """A non-finite value in one layer's MI estimation is counted per layer, kept in the report (mi.json) and
+    warned about in one line; the other layers are not."""
+    generator = torch.Generator().manual_seed(0)
+    taps = [torch.randn(32, 6, generator=generator) for _ in range(4)]
+    taps[2][5, 0] = float('nan')  # layer5: one NaN in the first batch
+    z = torch.randn(32, 4, generator=generator)
+    monkeypatch.setattr(defences.mimic, 'tapped_representations', lambda *a, **k: (taps, z))
+    report = MIMIC.locate_benign_knowledge(None, images(32), NORMALIZATION, base=[1000] * 4, mi_epochs=2,
+                                           batch_size=16, seed=0, device=torch.device('cpu'), disable_progress=True)
+    assert report['nonfinite'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
+    assert report['nonfinite_losses'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
+    json.dumps(report)
+    MIMIC.report_weights(report, 'teacher')
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: MI of layer5: 4 batch'), err
+    MIMIC.report_weights(defences.mimic.uniform_layer_weights([1000] * 4), 'teacher')
+    assert capsys.readouterr().err == ''
