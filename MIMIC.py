@@ -22,6 +22,9 @@ The paper's ablations are one flag each: `--layer_weights uniform` (no MI step, 
 
 Writes to --results_dir: args.json, mi.json (MI per layer, weights, opt values), log.csv (one row per
 epoch) and the checkpoints. `--resume` continues the latest checkpoint; the MI step is not repeated.
+
+Under `torchrun --nproc_per_node N MIMIC.py ...` the distillation runs on N processes (--batch_size is the global
+batch; common/distributed.py); the MI step runs once, in rank 0, and its layer weights are sent to the others.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, resolve_device, run_main,
+from common import distributed
+from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, run_main,
                         seed_everything, shared_parser, progress_disabled)
 from common.fastpath import add_speed_arguments, maybe_compile
 from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, write_json)
@@ -101,6 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
                              '(default: 1000)')
     add_speed_arguments(parser)
+    distributed.add_distributed_arguments(parser)
     return parser
 
 
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device, args.gpu)
+    device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     # Data: the clean subset D of the pre-training split, normalised as the teacher expects.
     info = get_info(args.pretraining_dataset)
@@ -185,9 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         opt_weights, mi, rows, start_epoch = report['opt'], {}, [], 0
     else:
         measured = teacher if args.mi_model == 'teacher' else student
-        report = locate_benign_knowledge(measured, clean, info.normalization, base=base,
-                                         mi_epochs=args.mi_epochs, batch_size=args.batch_size, seed=args.seed,
-                                         device=device, disable_progress=progress_disabled(args))
+        # once, in rank 0 under torchrun (the others receive its report): 2000 images do not need N processes
+        report = distributed.on_main(lambda: locate_benign_knowledge(
+            measured, clean, info.normalization, base=base, mi_epochs=args.mi_epochs, batch_size=args.batch_size,
+            seed=args.seed, device=device, disable_progress=progress_disabled(args)))
         report_weights(report, args.mi_model)
         write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi', **report})
         opt_weights, mi, rows, start_epoch = report['opt'], report['mi'], [], 0

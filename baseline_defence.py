@@ -24,6 +24,11 @@ encoder model_<epochs>.pth (model_0.pth for clp and anp, which train no weight) 
 that stage 3, MIMIC.py and the original code load — and, last, defence.json: what the defence did (channels
 pruned per layer, the inverted trigger's size, epochs, images used) and its wall-clock seconds. `--resume`
 continues a defence that trains from its latest checkpoint.
+
+Under `torchrun --nproc_per_node N baseline_defence.py ...` the defences that train (ft, fp, nad, kd, invert) train
+on N processes (--batch_size is the global batch; common/distributed.py); what fp and invert compute before
+training (the pruning mask, the inverted trigger) is computed once, in rank 0, and sent to the others; clp and
+anp, which train no weight, run in rank 0 alone.
 """
 from __future__ import annotations
 
@@ -31,16 +36,21 @@ import argparse
 import time
 from pathlib import Path
 
-from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, resolve_device, run_main,
+import torch
+
+from common import distributed
+from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, run_main,
                         seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
 from datasets import get_info, load_split, pretraining_names
+from datasets.prepare import save_npz_atomic
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.anp import ANP_SETTINGS
 from defences.mimic import clean_subset, load_teacher
 from defences.nad import NAD_BETAS
 from defences.training import DefenceRun
+from models import SimCLR
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
 DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine-tune a trained encoder: 1e-3
@@ -120,6 +130,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
                              "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)")
     add_speed_arguments(parser)
+    distributed.add_distributed_arguments(parser)
     return parser
 
 
@@ -169,13 +180,41 @@ def prepare_results_dir(args: argparse.Namespace) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
 
 
+def computed_once(suspect: SimCLR, clean, run: DefenceRun) -> dict:
+    """Under torchrun, what fp and invert compute before they train, computed by rank 0 alone and handed to every
+    process (through `DefenceRun.shared`, which their `run.saved(...)` reads): fp's pruning mask, invert's inverted
+    trigger (whose file rank 0 writes). So every process trains with the same one, and one process writes.
+    These are the steps of `defences.fp.purify` and `defences.invert.purify` for a fresh run. Empty in one process,
+    and when a resumed run's checkpoint holds them already."""
+    args = run.args
+    if distributed.world_size() == 1 or args.defence not in ('fp', 'invert'):
+        return {}
+    if args.defence == 'fp':
+        fp = get_defence('fp')
+        if run.saved('model_{}.pth', 'prune_mask') is not None:
+            return {}
+        return {'prune_mask': distributed.on_main(lambda: fp.least_active_channels(
+            fp.mean_channel_activation(suspect, clean, run.normalization, run.device, args.batch_size),
+            args.prune_ratio).cpu())}
+    invert = get_defence('invert')
+    if run.saved('model_{}.pth', 'inverted_trigger') is not None:
+        return {}
+
+    def invert_and_save() -> dict:
+        inverted = invert.run_inversion(suspect, clean, run)
+        save_npz_atomic(run.results_dir / invert.TRIGGER_FILE, invert.trigger_arrays(inverted))
+        return {'mask': torch.from_numpy(inverted.mask).float(), 'pattern': torch.from_numpy(inverted.pattern).float(),
+                'summary': invert.summary(inverted)}
+    return {'inverted_trigger': distributed.on_main(invert_and_save)}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.defence, 1e-3)
     seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device, args.gpu)
+    device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects.
     info = get_info(args.pretraining_dataset)
@@ -183,18 +222,21 @@ def main(argv: list[str] | None = None) -> None:
     clean = clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
                          f'{info.name}/{info.pretraining_split}')
     suspect = load_teacher(args.teacher, device, args.pretraining_dataset)  # frozen, eval mode
+    trains = args.defence in TRAINING_BASELINES
+    if not trains and not distributed.is_main():
+        return  # clp and anp train no weight: under torchrun rank 0 runs them alone
 
     prepare_results_dir(args)
     results_dir = Path(args.results_dir)
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
     defence = get_defence(args.defence)
-    trains = args.defence in TRAINING_BASELINES
     print(f'{args.defence} ({defence.PAPER}): {len(clean)} clean images of {info.name}/{info.pretraining_split} '
           f'({args.subset}); suspect {suspect.config} on {device}')
 
     start = time.perf_counter()
     run = DefenceRun(args, info.normalization, device, results_dir, RESUME_MUST_MATCH)
+    run.shared = computed_once(suspect, clean, run)
     purified, report = defence.purify(suspect, clean, run)
     checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
     if not trains:  # the defences that train saved their last epoch already

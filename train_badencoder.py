@@ -30,6 +30,10 @@ project's synthetic sets, with a small encoder (each stage about a minute per ep
 Writes args.json, log.csv (epoch, loss, loss0, loss1, loss2, knn_acc, knn_asr) and model_<epoch>.pth every
 --save_freq epochs and at the end; --resume continues from the latest checkpoint.
 
+Under `torchrun --nproc_per_node N train_badencoder.py ...` each process encodes its share of the global batch
+(--batch_size) and the step's features are gathered, with their gradients, so that the objective (BadEncoder's or
+DRUPE's, whose terms are statistics of the whole batch) is that of the global batch (common/distributed.py).
+
 `--attack drupe` runs DRUPE (Tao et al., S&P 2024; terms, schedule and sources in attacks/drupe.py) instead:
 BadEncoder with several references, its effectiveness term taken to the nearest reference, and terms that keep
 the triggered embeddings' distribution close to the clean one and spread out. Every flag the command line leaves
@@ -63,9 +67,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from attacks import drupe
+from common import distributed
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args,
-                        progress_disabled, require_positive, resolve_device, run_main, seed_everything,
-                        shared_parser)
+                        progress_disabled, require_positive, run_main, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.features import encode_images, knn_accuracies
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
@@ -142,6 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
     add_drupe_arguments(parser)
     add_speed_arguments(parser)
+    distributed.add_distributed_arguments(parser)
     return parser
 
 
@@ -375,6 +380,22 @@ class StepFeatures:
     reference_target: torch.Tensor  # (R, d) f0(r_i)
 
 
+def global_batch(features: StepFeatures) -> StepFeatures:
+    """The step's features of the global batch: this process's own in one process; under torchrun each
+    per-sample field gathered from every process in rank order, with its gradients (the references' are the
+    same in every process). Every process then evaluates the objective of the global batch: the backward pass of
+    the gather sums each process's W identical losses back to its own samples, and DistributedDataParallel's
+    average over the W processes leaves the gradient of one process on the whole batch."""
+    if distributed.world_size() == 1:
+        return features
+    return StepFeatures(clean=distributed.gather(features.clean),
+                        triggered=distributed.gather(features.triggered, dim=1),
+                        augmented=distributed.gather(features.augmented, dim=1),
+                        reference=features.reference,
+                        clean_target=distributed.gather(features.clean_target),
+                        reference_target=features.reference_target)
+
+
 def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
     """L0 = −(1/R) Σ_i mean_b cos(f(x_b ⊕ t_i), f(r_i)) (SPEC §5), with one triggered copy per reference.
 
@@ -459,9 +480,9 @@ def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_feat
             features = encoder(torch.cat([clean, triggered, augmented, references])).float()
         f_clean, f_triggered, f_augmented, f_reference = features.split(
             [batch, num_copies * batch, num_references * batch, num_references])
-        loss, terms = objective(StepFeatures(
+        loss, terms = objective(global_batch(StepFeatures(
             f_clean, f_triggered.view(num_copies, batch, -1), f_augmented.view(num_references, batch, -1),
-            f_reference, clean_features[indices], clean_reference_features))
+            f_reference, clean_features[indices], clean_reference_features)))
         check_finite(loss, epoch, step)
 
         optimizer.zero_grad(set_to_none=True)
@@ -603,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device, args.gpu)
+    device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
     normalization = get_info(args.encoder_usage_info).normalization
 
     # Inputs: every file is checked before anything is written.
@@ -634,7 +655,10 @@ def main(argv: list[str] | None = None) -> None:
     # Only f is trained (its BatchNorm affine parameters are frozen and get no gradient); g is kept as loaded.
     freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    encoder_forward = maybe_compile(model.f, args.compile)
+    # Under torchrun the encoder is trained through DDP; its BatchNorm stays frozen (no SyncBatchNorm needed) and
+    # its buffers never change (nothing to broadcast).
+    encoder_forward = maybe_compile(distributed.data_parallel(model.f, device, sync_batchnorm=False,
+                                                              broadcast_buffers=False), args.compile)
     run = None
     if args.attack == 'drupe':
         schedule = drupe_schedule(args)
@@ -651,9 +675,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')
             return
     else:
-        if run is not None:  # an earlier run's, left by --overwrite
+        if run is not None and distributed.is_main():  # an earlier run's, left by --overwrite
             (results_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
-        if monitor is not None:  # the state before training, as the original
+        if monitor is not None and distributed.is_main():  # the state before training, as the original
             log_epoch(rows, results_dir, 0, None, evaluate_backdoor(model.f, monitor, normalization, args, device),
                       columns)
 
@@ -665,12 +689,15 @@ def main(argv: list[str] | None = None) -> None:
         if run is not None:
             losses.update(drupe_after_epoch(run, epoch, losses, model, optimizer, args, results_dir,
                                             reference.target_label))
-        metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) if monitor else None
+        # the monitor runs once, in rank 0 (which alone logs)
+        metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) \
+            if monitor and distributed.is_main() else None
         log_epoch(rows, results_dir, epoch, losses, metrics, columns)
         if is_save_epoch(epoch, args.epochs, args.save_freq):
             extra = {} if run is None else drupe_checkpoint_keys(run, epoch, args, model)
             save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
                                 target_label=reference.target_label, **extra)
+        distributed.barrier()  # the epoch is on disk before any process starts the next one
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
     if run is not None:
         print(describe_output(run, args))

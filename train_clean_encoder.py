@@ -23,6 +23,8 @@ from the code's). The defaults are the paper's Adam recipe, unchanged.
         --results_dir output/cifar10/ctrl_encoder
     # continue a stopped run from its latest model_<epoch>.pth
     python train_clean_encoder.py ... --results_dir output/cifar10/clean_encoder --resume
+    # 4 GPUs of one node (--batch_size stays the global batch; see common/distributed.py)
+    torchrun --standalone --nproc_per_node 4 train_clean_encoder.py ... --results_dir output/cifar10/clean_encoder
 
 Writes to --results_dir: args.json, log.csv (epoch, train_loss, test_acc@1) and model_<epoch>.pth at
 the end (and every --save_freq epochs).
@@ -40,15 +42,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common import distributed
 from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
-                        require_positive, resolve_device, run_main, seed_everything, shared_parser)
+                        require_positive, run_main, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
                          restore_optimizer, save_run_checkpoint, set_rng_state, write_csv, write_json)
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
-from models.losses import nt_xent
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6  # the paper's (SPEC §4), the default of --weight_decay
@@ -92,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument('--warmup_epochs', default=0, type=int,
                         help='epochs of linear learning-rate warm-up (default: 0)')
     add_speed_arguments(parser)
+    distributed.add_distributed_arguments(parser)
     return parser
 
 
@@ -236,7 +239,12 @@ def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingSt
 
 def train_one_epoch(model: SimCLR, loader: DataLoader, optimizer: torch.optim.Optimizer, temperature: float,
                     epoch: int, device: torch.device, use_amp: bool, disable_progress: bool) -> float:
-    """One pass of SimCLR over the loader (one forward per view); returns the mean NT-Xent loss."""
+    """One pass of SimCLR over the loader (one forward per view); returns the mean NT-Xent loss.
+
+    Under torchrun `model` is the DistributedDataParallel wrapper, the loader yields this process's share of each
+    global batch and the NT-Xent takes its negatives from the global batch (`common.distributed.nt_xent`); the
+    loss checked and returned is the global batch's.
+    """
     model.train()
     total_loss, total_images = 0.0, 0
     bar = tqdm(loader, desc=f'Train epoch {epoch}', leave=False, disable=disable_progress)
@@ -246,25 +254,30 @@ def train_one_epoch(model: SimCLR, loader: DataLoader, optimizer: torch.optim.Op
         with autocast(device, use_amp):
             _, out_1 = model(view_1)  # (B, 128), L2-normalised projections
             _, out_2 = model(view_2)
-        loss = nt_xent(out_1.float(), out_2.float(), temperature)
-        check_finite(loss, epoch, step)
+        loss = distributed.nt_xent(out_1.float(), out_2.float(), temperature)
+        reported = distributed.mean_over_ranks({'loss': loss})['loss']  # the global batch's (loss itself in one process)
+        check_finite(reported, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_images += len(view_1)
-        total_loss += loss.item() * len(view_1)
+        total_loss += reported.item() * len(view_1)
         bar.set_postfix(loss=f'{total_loss / total_images:.4f}')
     return total_loss / total_images
 
 
 def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData, device: torch.device,
           results_dir: Path) -> None:
-    """Epochs state.start_epoch..args.epochs: train, kNN monitor, log, checkpoint."""
+    """Epochs state.start_epoch..args.epochs: train, kNN monitor, log, checkpoint.
+
+    Under torchrun every process trains (DDP; SyncBatchNorm on CUDA) and rank 0 alone runs the kNN monitor and
+    writes the log and the checkpoints (of `model` itself: plain SimCLR keys).
+    """
     model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
     disable = progress_disabled(args)
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
-    forward_model = maybe_compile(model, args.compile)
+    forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)
     epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
                   total=args.epochs, disable=disable)
     for epoch in epochs:
@@ -273,7 +286,8 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
         set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
         train_loss = train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
-                               args.knn_k, args.knn_t, device, disable_progress=disable)
+                               args.knn_k, args.knn_t, device, disable_progress=disable) \
+            if distributed.is_main() else float('nan')  # once, not in every process (nothing else reads it)
         log_rows.append({'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': test_acc})
         write_csv(results_dir / 'log.csv', log_rows)
         epochs.set_postfix(loss=f'{train_loss:.4f}', knn_acc=f'{test_acc:.2f}')
@@ -281,6 +295,7 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
         if is_save_epoch(epoch, args.epochs, args.save_freq):
             save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
                                 log=log_rows)
+        distributed.barrier()  # the epoch is on disk before any process starts the next one
 
 
 def main() -> None:
@@ -288,7 +303,7 @@ def main() -> None:
     print_args(args)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device, args.gpu)
+    device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     data = load_pretraining_data(args)
     state = setup_training(args, device)

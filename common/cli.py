@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -145,21 +146,58 @@ def caused_by_interrupt(error: BaseException) -> bool:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a stage's main(); expected errors become one line on stderr and exit status 2."""
+    """Run a stage's main(); expected errors become one line on stderr and exit status 2.
+
+    Under torchrun (common.distributed) only rank 0 prints; a failure ends each process with at most one line
+    (Ctrl-C, bad flags or files and a non-finite loss from rank 0 alone; a crash, or a collective that failed
+    because another process stopped, from each process it hit, with its rank), exit status 1 for the latter,
+    and torchrun's failure summary gets the error with its traceback.
+    """
+    from . import distributed
+    distributed.quiet_unless_main()
     try:
         main()
+        distributed.teardown()
     except BaseException as error:
         # An interrupt first: an error raised while one was handled (a truncated read reported as an unreadable
         # checkpoint, say) is the interrupt's doing, not the file's.
         if caused_by_interrupt(error):
             leave_interrupted()
-        if isinstance(error, EXPECTED_ERRORS):
-            print(f'error: {one_line(error)}', file=sys.stderr)
-            sys.exit(2)
-        if isinstance(error, NonFiniteLossError):
-            print(f'error: {one_line(error)}', file=sys.stderr)
-            sys.exit(3)
+        torchrun = distributed.launched_world_size() > 1
+        for kind, status in ((EXPECTED_ERRORS, 2), (NonFiniteLossError, 3)):
+            if isinstance(error, kind):
+                distributed.record_for_torchrun(error)
+                distributed.report_error(f'error: {one_line(error)}', same_on_every_process=True)
+                sys.exit(status)
+        if torchrun and isinstance(error, Exception):
+            leave_failed(error)
         raise
+
+
+def leave_failed(error: Exception) -> None:
+    """End a process of a torchrun job after an unexpected error: one line, the traceback to torchrun's summary.
+
+    A collective that failed because another process went away is reported by rank 0 alone. torchrun forwards a
+    Ctrl-C to its processes one after the other, so such a failure may be the first sign of an interrupt that is
+    about to arrive: it is waited for, briefly, and then reported as the interrupt it is.
+    """
+    from . import distributed
+    collateral = distributed.collective_failed(error)
+    if collateral:
+        try:
+            time.sleep(distributed.INTERRUPT_GRACE_S)
+        except KeyboardInterrupt:
+            leave_interrupted()
+    distributed.record_for_torchrun(error)
+    cause = ' (a collective failed: another process stopped, or --dist_timeout passed)' if collateral else ''
+    distributed.report_error(f'error: {type(error).__name__}: {one_line(error)}{cause}',
+                             same_on_every_process=collateral)
+    # Leave at once, as after an interrupt: a collective left unfinished would only add the process group's
+    # warnings, and half-started DataLoader iterators their tracebacks, to the one line.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.__stderr__.flush()
+    os._exit(1)
 
 
 def leave_interrupted() -> None:
@@ -179,4 +217,6 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 
 def progress_disabled(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, 'no_progress', False)) or os.environ.get('TQDM_DISABLE') == '1'
+    """--no_progress, TQDM_DISABLE=1, or a process of a torchrun job other than rank 0."""
+    from .distributed import launched_rank
+    return bool(getattr(args, 'no_progress', False)) or os.environ.get('TQDM_DISABLE') == '1' or launched_rank() != 0

@@ -1,4 +1,7 @@
-"""Run directories: args.json, the CSV log, RNG states, guards against overwriting and resuming."""
+"""Run directories: args.json, the CSV log, RNG states, guards against overwriting and resuming.
+
+Under torchrun only rank 0 writes: the writers here do nothing in the other processes (common.distributed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,17 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models import CheckpointError, load_checkpoint, save_atomic
 from models.checkpoint import encoder_checkpoint
 from models.checkpoint import default_file_mode
 
+from . import distributed
 from .cli import UsageError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename."""
+    """Write a small text file through a temporary file and a rename (rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -150,6 +156,50 @@ def epoch_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last:
                       pin_memory=device.type == 'cuda', persistent_workers=False)
 
 
+def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which `epoch_loader(shuffle=True)` visits a dataset of `size` items in epoch `epoch`.
+
+    The loader's iterator draws its workers' base seed from the (seed, epoch) generator first, then its
+    RandomSampler draws the permutation from the same generator (tests/test_distributed.py checks this against
+    the loader itself).
+    """
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed
+    return torch.randperm(size, generator=generator)
+
+
+class RankBatches(Sampler):
+    """A batch sampler over this process's share of each global batch: rows rank·b .. (rank+1)·b − 1
+    (b = batch_size / world_size) of the global batches `epoch_loader` would form (drop_last), in order."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size
+
+    def __iter__(self):
+        order = epoch_permutation(self.size, self.seed, self.epoch)
+        local = self.batch_size // self.world_size
+        for step in range(len(self)):
+            start = step * self.batch_size + self.rank * local
+            yield order[start:start + local].tolist()
+
+
+def rank_epoch_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, epoch: int,
+                      device: torch.device, rank: int, world_size: int) -> DataLoader:
+    """`epoch_loader(shuffle=True, drop_last=True)` for one process of a torchrun job: this rank's rows of the
+    same global batches. The workers' augmentation draws come from seeds of (seed, epoch, rank): each process
+    draws its own, so the views are not those of one process (only the images are)."""
+    state = np.random.SeedSequence((seed % 2 ** 32, epoch, rank)).generate_state(1)[0]
+    return InterruptSafeLoader(dataset, batch_sampler=RankBatches(len(dataset), batch_size, seed, epoch, rank,
+                                                                  world_size),
+                               num_workers=num_workers, generator=torch.Generator().manual_seed(int(state)),
+                               worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
+                               pin_memory=device.type == 'cuda', persistent_workers=False)
+
+
 def resume_state(path: Path) -> dict:
     """The checkpoint to continue from (loaded safely); restores the RNG states it recorded."""
     checkpoint = load_checkpoint(path)
@@ -189,5 +239,11 @@ def is_save_epoch(epoch: int, epochs: int, save_freq: int) -> bool:
 
 def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                         args: argparse.Namespace, **extra) -> None:
-    """A self-describing, resumable checkpoint (SPEC §2.4), written atomically."""
+    """A self-describing, resumable checkpoint (SPEC §2.4), written atomically (by rank 0 alone under torchrun).
+
+    `model` is the trained module itself, never its DistributedDataParallel or torch.compile wrapper, so the keys
+    are the plain SimCLR ones; no state of one process is recorded, so a run resumes with any number of them.
+    """
+    if not distributed.is_main():
+        return
     save_atomic(encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(), **extra), path)

@@ -11,6 +11,10 @@
    no contrastive loss (c_con = 0). A term whose weight is 0 is not computed at all.
 
 Plain knowledge distillation (the `kd` baseline) is the same loss with only the clone term left.
+
+Under torchrun (common/distributed.py) the MI step runs once, in rank 0 (MIMIC.py), and the distillation step
+trains the student through DistributedDataParallel: the NT-Xent takes its negatives from the global batch, and
+the attention and clone terms, means over the samples, average over the processes to the global batch's.
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed
 from common.cli import UsageError, autocast
 from common.fastpath import to_channels_last
 from datasets import normalize_batch
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
-from models.losses import attention_transfer, negative_cosine, nt_xent
+from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
 from .training import train_one_epoch as train_phase_epoch
@@ -171,7 +176,7 @@ def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: 
         out_s2 = student(x2)[1] if contrastive_weight != 0 else None
     terms, parts = {}, []  # summed in the original's order: L_con + (Σ_l opt_l·AT_l) + opt5·L_clone
     if contrastive_weight != 0:
-        terms['loss_con'] = nt_xent(out_s1.float(), out_s2.float(), temperature)
+        terms['loss_con'] = distributed.nt_xent(out_s1.float(), out_s2.float(), temperature)  # global batch's negatives
         parts.append(contrastive_weight * terms['loss_con'])
     if attention:
         for index, (tap_s, tap_t) in enumerate(zip(taps_s, taps_t), start=1):
@@ -191,7 +196,13 @@ def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: 
 
 def distillation_step(student: SimCLR, teacher: SimCLR, opt_weights: list[float], opt5: float, temperature: float,
                       device: torch.device, amp: bool = False, contrastive_weight: float = 1.0):
-    """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training)."""
+    """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training).
+
+    Under torchrun the student is called through its DistributedDataParallel wrapper (built here, once);
+    without the contrastive term its projection head gets no gradient, which DDP is told.
+    """
+    student = distributed.data_parallel(student, device, find_unused_parameters=contrastive_weight == 0)
+
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
         return distillation_losses(student, teacher, x1, x2, opt_weights, opt5, temperature,
                                    precision=lambda: autocast(device, amp), contrastive_weight=contrastive_weight)

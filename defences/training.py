@@ -6,6 +6,11 @@ is the same for all: the views come through the stages' data path (`common.fastp
 workers on the CPU, on-device tensor augmentation on CUDA, an order and augmentation that depend only on
 (seed, epoch), so that `--resume` continues bit for bit), a non-finite loss stops the run, one JSON line
 and one CSV row per epoch, and a resumable checkpoint every `--save_freq` epochs and after the last.
+
+Under torchrun (common/distributed.py) each process trains on its share of the global batch, the trained network
+through DistributedDataParallel (`contrastive_step` and `defences.mimic.distillation_step` build the wrapper), the
+logged loss and terms are averaged over the processes (the global batch's), and rank 0 alone writes; a value a
+defence computes before it trains can be handed to every process through `DefenceRun.shared`.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from common import distributed
 from common.cli import autocast, check_finite, progress_disabled
 from common.fastpath import device_copy, pair_batches
 from common.runs import (check_resumable, checkpoint_epochs, is_save_epoch, restore_optimizer, resume_state,
@@ -25,7 +31,6 @@ from common.runs import (check_resumable, checkpoint_epochs, is_save_epoch, rest
 from datasets import ImagePairs, simclr_transform
 from models import load_checkpoint
 from models.checkpoint import load_state_into
-from models.losses import nt_xent
 
 StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -53,21 +58,23 @@ class Phase:
 def train_one_epoch(loader, optimizer: torch.optim.Optimizer, step_loss: StepLoss, *, set_modes: Callable[[], None],
                     epoch: int, epochs: int, device: torch.device, disable_progress: bool = False,
                     after_step: Callable[[], None] | None = None, desc: str = 'Train') -> dict[str, float]:
-    """One pass over the loader's (x1, x2) batches; returns the epoch's mean loss and terms."""
+    """One pass over the loader's (x1, x2) batches; returns the epoch's mean loss and terms (under torchrun the
+    global batch's: each step's are averaged over the processes before they are checked and summed)."""
     set_modes()
     totals, steps = {}, 0
     bar = tqdm(loader, disable=disable_progress)
     for step, (x1, x2) in enumerate(bar):
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         loss, terms = step_loss(x1, x2)
-        check_finite(loss, epoch, step)
+        reported = distributed.mean_over_ranks({'loss': loss, **terms})  # {'loss': loss, **terms} in one process
+        check_finite(reported['loss'], epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if after_step is not None:
             after_step()
         steps += 1
-        for key, value in {'loss': loss, **terms}.items():
+        for key, value in reported.items():
             totals[key] = totals.get(key, 0.0) + value.item()
         bar.set_description(f'{desc} Epoch: [{epoch}/{epochs}] Loss: {totals["loss"] / steps:.4f}')
     return {key: value / steps for key, value in totals.items()}
@@ -92,6 +99,7 @@ def run_phase(phase: Phase, dataset: ImagePairs, args: argparse.Namespace, norma
         if is_save_epoch(epoch, epochs, args.save_freq):
             save_run_checkpoint(results_dir / phase.checkpoint_pattern.format(epoch), phase.model, phase.optimizer,
                                 epoch, args, log=rows, **phase.checkpoint_extra)
+        distributed.barrier()  # the epoch is on disk before any process starts the next one
     return rows
 
 
@@ -105,6 +113,8 @@ class DefenceRun:
     device: torch.device
     results_dir: Path
     must_match: tuple[str, ...] = ()  # the flags a resumed run must share with the interrupted one
+    # values computed once before training (rank 0's, under torchrun), returned by `saved` under their key
+    shared: dict = field(default_factory=dict)
 
     @property
     def disable_progress(self) -> bool:
@@ -119,7 +129,10 @@ class DefenceRun:
 
     def saved(self, pattern: str, key: str):
         """The value a resumed run recorded under `key` in its latest `pattern` checkpoint (a pruning mask, an
-        inverted trigger: what the defence computed before training), or None for a fresh run."""
+        inverted trigger: what the defence computed before training), or None for a fresh run; `shared[key]`
+        when given (computed once for every process of a torchrun job)."""
+        if key in self.shared:
+            return self.shared[key]
         latest = self.latest(pattern)
         return None if latest is None else load_checkpoint(latest).get(key)
 
@@ -144,8 +157,12 @@ def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.d
     """SimCLR's step as a phase's step_loss: NT-Xent of the model's projections of the two views (SPEC §4).
 
     `extra(x1, x2, taps_1) -> dict of weighted terms` adds defence-specific terms computed from the same first
-    forward pass (its tapped maps are returned only when `extra` is given).
+    forward pass (its tapped maps are returned only when `extra` is given). Under torchrun the model is called
+    through its DistributedDataParallel wrapper (built here, once) and the NT-Xent takes its negatives from the
+    global batch.
     """
+    model = distributed.data_parallel(model, device)
+
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
         with autocast(device, amp):
             if extra is None:
@@ -154,7 +171,7 @@ def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.d
             else:
                 _, out_1, taps_1 = model(x1, return_taps=True)
             _, out_2 = model(x2)
-        terms = {'loss_con': nt_xent(out_1.float(), out_2.float(), temperature)}
+        terms = {'loss_con': distributed.nt_xent(out_1.float(), out_2.float(), temperature)}
         loss = terms['loss_con']
         if extra is not None:
             for name, (weight, value) in extra(x1, x2, taps_1).items():

@@ -27,6 +27,28 @@ def nt_xent(out_1: torch.Tensor, out_2: torch.Tensor, temperature: float) -> tor
     return (torch.logsumexp(logits, dim=-1) - positive).mean()
 
 
+def nt_xent_anchors(out_1: torch.Tensor, out_2: torch.Tensor, temperature: float, anchors: slice) -> torch.Tensor:
+    """NT-Xent averaged over some anchors only: the rows `anchors` of out_1 and the same rows of out_2.
+
+    out_1, out_2 (B, D) are the whole batch, o = cat(out_1, out_2) (2B, D); with A the 2a anchor rows of o,
+        L_A = mean_{i ∈ A} -log( exp(o_i·o_j(i)/τ) / Σ_{k≠i} exp(o_i·o_k/τ) )
+    Every row of the batch still serves as a negative. With every row an anchor this is `nt_xent`; over equal,
+    disjoint slices covering the batch, the mean of the L_A is `nt_xent`. Under torchrun each process takes
+    its own samples of the gathered global batch as anchors (common.distributed.nt_xent).
+    """
+    batch = out_1.shape[0]
+    rows = torch.arange(batch, device=out_1.device)[anchors]  # (a,)
+    anchor_rows = torch.cat([rows, rows + batch])  # (2a,) indices into o
+    out = torch.cat([out_1, out_2], dim=0)  # (2B, D)
+    logits = out[anchor_rows] @ out.t() / temperature  # (2a, 2B)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(len(anchor_rows), device=out.device), anchor_rows] = True
+    logits = logits.masked_fill(self_mask, float('-inf'))  # drop k = i from the denominator
+    positive = (out_1[anchors] * out_2[anchors]).sum(dim=-1) / temperature  # (a,)
+    positive = torch.cat([positive, positive], dim=0)  # (2a,)
+    return (torch.logsumexp(logits, dim=-1) - positive).mean()
+
+
 def attention_map(fm: torch.Tensor, p: float = 2, eps: float = 1e-6) -> torch.Tensor:
     """A(F) = Σ_c |F_c|^p / (‖Σ_c |F_c|^p‖₂ over H,W + eps): (B, C, H, W) -> (B, 1, H, W)."""
     am = fm.abs().pow(p).sum(dim=1, keepdim=True)  # (B, 1, H, W)
