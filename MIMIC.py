@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, run_main,
+from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
                         seed_everything, shared_parser, progress_disabled)
 from common.fastpath import add_speed_arguments, maybe_compile
 from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, write_json)
-from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
+from datasets import ImagePairs, get_info, pretraining_names, simclr_transform
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
+                            load_clean_subset,
                             distillation_modes, distillation_step, estimate_mi, load_teacher,
                             locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
                             uniform_layer_weights)
@@ -162,10 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     # Data: the clean subset D of the pre-training split, normalised as the teacher expects.
-    info = get_info(args.pretraining_dataset)
-    images, _ = load_split(info.name, info.pretraining_split, data_dir_for(args, info.name))
-    clean = clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
-                         f'{info.name}/{info.pretraining_split}')
+    info, clean = load_clean_subset(args)
 
     # Models: the frozen teacher and a student of the same architecture.
     teacher = load_teacher(args.teacher, device, args.pretraining_dataset)

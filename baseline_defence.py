@@ -39,15 +39,15 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (StageParser, UsageError, data_dir_for, print_args, require_positive, run_main,
+from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
                         seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
-from datasets import get_info, load_split, pretraining_names
+from datasets import pretraining_names
 from datasets.prepare import save_npz_atomic
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.anp import ANP_SETTINGS
-from defences.mimic import clean_subset, load_teacher
+from defences.mimic import load_clean_subset, load_teacher
 from defences.nad import NAD_BETAS
 from defences.training import DefenceRun
 from models import SimCLR
@@ -217,10 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects.
-    info = get_info(args.pretraining_dataset)
-    images, _ = load_split(info.name, info.pretraining_split, data_dir_for(args, info.name))
-    clean = clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
-                         f'{info.name}/{info.pretraining_split}')
+    info, clean = load_clean_subset(args)
     suspect = load_teacher(args.teacher, device, args.pretraining_dataset)  # frozen, eval mode
     trains = args.defence in TRAINING_BASELINES
     if not trains and not distributed.is_main():

@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import UsageError, autocast
+from common.cli import UsageError, autocast, data_dir_for
 from common.fastpath import to_channels_last
-from datasets import normalize_batch
+from datasets import get_info, load_split, normalize_batch
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
@@ -53,6 +53,15 @@ def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(images), generator=generator)[:count].sort().values.numpy()
     return images[indices]
+
+
+def load_clean_subset(args) -> tuple:
+    """(the pre-training set's DatasetInfo, D): --ratio/--subset of its pre-training split under --data_dir or
+    --data_root, the clean subset MIMIC.py and every baseline defence take."""
+    info = get_info(args.pretraining_dataset)
+    images, _ = load_split(info.name, info.pretraining_split, data_dir_for(args, info.name))
+    return info, clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
+                              f'{info.name}/{info.pretraining_split}')
 
 
 def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
