@@ -40,7 +40,7 @@ from common.fastpath import add_speed_arguments, maybe_compile
 from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, write_json)
 from datasets import ImagePairs, get_info, pretraining_names, simclr_transform
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
-                            load_clean_subset,
+                            MI_DATA, load_clean_subset, load_mi_images,
                             distillation_modes, distillation_step, estimate_mi, load_teacher,
                             locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
                             uniform_layer_weights)
@@ -52,7 +52,10 @@ CHECKPOINT_PATTERN = 'model{}.pth'
 # Flags that shape the trajectory of a run: a resumed run must be given the same values.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size', 'knn_t',
                      'opt5', 'mi_model', 'teacher', 'student', 'num_workers', 'augment', 'layer_weights',
-                     'no_attention', 'no_clone', 'no_contrastive')
+                     'no_attention', 'no_clone', 'no_contrastive', 'mi_data')
+# Flags added after the first MIMIC checkpoints: a checkpoint whose recorded arguments lack them ran with their
+# defaults.
+LATER_FLAGS = ('layer_weights', 'no_attention', 'no_clone', 'no_contrastive', 'mi_data')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -87,8 +90,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='first: the first ratio*N images, as the original; random: drawn with --seed '
                              '(default: first)')
     parser.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
-                        help='network whose layers the MI is measured on: teacher (the paper) or the '
-                             'initial student (the released code) (default: teacher)')
+                        help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
+                             'paper) or the freshly initialised student (the released code) (default: teacher)')
+    parser.add_argument('--mi_data', default='subset', choices=MI_DATA,
+                        help='images the MI is measured on: subset, the clean subset D the student is distilled '
+                             'on (the paper), or labelled, --ratio of the pre-training set\'s labelled train '
+                             'split (the released code: for STL10 its 5000 labelled images instead of the '
+                             'unlabeled ones; the same images for CIFAR10) (default: subset)')
     parser.add_argument('--mi_epochs', default=200, type=int,
                         help='training epochs of each layer\'s MI estimator (default: 200)')
     ablation = parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)')
@@ -132,6 +140,9 @@ def restore_run(path: Path, args: argparse.Namespace, student: SimCLR, optimizer
                 ) -> tuple[list[float], dict, list[dict], int]:
     """Student, optimiser, RNG states, opt weights and log rows of an interrupted run."""
     checkpoint = resume_state(path)  # restores the RNG states it recorded
+    if isinstance(checkpoint.get('args'), dict):  # written before the ablation / --mi_data flags existed
+        parser = get_args_parser()
+        checkpoint['args'] = {**{flag: parser.get_default(flag) for flag in LATER_FLAGS}, **checkpoint['args']}
     check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
     if 'opt' not in checkpoint or 'log' not in checkpoint:
         raise CheckpointError(f'{path}: not a MIMIC checkpoint of this script (no layer weights); cannot resume')
@@ -188,12 +199,16 @@ def main(argv: list[str] | None = None) -> None:
         opt_weights, mi, rows, start_epoch = report['opt'], {}, [], 0
     else:
         measured = teacher if args.mi_model == 'teacher' else student
+        mi_images, mi_source = load_mi_images(args, info, clean)
+        if args.mi_data != 'subset':
+            print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
         # once, in rank 0 under torchrun (the others receive its report): 2000 images do not need N processes
         report = distributed.on_main(lambda: locate_benign_knowledge(
-            measured, clean, info.normalization, base=base, mi_epochs=args.mi_epochs, batch_size=args.batch_size,
+            measured, mi_images, info.normalization, base=base, mi_epochs=args.mi_epochs, batch_size=args.batch_size,
             seed=args.seed, device=device, disable_progress=progress_disabled(args)))
         report_weights(report, args.mi_model)
-        write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi', **report})
+        write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi',
+                                             'mi_data': {'source': mi_source, 'images': len(mi_images)}, **report})
         opt_weights, mi, rows, start_epoch = report['opt'], report['mi'], [], 0
 
     dataset = ImagePairs(clean, simclr_transform(info.normalization, info.image_size))

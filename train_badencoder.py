@@ -94,8 +94,11 @@ RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder
                      'shadow_fraction', 'num_references', *(flag for flag in DRUPE_FLAGS if flag != 'drupe_output'))
 # Flags added with --attack: a checkpoint whose recorded arguments lack them ran BadEncoder with their defaults.
 ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *DRUPE_FLAGS)
-SHADOW_SIZE = 50000  # BadEncoder's shadow set: all of CIFAR10's train split, 50000 images of STL10's unlabeled
-SHADOW_SUBSET_SEED = 100  # the fixed numpy seed of that subset (independent of --seed)
+# BadEncoder's shadow set: all of CIFAR10's train split; for STL10 the *first* 50000 of its 100000 unlabeled images
+# (the released code's np.random.seed(100); np.random.choice(50000, 50000, replace=False) only permutes indices
+# 0..49999, and the loader shuffles each epoch anyway, so the order does not matter).
+SHADOW_SIZE = 50000
+SHADOW_SUBSET_SEED = 100  # the fixed numpy seed of DRUPE's --shadow_fraction subset (independent of --seed)
 LOG_COLUMNS = ('epoch', 'loss', 'loss0', 'loss1', 'loss2', 'knn_acc', 'knn_asr')
 DRUPE_LOG_COLUMNS = LOG_COLUMNS[:5] + drupe.TERMS + ('cost_spread', 'cost_dist') + LOG_COLUMNS[5:]
 SWD_STREAM = 0x5D  # tells the SWD directions' seed sequence apart from any other drawn from (seed, epoch)
@@ -263,12 +266,12 @@ def fixed_subset(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
-    """The shadow set: the pre-training split of --shadow_dataset, at most SHADOW_SIZE images (SPEC §5), of
-    which a fixed --shadow_fraction is kept (DRUPE: 20%; its code draws them with --seed, 100 by default)."""
+    """The shadow set: the first SHADOW_SIZE images of --shadow_dataset's pre-training split (SPEC §5; all of
+    CIFAR10's, the first 50000 of STL10's unlabeled, as the released code), of which a fixed --shadow_fraction is
+    kept (DRUPE: 20%; its code draws them with --seed, 100 by default)."""
     info = get_info(args.shadow_dataset)
     images, _ = load_split(args.shadow_dataset, info.pretraining_split, data_dir_for(args, args.shadow_dataset))
-    if len(images) > SHADOW_SIZE:  # STL10's 100000 unlabeled images
-        images = fixed_subset(images, SHADOW_SIZE)
+    images = images[:SHADOW_SIZE]  # STL10: 50000 of its 100000 unlabeled images
     if args.shadow_fraction < 1:
         images = fixed_subset(images, int(args.shadow_fraction * len(images)))
     if len(images) < args.batch_size:

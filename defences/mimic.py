@@ -64,6 +64,32 @@ def load_clean_subset(args) -> tuple:
                               f'{info.name}/{info.pretraining_split}')
 
 
+MI_DATA = ('subset', 'labelled')
+LABELLED_SPLIT = 'train'  # the labelled training split of every pre-training set (STL10: 5000 images)
+
+
+def load_mi_images(args, info, clean: np.ndarray) -> tuple[np.ndarray, str]:
+    """(the images the MI step is measured on, where they come from), chosen by --mi_data:
+
+    - `subset` (the paper, our default): D itself, the images the student is distilled on;
+    - `labelled` (the released code): --ratio/--subset of the pre-training set's *labelled* training split, in
+      the released MIMIC.py the first ratio·5000 of STL10's `train` images while D is ratio·100000 of its
+      unlabeled ones. For CIFAR10 (and the synthetic set) that split is the pre-training split: the same images
+      as `subset`. Fewer images than one batch are accepted here (the estimator's last batch is partial, as
+      the released loader's), at least 2 are needed.
+    """
+    source = f'{info.name}/{info.pretraining_split}'
+    if args.mi_data == 'subset' or info.pretraining_split == LABELLED_SPLIT:
+        return clean, source
+    images, _ = load_split(info.name, LABELLED_SPLIT, data_dir_for(args, info.name))
+    source = f'{info.name}/{LABELLED_SPLIT}'
+    count = int(args.ratio * len(images))
+    if count < 2:
+        raise UsageError(f'--mi_data labelled: --ratio {args.ratio} gives {count} of the {len(images)} images of '
+                         f'{source}; the MI step needs at least 2')
+    return clean_subset(images, args.ratio, args.subset, args.seed, min(count, args.batch_size), source), source
+
+
 def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
     """The suspect encoder, loaded safely, in eval mode and frozen: it never receives a gradient."""
     teacher, checkpoint = load_encoder(path)

@@ -268,3 +268,70 @@ def test_nan_layer_is_recorded_and_warned(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith('warning: MI of layer5: 4 batch'), err
     MIMIC.report_weights(defences.mimic.uniform_layer_weights([1000] * 4), 'teacher')
     assert capsys.readouterr().err == ''
+
+
+@pytest.fixture()
+def stl10_root(tmp_path):
+    """A stand-in STL10: 128 unlabeled images for D and 40 labelled training images, told apart by their pixels."""
+    from conftest import write_split
+    unlabeled = images(128, seed=1)
+    labelled = images(40, seed=2)
+    write_split(tmp_path / 'stl10', 'train_unlabeled', unlabeled, None)
+    write_split(tmp_path / 'stl10', 'train', labelled, np.arange(40) % 10)
+    return tmp_path, unlabeled, labelled
+
+
+def test_mi_data_subset_or_the_released_labelled_split(stl10_root, data_root):
+    """--mi_data labelled: STL10's first ratio·N labelled images (the released code), fewer than a batch
+    accepted; subset, and any set whose labelled split is its pre-training split: D itself."""
+    from argparse import Namespace
+    root, unlabeled, labelled = stl10_root
+    args = Namespace(pretraining_dataset='stl10', data_root=str(root), data_dir=None, ratio=0.25, subset='first',
+                     seed=0, batch_size=16, mi_data='subset')
+    info, clean = defences.mimic.load_clean_subset(args)
+    assert np.array_equal(clean, unlabeled[:32])
+    chosen, source = defences.mimic.load_mi_images(args, info, clean)
+    assert chosen is clean and source == 'stl10/train_unlabeled'
+    args.mi_data = 'labelled'
+    chosen, source = defences.mimic.load_mi_images(args, info, clean)
+    assert np.array_equal(chosen, labelled[:10]) and source == 'stl10/train'  # 10 < one batch of 16
+    args.ratio = 0.02  # 0 of 40 labelled images
+    with pytest.raises(UsageError, match=r'--mi_data labelled: --ratio 0.02 gives 0 of the 40 images of stl10/train'):
+        defences.mimic.load_mi_images(args, info, clean)
+    shapes = Namespace(pretraining_dataset='synthetic_shapes', data_root=str(data_root), data_dir=None, ratio=0.25,
+                       subset='first', seed=0, batch_size=16, mi_data='labelled')
+    info, clean = defences.mimic.load_clean_subset(shapes)
+    assert defences.mimic.load_mi_images(shapes, info, clean) == (clean, 'synthetic_shapes/train')
+
+
+def test_mi_data_labelled_through_the_script(stl10_root, tiny_encoder, tmp_path, monkeypatch):
+    """The MI step sees the labelled images and mi.json says so; the student is still distilled on D."""
+    root, unlabeled, labelled = stl10_root
+    seen = []
+    measure = defences.mimic.locate_benign_knowledge
+    monkeypatch.setattr(MIMIC, 'locate_benign_knowledge',
+                        lambda model, images, *a, **k: seen.append(images) or measure(model, images, *a, **k))
+    out = tmp_path / 'mimic'
+    argv = ['--pretraining_dataset', 'stl10', '--data_root', str(root), '--teacher', str(tiny_encoder),
+            '--ratio', '0.25', '--batch_size', '16', '--mi_epochs', '1', '--epochs', '1', '--results_dir', str(out),
+            '--num_workers', '0', '--device', 'cpu', '--no_progress', '--mi_data', 'labelled']
+    MIMIC.main(argv)
+    assert len(seen) == 1 and np.array_equal(seen[0], labelled[:10])
+    mi = json.loads((out / 'mi.json').read_text())
+    assert mi['mi_data'] == {'source': 'stl10/train', 'images': 10}
+    assert load_checkpoint(out / 'model1.pth')['log'][0]['epoch'] == 1  # 32 images of D: two steps of 16
+
+
+def test_resume_of_a_checkpoint_written_before_the_ablation_flags(data_root, tiny_encoder, tmp_path):
+    """Recorded arguments without --layer_weights/--no_*/--mi_data ran with their defaults: it resumes."""
+    from models import save_atomic
+    out = tmp_path / 'mimic'
+    MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 1, '--save_freq', 1))
+    checkpoint = load_checkpoint(out / 'model1.pth')
+    for flag in MIMIC.LATER_FLAGS:
+        del checkpoint['args'][flag]
+    save_atomic(checkpoint, out / 'model1.pth')
+    MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 2, '--save_freq', 1, '--resume'))
+    assert load_checkpoint(out / 'model2.pth')['epoch'] == 2
+    with pytest.raises(UsageError, match="--mi_data 'subset' -> 'labelled'"):
+        MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 3, '--resume', '--mi_data', 'labelled'))
