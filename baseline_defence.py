@@ -36,7 +36,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from common import distributed
 from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
@@ -44,13 +43,11 @@ from common.cli import (StageParser, UsageError, print_args, require_positive, r
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
 from datasets import pretraining_names
-from datasets.prepare import save_npz_atomic
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.anp import ANP_SETTINGS
 from defences.mimic import load_clean_subset, load_teacher
 from defences.nad import NAD_BETAS
 from defences.training import DefenceRun
-from models import SimCLR
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
 DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine-tune a trained encoder: 1e-3
@@ -180,34 +177,6 @@ def prepare_results_dir(args: argparse.Namespace) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
 
 
-def computed_once(suspect: SimCLR, clean, run: DefenceRun) -> dict:
-    """Under torchrun, what fp and invert compute before they train, computed by rank 0 alone and handed to every
-    process (through `DefenceRun.shared`, which their `run.saved(...)` reads): fp's pruning mask, invert's inverted
-    trigger (whose file rank 0 writes). So every process trains with the same one, and one process writes.
-    These are the steps of `defences.fp.purify` and `defences.invert.purify` for a fresh run. Empty in one process,
-    and when a resumed run's checkpoint holds them already."""
-    args = run.args
-    if distributed.world_size() == 1 or args.defence not in ('fp', 'invert'):
-        return {}
-    if args.defence == 'fp':
-        fp = get_defence('fp')
-        if run.saved('model_{}.pth', 'prune_mask') is not None:
-            return {}
-        return {'prune_mask': distributed.on_main(lambda: fp.least_active_channels(
-            fp.mean_channel_activation(suspect, clean, run.normalization, run.device, args.batch_size),
-            args.prune_ratio).cpu())}
-    invert = get_defence('invert')
-    if run.saved('model_{}.pth', 'inverted_trigger') is not None:
-        return {}
-
-    def invert_and_save() -> dict:
-        inverted = invert.run_inversion(suspect, clean, run)
-        save_npz_atomic(run.results_dir / invert.TRIGGER_FILE, invert.trigger_arrays(inverted))
-        return {'mask': torch.from_numpy(inverted.mask).float(), 'pattern': torch.from_numpy(inverted.pattern).float(),
-                'summary': invert.summary(inverted)}
-    return {'inverted_trigger': distributed.on_main(invert_and_save)}
-
-
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
@@ -233,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     run = DefenceRun(args, info.normalization, device, results_dir, RESUME_MUST_MATCH)
-    run.shared = computed_once(suspect, clean, run)
     purified, report = defence.purify(suspect, clean, run)
     checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
     if not trains:  # the defences that train saved their last epoch already

@@ -87,10 +87,8 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     args = run.args
     model = trainable_copy(suspect)
     stage = model.f.f[LAST_STAGE]
-    mask = run.saved('model_{}.pth', 'prune_mask')  # a resumed run keeps its mask
-    if mask is None:
-        activation = mean_channel_activation(model, clean, run.normalization, run.device, args.batch_size)
-        mask = least_active_channels(activation, args.prune_ratio).cpu()
+    mask = run.once('prune_mask', lambda: least_active_channels(  # a resumed run keeps its mask
+        mean_channel_activation(model, clean, run.normalization, run.device, args.batch_size), args.prune_ratio).cpu())
     prune_channels(stage, mask)
     pruned = torch.nonzero(mask).flatten().tolist()
     print(f'fp: pruned {len(pruned)} of {mask.numel()} channels of f.f.{LAST_STAGE} (ResNet layer4)')

@@ -273,12 +273,13 @@ def summary(inverted: InvertedTrigger) -> dict:
 def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     """Invert a trigger on D (or take the one a resumed run recorded), save it, then unlearn it."""
     args = run.args
-    saved = run.saved('model_{}.pth', 'inverted_trigger')
-    if saved is None:
+
+    def invert_and_save() -> dict:
         inverted = run_inversion(suspect, clean, run)
         save_npz_atomic(run.results_dir / TRIGGER_FILE, trigger_arrays(inverted))
-        saved = {'mask': torch.from_numpy(inverted.mask).float(), 'pattern': torch.from_numpy(inverted.pattern).float(),
-                 'summary': summary(inverted)}
+        return {'mask': torch.from_numpy(inverted.mask).float(), 'pattern': torch.from_numpy(inverted.pattern).float(),
+                'summary': summary(inverted)}
+    saved = run.once('inverted_trigger', invert_and_save)  # a resumed run keeps its trigger
     print('invert: mask L1 {mask_l1:.1f} px ({mask_fraction:.1%} of the image), similarity {similarity:.3f}, '
           'succeeded {succeeded}'.format(**saved['summary']))
     mask = saved['mask'].to(run.device)  # (H, W)

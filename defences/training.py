@@ -9,8 +9,9 @@ and one CSV row per epoch, and a resumable checkpoint every `--save_freq` epochs
 
 Under torchrun (common/distributed.py) each process trains on its share of the global batch, the trained network
 through DistributedDataParallel (`contrastive_step` and `defences.mimic.distillation_step` build the wrapper), the
-logged loss and terms are averaged over the processes (the global batch's), and rank 0 alone writes; a value a
-defence computes before it trains can be handed to every process through `DefenceRun.shared`.
+logged loss and terms are averaged over the processes (the global batch's), and rank 0 alone writes; what a
+defence computes before it trains (a pruning mask, an inverted trigger) goes through `DefenceRun.once`, which
+runs it in rank 0 alone and hands the result to every process.
 """
 from __future__ import annotations
 
@@ -113,8 +114,6 @@ class DefenceRun:
     device: torch.device
     results_dir: Path
     must_match: tuple[str, ...] = ()  # the flags a resumed run must share with the interrupted one
-    # values computed once before training (rank 0's, under torchrun), returned by `saved` under their key
-    shared: dict = field(default_factory=dict)
 
     @property
     def disable_progress(self) -> bool:
@@ -129,12 +128,16 @@ class DefenceRun:
 
     def saved(self, pattern: str, key: str):
         """The value a resumed run recorded under `key` in its latest `pattern` checkpoint (a pruning mask, an
-        inverted trigger: what the defence computed before training), or None for a fresh run; `shared[key]`
-        when given (computed once for every process of a torchrun job)."""
-        if key in self.shared:
-            return self.shared[key]
+        inverted trigger: what the defence computed before training), or None for a fresh run."""
         latest = self.latest(pattern)
         return None if latest is None else load_checkpoint(latest).get(key)
+
+    def once(self, key: str, compute: Callable[[], object], pattern: str = 'model_{}.pth'):
+        """What the defence computes before it trains: the value a resumed run recorded under `key` (`saved`), else
+        `compute()` — under torchrun run by rank 0 alone (which alone writes its files) and handed to every
+        process, so that all train with the same one."""
+        saved = self.saved(pattern, key)
+        return saved if saved is not None else distributed.on_main(compute)
 
     def train(self, phase: Phase, images, epochs: int) -> list[dict]:
         """Run `phase` for `epochs` on view pairs of `images`, continuing its latest checkpoint with --resume."""

@@ -27,6 +27,7 @@ WIDTH=${WIDTH:-8}
 CLEAN_EPOCHS=${CLEAN_EPOCHS:-20}
 case "${ATTACK:-badencoder}" in
   drupe) BAD_EPOCHS=${BAD_EPOCHS:-10} ;;  # DRUPE's terms start at epoch 2 (effectiveness) and 5 (distribution)
+  ctrl) BAD_EPOCHS=${BAD_EPOCHS:-$CLEAN_EPOCHS} ;;  # CTRL's backdoored encoder is SimCLR on the poisoned set
   *) BAD_EPOCHS=${BAD_EPOCHS:-5} ;;
 esac
 MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}

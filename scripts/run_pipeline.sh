@@ -176,6 +176,7 @@ elif [ "$attack" = ctrl ]; then
     train_clean_encoder.py --pretraining_dataset "$pretraining" --data_dir "$poisoned" --arch "$arch" \
     --width "$width" --epochs "$bad_epochs" --save_freq "$save_freq" --results_dir "$run_dir/backdoor" \
     "${common[@]}" $clean_args $bad_args
+  backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 else
   # shellcheck disable=SC2086
   stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
