@@ -40,6 +40,9 @@ ANP_ITERATIONS=${ANP_ITERATIONS:-200}
 MIMIC_LR=${MIMIC_LR:-0.01}
 BAD_LR=${BAD_LR:-0.01}
 PROBE_LR=${PROBE_LR:-0.001}
+# the augmentation path of the training stages: tensor (batches augmented as tensors, the same distributions as
+# the original's per-image PIL transforms, about 1.8x faster on a 2-core CPU) or pil (the original's path)
+AUGMENT=${AUGMENT:-tensor}
 # -----------------------------------------------------------------------------------------------
 
 data="$OUT/data"
@@ -72,7 +75,7 @@ bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DE
   --pretraining_dataset synthetic_shapes --downstream_dataset synthetic_digits "${attack_flags[@]}" \
   --width "$WIDTH" --clean_epochs "$CLEAN_EPOCHS" --badencoder_epochs "$BAD_EPOCHS" \
   --mimic_epochs "$MIMIC_EPOCHS" --mi_epochs "$MI_EPOCHS" --nn_epochs "$NN_EPOCHS" \
-  --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 \
+  --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 --augment "$AUGMENT" \
   --clean_args "--batch_size 256" \
   --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress" \
   --defences "$DEFENCES" --defence_args "--batch_size 128 --anp_iterations $ANP_ITERATIONS"

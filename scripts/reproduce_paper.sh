@@ -56,7 +56,7 @@ case "$scale" in
     WIDTH=64 E0=1000 E1=200 E1_DRUPE=120 E1_CTRL=800 E2=1000 MI=200 NN=1000 RATIO=0.04 MIMIC_LR=0.01
     CLEAN_ARGS='' BAD_ARGS='' DRUPE_ARGS='' MIMIC_ARGS='' EVAL_ARGS='' DEFENCE_ARGS=''
     CTRL_ARGS='--optimizer sgd --lr 0.06 --momentum 0.9 --weight_decay 5e-4 --schedule cosine --warmup_epochs 10 --batch_size 512'
-    BATCH_FOR_RATIO='' ;;
+    BATCH_FOR_RATIO='' AUGMENT=auto ;;
   demo)  # scripts/demo.sh's scale
     RUNS=${RUNS:-runs/paper_demo} DEVICE=${DEVICE:-cpu} DATA_ROOT=${DATA_ROOT:-$RUNS/data}
     PRE=synthetic_shapes REF_DIR=$RUNS/reference TASKS="synthetic_digits:one:1"
@@ -65,7 +65,7 @@ case "$scale" in
     DRUPE_ARGS='--batch_size 128 --shadow_fraction 1.0' CTRL_ARGS='--batch_size 256'
     MIMIC_ARGS='--batch_size 128' EVAL_ARGS='--lr 0.001 --no_progress'
     DEFENCE_ARGS='--batch_size 128 --anp_iterations 200'
-    BATCH_FOR_RATIO='--batch_size 32' ;;  # 1% of 4000 images is 40: one batch needs fewer than 128
+    BATCH_FOR_RATIO='--batch_size 32' AUGMENT=tensor ;;  # 1% of 4000 images is 40: one batch needs fewer than 128
   *) die "--scale: expected paper or demo, got '$scale'" ;;
 esac
 [ -z "${EXTRA:-}" ] || { CLEAN_ARGS+=" $EXTRA" BAD_ARGS+=" $EXTRA" DRUPE_ARGS+=" $EXTRA" CTRL_ARGS+=" $EXTRA"
@@ -82,7 +82,7 @@ pipeline() {
   bash scripts/run_pipeline.sh --run_dir "$dir" --label "$label" --dry_run "$dry_run" --device "$DEVICE" \
     --data_root "$DATA_ROOT" --pretraining_dataset "$PRE" --width "$WIDTH" --clean_epochs "$E0" \
     --mimic_epochs "$E2" --mi_epochs "$MI" --nn_epochs "$NN" --ratio "$RATIO" --mimic_lr "$MIMIC_LR" \
-    --clean_encoder "$CLEAN" --eval_args "$EVAL_ARGS" --defence_args "$DEFENCE_ARGS" "$@"
+    --clean_encoder "$CLEAN" --augment "$AUGMENT" --eval_args "$EVAL_ARGS" --defence_args "$DEFENCE_ARGS" "$@"
 }
 table() {  # OUT_STEM RUN_DIR...: the experiment's table, and its figures when matplotlib is installed
   local out=$1; shift
@@ -94,6 +94,20 @@ table() {  # OUT_STEM RUN_DIR...: the experiment's table, and its figures when m
   fi
 }
 with_mimic_args() { echo "$MIMIC_ARGS $*"; }
+# reuse_evals RUN_DIR: the base run's probes of the clean and the shared backdoored encoder, copied into a run that
+# evaluates the same two encoder files with the same trigger, reference and probe (ratio, ablation, mi_model), so
+# that its pipeline skips them (it still re-evaluates a copy whose encoder file or probe length differs).
+reuse_evals() {
+  local dir=$1 name
+  [ "$dry_run" = 0 ] || return 0
+  for name in clean backdoored; do
+    [ -f "$BASE/eval_$name/metrics.json" ] && [ ! -e "$dir/eval_$name" ] || continue
+    mkdir -p "$dir"
+    cp -r "$BASE/eval_$name" "$dir/"
+    [ ! -f "$BASE/eval_$name.log" ] || cp "$BASE/eval_$name.log" "$dir/"
+    echo "== eval_$name: the same encoder, trigger and probe as $BASE; its result copied"
+  done
+}
 
 # --- data, references, the clean encoder (once) ---------------------------------------------------------
 if [ "$scale" = demo ] && [ ! -f "$DATA_ROOT/synthetic_digits/test.npz" ]; then
@@ -114,7 +128,7 @@ if [ ! -f "$CLEAN" ]; then
   compgen -G "$RUNS/clean/model_*.pth" > /dev/null && resume=(--resume)
   # shellcheck disable=SC2086
   run "$PYTHON" -u train_clean_encoder.py --pretraining_dataset "$PRE" --width "$WIDTH" --epochs "$E0" \
-    --save_freq 50 --results_dir "$RUNS/clean" --device "$DEVICE" --data_root "$DATA_ROOT" $CLEAN_ARGS "${resume[@]}"
+    --save_freq 50 --results_dir "$RUNS/clean" --device "$DEVICE" --data_root "$DATA_ROOT" --augment "$AUGMENT" $CLEAN_ARGS "${resume[@]}"
 fi
 make_trigger() {  # NAME make_trigger.py-flags...: RUNS/triggers/NAME.npz, made once
   local name=$1; shift
@@ -164,6 +178,7 @@ if wants ratio; then
   ratio_runs=()
   for ratio in 0.01 0.02 0.04 0.06 0.08 0.10; do
     dir=$RUNS/ratio/ratio_$ratio
+    reuse_evals "$dir"
     pipeline "$dir" "ratio $ratio" --attack badencoder --downstream_dataset "$first_task" \
       --reference_file "$REF_DIR/$first_ref.npz" --trigger_file "$PAPER_TRIGGER" --backdoored_encoder "$BASE_BACKDOOR" \
       --badencoder_epochs "$E1" --ratio "$ratio" --mimic_args "$(with_mimic_args "$BATCH_FOR_RATIO")"
@@ -177,6 +192,7 @@ if wants ablation; then
   for variant in "uniform:--layer_weights uniform" "no_attention:--no_attention" "no_clone:--no_clone" \
                  "no_contrastive:--no_contrastive"; do
     name=${variant%%:*} flags=${variant#*:}
+    reuse_evals "$RUNS/ablation/$name"
     pipeline "$RUNS/ablation/$name" "$name" --attack badencoder --downstream_dataset "$first_task" \
       --reference_file "$REF_DIR/$first_ref.npz" --trigger_file "$PAPER_TRIGGER" --backdoored_encoder "$BASE_BACKDOOR" \
       --badencoder_epochs "$E1" --mimic_args "$(with_mimic_args "$flags")"
@@ -186,6 +202,7 @@ if wants ablation; then
 fi
 
 if wants mi_model; then
+  reuse_evals "$RUNS/mi_model/student"
   pipeline "$RUNS/mi_model/student" "MI on the initial student" --attack badencoder --downstream_dataset "$first_task" \
     --reference_file "$REF_DIR/$first_ref.npz" --trigger_file "$PAPER_TRIGGER" --backdoored_encoder "$BASE_BACKDOOR" \
     --badencoder_epochs "$E1" --mimic_args "$(with_mimic_args --mi_model student)"
