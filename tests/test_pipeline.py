@@ -84,6 +84,7 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     (['--run_dir', 'x', '--reference_file', 'nowhere.npz'], 'nowhere.npz'),
     (['--run_dir', 'x', '--bogus', '1'], 'unknown option --bogus'),
     (['--run_dir', 'x', '--reference_file', 'README.md', '--defences', 'ft,magic'], "unknown defence 'magic'"),
+    (['--run_dir', 'x', '--reference_file', 'README.md', '--augment', 'gpu'], "--augment: expected auto, pil or tensor"),
 ])
 def test_pipeline_bad_arguments(args, message):
     result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,
@@ -132,6 +133,10 @@ def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
     assert 'datasets.prepare synthetic_shapes' in result.stdout and 'train_badencoder.py' in result.stdout
     assert '/main/' in result.stdout and 'baseline_defence.py' not in result.stdout  # only the shared backdoor
     assert result.stdout.count('--backdoored_encoder') == 0 and result.stdout.count('== backdoor: given') == 6
+    lines = result.stdout.splitlines()
+    training = [l for l in lines if any(s in l for s in ('train_clean_encoder.py', 'train_badencoder.py', 'MIMIC.py'))]
+    assert len(training) == 2 + 7 and all('--augment tensor' in l for l in training)  # the demo's fast path
+    assert not any('--augment' in l for l in lines if 'training_downstream_classifier.py' in l)
     assert not (tmp_path / 'demo').exists()
 
 
