@@ -266,7 +266,7 @@ def save(plt, figure, path: Path, title: str, written: list[Path]) -> None:
     """Title the figure (also kept as the PNG's Title metadata) and write it."""
     figure.suptitle(textwrap.fill(title, int(figure.get_figwidth() * 10)))  # about 10 characters an inch
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches='tight', metadata={'Title': title})
+    figure.savefig(path, bbox_inches='tight', metadata={'Title': title})  # at savefig.dpi (--dpi)
     plt.close(figure)
     written.append(path)
     print(f'wrote {path}')
@@ -323,8 +323,12 @@ def plot_mi(plt, run: Run, out: Path, written: list[Path]) -> None:
 
 
 def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    """ACC and ASR per probe epoch, one colour per encoder (ASR* dashed), one legend beside the two panels."""
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
     colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    if len(run.curves) > len(colours):  # more encoders than the default cycle has colours: tab20's, all distinct
+        colours = [plt.get_cmap('tab20')(index) for index in range(20)]
+    handles = []
     for index, (name, curves) in enumerate(run.curves.items()):
         colour = colours[index % len(colours)]
         for axis, keys in zip(axes, (('acc',), ('asr', 'asr_excluding_target'))):
@@ -332,13 +336,13 @@ def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
                 points = sorted(curves.get(key, {}).items())
                 if not points:
                     continue
-                style = '--' if key == 'asr_excluding_target' else '-'
-                suffix = ' (ASR*)' if key == 'asr_excluding_target' else ''
-                axis.plot(*zip(*points), style, color=colour, label=label(name) + suffix,
-                          marker='.' if len(points) < 30 else None)
-    for axis, name in zip(axes, ('ACC: clean test accuracy', 'ASR: triggered test images → target')):
+                line, = axis.plot(*zip(*points), '--' if key == 'asr_excluding_target' else '-', color=colour,
+                                  label=label(name), marker='.' if len(points) < 30 else None)
+                if key == 'acc':
+                    handles.append(line)
+    for axis, name in zip(axes, ('ACC: clean test accuracy', 'ASR (solid) and ASR* (dashed): triggered → target')):
         axis.set(title=name, xlabel='probe epoch', ylabel='%', ylim=(-2, 102))
-        axis.legend(fontsize=8)
+    figure.legend(handles=handles, loc='outside right center', fontsize=8)
     save(plt, figure, out / f'{run.tag}_probe.png', f'{run.title}: downstream probe, ACC and ASR after each epoch '
          '(ASR* dashed: target-class images excluded)', written)
 
@@ -532,6 +536,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--x', choices=('auto', *AXES), default='auto',
                         help='axis of the sweep figure: ratio, trigger_size, or auto (default): the one in which '
                              'the runs differ')
+    parser.add_argument('--dpi', type=int, default=120, help='resolution of the PNGs (default: 120)')
     return parser
 
 
@@ -541,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = run_dirs(args.run_dirs)
         runs = [read_run(path, tag) for path, tag in zip(paths, unique_tags(paths))]
         plt = pyplot()
+        plt.rcParams['savefig.dpi'] = args.dpi
         written = make_figures(plt, runs, args.out, args.x)
     except MatplotlibMissing:
         print(MATPLOTLIB_MISSING, file=sys.stderr)

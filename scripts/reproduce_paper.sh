@@ -21,7 +21,7 @@
 #   --dry_run       print every command in order and run nothing (needs no data, creates nothing)
 #
 # RUNS_DIR (default runs/paper, or runs/paper_demo with --scale demo) holds clean/ (the clean encoder, trained
-# once for everything), triggers/ (the generated trigger files) and one folder per experiment with one
+# once for everything), trigger_files/ (the generated trigger files) and one folder per experiment with one
 # pipeline run per variant, the experiment's table.md / table.csv (+ table_defences.csv) and, when matplotlib
 # is installed (requirements-plot.txt), its figures/ (scripts/plot_results.py). Shared stages are
 # trained once: each backdoored encoder of main is reused by ratio, ablation and mi_model. Running the script
@@ -130,9 +130,9 @@ if [ ! -f "$CLEAN" ]; then
   run "$PYTHON" -u train_clean_encoder.py --pretraining_dataset "$PRE" --width "$WIDTH" --epochs "$E0" \
     --save_freq 50 --results_dir "$RUNS/clean" --device "$DEVICE" --data_root "$DATA_ROOT" --augment "$AUGMENT" $CLEAN_ARGS "${resume[@]}"
 fi
-make_trigger() {  # NAME make_trigger.py-flags...: RUNS/triggers/NAME.npz, made once
+make_trigger() {  # NAME make_trigger.py-flags...: RUNS/trigger_files/NAME.npz, made once
   local name=$1; shift
-  [ -f "$RUNS/triggers/$name.npz" ] || run "$PYTHON" trigger/make_trigger.py "$@" --out "$RUNS/triggers/$name.npz"
+  [ -f "$RUNS/trigger_files/$name.npz" ] || run "$PYTHON" trigger/make_trigger.py "$@" --out "$RUNS/trigger_files/$name.npz"
 }
 
 # The first task's BadEncoder run: main's first row, and the backdoored encoder of ratio, ablation, mi_model.
@@ -165,7 +165,7 @@ if wants main; then
   done
   make_trigger ctrl --kind ctrl
   pipeline "$RUNS/main/${PRE}_${PRE}_ctrl" '' --attack ctrl --target_class 0 --poison_rate 0.01 \
-    --trigger_file "$RUNS/triggers/ctrl.npz" --badencoder_epochs "$E1_CTRL" --badencoder_args "$CTRL_ARGS" \
+    --trigger_file "$RUNS/trigger_files/ctrl.npz" --badencoder_epochs "$E1_CTRL" --badencoder_args "$CTRL_ARGS" \
     --mimic_args "$MIMIC_ARGS" --defences all
   table "$RUNS/main/table" "${main_runs[@]}" "$RUNS/main/${PRE}_${PRE}_ctrl"
 fi
@@ -218,7 +218,7 @@ trigger_runs() {  # EXPERIMENT NAME:make_trigger-flags...
     # shellcheck disable=SC2086
     make_trigger "$name" $flags
     pipeline "$RUNS/$experiment/$name" "$name" --attack badencoder --downstream_dataset "$first_task" \
-      --reference_file "$REF_DIR/$first_ref.npz" --trigger_file "$RUNS/triggers/$name.npz" --badencoder_epochs "$E1" \
+      --reference_file "$REF_DIR/$first_ref.npz" --trigger_file "$RUNS/trigger_files/$name.npz" --badencoder_epochs "$E1" \
       --badencoder_args "$BAD_ARGS" --mimic_args "$MIMIC_ARGS"
     runs+=("$RUNS/$experiment/$name")
   done
