@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.C
     env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """SIGINT raises KeyboardInterrupt in every test, and the processes a test starts get its default action, also
+    when the suite itself was started with SIGINT ignored (`nohup`, a background job of a script), which the
+    Ctrl-C tests would otherwise take for a run that ignores Ctrl-C. (exec resets a caught signal to its default,
+    but keeps an ignored one ignored.)"""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
