@@ -36,7 +36,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from common import distributed
 from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
                         seed_everything, shared_parser)

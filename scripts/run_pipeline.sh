@@ -182,7 +182,6 @@ elif [ "$attack" = ctrl ]; then
     train_clean_encoder.py --pretraining_dataset "$pretraining" --data_dir "$poisoned" --arch "$arch" \
     --width "$width" --epochs "$bad_epochs" --save_freq "$save_freq" --results_dir "$run_dir/backdoor" \
     "${training[@]}" $clean_args $bad_args
-  backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 else
   # shellcheck disable=SC2086
   stage backdoor "$run_dir/backdoor" "model_$bad_epochs.pth" 'model_*.pth' \
@@ -190,8 +189,8 @@ else
     --encoder_usage_info "$pretraining" --downstreamTask "$downstream" --pretrained_encoder "$clean_encoder" \
     --reference_file "$reference" --trigger_file "$trigger" --epochs "$bad_epochs" \
     --results_dir "$run_dir/backdoor" "${training[@]}" $bad_args
-  backdoored_encoder=$run_dir/backdoor/model_$bad_epochs.pth
 fi
+backdoored_encoder=${backdoored_encoder:-$run_dir/backdoor/model_$bad_epochs.pth}  # given, or stage 1's (ctrl: 0's)
 
 # shellcheck disable=SC2086
 stage mimic "$run_dir/mimic" "model$mimic_epochs.pth" 'model[0-9]*.pth' \
