@@ -55,7 +55,7 @@ from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6  # the paper's (SPEC §4), the default of --weight_decay
 # The optimiser and schedule flags; a checkpoint written before they existed was trained with their defaults.
-RECIPE_FLAGS = ('optimizer', 'momentum', 'weight_decay', 'schedule', 'warmup_epochs')
+RECIPE_FLAGS = ('optimizer', 'momentum', 'weight_decay', 'schedule', 'warmup_epochs', 'crop_min_scale')
 # Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
 # workers decides which RNG draws the augmentations). A cosine schedule also depends on --epochs.
 RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder',
@@ -83,8 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'base channels of the ResNet ({PAPER_WIDTH} = the paper; smaller for fast CPU runs)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
-    recipe = parser.add_argument_group('optimiser and schedule (defaults: the paper\'s Adam recipe; CTRL\'s: sgd, '
-                                       '--lr 0.06, --weight_decay 5e-4, cosine, 10 warm-up epochs)')
+    recipe = parser.add_argument_group('optimiser, schedule and crop (defaults: the paper\'s Adam recipe; CTRL\'s: '
+                                       'sgd, --lr 0.06, --weight_decay 5e-4, cosine, 10 warm-up epochs, '
+                                       '--crop_min_scale 0.2)')
     recipe.add_argument('--optimizer', default='adam', choices=('adam', 'sgd'), help='optimiser (default: adam)')
     recipe.add_argument('--momentum', default=0.9, type=float, help='momentum of sgd (default: 0.9; adam ignores it)')
     recipe.add_argument('--weight_decay', default=ADAM_WEIGHT_DECAY, type=float,
@@ -93,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='learning rate per epoch after the warm-up (default: constant)')
     recipe.add_argument('--warmup_epochs', default=0, type=int,
                         help='epochs of linear learning-rate warm-up (default: 0)')
+    recipe.add_argument('--crop_min_scale', default=0.08, type=float,
+                        help='smallest area fraction of the SimCLR views\' random resized crop (default: 0.08, '
+                             'torchvision\'s and the paper\'s; CTRL\'s code: 0.2)')
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
@@ -113,6 +117,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--momentum must lie in [0, 1), got {args.momentum}')
     if not args.weight_decay >= 0:
         raise UsageError(f'--weight_decay must be 0 or positive, got {args.weight_decay}')
+    if not 0 < args.crop_min_scale <= 1:
+        raise UsageError(f'--crop_min_scale must lie in (0, 1], got {args.crop_min_scale}')
     if not 0 <= args.warmup_epochs < args.epochs:
         raise UsageError(f'--warmup_epochs must lie in 0..{args.epochs - 1} (fewer than --epochs), '
                          f'got {args.warmup_epochs}')
@@ -275,14 +281,15 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
     """
     model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
     disable = progress_disabled(args)
-    pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size))
+    crop_scale = (args.crop_min_scale, 1.0)
+    pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size, crop_scale))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
     forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)
     epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
                   total=args.epochs, disable=disable)
     for epoch in epochs:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
-        loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images)
+        loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images, crop_scale)
         set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
         train_loss = train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets import ImagePairs
-from datasets.tensor_augment import finetune_views, simclr_views
+from datasets.tensor_augment import CROP_SCALE, finetune_views, simclr_views
 
 from . import distributed
 from .runs import epoch_loader, rank_epoch_loader
@@ -74,9 +74,10 @@ class DevicePairBatches:
     """
 
     def __init__(self, images: torch.Tensor, normalization, batch_size: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, crop_scale=CROP_SCALE):
         self.images, self.normalization, self.batch_size = images, normalization, batch_size
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.crop_scale = crop_scale
 
     def __len__(self) -> int:
         return len(self.images) // self.batch_size
@@ -86,23 +87,26 @@ class DevicePairBatches:
         order = torch.randperm(len(self.images), generator=generator, device=self.images.device)
         for step in range(len(self)):
             batch = self.images[order[step * self.batch_size:(step + 1) * self.batch_size]]
-            view_1 = simclr_views(batch, self.normalization, generator)
-            view_2 = simclr_views(batch, self.normalization, generator)
+            view_1 = simclr_views(batch, self.normalization, generator, self.crop_scale)
+            view_2 = simclr_views(batch, self.normalization, generator, self.crop_scale)
             yield rank_rows(view_1, self.rank, self.world_size), rank_rows(view_2, self.rank, self.world_size)
 
 
 def pair_batches(pairs: ImagePairs, args: argparse.Namespace, normalization, epoch: int, device: torch.device,
-                 device_images: torch.Tensor | None = None):
+                 device_images: torch.Tensor | None = None, crop_scale=CROP_SCALE):
     """The epoch's batches of view pairs through the chosen augmentation path (see module docstring).
 
     `device_images` is `pairs.images` already on the device (uploaded once per run by the caller).
+    `crop_scale` is the tensor path's RandomResizedCrop scale; the PIL path takes it from `pairs`' transform,
+    which the caller builds with the same value (`datasets.simclr_transform(..., crop_scale)`).
     Under torchrun, this process's share of each global batch of --batch_size (module docstring).
     """
     rank, world_size = distributed.rank(), distributed.world_size()
     if use_tensor_augment(args, device):
         if device_images is None:
             device_images = torch.from_numpy(pairs.images).to(device)
-        return DevicePairBatches(device_images, normalization, args.batch_size, args.seed, epoch, rank, world_size)
+        return DevicePairBatches(device_images, normalization, args.batch_size, args.seed, epoch, rank, world_size,
+                                 crop_scale)
     if world_size > 1:
         return rank_epoch_loader(pairs, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
                                  epoch=epoch, device=device, rank=rank, world_size=world_size)

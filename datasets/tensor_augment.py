@@ -172,12 +172,12 @@ def _to_float(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
 
 
-def simclr_views(images_uint8: torch.Tensor, normalization, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+def simclr_views(images_uint8: torch.Tensor, normalization, generator: torch.Generator | None = None,
+                 crop_scale=CROP_SCALE) -> torch.Tensor:
     """SimCLR augmentation of a uint8 batch (B, H, W, 3) -> normalised float (B, 3, H, W)."""
     images = _to_float(images_uint8)
     batch, _, height, width = images.shape
-    boxes = crop_boxes(batch, height, width, generator, images.device)
+    boxes = crop_boxes(batch, height, width, generator, images.device, scale=crop_scale)
     return _normalize(color_augment(resized_crop(images, boxes, height), generator), normalization)
 
 

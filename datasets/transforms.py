@@ -18,9 +18,9 @@ def _color_augmentation() -> list:
             T.RandomGrayscale(p=0.2)]
 
 
-def simclr_transform(normalization: Normalization, image_size: int = 32) -> T.Compose:
-    """SimCLR view: RandomResizedCrop (scale 0.08-1), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
-    return T.Compose([T.RandomResizedCrop(image_size), *_color_augmentation(),
+def simclr_transform(normalization: Normalization, image_size: int = 32, crop_scale=(0.08, 1.0)) -> T.Compose:
+    """SimCLR view: RandomResizedCrop (scale 0.08-1 by default), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
+    return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale)), *_color_augmentation(),
                       T.ToTensor(), T.Normalize(*normalization)])
 
 

@@ -56,6 +56,21 @@ def test_crop_parameters_follow_random_resized_crop():
     assert (boxes[:, 3] >= 1).all() and (boxes[:, 1] + boxes[:, 3] <= 32).all()
 
 
+def test_crop_scale_bounds_the_crop_area():
+    """scale (0.5, 1): every drawn box covers between half and all of the image (± rounding of h and w); the
+    PIL transform draws from the same range."""
+    boxes = ta.crop_boxes(5000, 32, 32, torch.Generator().manual_seed(1), scale=(0.5, 1.0)).numpy()
+    area = boxes[:, 2] * boxes[:, 3] / 32 ** 2
+    assert area.min() > 0.5 - 2 * 32 / 32 ** 2 and area.max() <= 1
+    default = ta.crop_boxes(5000, 32, 32, torch.Generator().manual_seed(1)).numpy()
+    assert (default[:, 2] * default[:, 3] / 32 ** 2).min() < 0.2
+    transform = simclr_transform(NORM, 32, crop_scale=(0.5, 1.0)).transforms[0]
+    assert isinstance(transform, T.RandomResizedCrop) and tuple(transform.scale) == (0.5, 1.0)
+    x = torch.from_numpy(make_synthetic('synthetic_shapes', 4, seed=1)[0])
+    views = ta.simclr_views(x, NORM, torch.Generator().manual_seed(7), crop_scale=(0.5, 1.0))
+    assert views.shape == (4, 3, 32, 32)
+
+
 def test_full_crop_box_is_identity():
     images = torch.rand(3, 3, 32, 32)
     boxes = torch.tensor([[0, 0, 32, 32]] * 3)

@@ -54,6 +54,7 @@ def test_parser_has_the_original_flags_and_defaults():
         stage0.get_args_parser().parse_args(['--pretraining_dataset', 'gtsrb'])  # downstream only
     assert (args.optimizer, args.momentum, args.weight_decay, args.schedule, args.warmup_epochs) == (
         'adam', 0.9, 1e-6, 'constant', 0)
+    assert args.crop_min_scale == 0.08  # torchvision's RandomResizedCrop, as the paper's code
 
 
 def test_learning_rate_by_hand():
@@ -192,6 +193,8 @@ def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp
     (['--warmup_epochs', '-1'], '--warmup_epochs must lie in 0..1'),
     (['--momentum', '1'], r'--momentum must lie in \[0, 1\), got 1.0'),
     (['--weight_decay=-1e-4'], '--weight_decay must be 0 or positive'),
+    (['--crop_min_scale', '0'], r'--crop_min_scale must lie in \(0, 1\], got 0.0'),
+    (['--crop_min_scale', '1.5'], r'--crop_min_scale must lie in \(0, 1\], got 1.5'),
 ])
 def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, data_root, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
