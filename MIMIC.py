@@ -37,7 +37,8 @@ from common import distributed
 from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
                         seed_everything, shared_parser, progress_disabled)
 from common.fastpath import add_speed_arguments, maybe_compile
-from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, write_json)
+from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, with_later_defaults,
+                         write_json)
 from datasets import ImagePairs, get_info, pretraining_names, simclr_transform
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
                             MI_DATA, load_clean_subset, load_mi_images,
@@ -140,9 +141,8 @@ def restore_run(path: Path, args: argparse.Namespace, student: SimCLR, optimizer
                 ) -> tuple[list[float], dict, list[dict], int]:
     """Student, optimiser, RNG states, opt weights and log rows of an interrupted run."""
     checkpoint = resume_state(path)  # restores the RNG states it recorded
-    if isinstance(checkpoint.get('args'), dict):  # written before the ablation / --mi_data flags existed
-        parser = get_args_parser()
-        checkpoint['args'] = {**{flag: parser.get_default(flag) for flag in LATER_FLAGS}, **checkpoint['args']}
+    # a checkpoint written before the ablation / --mi_data flags existed ran with their defaults
+    checkpoint = with_later_defaults(checkpoint, get_args_parser(), LATER_FLAGS)
     check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
     if 'opt' not in checkpoint or 'log' not in checkpoint:
         raise CheckpointError(f'{path}: not a MIMIC checkpoint of this script (no layer weights); cannot resume')

@@ -73,7 +73,8 @@ from common.cli import (StageParser, UsageError, autocast, check_finite, data_di
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.features import encode_images, knn_accuracies
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
-                         restore_optimizer, resume_state, save_run_checkpoint, write_csv, write_json)
+                         restore_optimizer, resume_state, save_run_checkpoint, with_later_defaults, write_csv,
+                         write_json)
 from datasets import (DATASETS, DataError, Reference, ShadowImages, Trigger, apply_trigger, finetune_transform,
                       get_info, load_reference, load_split, load_trigger, normalize_batch, pretraining_names,
                       split_path, test_transform, triggered_copy)
@@ -550,10 +551,8 @@ def restore_run(path: Path, args: argparse.Namespace, model: SimCLR, optimizer: 
     Returns (first epoch to run, log rows, the checkpoint). The weights are the last epoch's: a DRUPE run's final
     checkpoint holds its selected encoder as `state_dict` and the last weights as `last_state_dict`.
     """
-    checkpoint = resume_state(path)
-    if isinstance(checkpoint.get('args'), dict):  # written before --attack existed: a BadEncoder run
-        parser = get_args_parser()
-        checkpoint['args'] = {**{flag: parser.get_default(flag) for flag in ATTACK_FLAGS}, **checkpoint['args']}
+    # a checkpoint written before --attack existed is a BadEncoder run with the attack flags' defaults
+    checkpoint = with_later_defaults(resume_state(path), get_args_parser(), ATTACK_FLAGS)
     check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
     load_state_into(model, checkpoint.get('last_state_dict', checkpoint['state_dict']), path)
     epoch = restore_optimizer(optimizer, checkpoint, path)

@@ -48,7 +48,8 @@ from common.cli import (StageParser, UsageError, autocast, check_finite, data_di
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
-                         restore_optimizer, save_run_checkpoint, set_rng_state, write_csv, write_json)
+                         restore_optimizer, save_run_checkpoint, set_rng_state, with_later_defaults, write_csv,
+                         write_json)
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 
@@ -157,16 +158,6 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def with_recipe_defaults(checkpoint: dict) -> dict:
-    """The checkpoint with the defaults of RECIPE_FLAGS filled into its recorded arguments (a run started
-    before those flags existed was trained with their defaults)."""
-    recorded = checkpoint.get('args')
-    if not isinstance(recorded, dict):
-        return checkpoint
-    defaults = {flag: get_args_parser().get_default(flag) for flag in RECIPE_FLAGS}
-    return {**checkpoint, 'args': {**defaults, **recorded}}
-
-
 @dataclass
 class PretrainingData:
     """The pre-training images and the labelled splits of the kNN monitor."""
@@ -236,7 +227,8 @@ def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingSt
         return TrainingState(model, optimizer, 1, [])
     # a cosine schedule depends on the total number of epochs: extending such a run changes its past
     must_match = RESUME_MUST_MATCH + (('epochs',) if args.schedule == 'cosine' else ())
-    check_resumable(with_recipe_defaults(checkpoint), args, resume_from, must_match)
+    # a checkpoint written before the recipe flags existed ran with their defaults
+    check_resumable(with_later_defaults(checkpoint, get_args_parser(), RECIPE_FLAGS), args, resume_from, must_match)
     start_epoch, log_rows = restore_optimizer_and_log(checkpoint, resume_from, optimizer)
     set_rng_state(checkpoint['rng'])  # after the model is built: its initialisation draws nothing from them
     print(f'resuming from {resume_from} at epoch {start_epoch}')

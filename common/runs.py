@@ -208,6 +208,15 @@ def resume_state(path: Path) -> dict:
     return checkpoint
 
 
+def with_later_defaults(checkpoint: dict, parser: argparse.ArgumentParser, flags: tuple[str, ...]) -> dict:
+    """The checkpoint with `parser`'s defaults of `flags` filled into its recorded arguments where they are
+    missing: a run written before those flags existed ran with their defaults, so it resumes under them."""
+    recorded = checkpoint.get('args')
+    if not isinstance(recorded, dict):
+        return checkpoint  # check_resumable refuses it
+    return {**checkpoint, 'args': {**{flag: parser.get_default(flag) for flag in flags}, **recorded}}
+
+
 def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, keys: tuple[str, ...]) -> None:
     """A resumed run must continue the same run: a checkpoint of this project whose recorded `keys`
     (the flags that shape the run's trajectory) equal the current ones."""
