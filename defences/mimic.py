@@ -43,11 +43,17 @@ RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
 
 def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch_size: int,
                  source: str) -> np.ndarray:
-    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed` (SPEC §6)."""
+    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed` (SPEC §6); at least
+    one batch of them."""
     count = int(ratio * len(images))
     if count < batch_size:
         raise UsageError(f'--ratio {ratio} gives {count} of the {len(images)} images of {source}, fewer '
                          f'than one batch of {batch_size}; raise --ratio or lower --batch_size')
+    return select_images(images, count, subset, seed)
+
+
+def select_images(images: np.ndarray, count: int, subset: str, seed: int) -> np.ndarray:
+    """The first `count` images (subset `first`), or `count` drawn without replacement with `seed`, in file order."""
     if subset == 'first':
         return images[:count]
     generator = torch.Generator().manual_seed(seed)
@@ -87,7 +93,7 @@ def load_mi_images(args, info, clean: np.ndarray) -> tuple[np.ndarray, str]:
     if count < 2:
         raise UsageError(f'--mi_data labelled: --ratio {args.ratio} gives {count} of the {len(images)} images of '
                          f'{source}; the MI step needs at least 2')
-    return clean_subset(images, args.ratio, args.subset, args.seed, min(count, args.batch_size), source), source
+    return select_images(images, count, args.subset, args.seed), source
 
 
 def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
