@@ -32,7 +32,7 @@ case "${ATTACK:-badencoder}" in
 esac
 MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}
 MI_EPOCHS=${MI_EPOCHS:-20}
-NN_EPOCHS=${NN_EPOCHS:-100}
+NN_EPOCHS=${NN_EPOCHS:-400}  # 100 leaves MIMIC's ASR unconverged (docs/DEMO_EXPERIMENTS.md, "The probe's length")
 RATIO=${RATIO:-0.25}
 DEFENCES=${DEFENCES:-}
 ATTACK=${ATTACK:-badencoder}

@@ -60,7 +60,7 @@ case "$scale" in
   demo)  # scripts/demo.sh's scale
     RUNS=${RUNS:-runs/paper_demo} DEVICE=${DEVICE:-cpu} DATA_ROOT=${DATA_ROOT:-$RUNS/data}
     PRE=synthetic_shapes REF_DIR=$RUNS/reference TASKS="synthetic_digits:one:1"
-    WIDTH=8 E0=20 E1=5 E1_DRUPE=10 E1_CTRL=20 E2=40 MI=20 NN=100 RATIO=0.25 MIMIC_LR=0.01
+    WIDTH=8 E0=20 E1=5 E1_DRUPE=10 E1_CTRL=20 E2=40 MI=20 NN=400 RATIO=0.25 MIMIC_LR=0.01
     CLEAN_ARGS='--batch_size 256' BAD_ARGS='--batch_size 128 --lr 0.01'
     DRUPE_ARGS='--batch_size 128 --shadow_fraction 1.0' CTRL_ARGS='--batch_size 256'
     MIMIC_ARGS='--batch_size 128' EVAL_ARGS='--lr 0.001 --no_progress'
