@@ -85,6 +85,20 @@ def test_probe_learns_separable_features():
     assert metrics['asr'] == 100.0 and metrics['asr_excluding_target'] == 100.0 and metrics['epoch'] == 20
 
 
+def test_foreach_adam_trains_the_probe_bit_for_bit_as_the_default():
+    """The script's Adam(foreach=True) is a speed choice only: the same weights as the per-parameter loop."""
+    features, labels = torch.randn(100, 16), torch.randint(0, 4, (100,))
+    weights = []
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        probe = stage3.MLPProbe(16, (32, 16), 4)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, foreach=foreach)
+        for epoch in (1, 2):
+            stage3.train_one_epoch(probe, optimizer, features, labels, batch_size=16, epoch=epoch)
+        weights.append(probe.state_dict())
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
 def test_end_to_end_prints_the_original_lines_and_writes_metrics(probe_args, tiny_encoder, tmp_path):
     results = tmp_path / 'probe'
     result = run_script('training_downstream_classifier.py', *probe_args, '--nn_epochs', '2',
