@@ -51,6 +51,7 @@ from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, re
                          restore_optimizer, save_run_checkpoint, set_rng_state, with_later_defaults, write_csv,
                          write_json)
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
+from datasets.tensor_augment import CROP_SCALE
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
@@ -95,9 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='learning rate per epoch after the warm-up (default: constant)')
     recipe.add_argument('--warmup_epochs', default=0, type=int,
                         help='epochs of linear learning-rate warm-up (default: 0)')
-    recipe.add_argument('--crop_min_scale', default=0.08, type=float,
-                        help='smallest area fraction of the SimCLR views\' random resized crop (default: 0.08, '
-                             'torchvision\'s and the paper\'s; CTRL\'s code: 0.2)')
+    recipe.add_argument('--crop_min_scale', default=CROP_SCALE[0], type=float,
+                        help='smallest area fraction of the SimCLR views\' random resized crop (default: '
+                             f'{CROP_SCALE[0]:g}, torchvision\'s and the paper\'s; CTRL\'s code: 0.2)')
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
@@ -273,7 +274,7 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
     """
     model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
     disable = progress_disabled(args)
-    crop_scale = (args.crop_min_scale, 1.0)
+    crop_scale = (args.crop_min_scale, CROP_SCALE[1])
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size, crop_scale))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
     forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)

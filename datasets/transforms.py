@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from .tensor_augment import CROP_SCALE
+
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
@@ -18,8 +20,8 @@ def _color_augmentation() -> list:
             T.RandomGrayscale(p=0.2)]
 
 
-def simclr_transform(normalization: Normalization, image_size: int = 32, crop_scale=(0.08, 1.0)) -> T.Compose:
-    """SimCLR view: RandomResizedCrop (scale 0.08-1 by default), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
+def simclr_transform(normalization: Normalization, image_size: int = 32, crop_scale=CROP_SCALE) -> T.Compose:
+    """SimCLR view: RandomResizedCrop (scale CROP_SCALE = 0.08-1 by default), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale)), *_color_augmentation(),
                       T.ToTensor(), T.Normalize(*normalization)])
 

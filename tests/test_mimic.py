@@ -181,9 +181,8 @@ def test_clean_subset_first_and_random():
     assert len(random_a) == 30 and np.array_equal(random_a, random_b)
     assert not np.array_equal(random_a, data[:30])
     # the selection alone: any count, even under one batch (the --mi_data labelled images)
-    from defences.mimic import select_images
-    assert np.array_equal(select_images(data, 3, 'first', 0), data[:3])
-    assert np.array_equal(select_images(data, 30, 'random', 5), random_a)
+    assert np.array_equal(defences.mimic.select_images(data, 3, 'first', 0), data[:3])
+    assert np.array_equal(defences.mimic.select_images(data, 30, 'random', 5), random_a)
     with pytest.raises(UsageError, match='fewer than one batch of 16'):
         MIMIC.clean_subset(data, 0.1, 'first', 0, 16, 'x')
 

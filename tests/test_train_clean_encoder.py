@@ -12,8 +12,7 @@ import torch
 
 import train_clean_encoder as stage0
 from common.cli import NonFiniteLossError, UsageError
-from common.runs import check_resumable, with_later_defaults
-from common.runs import epoch_loader
+from common.runs import check_resumable, epoch_loader, with_later_defaults
 from datasets import ImagePairs, load_split, simclr_transform
 from models import SimCLR, load_checkpoint, load_encoder
 
@@ -183,7 +182,8 @@ def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp
     old = {'args': recorded, 'rng': {}}
     with pytest.raises(UsageError, match="--optimizer None -> 'adam'"):
         check_resumable(old, args, tmp_path / 'model_1.pth', stage0.RESUME_MUST_MATCH)
-    check_resumable(with_later_defaults(old, stage0.get_args_parser(), stage0.RECIPE_FLAGS), args, tmp_path / 'model_1.pth', stage0.RESUME_MUST_MATCH)
+    check_resumable(with_later_defaults(old, stage0.get_args_parser(), stage0.RECIPE_FLAGS), args,
+                    tmp_path / 'model_1.pth', stage0.RESUME_MUST_MATCH)
     sgd = with_later_defaults({'args': {**recorded, 'optimizer': 'sgd'}, 'rng': {}}, stage0.get_args_parser(),
                               stage0.RECIPE_FLAGS)
     assert sgd['args']['optimizer'] == 'sgd' and sgd['args']['weight_decay'] == 1e-6
