@@ -85,18 +85,37 @@ def test_probe_learns_separable_features():
     assert metrics['asr'] == 100.0 and metrics['asr_excluding_target'] == 100.0 and metrics['epoch'] == 20
 
 
-def test_foreach_adam_trains_the_probe_bit_for_bit_as_the_default():
-    """The script's Adam(foreach=True) is a speed choice only: the same weights as the per-parameter loop."""
+def probe_weights_after_two_epochs(make_optimizer) -> dict:
+    torch.manual_seed(0)
     features, labels = torch.randn(100, 16), torch.randint(0, 4, (100,))
-    weights = []
-    for foreach in (False, True):
-        torch.manual_seed(0)
-        probe = stage3.MLPProbe(16, (32, 16), 4)
-        optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, foreach=foreach)
-        for epoch in (1, 2):
-            stage3.train_one_epoch(probe, optimizer, features, labels, batch_size=16, epoch=epoch)
-        weights.append(probe.state_dict())
-    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    probe = stage3.MLPProbe(16, (32, 16), 4)
+    optimizer = make_optimizer(probe.parameters())
+    for epoch in (1, 2):
+        stage3.train_one_epoch(probe, optimizer, features, labels, batch_size=16, epoch=epoch)
+    return probe.state_dict()
+
+
+def test_probe_optimizer_on_the_cpu_trains_the_probe_bit_for_bit_as_the_default_adam():
+    """The script's CPU Adam (foreach) is a speed choice only: the same weights as the per-parameter loop."""
+    optimizer = stage3.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cpu'))
+    assert optimizer.defaults['foreach'] is True and not optimizer.defaults['fused']
+    default = probe_weights_after_two_epochs(lambda parameters: torch.optim.Adam(parameters, lr=1e-3, foreach=False))
+    ours = probe_weights_after_two_epochs(lambda parameters: stage3.probe_optimizer(parameters, 1e-3, 'cpu'))
+    assert all(torch.equal(default[key], ours[key]) for key in default)
+
+
+def test_probe_optimizer_is_fused_on_cuda_and_fused_adam_is_the_same_update_within_rounding():
+    """On CUDA the probe's Adam is fused (its steps are launch-bound there); checked with the CPU's fused kernel,
+    which torch has from 2.4: the weights equal the default Adam's within float rounding, not bit for bit."""
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True).step()
+    except RuntimeError:
+        pytest.skip('this torch has no fused Adam on the CPU')
+    optimizer = stage3.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cuda'))
+    assert optimizer.defaults['fused'] is True and not optimizer.defaults['foreach']
+    default = probe_weights_after_two_epochs(lambda parameters: torch.optim.Adam(parameters, lr=1e-3))
+    fused = probe_weights_after_two_epochs(lambda parameters: stage3.probe_optimizer(parameters, 1e-3, 'cuda'))
+    assert all(torch.allclose(default[key], fused[key], rtol=0, atol=1e-6) for key in default)
 
 
 def test_end_to_end_prints_the_original_lines_and_writes_metrics(probe_args, tiny_encoder, tmp_path):
