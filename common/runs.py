@@ -231,10 +231,21 @@ def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, keys
                          'pass the original values')
 
 
+# how an optimiser's update runs on this device, not its state: kept when a checkpoint from another device loads
+IMPLEMENTATION_FLAGS = ('foreach', 'fused', 'capturable', 'differentiable')
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: dict, path: Path) -> int:
-    """Load the optimiser state of a checkpoint; returns its epoch. CheckpointError when unusable."""
+    """Load the optimiser state of a checkpoint; returns its epoch. CheckpointError when unusable.
+
+    The optimiser keeps its own IMPLEMENTATION_FLAGS (a probe saved on a GPU with fused Adam resumes on the CPU
+    with foreach), which torch's load_state_dict would take from the checkpoint.
+    """
+    own = [{flag: group[flag] for flag in IMPLEMENTATION_FLAGS if flag in group} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
+        for group, flags in zip(optimizer.param_groups, own):
+            group.update(flags)
         return int(checkpoint['epoch'])
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f'{path}: cannot resume, no usable optimizer state or epoch '

@@ -6,6 +6,7 @@ import argparse
 import sys
 import random
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_inte
                         one_line, progress_disabled, require_positive, resolve_device, run_main, seed_everything,
                         shared_parser)
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
-from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, resume_state,
-                         rng_state, set_rng_state, write_csv, write_json)
+from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, restore_optimizer,
+                         resume_state, rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, run_script
 from datasets import DataError
 from models import CheckpointError, load_checkpoint, save_atomic
@@ -383,3 +384,18 @@ def test_an_error_raised_by_an_interrupt_is_the_interrupt(tmp_path, failing_main
     assert result.returncode == 130
     assert result.stderr.startswith('interrupted: ') and result.stderr.count('\n') == 1
     assert 'not a readable' not in result.stderr
+
+
+def test_restore_optimizer_loads_the_state_but_keeps_the_optimisers_own_implementation():
+    """A checkpoint of foreach Adam loads into fused Adam (another device's choice): state and epoch from the
+    checkpoint, fused/foreach from the optimiser that resumes."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    saved = torch.optim.Adam([weight], lr=0.5, foreach=True)
+    weight.grad = torch.ones(3)
+    saved.step()
+    resumed = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=0.1, foreach=False, fused=False)
+    resumed.param_groups[0]['fused'] = True  # as a CUDA probe's Adam, without needing a fused kernel here
+    epoch = restore_optimizer(resumed, {'optimizer': saved.state_dict(), 'epoch': 7}, Path('p.pth'))
+    group = resumed.param_groups[0]
+    assert epoch == 7 and group['lr'] == 0.5 and group['fused'] is True and group['foreach'] is False
+    assert torch.equal(next(iter(resumed.state.values()))['exp_avg'], next(iter(saved.state.values()))['exp_avg'])
