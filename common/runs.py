@@ -8,11 +8,9 @@ import argparse
 import csv
 import io
 import json
-import os
 import random
 import re
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +18,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models import CheckpointError, load_checkpoint, save_atomic
-from models.checkpoint import encoder_checkpoint
-from models.checkpoint import default_file_mode
+from models.checkpoint import encoder_checkpoint, write_atomic
 
 from . import distributed
 from .cli import UsageError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename (rank 0 only under torchrun)."""
-    if not distributed.is_main():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a small UTF-8 text file atomically (`models.checkpoint.write_atomic`; rank 0 only under torchrun)."""
+    if distributed.is_main():
+        write_atomic(path, lambda handle: handle.write(text.encode('utf-8')))
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -24,16 +24,14 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import StageParser, UsageError, run_main
 from common.runs import write_text_atomic
-from models.checkpoint import default_file_mode
+from models.checkpoint import write_atomic
 
 from .npz import check_images, check_labels, load_split, read_npz
 from .prepare import save_npz_atomic
@@ -74,17 +72,9 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def copy_atomic(source: Path, destination: Path) -> None:
-    """Copy a file byte for byte through a temporary file beside `destination` and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{destination.name}.', suffix='.tmp', dir=destination.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, destination)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Copy a file byte for byte through `models.checkpoint.write_atomic`."""
+    with open(source, 'rb') as original:
+        write_atomic(destination, lambda handle: shutil.copyfileobj(original, handle))
 
 
 def split_checker(info: DatasetInfo):

@@ -60,6 +60,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, GTSRB, STL10, SVHN
 from tqdm import tqdm
 
+from models.checkpoint import write_atomic
+
 from .npz import load_split
 from .registry import DATASETS, UNLABELED_SPLITS, DataError, get_info
 from .synthetic import synthetic_splits
@@ -105,26 +107,9 @@ TORCHVISION_READERS: dict[str, dict[str, Callable]] = {
 
 def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray],
                     check: Callable[[Path], object] | None = None) -> None:
-    """np.savez to a temporary file beside `path`, run `check(temporary path)`, then rename it over
-    `path`: a reader sees the old file or the complete, checked new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """np.savez through `models.checkpoint.write_atomic`, `check(temporary path)` before the rename: a reader
+    sees the old file or the complete, checked new one, never a partial one."""
+    write_atomic(path, lambda handle: np.savez(handle, **arrays), check)
 
 
 def write_dataset(name: str, out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray | None]],

@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 import torch.nn as nn
@@ -63,31 +64,36 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
+                 check: Callable[[Path], object] | None = None) -> None:
+    """The one way this project writes a file: `write(handle)` into a temporary file beside `path` (binary),
+    flush, fsync, give it a plain file's mode, run `check(temporary path)` when given, then rename it over `path`.
 
-    A reader (or a run killed mid-write) sees either the old file or the complete new one; a Ctrl-C
-    during the write takes effect once the file is in place.
+    A reader (or a run killed mid-write) sees either the old file or the complete, checked new one; a failure
+    leaves no temporary file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with interrupts_deferred():
-        _write_then_rename(obj, path)
-
-
-def _write_then_rename(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, default_file_mode())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save through `write_atomic`; a Ctrl-C during the write takes effect once the file is in place."""
+    with interrupts_deferred():
+        write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -209,6 +215,6 @@ def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, e
             **model.config, **extra}
 
 
-__all__ = ['CheckpointError', 'save_atomic', 'default_file_mode', 'load_checkpoint', 'load_encoder',
+__all__ = ['CheckpointError', 'save_atomic', 'write_atomic', 'default_file_mode', 'load_checkpoint', 'load_encoder',
            'load_state_into', 'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch',
            'PAPER_WIDTH']
