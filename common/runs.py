@@ -47,7 +47,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 def read_csv(path: str | Path) -> list[dict]:
     if not Path(path).is_file():
         return []
-    with open(path, newline='') as handle:
+    with open(path, newline='', encoding='utf-8') as handle:
         return list(csv.DictReader(handle))
 
 
@@ -221,14 +221,22 @@ IMPLEMENTATION_FLAGS = ('foreach', 'fused', 'capturable', 'differentiable')
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: dict, path: Path) -> int:
     """Load the optimiser state of a checkpoint; returns its epoch. CheckpointError when unusable.
 
-    The optimiser keeps its own IMPLEMENTATION_FLAGS (a probe saved on a GPU with fused Adam resumes on the CPU
-    with foreach), which torch's load_state_dict would take from the checkpoint.
+    The optimiser keeps its own IMPLEMENTATION_FLAGS (a probe saved with foreach Adam on the CPU resumes fused on
+    a GPU, and back). They are written into the checkpoint's groups before loading, because torch's
+    load_state_dict places Adam's `step` by the loaded groups' flags: on the parameter's device for fused or
+    capturable, where else a fused CUDA step fails on a CPU `step`. torch 2.0 never moves it, hence the loop after.
     """
     own = [{flag: group[flag] for flag in IMPLEMENTATION_FLAGS if flag in group} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        for group, flags in zip(optimizer.param_groups, own):
-            group.update(flags)
+        state = checkpoint['optimizer']
+        groups = [{**saved, **flags} for saved, flags in zip(state['param_groups'], own)]
+        optimizer.load_state_dict({**state, 'param_groups': groups + state['param_groups'][len(groups):]})
+        for group in optimizer.param_groups:
+            if group.get('fused') or group.get('capturable'):
+                for parameter in group['params']:
+                    slots = optimizer.state.get(parameter, {})
+                    if torch.is_tensor(slots.get('step')):
+                        slots['step'] = slots['step'].to(parameter.device, torch.float32)
         return int(checkpoint['epoch'])
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f'{path}: cannot resume, no usable optimizer state or epoch '

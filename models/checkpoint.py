@@ -66,7 +66,7 @@ def interrupts_deferred():
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
                  check: Callable[[Path], object] | None = None) -> None:
-    """The one way this project writes a file: `write(handle)` into a temporary file beside `path` (binary),
+    """The project's one atomic file writer: `write(handle)` into a temporary file beside `path` (binary),
     flush, fsync, give it a plain file's mode, run `check(temporary path)` when given, then rename it over `path`.
 
     A reader (or a run killed mid-write) sees either the old file or the complete, checked new one; a failure

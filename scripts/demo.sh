@@ -26,11 +26,15 @@ DOWNSTREAM_SIZES=${DOWNSTREAM_SIZES:-train=2000,test=1000}
 WIDTH=${WIDTH:-8}
 CLEAN_EPOCHS=${CLEAN_EPOCHS:-20}
 case "${ATTACK:-badencoder}" in
-  drupe) BAD_EPOCHS=${BAD_EPOCHS:-10} ;;  # DRUPE's terms start at epoch 2 (effectiveness) and 5 (distribution)
+  # DRUPE's terms start at epoch 2 (effectiveness) and 5 (distribution); its costs adapt after epoch 5 and its
+  # output is chosen among epochs 9-15: its 120-epoch schedule (adapt after 20, choose after 24) compressed
+  drupe) BAD_EPOCHS=${BAD_EPOCHS:-15} ;;
   ctrl) BAD_EPOCHS=${BAD_EPOCHS:-$CLEAN_EPOCHS} ;;  # CTRL's backdoored encoder is SimCLR on the poisoned set
   *) BAD_EPOCHS=${BAD_EPOCHS:-5} ;;
 esac
 MIMIC_EPOCHS=${MIMIC_EPOCHS:-40}
+# DRUPE's adaptive costs and output choice within the demo's 15 epochs (docs/DEMO_EXPERIMENTS.md section 2)
+DRUPE_DEMO_SCHEDULE=${DRUPE_DEMO_SCHEDULE:---drupe_adapt_after 5 --drupe_select_after 8}
 MI_EPOCHS=${MI_EPOCHS:-20}
 NN_EPOCHS=${NN_EPOCHS:-400}  # 100 leaves MIMIC's ASR unconverged (docs/DEMO_EXPERIMENTS.md, "The probe's length")
 RATIO=${RATIO:-0.25}
@@ -57,10 +61,10 @@ case "$ATTACK" in
     [ -f "$OUT/reference_one.npz" ] || \
       "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
         --first 1 --out "$OUT/reference_one.npz" ;;
-  drupe)  # DRUPE's recipe (lr 0.05, 3 references) on the demo's whole shadow set, batch 128
+  drupe)  # DRUPE's recipe (lr 0.05, 3 references) on the demo's whole shadow set, batch 128, its schedule compressed
     attack_flags=(--attack drupe --reference_file "$OUT/reference_three.npz"
                   --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz
-                  --badencoder_args "--batch_size 128 --shadow_fraction 1.0")
+                  --badencoder_args "--batch_size 128 --shadow_fraction 1.0 $DRUPE_DEMO_SCHEDULE")
     [ -f "$OUT/reference_three.npz" ] || \
       "$PYTHON" reference/make_reference.py --dataset synthetic_digits --data_root "$data" --class_id 1 \
         --first 3 --out "$OUT/reference_three.npz" ;;

@@ -60,9 +60,10 @@ case "$scale" in
   demo)  # scripts/demo.sh's scale
     RUNS=${RUNS:-runs/paper_demo} DEVICE=${DEVICE:-cpu} DATA_ROOT=${DATA_ROOT:-$RUNS/data}
     PRE=synthetic_shapes REF_DIR=$RUNS/reference TASKS="synthetic_digits:one:1"
-    WIDTH=8 E0=20 E1=5 E1_DRUPE=10 E1_CTRL=20 E2=40 MI=20 NN=400 RATIO=0.25 MIMIC_LR=0.01
+    WIDTH=8 E0=20 E1=5 E1_DRUPE=15 E1_CTRL=20 E2=40 MI=20 NN=400 RATIO=0.25 MIMIC_LR=0.01
     CLEAN_ARGS='--batch_size 256' BAD_ARGS='--batch_size 128 --lr 0.01'
-    DRUPE_ARGS='--batch_size 128 --shadow_fraction 1.0' CTRL_ARGS='--batch_size 256'
+    DRUPE_ARGS='--batch_size 128 --shadow_fraction 1.0 --drupe_adapt_after 5 --drupe_select_after 8'
+    CTRL_ARGS='--batch_size 256'
     MIMIC_ARGS='--batch_size 128' EVAL_ARGS='--lr 0.001 --no_progress'
     DEFENCE_ARGS='--batch_size 128 --anp_iterations 200'
     BATCH_FOR_RATIO='--batch_size 32' AUGMENT=tensor ;;  # 1% of 4000 images is 40: one batch needs fewer than 128

@@ -12,7 +12,7 @@ import torch
 
 from models import CheckpointError, SimCLR, load_checkpoint, load_encoder, save_atomic
 from models.checkpoint import (default_file_mode, describe_mismatch, encoder_checkpoint, encoder_config,
-                               infer_config, load_state_into)
+                               infer_config, load_state_into, write_atomic)
 
 
 class RunsCode:
@@ -298,3 +298,25 @@ def test_ctrl_c_during_a_failing_save_is_not_lost(tmp_path, monkeypatch):
     assert isinstance(caught.value.__cause__, OSError)
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_write_atomic_puts_the_checked_file_in_place_with_a_plain_files_mode(tmp_path):
+    path = tmp_path / 'sub' / 'file.bin'
+    seen = []
+    write_atomic(path, lambda handle: handle.write(b'new'), check=lambda tmp: seen.append(tmp.read_bytes()))
+    assert path.read_bytes() == b'new' and seen == [b'new']
+    assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()
+    assert sorted(os.listdir(path.parent)) == ['file.bin']
+
+
+@pytest.mark.parametrize('fail_in', ['write', 'check'])
+def test_write_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, fail_in):
+    path = tmp_path / 'file.bin'
+    path.write_bytes(b'old')
+
+    def fail(*_):
+        raise ValueError('broken')
+    write = fail if fail_in == 'write' else (lambda handle: handle.write(b'new'))
+    with pytest.raises(ValueError, match='broken'):
+        write_atomic(path, write, check=fail if fail_in == 'check' else None)
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['file.bin']

@@ -399,3 +399,29 @@ def test_restore_optimizer_loads_the_state_but_keeps_the_optimisers_own_implemen
     group = resumed.param_groups[0]
     assert epoch == 7 and group['lr'] == 0.5 and group['fused'] is True and group['foreach'] is False
     assert torch.equal(next(iter(resumed.state.values()))['exp_avg'], next(iter(saved.state.values()))['exp_avg'])
+
+
+def test_a_foreach_checkpoint_resumes_into_fused_adam_and_steps_as_an_uninterrupted_fused_run():
+    """The cross-device resume of the probe (foreach on the CPU, fused on CUDA), here with the CPU's fused Adam
+    (torch >= 2.4): the resumed optimiser steps, within rounding of the run that was never interrupted."""
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True).step()
+    except RuntimeError:
+        pytest.skip('this torch has no fused Adam on the CPU')
+
+    def steps(weight, optimizer, count):
+        for _ in range(count):
+            weight.grad = weight.detach() * 2 - 1
+            optimizer.step()
+
+    uninterrupted = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+    steps(uninterrupted, torch.optim.Adam([uninterrupted], lr=0.1, fused=True), 4)
+    first = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+    saved = torch.optim.Adam([first], lr=0.1, foreach=True)
+    steps(first, saved, 2)
+    resumed_weight = torch.nn.Parameter(first.detach().clone())
+    resumed = torch.optim.Adam([resumed_weight], lr=0.1, fused=True)
+    assert restore_optimizer(resumed, {'optimizer': saved.state_dict(), 'epoch': 2}, Path('p.pth')) == 2
+    assert resumed.param_groups[0]['fused'] is True
+    steps(resumed_weight, resumed, 2)
+    assert torch.allclose(resumed_weight, uninterrupted, rtol=0, atol=1e-6)
