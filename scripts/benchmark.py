@@ -222,7 +222,7 @@ def paper_trigger() -> Trigger:
 def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
     """Stage 1: train_badencoder.train_one_epoch with one reference, set up as its main() does; also times
     the one-off pass of the frozen clean encoder f0 over the shadow set (encode_img_per_s), after an untimed
-    pass when --warmup > 0, as the encoder of a long run has long passed its first batches."""
+    pass when --warmup > 0: a real run spreads cuDNN's algorithm search over its whole set, not these few batches."""
     batch = args.badencoder_batch_size
     run_args = stage_args(train_badencoder, args, batch, device)
     shadow_images = images[:images_needed(batch, args)]

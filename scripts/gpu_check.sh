@@ -6,7 +6,7 @@
 #   - stages 0-3 and a baseline defence (nad) on CUDA: tensor augmentation on the device, channels_last;
 #     stage 0 also with --amp, --compile and --deterministic;
 #   - resume on CUDA: a run stopped after epoch 1 and resumed ends bit-identical to an uninterrupted one
-#     (--deterministic), and its checkpoint carries the CUDA RNG states;
+#     (--deterministic), and its checkpoint carries the CUDA RNG states; a probe started on the CPU resumes on CUDA;
 #   - torchrun with NCCL on all visible GPUs (2 or more): stages 0, 1, 2 and a defence (ft), one set of files each;
 #     a step of stage 1 on N GPUs is the step of one GPU on the same global batch (max abs difference of the
 #     parameters <= 1e-4: NCCL sums in its own order, cuDNN may pick other kernels for a smaller batch); a run of
@@ -15,7 +15,8 @@
 #     e.g. BENCHMARK_ARGS=--quick).
 # Without CUDA it says so in one line and exits 0. Exit status 1 when a check failed. Data are the offline
 # synthetic sets, made in OUT_DIR. GPU_CHECK_DEVICE=cpu runs the same checks on the CPU (torchrun with gloo on 2
-# processes, --amp ignored, no --compile), which is how the script itself is tested on a machine without a GPU.
+# processes, --amp ignored, no --compile), which is how the script itself is checked on a machine without a
+# GPU (by hand: the test suite does not run it, for its minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -127,6 +128,15 @@ check defence_nad "$PYTHON" baseline_defence.py --defence nad "${stage2[@]}" --t
 check stage3 "$PYTHON" training_downstream_classifier.py --dataset synthetic_digits --encoder_usage_info \
   synthetic_shapes --encoder "$OUT/mimic/model2.pth" --trigger_file "$trigger" --reference_file \
   "$OUT/reference_one.npz" --reference_label 1 --nn_epochs 2 --results_dir "$OUT/stage3" "${common[@]}"
+# a probe checkpoint written on the CPU (foreach Adam) resumes on the device (fused Adam on CUDA: its step state
+# must move to the GPU, common.runs.restore_optimizer)
+stage3=(training_downstream_classifier.py --dataset synthetic_digits --encoder_usage_info synthetic_shapes
+        --encoder "$OUT/mimic/model2.pth" --trigger_file "$trigger" --reference_file "$OUT/reference_one.npz"
+        --reference_label 1 --data_root "$data" --num_workers 2 --no_progress --save_freq 1
+        --results_dir "$OUT/stage3_resumed")
+check stage3_resume_from_cpu \
+  bash -c '"$0" "$@" --device cpu --nn_epochs 1 && "$0" "$@" --device '"$DEVICE"' --nn_epochs 2 --resume' \
+  "$PYTHON" "${stage3[@]}"
 
 # --- torchrun on every visible GPU ------------------------------------------------------------------------------
 if [ "$NPROC" -lt 2 ]; then
