@@ -21,7 +21,8 @@ def _color_augmentation() -> list:
 
 
 def simclr_transform(normalization: Normalization, image_size: int = 32, crop_scale=CROP_SCALE) -> T.Compose:
-    """SimCLR view: RandomResizedCrop (scale CROP_SCALE = 0.08-1 by default), flip, colour jitter (p 0.8), grayscale (p 0.2)."""
+    """SimCLR view: RandomResizedCrop (scale CROP_SCALE = 0.08-1 by default), flip, colour jitter (p 0.8),
+    grayscale (p 0.2)."""
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale)), *_color_augmentation(),
                       T.ToTensor(), T.Normalize(*normalization)])
 

@@ -95,6 +95,9 @@ stage1=(train_badencoder.py --pretraining_dataset synthetic_shapes --shadow_data
         --encoder_usage_info synthetic_shapes --downstreamTask synthetic_digits --trigger_file "$trigger"
         --reference_file "$OUT/reference_one.npz" --batch_size 64 --lr 0.01 --knn-k 20 --augment tensor "${common[@]}")
 stage2=(--pretraining_dataset synthetic_shapes --ratio 0.25 --batch_size 32 --augment tensor "${common[@]}")
+stage3=(training_downstream_classifier.py --dataset synthetic_digits --encoder_usage_info synthetic_shapes
+        --encoder "$OUT/mimic/model2.pth" --trigger_file "$trigger" --reference_file "$OUT/reference_one.npz"
+        --reference_label 1 --data_root "$data" --num_workers 2 --no_progress)  # no --device: see probe_resume_check
 echo "gpu_check: device $DEVICE, $NPROC process(es) for torchrun; logs in $OUT/logs"
 
 # --- one device -----------------------------------------------------------------------------------------------
@@ -125,18 +128,14 @@ check stage2_mimic "$PYTHON" MIMIC.py "${stage2[@]}" --teacher "$backdoored" --e
   --results_dir "$OUT/mimic"
 check defence_nad "$PYTHON" baseline_defence.py --defence nad "${stage2[@]}" --teacher "$backdoored" --epochs 2 \
   --results_dir "$OUT/nad"
-check stage3 "$PYTHON" training_downstream_classifier.py --dataset synthetic_digits --encoder_usage_info \
-  synthetic_shapes --encoder "$OUT/mimic/model2.pth" --trigger_file "$trigger" --reference_file \
-  "$OUT/reference_one.npz" --reference_label 1 --nn_epochs 2 --results_dir "$OUT/stage3" "${common[@]}"
-# a probe checkpoint written on the CPU (foreach Adam) resumes on the device (fused Adam on CUDA: its step state
-# must move to the GPU, common.runs.restore_optimizer)
-stage3=(training_downstream_classifier.py --dataset synthetic_digits --encoder_usage_info synthetic_shapes
-        --encoder "$OUT/mimic/model2.pth" --trigger_file "$trigger" --reference_file "$OUT/reference_one.npz"
-        --reference_label 1 --data_root "$data" --num_workers 2 --no_progress --save_freq 1
-        --results_dir "$OUT/stage3_resumed")
-check stage3_resume_from_cpu \
-  bash -c '"$0" "$@" --device cpu --nn_epochs 1 && "$0" "$@" --device '"$DEVICE"' --nn_epochs 2 --resume' \
-  "$PYTHON" "${stage3[@]}"
+check stage3 "$PYTHON" "${stage3[@]}" --device "$DEVICE" --nn_epochs 2 --results_dir "$OUT/stage3"
+probe_resume_check() {
+  # a probe checkpoint written on the CPU (foreach Adam) resumes on the device (fused Adam on CUDA: its step state
+  # must move to the GPU, common.runs.restore_optimizer)
+  "$PYTHON" "${stage3[@]}" --device cpu --nn_epochs 1 --save_freq 1 --results_dir "$OUT/stage3_resumed" &&
+  "$PYTHON" "${stage3[@]}" --device "$DEVICE" --nn_epochs 2 --save_freq 1 --resume --results_dir "$OUT/stage3_resumed"
+}
+check stage3_resume_from_cpu probe_resume_check
 
 # --- torchrun on every visible GPU ------------------------------------------------------------------------------
 if [ "$NPROC" -lt 2 ]; then

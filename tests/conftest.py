@@ -25,6 +25,19 @@ def requires_compat(*parts: str):
     return pytest.mark.skipif(not path.exists(), reason=f'{path} not present (../shared is optional)')
 
 
+def _cpu_has_fused_adam() -> bool:
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True).step()
+        return True
+    except RuntimeError:
+        return False
+
+
+# the probe's CUDA optimiser (fused Adam) checked on the CPU, whose fused kernel torch has from 2.4
+requires_cpu_fused_adam = pytest.mark.skipif(not _cpu_has_fused_adam(),
+                                             reason='this torch has no fused Adam on the CPU')
+
+
 def write_split(folder: Path, split: str, x: np.ndarray, y: np.ndarray | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f'{split}.npz'

@@ -19,7 +19,7 @@ from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_inte
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, restore_optimizer,
                          resume_state, rng_state, set_rng_state, write_csv, write_json)
-from conftest import REPO, run_script
+from conftest import REPO, requires_cpu_fused_adam, run_script
 from datasets import DataError
 from models import CheckpointError, load_checkpoint, save_atomic
 from models.checkpoint import default_file_mode
@@ -401,13 +401,10 @@ def test_restore_optimizer_loads_the_state_but_keeps_the_optimisers_own_implemen
     assert torch.equal(next(iter(resumed.state.values()))['exp_avg'], next(iter(saved.state.values()))['exp_avg'])
 
 
+@requires_cpu_fused_adam
 def test_a_foreach_checkpoint_resumes_into_fused_adam_and_steps_as_an_uninterrupted_fused_run():
     """The cross-device resume of the probe (foreach on the CPU, fused on CUDA), here with the CPU's fused Adam
     (torch >= 2.4): the resumed optimiser steps, within rounding of the run that was never interrupted."""
-    try:
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True).step()
-    except RuntimeError:
-        pytest.skip('this torch has no fused Adam on the CPU')
 
     def steps(weight, optimizer, count):
         for _ in range(count):

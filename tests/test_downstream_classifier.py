@@ -13,7 +13,7 @@ from common.cli import UsageError
 from models import SimCLR, save_atomic
 from models.checkpoint import encoder_checkpoint
 
-from conftest import run_script
+from conftest import requires_cpu_fused_adam, run_script
 
 METRIC_LINE = re.compile(r'^\{"metric": "Eval - (?P<name>[^"]+)", "value": (?P<value>[^,]+), '
                          r'"epoch": (?P<epoch>\d+)\}$')
@@ -104,13 +104,10 @@ def test_probe_optimizer_on_the_cpu_trains_the_probe_bit_for_bit_as_the_default_
     assert all(torch.equal(default[key], ours[key]) for key in default)
 
 
+@requires_cpu_fused_adam
 def test_probe_optimizer_is_fused_on_cuda_and_fused_adam_is_the_same_update_within_rounding():
     """On CUDA the probe's Adam is fused (its steps are launch-bound there); checked with the CPU's fused kernel,
     which torch has from 2.4: the weights equal the default Adam's within float rounding, not bit for bit."""
-    try:
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True).step()
-    except RuntimeError:
-        pytest.skip('this torch has no fused Adam on the CPU')
     optimizer = stage3.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cuda'))
     assert optimizer.defaults['fused'] is True and not optimizer.defaults['foreach']
     default = probe_weights_after_two_epochs(lambda parameters: torch.optim.Adam(parameters, lr=1e-3))
