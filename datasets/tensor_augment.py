@@ -168,14 +168,33 @@ def _normalize(images: torch.Tensor, normalization) -> torch.Tensor:
     return (images - mean) / std
 
 
-def _to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
+def model_layout(images: torch.Tensor) -> torch.Tensor:
+    """The memory layout every encoder input takes: channels-last on CUDA (chosen on purpose: the models are
+    channels-last there, cuDNN's fast layout), contiguous NCHW everywhere else.
+
+    On the CPU a channels-last input makes oneDNN run the whole ResNet in NHWC, and its 1x1 stride-2
+    convolution's backward-weights pass writes past its workspace when the input has fewer channels than the
+    kernel's block (16 with AVX-512, 8 with AVX2; layer2's downsample at width 8): a crash, a hang or wrong
+    weight gradients without any error (docs/ONEDNN_NHWC_CRASH.md). Contiguous NCHW takes other kernels.
+    """
+    layout = torch.channels_last if images.device.type == 'cuda' else torch.contiguous_format
+    return images.contiguous(memory_format=layout)
+
+
+def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], in the encoders' layout (`model_layout`).
+
+    The one place where image batches are made from the uint8 sets: the tensor augmentations and
+    `datasets.normalize_batch` (every unaugmented pass) go through it; the PIL path's ToTensor + collate
+    already gives contiguous NCHW. Later element-wise operations keep the layout.
+    """
+    return model_layout(images_uint8.permute(0, 3, 1, 2).float().div(255))  # (B, 3, H, W)
 
 
 def simclr_views(images_uint8: torch.Tensor, normalization, generator: torch.Generator | None = None,
                  crop_scale=CROP_SCALE) -> torch.Tensor:
     """SimCLR augmentation of a uint8 batch (B, H, W, 3) -> normalised float (B, 3, H, W)."""
-    images = _to_float(images_uint8)
+    images = to_float(images_uint8)
     batch, _, height, width = images.shape
     boxes = crop_boxes(batch, height, width, generator, images.device, scale=crop_scale)
     return _normalize(color_augment(resized_crop(images, boxes, height), generator), normalization)
@@ -184,4 +203,4 @@ def simclr_views(images_uint8: torch.Tensor, normalization, generator: torch.Gen
 def finetune_views(images_uint8: torch.Tensor, normalization, generator: torch.Generator | None = None
                    ) -> torch.Tensor:
     """BadEncoder's reference augmentation (no crop) of a uint8 batch -> normalised float (B, 3, H, W)."""
-    return _normalize(color_augment(_to_float(images_uint8), generator), normalization)
+    return _normalize(color_augment(to_float(images_uint8), generator), normalization)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from .tensor_augment import CROP_SCALE
+from .tensor_augment import CROP_SCALE, to_float
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -45,7 +45,7 @@ def normalize_batch(images: torch.Tensor | np.ndarray, normalization: Normalizat
     images = torch.as_tensor(images)
     if device is not None:
         images = images.to(device, non_blocking=True)
-    x = images.permute(0, 3, 1, 2).float().div(255)  # (B, 3, H, W)
+    x = to_float(images)  # (B, 3, H, W), contiguous on the CPU (see tensor_augment.model_layout)
     mean = torch.tensor(normalization[0], device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(normalization[1], device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
