@@ -298,8 +298,8 @@ def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData,
         distributed.barrier()  # the epoch is on disk before any process starts the next one
 
 
-def main() -> None:
-    args = get_args_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     print_args(args)
     check_args(args)
     seed_everything(args.seed, args.deterministic)

@@ -327,8 +327,8 @@ def probe_optimizer(parameters, lr: float, device: torch.device) -> torch.optim.
     return torch.optim.Adam(parameters, lr=lr, foreach=not fused, fused=fused)
 
 
-def main() -> None:
-    args = get_args_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)

@@ -82,6 +82,16 @@ def reference_file(tmp_path_factory, data_root) -> Path:
 
 
 @pytest.fixture(scope='session')
+def three_references(tmp_path_factory, data_root) -> Path:
+    """Three synthetic digits 'one' as the references, label 1: DRUPE's reference count."""
+    with np.load(data_root / 'synthetic_digits' / 'train.npz') as data:
+        x, y = data['x'], data['y']
+    path = tmp_path_factory.mktemp('reference') / 'one_n3.npz'
+    np.savez(path, x=x[y == 1][:3], y=np.ones(3, dtype=np.int64))
+    return path
+
+
+@pytest.fixture(scope='session')
 def tiny_encoder(tmp_path_factory) -> Path:
     """A randomly initialised width-8 resnet18 SimCLR checkpoint in our layout."""
     from models import SimCLR, save_atomic

@@ -204,15 +204,6 @@ def log_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope='module')
-def three_references(tmp_path_factory, data_root) -> Path:
-    with np.load(data_root / 'synthetic_digits' / 'train.npz') as data:
-        x, y = data['x'], data['y']
-    path = tmp_path_factory.mktemp('reference') / 'one_n3.npz'
-    np.savez(path, x=x[y == 1][:3], y=np.ones(3, dtype=np.int64))
-    return path
-
-
 def stage1_args(data_root, reference, encoder, results_dir, *extra: str) -> list[str]:
     return ['--data_root', str(data_root), '--pretraining_dataset', 'synthetic_shapes',
             '--shadow_dataset', 'synthetic_shapes', '--encoder_usage_info', 'synthetic_shapes',

@@ -23,16 +23,6 @@ from conftest import run_script
 NORMALIZATION = get_info('synthetic_shapes').normalization
 
 
-@pytest.fixture(scope='module')
-def three_references(tmp_path_factory, data_root):
-    """Three synthetic digits 'one' as the references, label 1: DRUPE's reference count."""
-    with np.load(data_root / 'synthetic_digits' / 'train.npz') as data:
-        x, y = data['x'], data['y']
-    path = tmp_path_factory.mktemp('reference') / 'one_n3.npz'
-    np.savez(path, x=x[y == 1][:3], y=np.ones(3, dtype=np.int64))
-    return path
-
-
 def attack_args(data_root, trigger_file, reference_file, encoder, results_dir, *extra: str) -> list[str]:
     """A tiny run on the synthetic sets: shadow synthetic_shapes (256 images), target synthetic_digits."""
     return ['--data_root', str(data_root), '--pretraining_dataset', 'synthetic_shapes',
