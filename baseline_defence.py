@@ -41,7 +41,7 @@ from common.cli import (StageParser, UsageError, print_args, require_positive, r
                         seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
-from datasets import pretraining_names
+from datasets import get_info, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.anp import ANP_SETTINGS
 from defences.mimic import load_clean_subset, load_teacher
@@ -66,8 +66,10 @@ def float_list(text: str) -> list[float]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Purify a suspect encoder with a baseline defence (stage 2, beside MIMIC.py).',
                          parents=[shared_parser()])
-    parser.add_argument('--defence', required=True, choices=BASELINES,
-                        help='ft | fp | nad | clp | anp | kd | invert (see the module docstrings in defences/)')
+    parser.add_argument('--defence', required=True, choices=BASELINES, metavar='{' + ','.join(BASELINES) + '}',
+                        help='the defence, and what it reads: ' + '; '.join(
+                            f'{name}: {get_defence(name).READS}' for name in BASELINES)
+                        + ' (each module of defences/ gives its paper and recipe)')
     parser.add_argument('--teacher', default='', type=str, metavar='PATH',
                         help='the suspect (backdoored) encoder checkpoint (required; the flag MIMIC.py uses)')
     parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
@@ -90,21 +92,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='temperature of the NT-Xent loss, as MIMIC.py (default: 0.5)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
-    fp = parser.add_argument_group('fp (Fine-Pruning)')
+    fp = parser.add_argument_group('fp (Fine-Pruning)', f"reads {get_defence('fp').READS}")
     fp.add_argument('--prune_ratio', default=0.2, type=float,
                     help='fraction of the last stage\'s channels pruned, least active on D first, in [0, 1) '
                          '(default: 0.2; the paper prunes until the accuracy drops, which needs labels)')
-    nad = parser.add_argument_group('nad (Neural Attention Distillation)')
+    nad = parser.add_argument_group('nad (Neural Attention Distillation)', f"reads {get_defence('nad').READS}")
     nad.add_argument('--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
                      help='attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD\'s CIFAR '
                           'β on the last three stages)')
     nad.add_argument('--nad_teacher_epochs', default=0, type=int,
                      help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
-    clp = parser.add_argument_group('clp (Channel Lipschitzness-based Pruning, data-free)')
+    clp = parser.add_argument_group('clp (Channel Lipschitzness-based Pruning, data-free)', f"reads {get_defence('clp').READS}")
     clp.add_argument('--clp_u', default=3.0, type=float,
                      help='prune the channels whose Lipschitz upper bound exceeds mean + u·std of their layer '
                           '(default: 3, CLP\'s)')
-    anp = parser.add_argument_group('anp (Adversarial Neuron Pruning; batch: --batch_size)')
+    anp = parser.add_argument_group('anp (Adversarial Neuron Pruning; batch: --batch_size)', f"reads {get_defence('anp').READS}")
     anp.add_argument('--anp_eps', default=ANP_SETTINGS['eps'], type=float,
                      help=f"bound of the adversarial BN perturbations (default: {ANP_SETTINGS['eps']}, ANP's)")
     anp.add_argument('--anp_steps', default=ANP_SETTINGS['steps'], type=int,
@@ -117,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help=f"mask optimisation steps (default: {ANP_SETTINGS['iterations']})")
     anp.add_argument('--anp_threshold', default=ANP_SETTINGS['threshold'], type=float,
                      help=f"prune the BN neurons whose mask is at most this (default: {ANP_SETTINGS['threshold']})")
-    invert = parser.add_argument_group('invert (DECREE trigger inversion, then unlearning; batch: --batch_size)')
+    invert = parser.add_argument_group('invert (DECREE trigger inversion, then unlearning; batch: --batch_size)', f"reads {get_defence('invert').READS}")
     invert.add_argument('--invert_steps', default=2000, type=int,
                         help='at most this many inversion steps; DECREE stops earlier once the trigger no longer '
                              'shrinks (default: 2000)')
@@ -184,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
-    # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects.
-    info, clean = load_clean_subset(args)
+    # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects; none
+    # for a data-free defence (clp), which reads no image and so checks no data size.
+    defence = get_defence(args.defence)
+    info, clean = load_clean_subset(args) if defence.READS_IMAGES else (get_info(args.pretraining_dataset), None)
     suspect = load_teacher(args.teacher, device, args.pretraining_dataset)  # frozen, eval mode
     trains = args.defence in TRAINING_BASELINES
     if not trains and not distributed.is_main():
@@ -195,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     results_dir = Path(args.results_dir)
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
-    defence = get_defence(args.defence)
-    print(f'{args.defence} ({defence.PAPER}): {len(clean)} clean images of {info.name}/{info.pretraining_split} '
-          f'({args.subset}); suspect {suspect.config} on {device}')
+    data = f'{len(clean)} clean images of {info.name}/{info.pretraining_split} ({args.subset})' \
+        if clean is not None else 'data-free, no image read'
+    print(f'{args.defence} ({defence.PAPER}): {data}; suspect {suspect.config} on {device}')
 
     start = time.perf_counter()
     run = DefenceRun(args, info.normalization, device, results_dir, RESUME_MUST_MATCH)
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     if not trains:  # the defences that train saved their last epoch already
         save_run_checkpoint(checkpoint, purified, None, 0, args, defence=args.defence)
     write_json(results_dir / 'defence.json', {
-        'defence': args.defence, 'paper': defence.PAPER, 'checkpoint': checkpoint.name, 'images': len(clean),
+        'defence': args.defence, 'paper': defence.PAPER, 'checkpoint': checkpoint.name,
+        'images': 0 if clean is None else len(clean),
         'seconds': round(time.perf_counter() - start, 2), 'resumed': bool(args.resume), **report})
     print(f'purified encoder: {checkpoint}')
 

@@ -194,6 +194,8 @@ def anp(model: SimCLR, images: np.ndarray, normalization, device: torch.device, 
 
 
 PAPER = 'Wu & Wang, Adversarial Neuron Pruning, NeurIPS 2021 (label-free objective)'
+READS = 'the suspect and D: its features of D, unaugmented'
+READS_IMAGES = True  # whether baseline_defence.py loads D for it
 
 
 def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:

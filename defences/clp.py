@@ -83,6 +83,8 @@ def clp(model: SimCLR, u: float = 3.0) -> dict:
 
 
 PAPER = 'Zheng et al., Channel Lipschitzness-based Pruning, ECCV 2022'
+READS = "the suspect's weights alone (data-free: no image is read, --ratio and --batch_size are unused)"
+READS_IMAGES = False  # whether baseline_defence.py loads D for it
 
 
 def purify(suspect: SimCLR, clean, run) -> tuple[SimCLR, dict]:

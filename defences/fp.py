@@ -27,6 +27,8 @@ from .ft import finetune_phase, trainable_copy
 from .training import DefenceRun
 
 PAPER = 'Liu et al., Fine-Pruning, RAID 2018'
+READS = "the suspect and D: its last stage's activations on D, then SimCLR views of D"
+READS_IMAGES = True  # whether baseline_defence.py loads D for it
 LAST_STAGE = 6  # index of ResNet layer4 in f.f (SPEC §3)
 
 

@@ -248,6 +248,8 @@ def trigger_arrays(inverted: InvertedTrigger) -> dict[str, np.ndarray]:
 
 
 PAPER = 'DECREE (Feng et al., CVPR 2023) inversion, SSL-Cleanse (Zheng et al., ECCV 2024)-style unlearning'
+READS = 'the suspect and D: D for the inversion, then SimCLR views of D for the unlearning'
+READS_IMAGES = True  # whether baseline_defence.py loads D for it
 TRIGGER_FILE = 'inverted_trigger.npz'
 
 

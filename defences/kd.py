@@ -25,6 +25,8 @@ from .mimic import build_student, distillation_modes, distillation_step
 from .training import DefenceRun, Phase
 
 PAPER = 'Saha et al., Backdoor Attacks on Self-Supervised Learning, CVPR 2022 (distillation defence)'
+READS = 'the suspect and D: SimCLR views of D, distilled into a fresh student'
+READS_IMAGES = True  # whether baseline_defence.py loads D for it
 NO_ATTENTION = [0.0, 0.0, 0.0, 0.0]
 
 

@@ -26,6 +26,8 @@ from .ft import finetune_phase, trainable_copy
 from .training import DefenceRun
 
 PAPER = 'Li et al., Neural Attention Distillation, ICLR 2021'
+READS = "the suspect and D: SimCLR views of D for the teacher's fine-tuning and the distillation"
+READS_IMAGES = True  # whether baseline_defence.py loads D for it
 NAD_BETAS = (0.0, 500.0, 1000.0, 1000.0)  # layer1..layer4; the released code's CIFAR β on the last three
 
 

@@ -167,7 +167,8 @@ def test_every_defence_end_to_end(data_root, tiny_encoder, tmp_path, defence):
     extra = {'anp': ['--anp_iterations', '3'], 'invert': ['--invert_steps', '3']}.get(defence, [])
     baseline_defence.main(tiny_args(data_root, tiny_encoder, out, *extra, defence=defence))
     report = json.loads((out / 'defence.json').read_text())
-    assert report['defence'] == defence and report['images'] == 64 and report['seconds'] >= 0
+    assert report['defence'] == defence and report['seconds'] >= 0
+    assert report['images'] == (0 if defence == 'clp' else 64)  # clp is data-free
     model, checkpoint = load_encoder(out / report['checkpoint'])  # weights_only, as every stage loads it
     # a plain SimCLR state_dict in the original layout: the original code's SimCLR loads it key for key
     assert list(checkpoint['state_dict']) == list(SimCLR(width=8).state_dict())
@@ -254,6 +255,35 @@ def test_clp_script_prunes_a_planted_high_lipschitz_channel(data_root, tmp_path)
     assert report['pruned']['f.f.5.0.bn2'] == [7] and report['checkpoint'] == 'model_0.pth'
     state = load_checkpoint(out / 'model_0.pth')['state_dict']
     assert state['f.f.5.0.bn2.weight'][7] == 0 and state['f.f.5.0.bn2.bias'][7] == 0
+
+
+@pytest.mark.parametrize('data', ['fewer_than_a_batch', 'none'])
+def test_clp_reads_no_image_and_checks_no_data_size(tmp_path, tiny_encoder, data):
+    """A pre-training split of 10 images (under one batch of 128 at any --ratio), or no data folder at all."""
+    from conftest import write_split
+    from datasets.synthetic import make_synthetic
+    root = tmp_path / 'data'
+    if data == 'fewer_than_a_batch':
+        write_split(root / 'synthetic_shapes', 'train', *make_synthetic('synthetic_shapes', 10, seed=1))
+    out = tmp_path / 'clp'
+    baseline_defence.main(['--defence', 'clp', '--teacher', str(tiny_encoder), '--pretraining_dataset',
+                           'synthetic_shapes', '--data_root', str(root), '--ratio', '0.04', '--results_dir', str(out),
+                           '--device', 'cpu', '--no_progress'])
+    report = json.loads((out / 'defence.json').read_text())
+    assert report['images'] == 0 and (out / 'model_0.pth').exists()
+    if data == 'none':
+        return
+    with pytest.raises(UsageError, match='fewer|batch|images'):  # a defence that reads D still checks its size
+        baseline_defence.main(['--defence', 'ft', '--teacher', str(tiny_encoder), '--pretraining_dataset',
+                               'synthetic_shapes', '--data_root', str(root), '--ratio', '0.04',
+                               '--results_dir', str(tmp_path / 'ft'), '--device', 'cpu', '--no_progress'])
+
+
+def test_help_says_what_each_defence_reads():
+    parser_help = baseline_defence.get_args_parser().format_help()
+    for name in BASELINES:
+        assert f'{name}: the suspect' in ' '.join(parser_help.split()), name
+    assert 'data-free: no image is read' in ' '.join(parser_help.split())
 
 
 def test_invert_writes_a_loadable_trigger_and_resumes(data_root, tiny_encoder, tmp_path):
