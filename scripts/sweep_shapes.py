@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,27 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
     return {**run.__dict__, 'outcome': result, 'detail': detail, 'seconds': round(time.perf_counter() - start, 1)}
 
 
+def run_all(runs: list[Run], work: Path, timeout: float, jobs: int) -> list[dict]:
+    """Every run, its progress printed as it ends; the one-thread runs `jobs` at a time, the others one by one
+    (a run of N threads alone on N cores). Results in the order of `runs`."""
+    results: dict[int, dict] = {}
+
+    def report(index: int, result: dict) -> None:
+        results[index] = result
+        print(f"[{len(results)}/{len(runs)}] {runs[index].name}: {result['outcome']} ({result['seconds']} s)"
+              + (f" {result['detail']}" if result['detail'] else ''), flush=True)
+
+    single = [index for index, run in enumerate(runs) if run.threads == 1]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(execute, runs[index], work, timeout): index for index in single}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
+    for index, run in enumerate(runs):
+        if run.threads != 1:
+            report(index, execute(run, work, timeout))
+    return [results[index] for index in range(len(runs))]
+
+
 def cpu_model() -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -225,6 +247,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--augment', nargs='+', default=['tensor', 'pil'], choices=['tensor', 'pil'],
                         help='augmentation paths of the stages that augment (default: tensor pil)')
     parser.add_argument('--timeout', type=float, default=180, help='seconds before a run counts as a hang (default: 180)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='one-thread runs started at a time (default: 1); runs of more threads always run alone')
     parser.add_argument('--work', default='', help='folder for the inputs and runs (default: a temporary one, removed)')
     parser.add_argument('--out', default='', help='also write the table (markdown) to this file')
     parser.add_argument('--json', default='', help='also write the results as JSON to this file')
@@ -233,8 +257,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if min(args.widths) < 1 or min(args.threads) < 1 or args.timeout <= 0:
-        print('error: --widths and --threads must be positive, --timeout > 0', file=sys.stderr)
+    if min(args.widths) < 1 or min(args.threads) < 1 or args.jobs < 1 or args.timeout <= 0:
+        print('error: --widths, --threads and --jobs must be positive, --timeout > 0', file=sys.stderr)
         return 2
     runs = grid(args.stages, args.cases, args.widths, args.threads, args.isa, args.augment)
     print(header(), flush=True)
@@ -243,12 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or temporary)
         work.mkdir(parents=True, exist_ok=True)
         prepare_inputs(work, args.cases, args.widths)
-        results = []
-        for index, run in enumerate(runs, 1):
-            result = execute(run, work, args.timeout)
-            results.append(result)
-            print(f"[{index}/{len(runs)}] {run.name}: {result['outcome']} ({result['seconds']} s)"
-                  + (f" {result['detail']}" if result['detail'] else ''), flush=True)
+        results = run_all(runs, work, args.timeout, args.jobs)
     table = markdown(results)
     print(table)
     print(summary(results))
