@@ -1,4 +1,4 @@
-"""Stage 2 — MIMIC: distil a clean student from a suspect (backdoored) encoder (SPEC §6).
+"""Stage 2 — MIMIC: distil a clean student from a suspect (backdoored) encoder (docs/DESIGN.md §6).
 
 The teacher is the suspect encoder, frozen. The student is a freshly initialised SimCLR of the same
 architecture. Before distillation, the mutual information between each tapped layer and the
@@ -120,7 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, refused before anything is loaded or written (SPEC §11)."""
+    """Flag values that cannot work, refused before anything is loaded or written (docs/DESIGN.md §11)."""
     if not 0 < args.ratio <= 1:
         raise UsageError(f'--ratio must lie in (0, 1], got {args.ratio}')
     if not args.teacher:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'clean subset: {len(clean)} images of {info.name}/{info.pretraining_split} ({args.subset}); '
           f'teacher {teacher.config} on {device}')
 
-    # Layer weights from the MI of each tapped layer (§6.1-6.2): once, before distillation.
+    # Layer weights from the MI of each tapped layer (docs/DESIGN.md §6.1-6.2): once, before distillation.
     base = [args.opt1, args.opt2, args.opt3, args.opt4]
     if resume_from is not None:
         opt_weights, mi, rows, start_epoch = restore_run(resume_from, args, student, optimizer)

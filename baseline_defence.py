@@ -133,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, refused before anything is loaded or written (SPEC §11)."""
+    """Flag values that cannot work, refused before anything is loaded or written (docs/DESIGN.md §11)."""
     if not args.teacher:
         raise UsageError('--teacher is required: the suspect encoder checkpoint to purify')
     if not args.results_dir:

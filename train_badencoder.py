@@ -1,4 +1,4 @@
-"""Stage 1 — BadEncoder (Jia et al., S&P 2022): plant a backdoor in a clean SimCLR encoder (SPEC §5).
+"""Stage 1 — BadEncoder (Jia et al., S&P 2022): plant a backdoor in a clean SimCLR encoder (docs/DESIGN.md §5).
 
 The encoder f (initialised from the clean encoder f0) is fine-tuned so that
     L0 = −(1/R) Σ_i mean_x cos(f(x ⊕ t_i), f(r_i))          triggered shadow images map to reference i
@@ -140,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='write model_<epoch>.pth every this many epochs, and at the end '
                              '(0: only at the end) (default: 20)')
     parser.add_argument('--attack', default='badencoder', choices=ATTACKS,
-                        help='badencoder (Jia et al., SPEC §5), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
+                        help='badencoder (Jia et al., S&P 2022), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
                              "whose values fill every flag not given (default: badencoder)")
     parser.add_argument('--shadow_fraction', default=1.0, type=float,
                         help='use this fraction of the shadow set, a fixed random subset '
@@ -267,9 +267,9 @@ def fixed_subset(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
-    """The shadow set: the first SHADOW_SIZE images of --shadow_dataset's pre-training split (SPEC §5; all of
-    CIFAR10's, the first 50000 of STL10's unlabeled, as the released code), of which a fixed --shadow_fraction is
-    kept (DRUPE: 20%; its code draws them with --seed, 100 by default)."""
+    """The shadow set: the first SHADOW_SIZE images of --shadow_dataset's pre-training split (all of CIFAR10's,
+    the first 50000 of STL10's unlabeled, as the released code), of which a fixed --shadow_fraction is kept
+    (DRUPE: 20%; its code draws them with --seed, 100 by default). See docs/DESIGN.md §5.2."""
     info = get_info(args.shadow_dataset)
     images, _ = load_split(args.shadow_dataset, info.pretraining_split, data_dir_for(args, args.shadow_dataset))
     images = images[:SHADOW_SIZE]  # STL10: 50000 of its 100000 unlabeled images
@@ -302,7 +302,8 @@ def load_attack_files(args: argparse.Namespace, image_size: int) -> tuple[Trigge
 
 @dataclass
 class MonitorData:
-    """The downstream task's kNN memory bank, its test set and the triggered test set (SPEC §5 monitor)."""
+    """The downstream task's kNN memory bank, its test set and the triggered test set: the monitor of
+    docs/DESIGN.md §5.4."""
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
@@ -401,7 +402,7 @@ def global_batch(features: StepFeatures) -> StepFeatures:
 
 
 def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
-    """L0 = −(1/R) Σ_i mean_b cos(f(x_b ⊕ t_i), f(r_i)) (SPEC §5), with one triggered copy per reference.
+    """L0 = −(1/R) Σ_i mean_b cos(f(x_b ⊕ t_i), f(r_i)) (docs/DESIGN.md §5.1), one triggered copy per reference.
 
     Each reference pairs with the same number (B) of samples, so the mean over all R·B pairs is (1/R) Σ_i mean_b.
     """
@@ -410,7 +411,8 @@ def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
 
 
 def utility_terms(features: StepFeatures) -> dict[str, torch.Tensor]:
-    """L1 = −(1/R) Σ_i mean_b cos(f(aug(r_i)), f0(r_i)) and L2 = −mean_b cos(f(x_b), f0(x_b)) (SPEC §5)."""
+    """L1 = −(1/R) Σ_i mean_b cos(f(aug(r_i)), f0(r_i)) and L2 = −mean_b cos(f(x_b), f0(x_b))
+    (docs/DESIGN.md §5.1)."""
     batch = features.clean.shape[0]
     return {'loss1': negative_cosine(features.augmented.flatten(0, 1),
                                      features.reference_target.repeat_interleave(batch, dim=0)),
@@ -419,7 +421,7 @@ def utility_terms(features: StepFeatures) -> dict[str, torch.Tensor]:
 
 def badencoder_objective(features: StepFeatures, lambda1: float, lambda2: float
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(L = L0 + λ1·L1 + λ2·L2, the terms) of SPEC §5."""
+    """(L = L0 + λ1·L1 + λ2·L2, the terms) of docs/DESIGN.md §5.1."""
     terms = {'loss0': badencoder_effectiveness(features), **utility_terms(features)}
     return terms['loss0'] + lambda1 * terms['loss1'] + lambda2 * terms['loss2'], terms
 

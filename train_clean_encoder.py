@@ -1,4 +1,4 @@
-"""Stage 0: pre-train a clean SimCLR encoder (SPEC §4).
+"""Stage 0: pre-train a clean SimCLR encoder (docs/DESIGN.md §4).
 
 Two augmented views of each image of the pre-training split, NT-Xent loss (τ = --knn-t), Adam
 (lr 1e-3, weight decay 1e-6), batch 256, 1000 epochs; a weighted-kNN monitor of `f` on the test set
@@ -55,7 +55,7 @@ from datasets.tensor_augment import CROP_SCALE
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
-ADAM_WEIGHT_DECAY = 1e-6  # the paper's (SPEC §4), the default of --weight_decay
+ADAM_WEIGHT_DECAY = 1e-6  # the paper's (docs/DESIGN.md §4.3), the default of --weight_decay
 # The optimiser and schedule flags; a checkpoint written before they existed was trained with their defaults.
 RECIPE_FLAGS = ('optimizer', 'momentum', 'weight_decay', 'schedule', 'warmup_epochs', 'crop_min_scale')
 # Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
@@ -105,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, before anything is loaded or written (SPEC §11)."""
+    """Flag values that cannot work, before anything is loaded or written (docs/DESIGN.md §11)."""
     for flag, value in (('--epochs', args.epochs), ('--batch_size', args.batch_size),
                         ('--knn-k', args.knn_k), ('--width', args.width)):
         require_positive(flag, value)

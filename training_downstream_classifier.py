@@ -1,4 +1,4 @@
-"""Stage 3: a downstream MLP probe on a frozen encoder, reporting ACC and ASR (SPEC §7).
+"""Stage 3: a downstream MLP probe on a frozen encoder, reporting ACC and ASR (docs/DESIGN.md §7).
 
 The encoder's features f(x), L2-normalised, are computed once on the device for the downstream
 training set, its test set, the triggered test set (trigger 0 on every test image, labelled with the
@@ -117,7 +117,7 @@ def metric_names(encoder_path: str) -> tuple[str, str]:
 # set-up
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, before anything is loaded (SPEC §11)."""
+    """Flag values that cannot work, before anything is loaded (docs/DESIGN.md §11)."""
     for flag, value in (('--nn_epochs', args.nn_epochs), ('--batch_size', args.batch_size),
                         ('--hidden_size_1', args.hidden_size_1), ('--hidden_size_2', args.hidden_size_2)):
         require_positive(flag, value)

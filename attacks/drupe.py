@@ -1,6 +1,6 @@
 """DRUPE (Tao et al., "Distribution Preserving Backdoor Attack in Self-supervised Learning", IEEE S&P 2024).
 
-DRUPE is BadEncoder (SPEC §5) with R ≥ 2 references of the target class and four more terms, so that the
+DRUPE is BadEncoder (docs/DESIGN.md §5) with R ≥ 2 references of the target class and four more terms, so that the
 triggered embeddings are neither far from the clean ones (a distribution shift) nor packed into one point (a
 concentration): the two statistics that embedding-based detectors (DECREE) and mitigations rely on.
 With f the encoder being trained (raw, unnormalised features), x a shadow image, x ⊕ t its triggered copy,

@@ -211,7 +211,7 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def nt_xent(out_1: torch.Tensor, out_2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent of the global batch (SPEC §4): `models.losses.nt_xent` in one process.
+    """NT-Xent of the global batch (docs/DESIGN.md §4.2, §14): `models.losses.nt_xent` in one process.
 
     Under torchrun, out_1, out_2 (b, D) are this process's rows r·b .. (r+1)·b − 1 of the global batch (B = W·b).
     Both are gathered with their gradients, and the loss is `nt_xent_anchors` with this process's 2b rows as the

@@ -64,6 +64,6 @@ def knn_accuracies(encoder: nn.Module, memory: tuple[np.ndarray, np.ndarray],
 def knn_monitor(encoder: nn.Module, memory: tuple[np.ndarray, np.ndarray], test_images: np.ndarray,
                 test_labels: np.ndarray, normalization, classes: int, knn_k: int, knn_t: float,
                 device: torch.device, disable_progress: bool = False) -> float:
-    """kNN top-1 accuracy (%) of `encoder` on a test set, the training set as memory bank (SPEC §4)."""
+    """kNN top-1 accuracy (%) of `encoder` on a test set, the training set as memory bank (docs/DESIGN.md §4.4)."""
     return knn_accuracies(encoder, memory, [(test_images, test_labels)], normalization, classes, knn_k, knn_t,
                           device, disable_progress)[0]

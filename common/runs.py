@@ -250,7 +250,8 @@ def is_save_epoch(epoch: int, epochs: int, save_freq: int) -> bool:
 
 def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                         args: argparse.Namespace, **extra) -> None:
-    """A self-describing, resumable checkpoint (SPEC §2.4), written atomically (by rank 0 alone under torchrun).
+    """A self-describing, resumable checkpoint (docs/DESIGN.md §2.4), written atomically (by rank 0 alone under
+    torchrun).
 
     `model` is the trained module itself, never its DistributedDataParallel or torch.compile wrapper, so the keys
     are the plain SimCLR ones; no state of one process is recorded, so a run resumes with any number of them.

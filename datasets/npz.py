@@ -1,4 +1,4 @@
-"""Loading and validating `data/<name>/<split>.npz` files (SPEC §2.1, §11)."""
+"""Loading and validating `data/<name>/<split>.npz` files (docs/DESIGN.md §2.1, §11)."""
 from __future__ import annotations
 
 import zipfile

@@ -1,4 +1,4 @@
-r"""Poison a prepared pre-training split with a trigger (data poisoning, e.g. CTRL; SPEC §12).
+r"""Poison a prepared pre-training split with a trigger (data poisoning, e.g. CTRL; docs/DESIGN.md §12.3).
 
     python trigger/make_trigger.py --kind ctrl --out trigger/ctrl.npz
     python -m datasets.poison --dataset cifar10 --trigger_file trigger/ctrl.npz --target_class 0 \

@@ -1,4 +1,4 @@
-"""Prepare datasets as `<out>/<name>/<split>.npz` (SPEC §2.1): real sets from their raw files, synthetic
+"""Prepare datasets as `<out>/<name>/<split>.npz` (docs/DESIGN.md §2.1): real sets from their raw files, synthetic
 sets from a seed.
 
     python -m datasets.prepare synthetic_shapes synthetic_digits                  # offline, seconds

@@ -1,4 +1,4 @@
-"""Every fact about the known datasets, defined once (SPEC §2.1).
+"""Every fact about the known datasets, defined once (docs/DESIGN.md §2.1).
 
 `normalization` is the "encoder usage info": the mean/std an encoder pre-trained on that set expects.
 Downstream-only sets have none, since images are always normalised with the *encoder's* statistics.

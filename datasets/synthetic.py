@@ -6,7 +6,7 @@
 - `synthetic_digits` (downstream, 10 classes): the digits 0-9 drawn from a 5x7 bitmap font at random
   scale, position and colours - another kind of image than the pre-training set, like SVHN is for CIFAR10.
 
-Both are 32x32 RGB uint8 in the npz layout of real datasets (SPEC §2.1). 10 000 images take about a second.
+Both are 32x32 RGB uint8 in the npz layout of real datasets (docs/DESIGN.md §2.1). 10 000 images take about a second.
 """
 from __future__ import annotations
 

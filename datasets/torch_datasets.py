@@ -41,7 +41,7 @@ class LabeledImages(Dataset):
 
 
 class ShadowImages(Dataset):
-    """BadEncoder's shadow set (SPEC §5).
+    """BadEncoder's shadow set (docs/DESIGN.md §5.2).
 
     Item: (clean image (3, H, W), triggered copies (R, 3, H, W), augmented references (R, 3, H, W)):
     copy i carries trigger i (or trigger 0 when the file holds one patch) and goes with reference i.
@@ -72,5 +72,5 @@ class ShadowImages(Dataset):
 
 
 def triggered_copy(images: np.ndarray, trigger: Trigger, index: int = 0) -> np.ndarray:
-    """Every image with trigger `index` applied: the triggered test set of SPEC §7 (uint8)."""
+    """Every image with trigger `index` applied: the triggered test set of stage 3, docs/DESIGN.md §7 (uint8)."""
     return apply_trigger(images, trigger, index)

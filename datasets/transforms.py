@@ -1,4 +1,4 @@
-"""The image transforms of the pipeline, defined once (SPEC §4, §5).
+"""The image transforms of the pipeline, defined once (docs/DESIGN.md §4.1, §5.1).
 
 PIL-based, as the original, applied per image in DataLoader workers. Images that need no
 augmentation go through `normalize_batch` instead: one tensor operation per batch, on the device.

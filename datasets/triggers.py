@@ -1,4 +1,4 @@
-"""Trigger and reference files (SPEC §2.2, §2.3).
+"""Trigger and reference files (docs/DESIGN.md §2.2, §2.3).
 
 A trigger file holds `t` (K, H, W, 3) and `tm` (K, H, W, 3). Trigger k maps a uint8 image x (before any
 normalisation) to

@@ -29,7 +29,7 @@ from .training import DefenceRun
 PAPER = 'Liu et al., Fine-Pruning, RAID 2018'
 READS = "the suspect and D: its last stage's activations on D, then SimCLR views of D"
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
-LAST_STAGE = 6  # index of ResNet layer4 in f.f (SPEC §3)
+LAST_STAGE = 6  # index of ResNet layer4 in f.f (docs/DESIGN.md §3)
 
 
 @torch.no_grad()

@@ -237,8 +237,9 @@ def invert_trigger(encoder_f: nn.Module, images: np.ndarray, normalization, devi
 
 
 def trigger_arrays(inverted: InvertedTrigger) -> dict[str, np.ndarray]:
-    """The project's trigger-file layout (SPEC §2.2) with a fractional mask, so that x·tm + t = (1 − m)·x + m·p:
-    't' = m·p (1, H, W, 3) float64 in 0..255, 'tm' = 1 − m (1, H, W, 3) float64, 'info' strings."""
+    """The project's trigger-file layout (docs/DESIGN.md §2.2) with a fractional mask, so that
+    x·tm + t = (1 − m)·x + m·p: 't' = m·p (1, H, W, 3) float64 in 0..255, 'tm' = 1 − m (1, H, W, 3) float64,
+    'info' strings."""
     mask = inverted.mask[..., None]  # (H, W, 1)
     t = (mask * inverted.pattern)[None].astype(np.float64)
     tm = np.broadcast_to(1 - mask, inverted.pattern.shape)[None].astype(np.float64)

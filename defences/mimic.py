@@ -1,5 +1,5 @@
 """MIMIC (Han et al., "Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders", IEEE TIFS
-2025): the defence's steps, used by `MIMIC.py` (SPEC §6).
+2025): the defence's steps, used by `MIMIC.py` (docs/DESIGN.md §6).
 
 1. Locate benign knowledge: the mutual information between each tapped layer of the teacher and its
    representation, estimated with MINE on the clean subset D (§6.1), turned into attention weights
@@ -36,15 +36,15 @@ from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonf
 
 from .training import train_one_epoch as train_phase_epoch
 
-LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (SPEC §3)
+LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (docs/DESIGN.md §3)
 RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
                  for stage, index in enumerate(TAPPED_LAYERS, start=1)}
 
 
 def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch_size: int,
                  source: str) -> np.ndarray:
-    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed` (SPEC §6); at least
-    one batch of them."""
+    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed`; at least one batch
+    of them (docs/DESIGN.md §6)."""
     count = int(ratio * len(images))
     if count < batch_size:
         raise UsageError(f'--ratio {ratio} gives {count} of the {len(images)} images of {source}, fewer '
@@ -123,7 +123,7 @@ def build_student(teacher: SimCLR, student_path: str, device: torch.device) -> S
 def tapped_representations(model: SimCLR, images: np.ndarray, normalization, batch_size: int,
                            device: torch.device, disable_progress: bool = False,
                            ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One eval-mode pass over the un-augmented images (SPEC §6.1): flattened tapped-layer outputs
+    """One eval-mode pass over the un-augmented images (docs/DESIGN.md §6.1): flattened tapped-layer outputs
     [(N, C_l·H_l·W_l) for each l] and the normalised feature z (N, d), all left on `device`.
 
     The network is frozen and D is not augmented, so these pairs are fixed and computed once.
@@ -145,7 +145,7 @@ def tapped_representations(model: SimCLR, images: np.ndarray, normalization, bat
 def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *, base: list[float],
                             mi_epochs: int, batch_size: int, seed: int, device: torch.device,
                             disable_progress: bool = False) -> dict:
-    """MI between each tapped layer and the representation, and the attention weights (SPEC §6.1-6.2).
+    """MI between each tapped layer and the representation, and the attention weights (docs/DESIGN.md §6.1-6.2).
 
     Returns {'mi': {layer: MI}, 'weights': [w_l], 'opt': [opt_l], 'fell_back': bool, 'history': ...,
     'nonfinite': {layer: batch estimates that were NaN or ±inf, counted as 0}, 'nonfinite_losses': {layer: training
@@ -170,8 +170,8 @@ def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *,
 
 
 def uniform_layer_weights(base: list[float]) -> dict:
-    """The "without MI guidance" ablation: no MI step, w_l = 1/L, opt_l = base_l + 10000/L (SPEC §6.2 with
-    equal MI). The report has the layout of `locate_benign_knowledge`'s, with no MI values."""
+    """The "without MI guidance" ablation: no MI step, w_l = 1/L, opt_l = base_l + 10000/L (docs/DESIGN.md §6.4:
+    §6.2 with equal MI). The report has the layout of `locate_benign_knowledge`'s, with no MI values."""
     opt, weights, _ = layer_weights([1.0] * len(base), base)
     return {'mi': None, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': False,
             'layers': RESNET_STAGES, 'history': None}
@@ -200,7 +200,7 @@ def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: 
                         precision: Callable[[], ContextManager] = contextlib.nullcontext,
                         contrastive_weight: float = 1.0,
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = c·L_con + Σ_l opt_l·AT(S_l(x1), T_l(x1)) + opt5·L_clone on one batch of two views (SPEC §6.3).
+    """L = c·L_con + Σ_l opt_l·AT(S_l(x1), T_l(x1)) + opt5·L_clone on one batch of two views (docs/DESIGN.md §6.3).
 
     One forward of the student per view and one of the teacher (no_grad): the tapped maps come from
     those passes. (The original ran the student a second time on x1 to collect the maps: the same

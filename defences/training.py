@@ -157,7 +157,7 @@ class DefenceRun:
 
 def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,
                      extra: Callable | None = None) -> StepLoss:
-    """SimCLR's step as a phase's step_loss: NT-Xent of the model's projections of the two views (SPEC §4).
+    """SimCLR's step as a phase's step_loss: NT-Xent of the model's projections of the two views (docs/DESIGN.md §4.2).
 
     `extra(x1, x2, taps_1) -> dict of weighted terms` adds defence-specific terms computed from the same first
     forward pass (its tapped maps are returned only when `extra` is given). Under torchrun the model is called

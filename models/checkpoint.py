@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §2.4): safe loading of untrusted files, atomic writing, self-describing contents.
+"""Checkpoints (docs/DESIGN.md §2.4): safe loading of untrusted files, atomic writing, self-describing contents.
 
 A checkpoint is `{'epoch', 'state_dict', 'optimizer', ...}`; ours add the model config
 (`arch`, `width`, `feature_dim`), the run arguments and the RNG states. Loading accepts such a dict or a
@@ -209,7 +209,7 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None) -> tuple[SimC
 
 def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, epoch: int,
                        **extra) -> dict:
-    """The checkpoint dict of SPEC §2.4 for `model`, plus its config and any extra keys."""
+    """The checkpoint dict of docs/DESIGN.md §2.4 for `model`, plus its config and any extra keys."""
     return {'epoch': epoch, 'state_dict': model.state_dict(),
             'optimizer': optimizer.state_dict() if optimizer is not None else {},
             **model.config, **extra}

@@ -1,4 +1,4 @@
-"""kNN monitor (SPEC §4) and the downstream MLP probe (SPEC §7)."""
+"""kNN monitor (docs/DESIGN.md §4.4) and the downstream MLP probe (§7)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Losses of the pipeline as pure functions of tensors (SPEC §4, §5, §6.3).
+"""Losses of the pipeline as pure functions of tensors (docs/DESIGN.md §4.2, §5.1, §6.3).
 
 Every function works on any device and in float32 or float64.
 """
@@ -57,7 +57,7 @@ def attention_map(fm: torch.Tensor, p: float = 2, eps: float = 1e-6) -> torch.Te
 
 
 def attention_transfer(fm_s: torch.Tensor, fm_t: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """Attention-transfer loss AT(s, t) = mean((A(s) − A(t))²) (Zagoruyko & Komodakis; MIMIC §6.3).
+    """Attention-transfer loss AT(s, t) = mean((A(s) − A(t))²) (Zagoruyko & Komodakis; docs/DESIGN.md §6.3).
 
     `fm_s` and `fm_t` are (B, C, H, W) feature maps (channel counts may differ); the teacher side
     is detached, so no gradient ever reaches the teacher.
@@ -68,6 +68,6 @@ def attention_transfer(fm_s: torch.Tensor, fm_t: torch.Tensor, p: float = 2) -> 
 def negative_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """−mean_b cos(a_b, b_b) for (B, D) inputs, which need not be normalised.
 
-    The BadEncoder losses L0, L1, L2 (SPEC §5) and MIMIC's clone loss (SPEC §6.3) are all of this form.
+    The BadEncoder losses L0, L1, L2 (docs/DESIGN.md §5.1) and MIMIC's clone loss (§6.3) are all of this form.
     """
     return -(F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(dim=-1).mean()

@@ -1,4 +1,4 @@
-"""Mutual information between a tapped layer and the representation (MIMIC §6.1, MINE / DV bound).
+"""Mutual information between a tapped layer and the representation (MINE / DV bound; docs/DESIGN.md §6.1).
 
 The measured network is frozen and its input un-augmented, so the pairs (h, z) are fixed: they are
 computed once and the statistics networks train on the cached tensors.
@@ -62,9 +62,9 @@ def dv_estimates(network: StatisticsNetwork, h: torch.Tensor, z: torch.Tensor, b
 
 
 def clipped_mean(values: Sequence[float]) -> float:
-    """Mean of per-batch estimates, a negative or non-finite one counted as 0 (SPEC §6.1).
+    """Mean of per-batch estimates, a negative or non-finite one counted as 0 (docs/DESIGN.md §6.1).
 
-    Not only NaN: a +inf batch would otherwise make MI_l infinite and the weights of §6.2 NaN.
+    Not only NaN: a +inf batch would otherwise make MI_l infinite and the layer weights (docs/DESIGN.md §6.2) NaN.
     """
     return sum(v if math.isfinite(v) and v > 0 else 0.0 for v in values) / len(values)
 
@@ -126,7 +126,7 @@ def estimate_mi(h: torch.Tensor, z: torch.Tensor, *, epochs: int, batch_size: in
 
     Adam (lr 1e-3, weight decay 1e-5), `epochs` passes over the data in order, in batches of
     `batch_size`; after each epoch the bound is estimated over the data (see `evaluate_mi`).
-    Returns (MI, per-epoch estimates), MI being the mean of the last 10 estimates (SPEC §6.1).
+    Returns (MI, per-epoch estimates), MI being the mean of the last 10 estimates (docs/DESIGN.md §6.1).
     `nonfinite`, when given, is filled in with the non-finite batch estimates and training losses of
     every epoch (see `NonFiniteCounts`); the estimate is the same with or without it.
     """
@@ -159,7 +159,7 @@ def estimate_mi(h: torch.Tensor, z: torch.Tensor, *, epochs: int, batch_size: in
 
 def layer_weights(mi_values: Sequence[float], base: Sequence[float],
                   scale: float = MI_WEIGHT_SCALE) -> tuple[list[float], list[float], bool]:
-    """Attention-loss weights from per-layer MI (SPEC §6.2): w_l = MI_l / Σ MI, opt_l = base_l + scale·w_l.
+    """Attention-loss weights from per-layer MI (docs/DESIGN.md §6.2): w_l = MI_l / Σ MI, opt_l = base_l + scale·w_l.
 
     Returns (opt, w, fell_back). When every MI is 0 the original divides 0 by 0 and trains on NaN;
     here w falls back to uniform (1/L) and `fell_back` is True so the caller can warn.

@@ -1,4 +1,4 @@
-"""The SimCLR encoder of the BadEncoder/MIMIC papers (SPEC §3).
+"""The SimCLR encoder of the BadEncoder/MIMIC papers (docs/DESIGN.md §3).
 
 `SimCLR.f.f` is an `nn.Sequential` of torchvision's ResNet children with a CIFAR-style stem
 (3x3 conv, stride 1, no max-pool) and no `fc`, so that the state_dict keys are exactly those of the

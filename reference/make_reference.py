@@ -1,4 +1,4 @@
-"""Cut a reference file (SPEC §2.3) from a prepared dataset: images of the attacker's target class.
+"""Cut a reference file (docs/DESIGN.md §2.3) from a prepared dataset: images of the attacker's target class.
 
     python reference/make_reference.py --dataset gtsrb --class_id 12 --first 1 --out reference/cifar10/priority.npz
     python reference/make_reference.py --dataset stl10 --split test --class_id 9 --indices 0,4,7 \\

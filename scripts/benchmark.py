@@ -81,7 +81,7 @@ CIFAR10_TRAIN, CIFAR10_TEST = get_info('cifar10').splits['train'], get_info('cif
 GTSRB = get_info('gtsrb')
 GTSRB_PRIORITY = 12  # the paper's target label ("Priority road")
 PAPER = {'batch_size': 256, 'badencoder_batch_size': 256, 'mimic_batch_size': 128, 'clean_images': 2000,
-         'stage0_epochs': 1000, 'stage1_epochs': 200, 'stage2_epochs': 1000}  # SPEC §4-6; 2000 = ratio 0.04
+         'stage0_epochs': 1000, 'stage1_epochs': 200, 'stage2_epochs': 1000}  # docs/DESIGN.md §4-6; 2000 = ratio 0.04
 # The counts a run measures unless given: the full run, and --quick, which fits in 2 minutes on 2 CPU cores
 # (fewer steps at smaller batches, a few MI and probe epochs extrapolated, a tenth of the kNN queries).
 FULL = {'threads': 0, 'steps': 10, 'knn_queries': CIFAR10_TEST,

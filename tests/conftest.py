@@ -20,9 +20,9 @@ torch.set_num_threads(1)  # the CI machine has 2 cores, shared with DataLoader w
 
 
 def requires_compat(*parts: str):
-    """Skip (cleanly) when ../shared/compat, the paper's own files, is absent."""
+    """Skip (cleanly) when COMPAT, a copy of the paper's own files kept outside the repository, is absent."""
     path = COMPAT.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f'{path} not present (../shared is optional)')
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (the paper's files are optional)")
 
 
 def _cpu_has_fused_adam() -> bool:

@@ -21,7 +21,7 @@ from models import MLPProbe
 from training_downstream_classifier import predict, train_one_epoch
 
 CLASSES, PER_CLASS, DIM, NOISE = 10, 1280, 32, 0.8
-EPOCHS, LR, BATCH = 10, 1e-4, 64  # the probe's learning rate and batch size (SPEC §7)
+EPOCHS, LR, BATCH = 10, 1e-4, 64  # the probe's learning rate and batch size (docs/DESIGN.md §7)
 
 
 def encoder_like_features(per_class: int, seed: int, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -108,7 +108,7 @@ def test_code_executing_suffix_encoder_is_refused(tmp_path, data_root, trigger_f
 
 @pytest.fixture(scope='module')
 def bad_files(tmp_path_factory, data_root):
-    """Malformed inputs of SPEC §11, each in its own data root or file."""
+    """Malformed inputs of docs/DESIGN.md §11, each in its own data root or file."""
     root = tmp_path_factory.mktemp('bad')
     with np.load(data_root / 'synthetic_shapes' / 'train.npz') as d:
         x, y = d['x'], d['y']

@@ -1,4 +1,5 @@
-"""Write a trigger file (SPEC §2.2): a pasted patch (the paper's), a blended pattern, or CTRL's frequency trigger.
+"""Write a trigger file (docs/DESIGN.md §2.2): a pasted patch (the paper's), a blended pattern, or CTRL's
+frequency trigger (§12.1).
 
     python trigger/make_trigger.py --out trigger/trigger_pt_white_21_10_ap_replace.npz   # the paper's
     python trigger/make_trigger.py --row 0 --col 0 --size 4 --colour 255,0,0 --out trigger/red_0_4.npz
