@@ -68,8 +68,9 @@ from tqdm import tqdm
 
 from attacks import drupe
 from common import distributed
-from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args,
-                        progress_disabled, require_positive, run_main, seed_everything, shared_parser)
+from common.cli import (StageParser, UsageError, check_finite, data_dir_for, print_args, progress_disabled,
+                        require_positive, run_main, seed_everything, shared_parser)
+from common.device import autocast
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.features import encode_images, knn_accuracies
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,

@@ -43,8 +43,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
+from common.cli import (StageParser, UsageError, check_finite, data_dir_for, print_args, progress_disabled,
                         require_positive, run_main, seed_everything, shared_parser)
+from common.device import autocast
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import (StageParser, UsageError, autocast, check_finite, data_dir_for, print_args, progress_disabled,
-                        require_positive, resolve_device, run_main, seed_everything, shared_parser)
+from common.cli import (StageParser, UsageError, check_finite, data_dir_for, print_args, progress_disabled,
+                        require_positive, run_main, seed_everything, shared_parser)
+from common.device import autocast, resolve_device
 from common.features import encode_images
 from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, resume_state, restore_optimizer,
                          rng_state, write_json)

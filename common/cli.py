@@ -6,7 +6,6 @@ they never print a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -18,19 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from datasets import DataError
-from models import CheckpointError
-
-
-class UsageError(ValueError):
-    """A flag value that cannot work (ratio outside (0, 1], epochs < 1, ...)."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops with the last checkpoint intact."""
-
-
-EXPECTED_ERRORS = (DataError, CheckpointError, UsageError)
+from . import distributed
+from .errors import EXPECTED_ERRORS, NonFiniteLossError, UsageError
 
 
 class StageParser(argparse.ArgumentParser):
@@ -77,30 +65,6 @@ def data_dir_for(args: argparse.Namespace, name: str, primary: bool = True) -> P
     if primary and getattr(args, 'data_dir', ''):
         return Path(args.data_dir)
     return Path(getattr(args, 'data_root', 'data') or 'data') / name
-
-
-def resolve_device(device: str, gpu: str = '0') -> torch.device:
-    """The one device decision: 'auto' -> cuda:<gpu> when CUDA is present, else cpu."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu':
-        return torch.device('cpu')
-    if device == 'cuda':
-        device = f"cuda:{str(gpu).split(',')[0] or '0'}"
-    if not device.startswith('cuda:') or not device[5:].isdigit():
-        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got '{device}'")
-    if not torch.cuda.is_available():
-        raise UsageError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
-    if int(device[5:]) >= torch.cuda.device_count():
-        raise UsageError(f'--device {device}: only {torch.cuda.device_count()} CUDA device(s) present')
-    return torch.device(device)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA when enabled; a no-op context on the CPU."""
-    if enabled and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -153,7 +117,6 @@ def run_main(main: Callable[[], None]) -> None:
     because another process stopped, from each process it hit, with its rank), exit status 1 for the latter,
     and torchrun's failure summary gets the error with its traceback.
     """
-    from . import distributed
     distributed.quiet_unless_main()
     try:
         main()
@@ -181,7 +144,6 @@ def leave_failed(error: Exception) -> None:
     Ctrl-C to its processes one after the other, so such a failure may be the first sign of an interrupt that is
     about to arrive: it is waited for, briefly, and then reported as the interrupt it is.
     """
-    from . import distributed
     collateral = distributed.collective_failed(error)
     if collateral:
         try:
@@ -218,5 +180,4 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 def progress_disabled(args: argparse.Namespace) -> bool:
     """--no_progress, TQDM_DISABLE=1, or a process of a torchrun job other than rank 0."""
-    from .distributed import launched_rank
-    return bool(getattr(args, 'no_progress', False)) or os.environ.get('TQDM_DISABLE') == '1' or launched_rank() != 0
+    return bool(getattr(args, 'no_progress', False)) or os.environ.get('TQDM_DISABLE') == '1' or distributed.launched_rank() != 0

@@ -40,6 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from models.losses import nt_xent as nt_xent_one_process
 from models.losses import nt_xent_anchors
 
+from .device import resolve_device
+from .errors import UsageError
+
 DEFAULT_TIMEOUT_S = 1800.0
 INTERRUPT_GRACE_S = 1.0  # how long a process whose collective failed waits for a Ctrl-C torchrun may be forwarding
 T = TypeVar('T')
@@ -100,7 +103,6 @@ def quiet_unless_main() -> None:
 
 def rank_device(device: str) -> torch.device:
     """Under torchrun: cuda:<LOCAL_RANK> for --device auto (with CUDA) or cuda, the CPU for cpu (or auto without)."""
-    from .cli import UsageError
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -118,13 +120,12 @@ def rank_device(device: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """The run's device. Without torchrun: `common.cli.resolve_device(--device, --gpu)`, nothing else.
+    """The run's device. Without torchrun: `common.device.resolve_device(--device, --gpu)`, nothing else.
 
     Under torchrun: this process's device (`rank_device`), and it joins the process group (env://, NCCL on CUDA,
     gloo on the CPU) with --dist_timeout on its collectives; a --batch_size the processes cannot share evenly
     is refused first.
     """
-    from .cli import UsageError, resolve_device
     world = launched_world_size()
     if world == 1:
         return resolve_device(args.device, args.gpu)

@@ -18,20 +18,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models import CheckpointError, load_checkpoint, save_atomic
-from models.checkpoint import encoder_checkpoint, write_atomic
+from models.checkpoint import encoder_checkpoint
 
 from . import distributed
-from .cli import UsageError
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small UTF-8 text file atomically (`models.checkpoint.write_atomic`; rank 0 only under torchrun)."""
-    if distributed.is_main():
-        write_atomic(path, lambda handle: handle.write(text.encode('utf-8')))
+from .errors import UsageError
+from .files import write_text_atomic
 
 
 def write_json(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
+    """`obj` as indented JSON, written atomically (`common.files`; rank 0 only under torchrun)."""
+    if distributed.is_main():
+        write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
@@ -41,7 +38,8 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator='\n')
         writer.writeheader()
         writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    if distributed.is_main():
+        write_text_atomic(path, buffer.getvalue())
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -24,17 +24,14 @@ import argparse
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import StageParser, UsageError, run_main
-from common.runs import write_text_atomic
-from models.checkpoint import write_atomic
+from common.files import copy_atomic, save_npz_atomic, write_text_atomic
 
 from .npz import check_images, check_labels, load_split, read_npz
-from .prepare import save_npz_atomic
 from .registry import UNLABELED_SPLITS, DataError, DatasetInfo, get_info, split_path
 from .triggers import Trigger, apply_trigger, load_trigger
 
@@ -69,12 +66,6 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def copy_atomic(source: Path, destination: Path) -> None:
-    """Copy a file byte for byte through `models.checkpoint.write_atomic`."""
-    with open(source, 'rb') as original:
-        write_atomic(destination, lambda handle: shutil.copyfileobj(original, handle))
 
 
 def split_checker(info: DatasetInfo):

@@ -60,8 +60,6 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, GTSRB, STL10, SVHN
 from tqdm import tqdm
 
-from models.checkpoint import write_atomic
-
 from .npz import load_split
 from .registry import DATASETS, UNLABELED_SPLITS, DataError, get_info
 from .synthetic import synthetic_splits
@@ -104,13 +102,6 @@ TORCHVISION_READERS: dict[str, dict[str, Callable]] = {
 # ---------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------
-
-def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray],
-                    check: Callable[[Path], object] | None = None) -> None:
-    """np.savez through `models.checkpoint.write_atomic`, `check(temporary path)` before the rename: a reader
-    sees the old file or the complete, checked new one, never a partial one."""
-    write_atomic(path, lambda handle: np.savez(handle, **arrays), check)
-
 
 def write_dataset(name: str, out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
                   extra: dict[str, dict[str, np.ndarray]] | None = None) -> None:

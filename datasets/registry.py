@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import DataError
+
 DATA_ROOT = Path('data')
 
 GTSRB_CLASSES = (
@@ -66,10 +68,6 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
 ]}
 
 UNLABELED_SPLITS = ('train_unlabeled',)
-
-
-class DataError(ValueError):
-    """A dataset, trigger or reference file that is missing or malformed."""
 
 
 def get_info(name: str) -> DatasetInfo:

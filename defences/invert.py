@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import normalize_batch
-from datasets.prepare import save_npz_atomic
+from common.files import save_npz_atomic
 from models import SimCLR
 
 from .ft import finetune_phase, trainable_copy

@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import UsageError, autocast, data_dir_for
+from common.cli import UsageError, data_dir_for
+from common.device import autocast
 from common.fastpath import to_channels_last
 from datasets import get_info, load_split, normalize_batch
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import autocast, check_finite, progress_disabled
+from common.cli import check_finite, progress_disabled
+from common.device import autocast
 from common.fastpath import device_copy, pair_batches
 from common.runs import (check_resumable, checkpoint_epochs, is_save_epoch, restore_optimizer, resume_state,
                          save_run_checkpoint, write_csv)

@@ -11,30 +11,16 @@ import contextlib
 import os
 import pickle
 import signal
-import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 import torch.nn as nn
 
+from common.errors import CheckpointError
+from common.files import write_atomic
+
 from .simclr import ARCHITECTURES, PAPER_WIDTH, SimCLR
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, unsafe or of another architecture."""
-
-
-def default_file_mode() -> int:
-    """The permissions `open(path, 'w')` would give a new file (0o666 less the umask).
-
-    `tempfile.mkstemp` creates files readable by their owner only; files renamed into place get these
-    permissions instead, so that an atomic write leaves the same file as a plain one.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -63,31 +49,6 @@ def interrupts_deferred():
     if received:
         raise KeyboardInterrupt
 
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
-                 check: Callable[[Path], object] | None = None) -> None:
-    """The project's one atomic file writer: `write(handle)` into a temporary file beside `path` (binary),
-    flush, fsync, give it a plain file's mode, run `check(temporary path)` when given, then rename it over `path`.
-
-    A reader (or a run killed mid-write) sees either the old file or the complete, checked new one; a failure
-    leaves no temporary file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -215,6 +176,6 @@ def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, e
             **model.config, **extra}
 
 
-__all__ = ['CheckpointError', 'save_atomic', 'write_atomic', 'default_file_mode', 'load_checkpoint', 'load_encoder',
+__all__ = ['CheckpointError', 'save_atomic', 'load_checkpoint', 'load_encoder',
            'load_state_into', 'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch',
            'PAPER_WIDTH']

@@ -21,7 +21,7 @@ if __package__ in (None, ''):  # run as `python reference/make_reference.py`: ma
 
 from common.cli import UsageError, run_main  # noqa: E402
 from datasets import DATASETS, DataError, get_info, load_reference, load_split  # noqa: E402
-from datasets.prepare import save_npz_atomic  # noqa: E402
+from common.files import save_npz_atomic  # noqa: E402
 
 
 def parse_indices(text: str) -> list[int]:

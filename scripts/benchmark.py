@@ -55,8 +55,8 @@ import baseline_defence  # noqa: E402
 import train_badencoder  # noqa: E402
 import train_clean_encoder  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
-from common.cli import (StageParser, UsageError, require_positive, resolve_device, run_main,  # noqa: E402
-                        seed_everything)
+from common.cli import StageParser, UsageError, require_positive, run_main, seed_everything  # noqa: E402
+from common.device import resolve_device  # noqa: E402
 from common.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
                              to_channels_last, use_tensor_augment)
 from common.features import knn_classify  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from models import CheckpointError, SimCLR, load_checkpoint, load_encoder, save_atomic
-from models.checkpoint import (default_file_mode, describe_mismatch, encoder_checkpoint, encoder_config,
-                               infer_config, load_state_into, write_atomic)
+from common.files import default_file_mode, write_atomic
+from models.checkpoint import describe_mismatch, encoder_checkpoint, encoder_config, infer_config, load_state_into
 
 
 class RunsCode:

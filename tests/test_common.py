@@ -13,16 +13,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.cli import (NonFiniteLossError, UsageError, autocast, caused_by_interrupt, check_finite, data_dir_for,
-                        one_line, progress_disabled, require_positive, resolve_device, run_main, seed_everything,
-                        shared_parser)
+from common.cli import (NonFiniteLossError, UsageError, caused_by_interrupt, check_finite, data_dir_for, one_line,
+                        progress_disabled, require_positive, run_main, seed_everything, shared_parser)
+from common.device import autocast, resolve_device
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, restore_optimizer,
                          resume_state, rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, requires_cpu_fused_adam, run_script
 from datasets import DataError
 from models import CheckpointError, load_checkpoint, save_atomic
-from models.checkpoint import default_file_mode
+from common.files import default_file_mode
 
 sys.path.insert(0, str(REPO / 'scripts'))
 from bench_tools import counting_forwards  # noqa: E402

@@ -59,7 +59,7 @@ if __package__ in (None, ''):  # run as `python trigger/make_trigger.py`: make t
 
 from common.cli import UsageError, run_main  # noqa: E402
 from datasets import DataError, load_trigger, read_npz  # noqa: E402
-from datasets.prepare import save_npz_atomic  # noqa: E402
+from common.files import save_npz_atomic  # noqa: E402
 from datasets.triggers import MAX_ADDITIVE  # noqa: E402
 
 KINDS = ('patch', 'blend', 'ctrl')
