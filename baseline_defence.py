@@ -43,9 +43,7 @@ from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
 from datasets import get_info, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
-from defences.anp import ANP_SETTINGS
 from defences.mimic import load_clean_subset, load_teacher
-from defences.nad import NAD_BETAS
 from defences.training import DefenceRun
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
@@ -54,13 +52,6 @@ DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine
 RESUME_MUST_MATCH = ('defence', 'teacher', 'pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size',
                      'knn_t', 'num_workers', 'augment', 'prune_ratio', 'nad_betas', 'nad_teacher_epochs',
                      'invert_steps', 'invert_lr', 'invert_lambda')
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,41 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='temperature of the NT-Xent loss, as MIMIC.py (default: 0.5)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
-    fp = parser.add_argument_group('fp (Fine-Pruning)', f"reads {get_defence('fp').READS}")
-    fp.add_argument('--prune_ratio', default=0.2, type=float,
-                    help='fraction of the last stage\'s channels pruned, least active on D first, in [0, 1) '
-                         '(default: 0.2; the paper prunes until the accuracy drops, which needs labels)')
-    nad = parser.add_argument_group('nad (Neural Attention Distillation)', f"reads {get_defence('nad').READS}")
-    nad.add_argument('--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
-                     help='attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD\'s CIFAR '
-                          'β on the last three stages)')
-    nad.add_argument('--nad_teacher_epochs', default=0, type=int,
-                     help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
-    clp = parser.add_argument_group('clp (Channel Lipschitzness-based Pruning, data-free)', f"reads {get_defence('clp').READS}")
-    clp.add_argument('--clp_u', default=3.0, type=float,
-                     help='prune the channels whose Lipschitz upper bound exceeds mean + u·std of their layer '
-                          '(default: 3, CLP\'s)')
-    anp = parser.add_argument_group('anp (Adversarial Neuron Pruning; batch: --batch_size)', f"reads {get_defence('anp').READS}")
-    anp.add_argument('--anp_eps', default=ANP_SETTINGS['eps'], type=float,
-                     help=f"bound of the adversarial BN perturbations (default: {ANP_SETTINGS['eps']}, ANP's)")
-    anp.add_argument('--anp_steps', default=ANP_SETTINGS['steps'], type=int,
-                     help=f"sign-gradient steps of the perturbation (default: {ANP_SETTINGS['steps']})")
-    anp.add_argument('--anp_alpha', default=ANP_SETTINGS['alpha'], type=float,
-                     help=f"weight of the unperturbed loss, α·L(m) + (1−α)·L(m, δ, ξ) (default: {ANP_SETTINGS['alpha']})")
-    anp.add_argument('--anp_lr', default=ANP_SETTINGS['lr'], type=float,
-                     help=f"SGD learning rate of the masks (default: {ANP_SETTINGS['lr']})")
-    anp.add_argument('--anp_iterations', default=ANP_SETTINGS['iterations'], type=int,
-                     help=f"mask optimisation steps (default: {ANP_SETTINGS['iterations']})")
-    anp.add_argument('--anp_threshold', default=ANP_SETTINGS['threshold'], type=float,
-                     help=f"prune the BN neurons whose mask is at most this (default: {ANP_SETTINGS['threshold']})")
-    invert = parser.add_argument_group('invert (DECREE trigger inversion, then unlearning; batch: --batch_size)', f"reads {get_defence('invert').READS}")
-    invert.add_argument('--invert_steps', default=2000, type=int,
-                        help='at most this many inversion steps; DECREE stops earlier once the trigger no longer '
-                             'shrinks (default: 2000)')
-    invert.add_argument('--invert_lr', default=0.5, type=float, help="Adam learning rate of the inversion (default: 0.5, DECREE's)")
-    invert.add_argument('--invert_lambda', default=None, type=float,
-                        help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
-                             "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)")
+    for name in BASELINES:  # each defence's own flags, defined and checked in its module
+        module = get_defence(name)
+        if hasattr(module, 'add_arguments'):
+            module.add_arguments(parser.add_argument_group(module.TITLE, f'reads {module.READS}'))
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
@@ -147,18 +107,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--lr must be positive, got {args.lr}')
     if args.save_freq < 0:
         raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
-    if not 0 <= args.prune_ratio < 1:
-        raise UsageError(f'--prune_ratio must lie in [0, 1), got {args.prune_ratio}')
-    if len(args.nad_betas) != 4 or any(beta < 0 for beta in args.nad_betas):
-        raise UsageError(f'--nad_betas: expected 4 non-negative weights (layer1..layer4), got {args.nad_betas}')
-    for flag in ('anp_iterations', 'anp_steps', 'invert_steps'):
-        require_positive(f'--{flag}', getattr(args, flag))
-    if not 0 <= args.anp_threshold <= 1 or not args.anp_eps >= 0:
-        raise UsageError(f'--anp_threshold must lie in [0, 1] and --anp_eps be non-negative, got '
-                         f'{args.anp_threshold} and {args.anp_eps}')
-    if args.nad_teacher_epochs < 0:
-        raise UsageError(f'--nad_teacher_epochs must be 0 (half of --epochs) or positive, got {args.nad_teacher_epochs}')
-
+    for name in BASELINES:
+        module = get_defence(name)
+        if hasattr(module, 'check'):
+            module.check(args)
 
 def prepare_results_dir(args: argparse.Namespace) -> None:
     """Create --results_dir; refuse to clobber an earlier run's files; --resume needs a checkpoint to continue."""

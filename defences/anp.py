@@ -34,6 +34,7 @@ weights, so the purified encoder stays a plain SimCLR state_dict.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 from typing import Callable
 
@@ -43,6 +44,8 @@ import torch.nn as nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from common.cli import require_positive
+from common.errors import UsageError
 from common.features import encode_images
 from datasets import normalize_batch
 from models import SimCLR
@@ -196,6 +199,7 @@ def anp(model: SimCLR, images: np.ndarray, normalization, device: torch.device, 
 PAPER = 'Wu & Wang, Adversarial Neuron Pruning, NeurIPS 2021 (label-free objective)'
 READS = 'the suspect and D: its features of D, unaugmented'
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+TITLE = 'anp (Adversarial Neuron Pruning; batch: --batch_size)'  # of its argument group in baseline_defence.py's help
 
 
 def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
@@ -213,3 +217,27 @@ def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     print(f"anp: pruned {report['neurons_pruned']} of {report['neurons_total']} BN neurons "
           f'(mask <= {args.anp_threshold})')
     return model, report
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--anp_eps', default=ANP_SETTINGS['eps'], type=float,
+                       help=f"bound of the adversarial BN perturbations (default: {ANP_SETTINGS['eps']}, ANP's)")
+    group.add_argument('--anp_steps', default=ANP_SETTINGS['steps'], type=int,
+                       help=f"sign-gradient steps of the perturbation (default: {ANP_SETTINGS['steps']})")
+    group.add_argument('--anp_alpha', default=ANP_SETTINGS['alpha'], type=float,
+                       help='weight of the unperturbed loss, α·L(m) + (1−α)·L(m, δ, ξ) '
+                            f"(default: {ANP_SETTINGS['alpha']})")
+    group.add_argument('--anp_lr', default=ANP_SETTINGS['lr'], type=float,
+                       help=f"SGD learning rate of the masks (default: {ANP_SETTINGS['lr']})")
+    group.add_argument('--anp_iterations', default=ANP_SETTINGS['iterations'], type=int,
+                       help=f"mask optimisation steps (default: {ANP_SETTINGS['iterations']})")
+    group.add_argument('--anp_threshold', default=ANP_SETTINGS['threshold'], type=float,
+                       help=f"prune the BN neurons whose mask is at most this (default: {ANP_SETTINGS['threshold']})")
+
+
+def check(args: argparse.Namespace) -> None:
+    for flag in ('anp_iterations', 'anp_steps'):
+        require_positive(f'--{flag}', getattr(args, flag))
+    if not 0 <= args.anp_threshold <= 1 or not args.anp_eps >= 0:
+        raise UsageError(f'--anp_threshold must lie in [0, 1] and --anp_eps be non-negative, got '
+                         f'{args.anp_threshold} and {args.anp_eps}')

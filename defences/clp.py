@@ -24,6 +24,7 @@ before any of its channels can be pruned.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -85,6 +86,7 @@ def clp(model: SimCLR, u: float = 3.0) -> dict:
 PAPER = 'Zheng et al., Channel Lipschitzness-based Pruning, ECCV 2022'
 READS = "the suspect's weights alone (data-free: no image is read, --ratio and --batch_size are unused)"
 READS_IMAGES = False  # whether baseline_defence.py loads D for it
+TITLE = 'clp (Channel Lipschitzness-based Pruning, data-free)'  # of its argument group in baseline_defence.py's help
 
 
 def purify(suspect: SimCLR, clean, run) -> tuple[SimCLR, dict]:
@@ -93,3 +95,9 @@ def purify(suspect: SimCLR, clean, run) -> tuple[SimCLR, dict]:
     report = clp(model, run.args.clp_u)
     print(f"clp: pruned {report['channels_pruned']} of {report['channels_total']} channels (u = {run.args.clp_u})")
     return model, report
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--clp_u', default=3.0, type=float,
+                       help="prune the channels whose Lipschitz upper bound exceeds mean + u·std of their layer "
+                            "(default: 3, CLP's)")

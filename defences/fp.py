@@ -16,10 +16,13 @@ channels stay pruned while the rest is fine-tuned.
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
 import torch.nn as nn
 
+from common.errors import UsageError
 from datasets import normalize_batch
 from models import SimCLR
 
@@ -29,6 +32,7 @@ from .training import DefenceRun
 PAPER = 'Liu et al., Fine-Pruning, RAID 2018'
 READS = "the suspect and D: its last stage's activations on D, then SimCLR views of D"
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+TITLE = 'fp (Fine-Pruning)'  # of its argument group in baseline_defence.py's help
 LAST_STAGE = 6  # index of ResNet layer4 in f.f (docs/DESIGN.md §3)
 
 
@@ -100,3 +104,14 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     return model, {'epochs': args.epochs, 'prune_ratio': args.prune_ratio,
                    'pruned': {f'f.f.{LAST_STAGE}': pruned}, 'channels_pruned': len(pruned),
                    'channels_total': mask.numel()}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--prune_ratio', default=0.2, type=float,
+                       help="fraction of the last stage's channels pruned, least active on D first, in [0, 1) "
+                            '(default: 0.2; the paper prunes until the accuracy drops, which needs labels)')
+
+
+def check(args: argparse.Namespace) -> None:
+    if not 0 <= args.prune_ratio < 1:
+        raise UsageError(f'--prune_ratio must lie in [0, 1), got {args.prune_ratio}')

@@ -49,6 +49,7 @@ no gradient (`torch.autograd.grad` asks for the trigger's parameters alone).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,8 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import normalize_batch
+from common.cli import require_positive
 from common.files import save_npz_atomic
+from datasets import normalize_batch
 from models import SimCLR
 
 from .ft import finetune_phase, trainable_copy
@@ -251,6 +253,7 @@ def trigger_arrays(inverted: InvertedTrigger) -> dict[str, np.ndarray]:
 PAPER = 'DECREE (Feng et al., CVPR 2023) inversion, SSL-Cleanse (Zheng et al., ECCV 2024)-style unlearning'
 READS = 'the suspect and D: D for the inversion, then SimCLR views of D for the unlearning'
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+TITLE = 'invert (DECREE trigger inversion, then unlearning; batch: --batch_size)'  # of its argument group in baseline_defence.py's help
 TRIGGER_FILE = 'inverted_trigger.npz'
 
 
@@ -293,3 +296,18 @@ def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     phase.step_loss = lambda x1, x2: simclr_step(x1, stamp(x2, mask, pattern_normalised))  # triggered 2nd views
     run.train(phase, clean, args.epochs)
     return model, {'epochs': args.epochs, 'trigger_file': TRIGGER_FILE, **saved['summary']}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--invert_steps', default=2000, type=int,
+                       help='at most this many inversion steps; DECREE stops earlier once the trigger no longer '
+                            'shrinks (default: 2000)')
+    group.add_argument('--invert_lr', default=0.5, type=float,
+                       help="Adam learning rate of the inversion (default: 0.5, DECREE's)")
+    group.add_argument('--invert_lambda', default=None, type=float,
+                       help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
+                            "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)")
+
+
+def check(args: argparse.Namespace) -> None:
+    require_positive('--invert_steps', args.invert_steps)

@@ -16,9 +16,12 @@ normalise(mean_c F_c^2) up to its 1e-6 guard, since the constant 1/C cancels in 
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
 
+from common.errors import UsageError
 from models import SimCLR
 from models.losses import attention_transfer
 
@@ -28,6 +31,7 @@ from .training import DefenceRun
 PAPER = 'Li et al., Neural Attention Distillation, ICLR 2021'
 READS = "the suspect and D: SimCLR views of D for the teacher's fine-tuning and the distillation"
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+TITLE = 'nad (Neural Attention Distillation)'  # of its argument group in baseline_defence.py's help
 NAD_BETAS = (0.0, 500.0, 1000.0, 1000.0)  # layer1..layer4; the released code's CIFAR β on the last three
 
 
@@ -60,3 +64,25 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     phase = finetune_phase(student, run, name='NAD student', extra=attention_terms(teacher, args.nad_betas))
     run.train(phase, clean, args.epochs)
     return student, {'epochs': args.epochs, 'teacher_epochs': teacher_epochs(args), 'betas': list(args.nad_betas)}
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
+                       help="attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD's CIFAR "
+                            'β on the last three stages)')
+    group.add_argument('--nad_teacher_epochs', default=0, type=int,
+                       help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
+
+
+def check(args: argparse.Namespace) -> None:
+    if len(args.nad_betas) != 4 or any(beta < 0 for beta in args.nad_betas):
+        raise UsageError(f'--nad_betas: expected 4 non-negative weights (layer1..layer4), got {args.nad_betas}')
+    if args.nad_teacher_epochs < 0:
+        raise UsageError(f'--nad_teacher_epochs must be 0 (half of --epochs) or positive, got {args.nad_teacher_epochs}')
