@@ -3,6 +3,7 @@
     python scripts/sweep_shapes.py                                   # the whole grid, a table on stdout
     python scripts/sweep_shapes.py --out docs/SWEEP_SHAPES.md --json runs/sweep.json
     python scripts/sweep_shapes.py --stages badencoder mimic --widths 4 8 --threads 2 --isa default
+    python scripts/sweep_shapes.py --log runs/sweep.jsonl     # continue it after an interruption
 
 Stages: 0 (clean), 1 (badencoder, drupe), 2 (mimic and each baseline defence, `defence:<name>`), 3 (probe).
 Axes of the grid, each run a fresh process (`python <script> ...`, as a user runs it):
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -179,24 +181,47 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
     return {**run.__dict__, 'outcome': result, 'detail': detail, 'seconds': round(time.perf_counter() - start, 1)}
 
 
-def run_all(runs: list[Run], work: Path, timeout: float, jobs: int) -> list[dict]:
+def read_log(path: Path | None) -> dict[str, dict]:
+    """The results a `--log` file already holds, by run name (a line cut short by a kill is skipped)."""
+    done = {}
+    if path is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[Run(*(result[key] for key in Run.__dataclass_fields__)).name] = result
+    return done
+
+
+def run_all(runs: list[Run], work: Path, timeout: float, jobs: int, log: Path | None = None) -> list[dict]:
     """Every run, its progress printed as it ends; the one-thread runs `jobs` at a time, the others one by one
-    (a run of N threads alone on N cores). Results in the order of `runs`."""
-    results: dict[int, dict] = {}
+    (a run of N threads alone on N cores). With `log`, each result is appended to it as one JSON line, and the
+    runs it already holds are taken from it instead of run again. Results in the order of `runs`."""
+    previous = read_log(log)
+    results: dict[int, dict] = {index: previous[run.name] for index, run in enumerate(runs) if run.name in previous}
+    if results:
+        print(f'{len(results)} runs taken from {log}', flush=True)
+    lock = threading.Lock()
 
     def report(index: int, result: dict) -> None:
-        results[index] = result
-        print(f"[{len(results)}/{len(runs)}] {runs[index].name}: {result['outcome']} ({result['seconds']} s)"
-              + (f" {result['detail']}" if result['detail'] else ''), flush=True)
+        with lock:
+            results[index] = result
+            if log is not None:
+                with open(log, 'a') as handle:
+                    handle.write(json.dumps(result) + '\n')
+            print(f"[{len(results)}/{len(runs)}] {runs[index].name}: {result['outcome']} ({result['seconds']} s)"
+                  + (f" {result['detail']}" if result['detail'] else ''), flush=True)
 
-    single = [index for index, run in enumerate(runs) if run.threads == 1]
+    todo = [index for index in range(len(runs)) if index not in results]
+    single = [index for index in todo if runs[index].threads == 1]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(execute, runs[index], work, timeout): index for index in single}
         for future in as_completed(futures):
             report(futures[future], future.result())
-    for index, run in enumerate(runs):
-        if run.threads != 1:
-            report(index, execute(run, work, timeout))
+    for index in todo:
+        if runs[index].threads != 1:
+            report(index, execute(runs[index], work, timeout))
     return [results[index] for index in range(len(runs))]
 
 
@@ -252,6 +277,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--work', default='', help='folder for the inputs and runs (default: a temporary one, removed)')
     parser.add_argument('--out', default='', help='also write the table (markdown) to this file')
     parser.add_argument('--json', default='', help='also write the results as JSON to this file')
+    parser.add_argument('--log', default='', metavar='FILE.jsonl',
+                        help='append each result to this file as it ends; runs it already holds are not run again '
+                             '(continue an interrupted sweep)')
     return parser
 
 
@@ -267,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or temporary)
         work.mkdir(parents=True, exist_ok=True)
         prepare_inputs(work, args.cases, args.widths)
-        results = run_all(runs, work, args.timeout, args.jobs)
+        results = run_all(runs, work, args.timeout, args.jobs, Path(args.log) if args.log else None)
     table = markdown(results)
     print(table)
     print(summary(results))

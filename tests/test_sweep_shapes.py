@@ -49,3 +49,17 @@ def test_a_bounded_sweep_ends_no_run_by_a_signal(tmp_path):
     status, results = sweep(tmp_path, 'refused', '--stages', 'mimic', '--cases', 'batch_gt_set', '--threads', '1')
     assert status == 0 and [r['outcome'] for r in results] == ['error'], results
     assert 'fewer than one batch' in results[0]['detail']
+
+
+def test_a_logged_sweep_continues_without_running_what_it_holds(tmp_path, monkeypatch):
+    done = Run('probe', 'uneven', 4, 1, 'default', '-')
+    log = tmp_path / 'sweep.jsonl'
+    log.write_text(json.dumps({**done.__dict__, 'outcome': 'finished', 'detail': '', 'seconds': 1.0}) + '\n'
+                   + '{"stage": "cut sho\n')  # a line cut short by a kill
+    ran = []
+    monkeypatch.setattr(sweep_shapes, 'execute', lambda run, work, timeout: ran.append(run) or
+                        {**run.__dict__, 'outcome': 'finished', 'detail': '', 'seconds': 2.0})
+    todo = Run('probe', 'uneven', 4, 2, 'default', '-')
+    results = sweep_shapes.run_all([done, todo], tmp_path, 10, 1, log)
+    assert ran == [todo] and [r['seconds'] for r in results] == [1.0, 2.0]
+    assert set(sweep_shapes.read_log(log)) == {done.name, todo.name}
