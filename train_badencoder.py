@@ -86,16 +86,13 @@ from models.losses import negative_cosine
 CHECKPOINT_PATTERN = 'model_{}.pth'
 BEST_CHECKPOINT = 'best.pth'  # DRUPE's selected epoch, under the name its code gives it
 ATTACKS = ('badencoder', 'drupe')
-# DRUPE's flags: --drupe_<name> sets field <name> of attacks.drupe.Schedule, and two more.
-DRUPE_SCHEDULE_FLAGS = ('warmup_epochs', 'preserve_from', 'adapt_after', 'select_after', 'cost_spread', 'cost_dist')
-DRUPE_FLAGS = tuple(f'drupe_{name}' for name in DRUPE_SCHEDULE_FLAGS) + ('drupe_projections', 'drupe_output')
 # Flags that shape the trajectory of a run: a resumed run must be given the same values (--drupe_output only
 # chooses among the epochs at the end, and may change).
 RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder', 'trigger_file', 'reference_file',
                      'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers', 'augment', 'attack',
-                     'shadow_fraction', 'num_references', *(flag for flag in DRUPE_FLAGS if flag != 'drupe_output'))
+                     'shadow_fraction', 'num_references', *(flag for flag in drupe.FLAGS if flag != 'drupe_output'))
 # Flags added with --attack: a checkpoint whose recorded arguments lack them ran BadEncoder with their defaults.
-ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *DRUPE_FLAGS)
+ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *drupe.FLAGS)
 # BadEncoder's shadow set: all of CIFAR10's train split; for STL10 the *first* 50000 of its 100000 unlabeled images
 # (the released code's np.random.seed(100); np.random.choice(50000, 50000, replace=False) only permutes indices
 # 0..49999, and the loader shuffles each epoch anyway, so the order does not matter).
@@ -149,43 +146,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--num_references', default=None, type=int, metavar='N',
                         help='use the first N references of --reference_file '
                              f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
-    add_drupe_arguments(parser)
+    drupe.add_arguments(parser.add_argument_group(drupe.TITLE))
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
-
-
-def add_drupe_arguments(parser: argparse.ArgumentParser) -> None:
-    """DRUPE's own flags; None (not applicable) under --attack badencoder, DRUPE's values under drupe."""
-    schedule = drupe.Schedule()
-    group = parser.add_argument_group('DRUPE (--attack drupe only; terms and phases in attacks/drupe.py)')
-    group.add_argument('--drupe_warmup_epochs', default=None, type=int,
-                       help=f'first epochs without the effectiveness term L0 (DRUPE: {schedule.warmup_epochs})')
-    group.add_argument('--drupe_preserve_from', default=None, type=int,
-                       help='first epoch with the distribution (SWD) and spread costs '
-                            f'(DRUPE: {schedule.preserve_from})')
-    group.add_argument('--drupe_adapt_after', default=None, type=int,
-                       help=f'the costs adapt after every later epoch (DRUPE: {schedule.adapt_after})')
-    group.add_argument('--drupe_select_after', default=None, type=int,
-                       help=f'the output is chosen among the later epochs (DRUPE: {schedule.select_after})')
-    group.add_argument('--drupe_cost_spread', default=None, type=float,
-                       help='initial cost c of the spread terms σ_ref + s_trig (DRUPE: '
-                            f'{schedule.cost_spread})')
-    group.add_argument('--drupe_cost_dist', default=None, type=float,
-                       help=f'initial cost c_D of the distribution term D (DRUPE: {schedule.cost_dist})')
-    group.add_argument('--drupe_projections', default=None, type=int,
-                       help='random directions of the sliced Wasserstein distance per step '
-                            f'(DRUPE: {drupe.SWD_PROJECTIONS}, POT\'s default)')
-    group.add_argument('--drupe_output', default=None, choices=('best', 'last'),
-                       help="the encoder model_<epochs>.pth holds: DRUPE's selected epoch (best.pth) or the "
-                            'last one (DRUPE: best)')
-
-
-def drupe_defaults() -> dict:
-    """DRUPE's values of the flags a `--attack drupe` command line leaves out."""
-    schedule = drupe.Schedule()
-    return {**drupe.RECIPE, **{f'drupe_{name}': getattr(schedule, name) for name in DRUPE_SCHEDULE_FLAGS},
-            'drupe_projections': drupe.SWD_PROJECTIONS, 'drupe_output': 'best'}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -194,13 +158,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     argv = fix_readme_typo(argv, parser)
     args = parser.parse_args(argv)
     if args.attack == 'drupe':
-        parser.set_defaults(**drupe_defaults())
+        parser.set_defaults(**drupe.defaults())
         args = parser.parse_args(argv)
     return args
-
-
-def drupe_schedule(args: argparse.Namespace) -> drupe.Schedule:
-    return drupe.Schedule(**{name: getattr(args, f'drupe_{name}') for name in DRUPE_SCHEDULE_FLAGS})
 
 
 def fix_readme_typo(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -242,20 +202,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--shadow_fraction must be in (0, 1], got {args.shadow_fraction}')
     if args.num_references is not None:
         require_positive('--num_references', args.num_references)
-    if args.attack == 'badencoder':
-        given = [flag for flag in DRUPE_FLAGS if getattr(args, flag) is not None]
-        if given:
-            raise UsageError(f'--{given[0]} applies to --attack drupe only')
-        return
-    if args.num_references < 2:
-        raise UsageError(f'--num_references {args.num_references}: DRUPE needs at least 2 references '
-                         '(it balances the triggered inputs among them)')
-    if args.batch_size < 2:
-        raise UsageError('--batch_size: DRUPE needs at least 2 images per batch (it measures their spread)')
-    require_positive('--drupe_projections', args.drupe_projections)
-    for flag in ('drupe_warmup_epochs', 'drupe_cost_spread', 'drupe_cost_dist'):
-        if getattr(args, flag) < 0:
-            raise UsageError(f'--{flag} must not be negative, got {getattr(args, flag)}')
+    drupe.check(args)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -666,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
                                                               broadcast_buffers=False), args.compile)
     run = None
     if args.attack == 'drupe':
-        schedule = drupe_schedule(args)
+        schedule = drupe.schedule_from_args(args)
         run = DrupeRun(schedule, drupe.initial_state(schedule))
     columns = LOG_COLUMNS if run is None else DRUPE_LOG_COLUMNS
 

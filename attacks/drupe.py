@@ -62,11 +62,15 @@ Where this implementation departs from the code, and why:
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from common.cli import require_positive
+from common.errors import UsageError
 
 # DRUPE's values of train_badencoder.py flags (the README's command: --lr 0.05 --epochs 120 --batch_size 256
 # with reference/gtsrb_l12_n3.npz; main.py: --shadow_fraction 0.2).
@@ -278,3 +282,65 @@ def end_of_epoch(state: DrupeState, epoch: int, means: dict[str, float], schedul
     if spread_out and epoch > schedule.select_after and means['swd'] < state.best_swd:
         state = replace(state, best_swd=means['swd'], best_epoch=epoch)
     return state
+
+
+# ------------------------------------------------------------------------------------ flags of train_badencoder.py
+
+TITLE = 'DRUPE (--attack drupe only; terms and phases in attacks/drupe.py)'  # of its argument group
+# --drupe_<name> sets field <name> of Schedule; two more flags choose the SWD's directions and the output.
+SCHEDULE_FLAGS = ('warmup_epochs', 'preserve_from', 'adapt_after', 'select_after', 'cost_spread', 'cost_dist')
+FLAGS = tuple(f'drupe_{name}' for name in SCHEDULE_FLAGS) + ('drupe_projections', 'drupe_output')
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """DRUPE's own flags; None (not applicable) under --attack badencoder, DRUPE's values (`defaults`) under drupe."""
+    schedule = Schedule()
+    group.add_argument('--drupe_warmup_epochs', default=None, type=int,
+                       help=f'first epochs without the effectiveness term L0 (DRUPE: {schedule.warmup_epochs})')
+    group.add_argument('--drupe_preserve_from', default=None, type=int,
+                       help='first epoch with the distribution (SWD) and spread costs '
+                            f'(DRUPE: {schedule.preserve_from})')
+    group.add_argument('--drupe_adapt_after', default=None, type=int,
+                       help=f'the costs adapt after every later epoch (DRUPE: {schedule.adapt_after})')
+    group.add_argument('--drupe_select_after', default=None, type=int,
+                       help=f'the output is chosen among the later epochs (DRUPE: {schedule.select_after})')
+    group.add_argument('--drupe_cost_spread', default=None, type=float,
+                       help='initial cost c of the spread terms σ_ref + s_trig (DRUPE: '
+                            f'{schedule.cost_spread})')
+    group.add_argument('--drupe_cost_dist', default=None, type=float,
+                       help=f'initial cost c_D of the distribution term D (DRUPE: {schedule.cost_dist})')
+    group.add_argument('--drupe_projections', default=None, type=int,
+                       help='random directions of the sliced Wasserstein distance per step '
+                            f"(DRUPE: {SWD_PROJECTIONS}, POT's default)")
+    group.add_argument('--drupe_output', default=None, choices=('best', 'last'),
+                       help="the encoder model_<epochs>.pth holds: DRUPE's selected epoch (best.pth) or the "
+                            'last one (DRUPE: best)')
+
+
+def defaults() -> dict:
+    """DRUPE's values of the flags a `--attack drupe` command line leaves out (its recipe and its flags)."""
+    schedule = Schedule()
+    return {**RECIPE, **{f'drupe_{name}': getattr(schedule, name) for name in SCHEDULE_FLAGS},
+            'drupe_projections': SWD_PROJECTIONS, 'drupe_output': 'best'}
+
+
+def schedule_from_args(args: argparse.Namespace) -> Schedule:
+    return Schedule(**{name: getattr(args, f'drupe_{name}') for name in SCHEDULE_FLAGS})
+
+
+def check(args: argparse.Namespace) -> None:
+    """Under --attack badencoder no DRUPE flag may be given; under drupe its values must work."""
+    if args.attack != 'drupe':
+        given = [flag for flag in FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UsageError(f'--{given[0]} applies to --attack drupe only')
+        return
+    if args.num_references < 2:
+        raise UsageError(f'--num_references {args.num_references}: DRUPE needs at least 2 references '
+                         '(it balances the triggered inputs among them)')
+    if args.batch_size < 2:
+        raise UsageError('--batch_size: DRUPE needs at least 2 images per batch (it measures their spread)')
+    require_positive('--drupe_projections', args.drupe_projections)
+    for flag in ('drupe_warmup_epochs', 'drupe_cost_spread', 'drupe_cost_dist'):
+        if getattr(args, flag) < 0:
+            raise UsageError(f'--{flag} must not be negative, got {getattr(args, flag)}')

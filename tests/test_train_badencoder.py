@@ -65,7 +65,7 @@ def test_flags_and_defaults_of_the_original():
     # The flags added with --attack default to plain BadEncoder: every reference, the whole shadow set.
     assert train_badencoder.parse_args([]) == args
     assert (args.attack, args.shadow_fraction, args.num_references) == ('badencoder', 1.0, None)
-    assert all(getattr(args, flag) is None for flag in train_badencoder.DRUPE_FLAGS)
+    assert all(getattr(args, flag) is None for flag in drupe.FLAGS)
     parser = train_badencoder.get_args_parser()
     assert parser.parse_args(['--knn-k', '7', '--knn-t', '0.1']).knn_k == 7
     for flag, name in [('--shadow_dataset', 'synthetic_shapes'), ('--downstreamTask', 'synthetic_digits'),
@@ -271,7 +271,7 @@ def test_drupe_values_fill_only_the_flags_not_given():
     assert (args.lr, args.drupe_cost_dist) == (0.01, 0.5)  # given: kept
     assert (args.epochs, args.batch_size, args.shadow_fraction, args.num_references) == (120, 256, 0.2, 3)
     assert (args.lambda1, args.lambda2, args.drupe_projections, args.drupe_output) == (1.0, 1.0, 50, 'best')
-    assert train_badencoder.drupe_schedule(args) == replace(drupe.Schedule(), cost_dist=0.5)
+    assert drupe.schedule_from_args(args) == replace(drupe.Schedule(), cost_dist=0.5)
     assert train_badencoder.parse_args(['--attack', 'drupe', '--epochs', '200']).epochs == 200  # a default value
 
     def refused(*argv: str) -> str:
@@ -334,8 +334,8 @@ def test_drupe_output_is_the_selected_epoch_and_resume_matches(tmp_path, monkeyp
                                                                three_references, tiny_encoder):
     """Targets any epoch meets (the tiny encoder never spreads its triggered inputs to DRUPE's 0.6): every epoch
     after the warm-up is a candidate, the output is the one with the smallest swd, and a resumed run ends the same."""
-    schedule = train_badencoder.drupe_schedule
-    monkeypatch.setattr(train_badencoder, 'drupe_schedule', lambda args: replace(
+    schedule = drupe.schedule_from_args
+    monkeypatch.setattr(drupe, 'schedule_from_args', lambda args: replace(
         schedule(args), effect_target=1.0, utility_target=1.0, trigger_sim_target=2.0))
 
     def run(results, *extra):
