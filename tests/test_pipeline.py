@@ -1,6 +1,13 @@
-"""scripts/run_pipeline.sh on a tiny setting: all four stages, skip when finished, resume when interrupted."""
+"""The pipeline driver.
+
+Through the bash wrappers (scripts/run_pipeline.sh, scripts/reproduce_paper.sh) on a tiny setting: all four stages,
+skip when finished, resume when interrupted, argument errors, the reproduction's dry run. In-process
+(scripts/pipeline.py, scripts/reproduce_paper.py), without training: the plan of hand-made settings, run.json
+with a quoted label, skip / resume / logs / stage times with a stand-in stage, the reproduction over finished runs.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from scripts import pipeline as driver
+from scripts import reproduce_paper
 
 
 def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *extra: str,
@@ -148,3 +157,277 @@ def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
 def test_reproduce_paper_bad_arguments(args, message):
     result = dry_run(*args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count('\n') == 1
+
+
+# --- scripts/pipeline.py in-process: the plan (pure), run.json, skip / resume / logs without training ---------
+
+
+def test_plan_of_a_badencoder_setting_is_the_commands_in_order():
+    setting = driver.Setting(run_dir='R', reference_file='ref.npz', clean_epochs='3', mimic_epochs='4', mi_epochs='5',
+                             nn_epochs='6', width='8', device='cpu', num_workers='0', save_freq='1',
+                             clean_args='--batch_size 32', mimic_args=' --a  b ', eval_args='--no_progress')
+    steps = driver.plan(setting)
+    assert steps == driver.plan(setting)  # pure: the same setting, the same plan
+    assert steps[0] == driver.Note('== run R', when='dry_run')
+    assert steps[1].path == 'R/run.json' and steps[1].data['badencoder_epochs'] == 200  # BadEncoder's default
+    stages = {s.name: s for s in steps if isinstance(s, driver.Stage)}
+    assert list(stages) == ['clean', 'backdoor', 'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']
+    common = ('--device', 'cpu', '--data_root', 'data', '--num_workers', '0', '--seed', '100')
+    assert stages['clean'] == driver.Stage(
+        'clean', ('train_clean_encoder.py', '--pretraining_dataset', 'cifar10', '--arch', 'resnet18', '--width', '8',
+                  '--epochs', '3', '--save_freq', '1', '--results_dir', 'R/clean', *common, '--augment', 'auto',
+                  '--batch_size', '32'),
+        'R/clean', 'model_3.pth', 'model_*.pth', 'R/clean.log')
+    backdoor = stages['backdoor']
+    assert backdoor.argv[:2] == ('train_badencoder.py', '--attack') and backdoor.final == 'model_200.pth'
+    assert ('--pretrained_encoder', 'R/clean/model_3.pth') == backdoor.argv[11:13]
+    mimic = stages['mimic']
+    assert mimic.final_path == 'R/mimic/model4.pth' and mimic.checkpoints == 'model[0-9]*.pth'
+    assert mimic.argv[-2:] == ('--a', 'b') and ('--teacher', 'R/backdoor/model_200.pth') == mimic.argv[3:5]
+    evaluation = stages['eval_mimic']
+    assert evaluation.argv == (
+        'training_downstream_classifier.py', '--dataset', 'gtsrb', '--encoder_usage_info', 'cifar10',
+        '--encoder', 'R/mimic/model4.pth', '--trigger_file', 'trigger/trigger_pt_white_21_10_ap_replace.npz',
+        '--reference_file', 'ref.npz', '--reference_label', '<y[0] of ref.npz>', '--nn_epochs', '6',
+        '--results_dir', 'R/eval_mimic', '--overwrite', *common, '--no_progress')
+    assert evaluation.probe == ('R/mimic/model4.pth', '6') and evaluation.checkpoints == ''
+    assert steps[-1] == driver.Command(('scripts/results_table.py', 'R', '--out', 'R/table',
+                                        '--summary', 'R/summary.json'))
+
+
+def test_plan_of_drupe_ctrl_given_encoders_and_defences():
+    drupe = driver.plan(driver.Setting(run_dir='R', reference_file='r3.npz', attack='drupe', defences='all',
+                                       target_label='7', label='L'))
+    assert drupe[0].text == '== run R (L)'
+    names = [s.name for s in drupe if isinstance(s, driver.Stage)]
+    assert names == ['clean', 'backdoor', 'mimic'] + [f'defence_{d}' for d in driver.ALL_DEFENCES] + \
+        ['eval_clean', 'eval_backdoored', 'eval_mimic'] + [f'eval_{d}' for d in driver.ALL_DEFENCES]
+    stages = {s.name: s for s in drupe if isinstance(s, driver.Stage)}
+    assert stages['backdoor'].final == 'model_120.pth' and stages['backdoor'].argv[2] == 'drupe'
+    assert stages['defence_ft'].final == 'defence.json' and stages['defence_ft'].checkpoints == '*_[0-9]*.pth'
+    assert stages['eval_ft'].checkpoint_from == 'R/defence_ft/defence.json'
+    assert 'R/defence_ft/<defence.json: checkpoint>' in stages['eval_ft'].argv
+    assert ('--reference_label', '7') == stages['eval_ft'].argv[11:13]
+
+    ctrl = driver.plan(driver.Setting(run_dir='R', attack='ctrl', target_class='3', poison_rate='0.05',
+                                      clean_epochs='9', pretraining_dataset='stl10'))
+    poison = next(s for s in ctrl if isinstance(s, driver.Command))
+    assert poison.argv[:2] == ('-m', 'datasets.poison') and poison.creates == 'R/poisoned_data/poison.json'
+    stages = {s.name: s for s in ctrl if isinstance(s, driver.Stage)}
+    assert stages['backdoor'].argv[:5] == ('train_clean_encoder.py', '--pretraining_dataset', 'stl10',
+                                           '--data_dir', 'R/poisoned_data')
+    assert stages['backdoor'].final == 'model_9.pth'  # CTRL's stage 1 is as long as stage 0 by default
+    evaluation = stages['eval_clean'].argv
+    assert evaluation[2] == 'stl10' and '--reference_file' not in evaluation
+    assert evaluation[evaluation.index('--reference_label') + 1] == '3'
+    assert ctrl[1].data['downstream_dataset'] == 'stl10' and ctrl[1].data['target_label'] == 3
+
+    given = driver.plan(driver.Setting(run_dir='R', reference_file='r.npz', clean_encoder='c.pth',
+                                       backdoored_encoder='b.pth'))
+    assert [s.name for s in given if isinstance(s, driver.Stage)] == [
+        'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']
+    assert driver.Note('== backdoor: given, b.pth') in given
+    assert {s.argv[6] for s in given if isinstance(s, driver.Stage) and s.name != 'mimic'} == {
+        'c.pth', 'b.pth', 'R/mimic/model1000.pth'}
+
+
+def test_plan_checks_the_setting_purely(tmp_path):
+    for setting, message in [(driver.Setting(), '--run_dir is required'),
+                             (driver.Setting(run_dir='R'), '--reference_file is required'),
+                             (driver.Setting(run_dir='R', attack='x'), "--attack: expected badencoder, drupe or ctrl"),
+                             (driver.Setting(run_dir='R', attack='ctrl', defences='ft,,'), "unknown defence ''")]:
+        with pytest.raises(driver.PipelineError, match=message):
+            driver.plan(setting)
+    driver.plan(driver.Setting(run_dir=str(tmp_path / 'R'), reference_file=str(tmp_path / 'nowhere.npz')))
+    assert list(tmp_path.iterdir()) == []  # planning reads and writes nothing
+
+
+def test_dry_run_in_process_prints_the_plan(capsys, monkeypatch):
+    monkeypatch.delenv('PYTHON', raising=False)
+    assert driver.main(['--run_dir', 'R', '--reference_file', 'nowhere.npz', '--dry_run', '1',
+                        '--defences', 'clp', '--label', 'x y']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == '== run R (x y)' and len(lines) == 1 + 4 + 4 + 1
+    assert lines[1].startswith('python train_clean_encoder.py ') and lines[-1].startswith('python scripts/results')
+    assert '--encoder R/defence_clp/<defence.json: checkpoint>' in lines[-2]
+    monkeypatch.setenv('PYTHON', '/opt/py')
+    assert driver.main(['--run_dir', 'R', '--reference_file', 'r.npz', '--dry_run', '1']) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith('/opt/py train_clean_encoder.py ')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--run_dir'], 'option --run_dir needs a value'),
+    (['--run_dir', 'x', '--nope', '1'], 'unknown option --nope'),
+    (['--run_dir', 'x', '--reference_file', 'README.md', '--trigger_file', 'nowhere.npz'],
+     '--trigger_file nowhere.npz: no such file'),
+    (['--run_dir', 'x', '--reference_file', 'README.md'], '--reference_file README.md: not a readable .npz'),
+])
+def test_main_errors_are_one_line_and_status_2(argv, message, capsys):
+    assert driver.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'run_pipeline.sh: {message}') and err.count('\n') == 1
+
+
+def finished_run(run: Path, reference: Path, trigger: Path, label: str) -> list:
+    """A tiny setting's flags, and every stage's final file made by hand (as if the stages had run)."""
+    flags = ['--run_dir', str(run), '--reference_file', str(reference), '--trigger_file', str(trigger),
+             '--clean_epochs', '2', '--badencoder_epochs', '1', '--mimic_epochs', '2', '--nn_epochs', '3',
+             '--defences', 'clp', '--label', label]
+    for path in ['clean/model_2.pth', 'backdoor/model_1.pth', 'mimic/model2.pth', 'defence_clp/model_0.pth']:
+        (run / path).parent.mkdir(parents=True, exist_ok=True)
+        (run / path).write_bytes(b'')
+    (run / 'defence_clp' / 'defence.json').write_text(json.dumps({'checkpoint': 'model_0.pth'}))
+    for name, encoder in [('clean', 'clean/model_2.pth'), ('backdoored', 'backdoor/model_1.pth'),
+                          ('mimic', 'mimic/model2.pth'), ('clp', 'defence_clp/model_0.pth')]:
+        (run / f'eval_{name}').mkdir()
+        (run / f'eval_{name}' / 'metrics.json').write_text(json.dumps(
+            {'acc': 50.0, 'asr': 10.0, 'asr_excluding_target': 9.0, 'epoch': 3, 'encoder': f'{run}/{encoder}'}))
+    return flags
+
+
+def test_finished_run_is_skipped_and_run_json_holds_a_quoted_label(tmp_path, reference_file, trigger_file, capfd):
+    run = tmp_path / 'run'
+    label = 'a "quoted" label \\ with a backslash'
+    flags = finished_run(run, reference_file, trigger_file, label)
+    assert driver.main(flags) == 0
+    out = capfd.readouterr().out
+    for stage in ['clean', 'backdoor', 'mimic', 'defence_clp', 'eval_clean', 'eval_backdoored', 'eval_mimic',
+                  'eval_clp']:
+        assert f'== {stage}: done (' in out, stage
+    setting = json.loads((run / 'run.json').read_text())
+    assert setting['label'] == label and setting['target_label'] == 1 and setting['defences'] == 'clp'
+    assert setting['ratio'] == 0.04 and setting['badencoder_epochs'] == 1 and setting['width'] == 64
+    assert json.loads((run / 'summary.json').read_text())['mimic']['acc'] == 50.0
+    assert label in (run / 'table.md').read_text()
+    assert not list(run.glob('*.log')) and not list(run.glob('*/stage_seconds.txt'))  # nothing ran
+
+    # a probe made for another encoder file is redone: here by a stand-in that only records its arguments
+    metrics = run / 'eval_clp' / 'metrics.json'
+    metrics.write_text(json.dumps({'epoch': 3, 'encoder': 'another.pth'}))
+    (run / 'defence_clp' / 'defence.json').write_text(json.dumps({'checkpoint': 'model_0.pth'}))
+    stage = next(s for s in driver.plan(driver.Setting(**{f[2:]: v for f, v in zip(flags[::2], flags[1::2])},
+                                                       target_label='1'))
+                 if isinstance(s, driver.Stage) and s.name == 'eval_clp')
+    stand_in = tmp_path / 'stand_in.py'
+    stand_in.write_text('import json, sys\n'
+                        'out = sys.argv[sys.argv.index("--results_dir") + 1] + "/metrics.json"\n'
+                        'encoder = sys.argv[sys.argv.index("--encoder") + 1]\n'
+                        'json.dump({"epoch": 3, "encoder": encoder, "argv": sys.argv[1:]}, open(out, "w"))\n')
+    driver.run([dataclasses.replace(stage, argv=(str(stand_in),) + stage.argv[1:])])
+    redone = json.loads(metrics.read_text())
+    assert redone['encoder'] == f'{run}/defence_clp/model_0.pth' and '--resume' not in redone['argv']
+    assert 'is for another encoder or probe length, evaluating again' in capfd.readouterr().out
+
+
+STAND_IN_STAGE = '''import sys, time
+from pathlib import Path
+folder = Path(sys.argv[1])
+print('progress 1\\rprogress 2\\rprogress 3', flush=True)
+print('to stderr', file=sys.stderr, flush=True)
+(folder / 'argv.txt').write_text(' '.join(sys.argv[2:]))
+if sys.argv[2] == 'fail':
+    sys.exit(3)
+if sys.argv[2] == 'finish':
+    (folder / 'model5.pth').write_bytes(b'')
+print('half a line\\rlast state', end='')
+'''
+
+
+def test_stage_resumes_logs_times_and_fails_like_the_bash(tmp_path, capfd):
+    script = tmp_path / 'stage.py'
+    script.write_text(STAND_IN_STAGE)
+    folder = tmp_path / 'run' / 'mimic'
+    folder.mkdir(parents=True)
+
+    def stage(mode: str) -> driver.Stage:
+        return driver.Stage('mimic', (str(script), str(folder), mode), str(folder), 'model5.pth', 'model[0-9]*.pth',
+                            str(tmp_path / 'run' / 'mimic.log'))
+
+    # no checkpoint: started from scratch; what it printed is in the log as the terminal shows it
+    driver.run([stage('finish')])
+    assert (folder / 'argv.txt').read_text() == 'finish'
+    out = capfd.readouterr().out
+    assert f'== mimic: {script} {folder} finish \n' in out and 'progress 1\rprogress 2' in out
+    log = (tmp_path / 'run' / 'mimic.log').read_bytes()
+    assert log == b'progress 3\nto stderr\nlast state'
+    assert int((folder / 'stage_seconds.txt').read_text()) >= 0
+
+    # finished: skipped, the log and the time untouched
+    (folder / 'stage_seconds.txt').write_text('40\n')
+    driver.run([stage('finish')])
+    assert f'== mimic: done ({folder}/model5.pth), skipped' in capfd.readouterr().out
+    assert (folder / 'stage_seconds.txt').read_text() == '40\n'
+
+    # interrupted (a checkpoint, no final file): continued with --resume, its time added to the earlier runs'
+    (folder / 'model5.pth').rename(folder / 'model4.pth')
+    driver.run([stage('finish')])
+    assert (folder / 'argv.txt').read_text() == 'finish --resume'
+    assert int((folder / 'stage_seconds.txt').read_text()) >= 40
+    assert (tmp_path / 'run' / 'mimic.log').read_bytes().count(b'progress 3\n') == 2  # appended
+
+    # a stage that fails: its exit status, and no message of ours; one that leaves no final file: status 2
+    (folder / 'model5.pth').unlink()
+    with pytest.raises(driver.PipelineError) as failed:
+        driver.run([stage('fail')])
+    assert failed.value.status == 3 and failed.value.message == ''
+    with pytest.raises(driver.PipelineError) as unfinished:
+        driver.run([stage('nothing')])
+    assert unfinished.value.status == 2
+    assert unfinished.value.message == f'mimic did not produce {folder}/model5.pth (see {tmp_path}/run/mimic.log)'
+
+
+def test_reproduce_experiments_are_data_over_the_pipeline_settings():
+    scale = reproduce_paper.scale_config('paper', 'P', environ={'EXTRA': '--amp'})
+    experiments = reproduce_paper.experiments(scale, dry_run=True)
+    assert list(experiments) == ['main', 'ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers']
+    main = [v.setting for v in experiments['main'].variants]
+    assert [s.attack for s in main] == ['badencoder', 'drupe'] * 3 + ['ctrl']
+    assert all(s.defences == 'all' and s.clean_encoder == 'P/clean/model_1000.pth' for s in main)
+    assert main[-1].badencoder_epochs == '800' and main[-1].badencoder_args.endswith(' --amp')
+    assert experiments['main'].variants[-1].trigger == ('ctrl', '--kind ctrl')
+    ratio = experiments['ratio'].variants
+    assert [v.setting.ratio for v in ratio] == list(reproduce_paper.RATIOS)
+    assert all(v.reuse_evals and v.setting.backdoored_encoder == scale.base_backdoor for v in ratio)
+    assert experiments['ablation'].table_runs[0] == scale.base == 'P/main/cifar10_gtsrb_badencoder'
+    for variants in experiments.values():  # every run is one the pipeline can plan
+        for variant in variants.variants:
+            assert driver.plan(variant.setting)[-1].argv[0] == 'scripts/results_table.py'
+    with pytest.raises(driver.PipelineError, match="--scale: expected paper or demo, got 'x'"):
+        reproduce_paper.scale_config('x')
+
+
+def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, monkeypatch):
+    """--experiments mi_model at demo scale over runs finished by hand: no stage runs, the table is made."""
+    monkeypatch.delenv('DATA_ROOT', raising=False)
+    monkeypatch.delenv('EXTRA', raising=False)
+    runs = tmp_path / 'paper'
+    scale = reproduce_paper.scale_config('demo', str(runs))
+    (runs / 'data' / 'synthetic_digits').mkdir(parents=True)
+    (runs / 'data' / 'synthetic_digits' / 'test.npz').write_bytes(b'')
+    (runs / 'reference').mkdir()
+    for name in ('one', 'one_3'):
+        (runs / 'reference' / f'{name}.npz').write_bytes(reference_file.read_bytes())
+    (runs / 'clean').mkdir()
+    (runs / 'clean' / 'model_20.pth').write_bytes(b'')
+    base, student = Path(scale.base), runs / 'mi_model' / 'student'
+    for run, mimic in [(base, base / 'mimic'), (student, student / 'mimic')]:
+        mimic.mkdir(parents=True)
+        (mimic / 'model40.pth').write_bytes(b'')
+    (base / 'backdoor').mkdir()
+    (base / 'backdoor' / 'model_5.pth').write_bytes(b'')
+    for run, name, encoder in [(base, 'clean', scale.clean_encoder), (base, 'backdoored', scale.base_backdoor),
+                               (base, 'mimic', f'{base}/mimic/model40.pth'),
+                               (student, 'mimic', f'{student}/mimic/model40.pth')]:
+        (run / f'eval_{name}').mkdir()
+        (run / f'eval_{name}' / 'metrics.json').write_text(json.dumps(
+            {'acc': 50.0, 'asr': 10.0, 'asr_excluding_target': 9.0, 'epoch': 400, 'encoder': encoder}))
+    (base / 'run.json').write_text('{}')
+    assert reproduce_paper.main(['--scale', 'demo', '--experiments', 'mi_model', str(runs)]) == 0
+    out = capfd.readouterr().out
+    assert '== eval_clean: the same encoder, trigger and probe as' in out  # copied from the base run
+    assert (student / 'eval_backdoored' / 'metrics.json').is_file()
+    for stage in ['backdoor', 'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']:
+        assert f'== {stage}: ' in out and f'== {stage}: {reproduce_paper.PAPER_TRIGGER}' not in out
+    assert 'train_' not in out and 'MIMIC.py' not in out  # nothing trained
+    assert json.loads((student / 'run.json').read_text())['label'] == 'MI on the initial student'
+    assert (runs / 'mi_model' / 'table.md').is_file() and f'tables: {runs}/mi_model/table.md ' in out

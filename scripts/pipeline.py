@@ -1,0 +1,497 @@
+"""The pipeline driver: the four stages of one setting, each stage a subprocess with its own folder and log.
+
+    python -m scripts.pipeline --run_dir runs/cifar10_gtsrb --reference_file reference/cifar10/priority.npz ...
+    bash scripts/run_pipeline.sh ...          # the same, from any folder (it changes to the repository root)
+
+The flags, their defaults and the folders a run makes are listed in the header of scripts/run_pipeline.sh.
+Run from the repository root: the stages are the repository's scripts, named by relative paths.
+
+The work is split in two:
+
+* `plan(setting)` is pure: from a `Setting` (one field per flag) it returns the steps of the run in order,
+  each a `Note` (a line printed), a `WriteJson` (run.json), a `Stage` (a training or evaluation script with
+  its results folder, the file that says it is finished, the checkpoints that say it was interrupted, and its
+  log) or a `Command` (the poisoning of CTRL's data, the results table).
+* `run(steps, dry_run=False)` carries them out: a stage whose final file exists is skipped; one whose folder
+  holds checkpoints is continued with --resume; what it prints goes to the terminal as printed and to
+  RUN/<stage>.log as the terminal finally shows it (a progress bar redrawn with \\r keeps its last state);
+  its wall time is added to <stage folder>/stage_seconds.txt. With `dry_run` every stage's command is
+  printed and nothing is read, run or written.
+
+`main(argv)` parses the flags (errors: one line on stderr, exit status 2), checks the input files, reads the
+target label from the reference file and runs the plan. scripts/reproduce_paper.py builds its experiments from
+the same `Setting` and runs them through `execute`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+from common.files import write_text_atomic
+
+PROG = 'run_pipeline.sh'  # the name errors are reported under (the wrapper users call)
+ALL_DEFENCES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')
+ATTACKS = ('badencoder', 'drupe', 'ctrl')
+AUGMENTS = ('auto', 'pil', 'tensor')
+ATTACK_EPOCHS = {'badencoder': '200', 'drupe': '120'}  # stage 1's default length; ctrl: --clean_epochs
+CHECKPOINT_PLACEHOLDER = '<defence.json: checkpoint>'  # a defence's encoder file, known once it has run
+
+
+class PipelineError(Exception):
+    """The run cannot go on: `message` (printed as one line, unless empty) and the exit status."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One pipeline run: a field per flag of scripts/run_pipeline.sh, the values as given on the command line.
+
+    `target_label` is not a flag: the reference file's label (ctrl: --target_class), which `main` reads before
+    planning; left empty, the plan shows a placeholder for it (enough for a dry run).
+    """
+    run_dir: str = ''
+    pretraining_dataset: str = 'cifar10'
+    downstream_dataset: str = 'gtsrb'
+    reference_file: str = ''
+    trigger_file: str = 'trigger/trigger_pt_white_21_10_ap_replace.npz'
+    attack: str = 'badencoder'
+    target_class: str = '0'
+    poison_rate: str = '0.01'
+    clean_epochs: str = '1000'
+    badencoder_epochs: str = ''  # empty: the attack's own (badencoder 200, drupe 120, ctrl --clean_epochs)
+    mimic_epochs: str = '1000'
+    mi_epochs: str = '200'
+    nn_epochs: str = '1000'
+    ratio: str = '0.04'
+    mimic_lr: str = '0.01'
+    arch: str = 'resnet18'
+    width: str = '64'
+    device: str = 'auto'
+    data_root: str = 'data'
+    num_workers: str = '2'
+    seed: str = '100'
+    save_freq: str = '50'
+    augment: str = 'auto'
+    clean_encoder: str = ''
+    backdoored_encoder: str = ''
+    label: str = ''
+    dry_run: str = '0'  # anything but 0 lists the commands instead of running them
+    defences: str = ''
+    clean_args: str = ''
+    badencoder_args: str = ''
+    mimic_args: str = ''
+    defence_args: str = ''
+    eval_args: str = ''
+    target_label: str = ''
+
+
+FLAGS = tuple(f'--{field.name}' for field in dataclasses.fields(Setting) if field.name != 'target_label')
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line printed: always, only in a dry run (`when='dry_run'`) or only in a real one (`when='run'`)."""
+    text: str
+    when: str = 'always'
+
+
+@dataclass(frozen=True)
+class WriteJson:
+    """A JSON file written (its folder made) in a real run; nothing in a dry run."""
+    path: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the pipeline: `python -u *argv [--resume]`, its output also appended to `log`.
+
+    Finished when `folder/final` exists (then skipped); interrupted when `folder` holds a file matching
+    `checkpoints` (then continued with --resume). `probe` = (encoder, nn_epochs) for an evaluation: a
+    metrics.json made for another encoder file or probe length is removed and the stage redone.
+    `checkpoint_from`: a defence.json whose 'checkpoint' replaces CHECKPOINT_PLACEHOLDER in argv and probe.
+    """
+    name: str
+    argv: tuple
+    folder: str
+    final: str
+    checkpoints: str
+    log: str
+    probe: tuple = ()
+    checkpoint_from: str = ''
+
+    @property
+    def final_path(self) -> str:
+        return f'{self.folder}/{self.final}'
+
+
+@dataclass(frozen=True)
+class Command:
+    """A plain command, `python *argv`, printed to the terminal only; skipped, silently, when `creates`
+    names a file that exists; `note` is printed before it runs."""
+    argv: tuple
+    creates: str = ''
+    note: str = ''
+
+
+Step = Union[Note, WriteJson, Stage, Command]
+
+
+# --- the setting --------------------------------------------------------------------------------------------
+
+def parse_args(argv: Iterable[str]) -> Setting:
+    """The flags, as scripts/run_pipeline.sh reads them: every one takes a value."""
+    argv = list(argv)
+    values = {}
+    while argv:
+        if len(argv) < 2:
+            raise PipelineError(f'option {argv[0]} needs a value')
+        flag, value = argv[0], argv[1]
+        if flag not in FLAGS:
+            raise PipelineError(f'unknown option {flag} (see the header of scripts/run_pipeline.sh)')
+        values[flag[2:]] = value
+        del argv[:2]
+    return Setting(**values)
+
+
+def split_defences(text: str) -> list:
+    """--defences split at its commas (one trailing comma is ignored, as bash's `read -a` does)."""
+    if not text:
+        return []
+    names = text.split(',')
+    if names[-1] == '':
+        names.pop()
+    return names
+
+
+def settle(setting: Setting, exists: Callable[[str], bool] | None = None) -> Setting:
+    """The setting checked, with the attack's defaults filled in (stage 1's length, CTRL's downstream task,
+    the target label of CTRL) and 'all' defences spelled out. With `exists` (a real run), the input files
+    are checked too. Raises PipelineError, with the message of the first thing wrong."""
+    s = setting
+    if not s.run_dir:
+        raise PipelineError('--run_dir is required')
+    if s.augment not in AUGMENTS:
+        raise PipelineError(f"--augment: expected auto, pil or tensor, got '{s.augment}'")
+    if s.attack not in ATTACKS:
+        raise PipelineError(f"--attack: expected badencoder, drupe or ctrl, got '{s.attack}'")
+    if s.attack == 'ctrl':  # stage 1 is SimCLR on the poisoned pre-training set, evaluated on its own classes
+        s = dataclasses.replace(s, badencoder_epochs=s.badencoder_epochs or s.clean_epochs,
+                                downstream_dataset=s.pretraining_dataset, target_label=s.target_class)
+    else:
+        s = dataclasses.replace(s, badencoder_epochs=s.badencoder_epochs or ATTACK_EPOCHS[s.attack])
+        if not s.reference_file:
+            raise PipelineError('--reference_file is required (e.g. reference/cifar10/priority.npz)')
+    if exists is not None:  # a dry run may list the commands of a run whose inputs later steps make
+        for flag, path in (('--reference_file', s.reference_file), ('--trigger_file', s.trigger_file),
+                           ('--clean_encoder', s.clean_encoder), ('--backdoored_encoder', s.backdoored_encoder)):
+            if (path or flag == '--trigger_file') and not exists(path):
+                raise PipelineError(f'{flag} {path}: no such file')
+    if s.defences == 'all':
+        s = dataclasses.replace(s, defences=','.join(ALL_DEFENCES))
+    for name in split_defences(s.defences):
+        if name not in ALL_DEFENCES:
+            raise PipelineError(f"--defences: unknown defence '{name}' (expected some of "
+                                f"{','.join(ALL_DEFENCES)}, or all)")
+    return s
+
+
+def read_target_label(reference_file: str) -> str:
+    """The target label of a reference file (its first label); PipelineError when the file is not one."""
+    from datasets import load_reference  # imported here: it brings torch, which a dry run does not need
+    try:
+        return str(int(load_reference(reference_file).target_label))
+    except (ValueError, OSError) as error:  # DataError is a ValueError
+        raise PipelineError(f'--reference_file {error}') from None
+
+
+_JSON_NUMBER = re.compile(r'-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?')
+
+
+def json_value(text: str):
+    """A numeric flag's value as run.json holds it: the number when the text is a JSON number, else the text."""
+    return json.loads(text) if _JSON_NUMBER.fullmatch(text) else text
+
+
+def run_json(setting: Setting) -> dict:
+    """run.json: the setting (settled) as results_table.py and plot_results.py read it."""
+    s, number = setting, json_value
+    return {'pretraining_dataset': s.pretraining_dataset, 'downstream_dataset': s.downstream_dataset,
+            'target_label': number(s.target_label), 'attack': s.attack, 'poison_rate': number(s.poison_rate),
+            'reference_file': s.reference_file, 'trigger_file': s.trigger_file, 'arch': s.arch,
+            'width': number(s.width), 'clean_epochs': number(s.clean_epochs),
+            'badencoder_epochs': number(s.badencoder_epochs), 'mimic_epochs': number(s.mimic_epochs),
+            'mi_epochs': number(s.mi_epochs), 'nn_epochs': number(s.nn_epochs), 'ratio': number(s.ratio),
+            'mimic_lr': number(s.mimic_lr), 'seed': number(s.seed), 'defences': s.defences, 'label': s.label,
+            'backdoored_encoder': s.backdoored_encoder, 'augment': s.augment}
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+
+def plan(setting: Setting) -> list:
+    """The steps of one run, in order (pure: reads no file). See the module's docstring and Stage."""
+    s = settle(setting)
+    run = s.run_dir
+    target_label = s.target_label or f'<y[0] of {s.reference_file}>'
+    reference_flags = ['--reference_file', s.reference_file] if s.reference_file else []
+    common = ['--device', s.device, '--data_root', s.data_root, '--num_workers', s.num_workers, '--seed', s.seed]
+    training = common + ['--augment', s.augment]  # stages 0-2 and the defences (stage 3 does not augment)
+
+    def stage(name, folder, final, checkpoints, *argv, **extra):
+        return Stage(name, tuple(argv), folder, final, checkpoints, f'{run}/{name}.log', **extra)
+
+    steps = [Note(f'== run {run}' + (f' ({s.label})' if s.label else ''), when='dry_run'),
+             WriteJson(f'{run}/run.json', run_json(dataclasses.replace(s, target_label=target_label)))]
+
+    clean_encoder = s.clean_encoder
+    if not clean_encoder:
+        steps.append(stage(
+            'clean', f'{run}/clean', f'model_{s.clean_epochs}.pth', 'model_*.pth',
+            'train_clean_encoder.py', '--pretraining_dataset', s.pretraining_dataset, '--arch', s.arch,
+            '--width', s.width, '--epochs', s.clean_epochs, '--save_freq', s.save_freq,
+            '--results_dir', f'{run}/clean', *training, *s.clean_args.split()))
+        clean_encoder = f'{run}/clean/model_{s.clean_epochs}.pth'
+
+    backdoored_encoder = s.backdoored_encoder
+    if backdoored_encoder:
+        steps.append(Note(f'== backdoor: given, {backdoored_encoder}'))
+    elif s.attack == 'ctrl':
+        # data poisoning: a poisoned copy of the pre-training split, then plain SimCLR on it (CTRL's recipe)
+        poisoned = f'{run}/poisoned_data'
+        steps.append(Command(
+            ('-m', 'datasets.poison', '--dataset', s.pretraining_dataset, '--data_root', s.data_root,
+             '--trigger_file', s.trigger_file, '--target_class', s.target_class, '--poison_rate', s.poison_rate,
+             '--seed', s.seed, '--out', poisoned, '--overwrite'),
+            creates=f'{poisoned}/poison.json',
+            note=f'== poison: {s.poison_rate} of {s.pretraining_dataset}, class {s.target_class}, '
+                 f'with {s.trigger_file}'))
+        steps.append(stage(
+            'backdoor', f'{run}/backdoor', f'model_{s.badencoder_epochs}.pth', 'model_*.pth',
+            'train_clean_encoder.py', '--pretraining_dataset', s.pretraining_dataset, '--data_dir', poisoned,
+            '--arch', s.arch, '--width', s.width, '--epochs', s.badencoder_epochs, '--save_freq', s.save_freq,
+            '--results_dir', f'{run}/backdoor', *training, *s.clean_args.split(), *s.badencoder_args.split()))
+    else:
+        steps.append(stage(
+            'backdoor', f'{run}/backdoor', f'model_{s.badencoder_epochs}.pth', 'model_*.pth',
+            'train_badencoder.py', '--attack', s.attack, '--pretraining_dataset', s.pretraining_dataset,
+            '--shadow_dataset', s.pretraining_dataset, '--encoder_usage_info', s.pretraining_dataset,
+            '--downstreamTask', s.downstream_dataset, '--pretrained_encoder', clean_encoder,
+            '--reference_file', s.reference_file, '--trigger_file', s.trigger_file,
+            '--epochs', s.badencoder_epochs, '--results_dir', f'{run}/backdoor', *training,
+            *s.badencoder_args.split()))
+    backdoored_encoder = backdoored_encoder or f'{run}/backdoor/model_{s.badencoder_epochs}.pth'
+
+    steps.append(stage(
+        'mimic', f'{run}/mimic', f'model{s.mimic_epochs}.pth', 'model[0-9]*.pth',
+        'MIMIC.py', '--pretraining_dataset', s.pretraining_dataset, '--teacher', backdoored_encoder,
+        '--ratio', s.ratio, '--lr', s.mimic_lr, '--epochs', s.mimic_epochs, '--mi_epochs', s.mi_epochs,
+        '--save_freq', s.save_freq, '--results_dir', f'{run}/mimic', *training, *s.mimic_args.split()))
+
+    # the baseline defences on the same backdoored encoder and clean subset as MIMIC
+    encoders = [('clean', clean_encoder, ''), ('backdoored', backdoored_encoder, ''),
+                ('mimic', f'{run}/mimic/model{s.mimic_epochs}.pth', '')]
+    for name in split_defences(s.defences):
+        folder = f'{run}/defence_{name}'
+        steps.append(stage(
+            f'defence_{name}', folder, 'defence.json', '*_[0-9]*.pth',
+            'baseline_defence.py', '--defence', name, '--pretraining_dataset', s.pretraining_dataset,
+            '--teacher', backdoored_encoder, '--ratio', s.ratio, '--epochs', s.mimic_epochs,
+            '--save_freq', s.save_freq, '--results_dir', folder, *training, *s.defence_args.split()))
+        encoders.append((name, f'{folder}/{CHECKPOINT_PLACEHOLDER}', f'{folder}/defence.json'))
+
+    # an evaluation is redone from scratch (the cheapest stage, whose encoder may have been retrained) when its
+    # metrics.json is missing or was made for another encoder file or probe length
+    for name, encoder, checkpoint_from in encoders:
+        folder = f'{run}/eval_{name}'
+        steps.append(stage(
+            f'eval_{name}', folder, 'metrics.json', '',
+            'training_downstream_classifier.py', '--dataset', s.downstream_dataset,
+            '--encoder_usage_info', s.pretraining_dataset, '--encoder', encoder, '--trigger_file', s.trigger_file,
+            *reference_flags, '--reference_label', target_label, '--nn_epochs', s.nn_epochs,
+            '--results_dir', folder, '--overwrite', *common, *s.eval_args.split(),
+            probe=(encoder, s.nn_epochs), checkpoint_from=checkpoint_from))
+
+    steps.append(Command(('scripts/results_table.py', run, '--out', f'{run}/table',
+                          '--summary', f'{run}/summary.json')))
+    return steps
+
+
+# --- running it ---------------------------------------------------------------------------------------------
+
+def python_shown() -> str:
+    """The interpreter as the commands show it: $PYTHON, else python."""
+    return os.environ.get('PYTHON') or 'python'
+
+
+def python_run() -> str:
+    """The interpreter the stages run with: $PYTHON, else this one."""
+    return os.environ.get('PYTHON') or sys.executable
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def fresh_metrics(path: str, encoder: str, nn_epochs: str) -> bool:
+    """Whether the metrics.json at `path` was made for this encoder file and probe length."""
+    try:
+        with open(path) as handle:
+            metrics = json.load(handle)
+        return metrics.get('encoder') == encoder and int(metrics.get('epoch', -1)) == int(nn_epochs)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def defence_checkpoint(path: str) -> str:
+    """The encoder file a defence wrote, as its defence.json names it."""
+    try:
+        with open(path) as handle:
+            return str(json.load(handle)['checkpoint'])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PipelineError(f'{path}: no checkpoint named ({error!r})') from None
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it (killed by signal N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def tee_to_log(command: list, log_path: str) -> int:
+    """Run `command`, its stdout and stderr to the terminal as printed and to the end of `log_path` as the
+    terminal finally shows each line (what precedes a line's last \\r is dropped). Returns its status."""
+    os.makedirs(os.path.dirname(log_path) or '.', exist_ok=True)
+    terminal = getattr(sys.stdout, 'buffer', None)
+    with open(log_path, 'ab') as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        pending = b''
+        try:
+            while True:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                if terminal is not None:
+                    terminal.write(chunk)
+                    terminal.flush()
+                else:
+                    sys.stdout.write(chunk.decode(errors='replace'))
+                    sys.stdout.flush()
+                *lines, pending = (pending + chunk).split(b'\n')
+                pending = pending.rpartition(b'\r')[2]  # only a line's last redraw reaches the log
+                log.writelines(line.rpartition(b'\r')[2] + b'\n' for line in lines)
+                log.flush()
+            if pending:
+                log.write(pending)
+        finally:
+            process.stdout.close()
+            returncode = process.wait()
+    return returncode
+
+
+def run_stage(stage: Stage, python: str) -> None:
+    argv, probe = stage.argv, stage.probe
+    if stage.checkpoint_from:
+        checkpoint = defence_checkpoint(stage.checkpoint_from)
+        argv = tuple(arg.replace(CHECKPOINT_PLACEHOLDER, checkpoint) for arg in argv)
+        probe = tuple(item.replace(CHECKPOINT_PLACEHOLDER, checkpoint) for item in probe)
+    final = stage.final_path
+    if probe and os.path.isfile(final) and not fresh_metrics(final, *probe):
+        say(f'== {stage.name}: {final} is for another encoder or probe length, evaluating again')
+        os.remove(final)
+    if os.path.isfile(final):
+        say(f'== {stage.name}: done ({final}), skipped')
+        return
+    interrupted = stage.checkpoints and glob.glob(f'{glob.escape(stage.folder)}/{stage.checkpoints}')
+    resume = ['--resume'] if interrupted else []
+    say(f"== {stage.name}: {' '.join(argv)} {' '.join(resume)}")
+    started = int(time.monotonic())
+    returncode = tee_to_log([python, '-u', *argv, *resume], stage.log)
+    if returncode != 0:
+        raise PipelineError('', exit_status(returncode))  # the stage said why; the log keeps it
+    if not os.path.isfile(final):
+        raise PipelineError(f'{stage.name} did not produce {final} (see {stage.log})')
+    spent = int(time.monotonic()) - started
+    seconds_file = f'{stage.folder}/stage_seconds.txt'
+    before = 0
+    if os.path.isfile(seconds_file):
+        try:
+            with open(seconds_file) as handle:
+                before = int(handle.read().strip() or 0)
+        except ValueError:
+            before = 0
+    write_text_atomic(seconds_file, f'{before + spent}\n')
+
+
+def run_command(command: Command, python: str) -> None:
+    if command.creates and os.path.isfile(command.creates):
+        return
+    if command.note:
+        say(command.note)
+    returncode = subprocess.run([python, *command.argv]).returncode
+    if returncode != 0:
+        raise PipelineError('', exit_status(returncode))
+
+
+def run(steps: Iterable[Step], dry_run: bool = False) -> int:
+    """Carry out `steps` (a plan) in order, or, with `dry_run`, print every command and do nothing else.
+
+    Returns 0; raises PipelineError when a stage fails (status: the stage's, with an empty message) or does
+    not leave its final file (status 2).
+    """
+    shown, python = python_shown(), python_run()
+    for step in steps:
+        if isinstance(step, Note):
+            if step.when == 'always' or (step.when == 'dry_run') == dry_run:
+                say(step.text)
+        elif dry_run:
+            if isinstance(step, (Stage, Command)):
+                say(f"{shown} {' '.join(step.argv)}")
+        elif isinstance(step, WriteJson):
+            write_text_atomic(step.path, json.dumps(step.data, indent=1) + '\n')
+        elif isinstance(step, Stage):
+            run_stage(step, python)
+        elif isinstance(step, Command):
+            run_command(step, python)
+        else:
+            raise TypeError(f'not a pipeline step: {step!r}')
+    return 0
+
+
+def execute(setting: Setting) -> int:
+    """One run of a setting as the command line gives it: checked, its target label read, planned, run (or
+    listed, when its dry_run is not 0). Raises PipelineError."""
+    dry_run = setting.dry_run != '0'
+    setting = settle(setting, exists=None if dry_run else os.path.isfile)
+    if not dry_run and setting.attack != 'ctrl':
+        setting = dataclasses.replace(setting, target_label=read_target_label(setting.reference_file))
+    return run(plan(setting), dry_run=dry_run)
+
+
+def report(error: PipelineError, prog: str = PROG) -> int:
+    if error.message:
+        print(f'{prog}: {error.message}', file=sys.stderr, flush=True)
+    return error.status
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    try:
+        return execute(parse_args(sys.argv[1:] if argv is None else argv))
+    except PipelineError as error:
+        return report(error)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

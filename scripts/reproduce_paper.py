@@ -1,0 +1,360 @@
+"""The paper's experiments as data over the pipeline's plan (scripts/pipeline.py), from one command.
+
+    python -m scripts.reproduce_paper [--experiments LIST] [--scale paper|demo] [--dry_run] [RUNS_DIR]
+    bash scripts/reproduce_paper.sh ...       # the same, from any folder
+
+The flags, the experiments and the folders they fill are described in the header of
+scripts/reproduce_paper.sh. Here:
+
+* `scale_config(scale, runs, environ)` -> `Scale`: the sizes, lengths and extra flags of a scale (with the
+  DEVICE, DATA_ROOT and EXTRA environment variables applied);
+* `experiments(scale, dry_run)` -> {name: `Experiment`}: every pipeline run of every experiment, each a
+  `pipeline.Setting` (with the trigger file to make first, or the base run's evaluations to copy), and the
+  runs each experiment's table collects;
+* `steps(scale, wanted, dry_run)` yields, in order, what to do: the data, references and clean encoder (each
+  made once), then each wanted experiment's runs and table. It is a generator because some steps depend on
+  what earlier ones made (a file already there is not made again);
+* `main(argv)` runs them, or prints every command with --dry_run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+from scripts.pipeline import Command, Note, PipelineError, Setting, execute, python_run, report, run
+
+PROG = 'reproduce_paper.sh'
+EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers')
+PAPER_TRIGGER = 'trigger/trigger_pt_white_21_10_ap_replace.npz'
+RATIOS = ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10')  # MIMIC's clean-data fractions
+ABLATIONS = {'uniform': '--layer_weights uniform', 'no_attention': '--no_attention', 'no_clone': '--no_clone',
+             'no_contrastive': '--no_contrastive'}  # run name: MIMIC.py flags
+MI_MODEL = ('student', 'MI on the initial student', '--mi_model student')  # run name, label, MIMIC.py flags
+TRIGGER_SIZES = {'white_5': '--size 5 --row 26 --col 26', 'white_10': '--size 10 --row 21 --col 21',
+                 'white_15': '--size 15 --row 16 --col 16', 'white_20': '--size 20 --row 11 --col 11'}
+TRIGGERS = {'white_top_left': '--row 1 --col 1', 'white_top_right': '--row 1 --col 21',
+            'white_bottom_left': '--row 21 --col 1', 'white_centre': '--row 11 --col 11',
+            'black_21': '--colour black', 'red_21': '--colour 255,0,0'}  # run name: make_trigger.py flags
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A scale's settings; the *_args are extra flags of each stage, as one string."""
+    name: str  # paper or demo (whose synthetic data sets are made first)
+    runs: str
+    device: str
+    data_root: str
+    pretraining: str
+    reference_dir: str
+    tasks: tuple  # (downstream set, reference name, target class) per target task; the first is the base
+    width: str
+    clean_epochs: str
+    badencoder_epochs: str
+    drupe_epochs: str
+    ctrl_epochs: str
+    mimic_epochs: str
+    mi_epochs: str
+    nn_epochs: str
+    ratio: str
+    mimic_lr: str
+    clean_args: str
+    badencoder_args: str
+    drupe_args: str
+    ctrl_args: str
+    mimic_args: str
+    eval_args: str
+    defence_args: str
+    batch_for_ratio: str  # MIMIC's batch at the smallest ratios
+    augment: str
+
+    @property
+    def clean_encoder(self) -> str:
+        return f'{self.runs}/clean/model_{self.clean_epochs}.pth'
+
+    @property
+    def base(self) -> str:
+        """The first task's BadEncoder run: main's first row, whose backdoor ratio, ablation and mi_model use."""
+        return f'{self.runs}/main/{self.pretraining}_{self.tasks[0][0]}_badencoder'
+
+    @property
+    def base_backdoor(self) -> str:
+        return f'{self.base}/backdoor/model_{self.badencoder_epochs}.pth'
+
+
+def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.environ) -> Scale:
+    """The settings of --scale paper (the paper's, for a GPU machine) or demo (scripts/demo.sh's, on a CPU)."""
+    device, data_root = environ.get('DEVICE', ''), environ.get('DATA_ROOT', '')
+    if scale == 'paper':
+        runs = runs or 'runs/paper'
+        config = Scale(
+            name=scale, runs=runs, device=device or 'auto', data_root=data_root or 'data', pretraining='cifar10',
+            reference_dir='reference/cifar10',
+            tasks=(('gtsrb', 'priority', '12'), ('svhn', 'one', '1'), ('stl10', 'truck', '9')),
+            width='64', clean_epochs='1000', badencoder_epochs='200', drupe_epochs='120', ctrl_epochs='800',
+            mimic_epochs='1000', mi_epochs='200', nn_epochs='1000', ratio='0.04', mimic_lr='0.01',
+            clean_args='', badencoder_args='', drupe_args='', mimic_args='', eval_args='', defence_args='',
+            ctrl_args='--optimizer sgd --lr 0.06 --momentum 0.9 --weight_decay 5e-4 --schedule cosine '
+                      '--warmup_epochs 10 --batch_size 512',  # CTRL's SimCLR recipe
+            batch_for_ratio='', augment='auto')
+    elif scale == 'demo':
+        runs = runs or 'runs/paper_demo'
+        config = Scale(
+            name=scale, runs=runs, device=device or 'cpu', data_root=data_root or f'{runs}/data',
+            pretraining='synthetic_shapes', reference_dir=f'{runs}/reference',
+            tasks=(('synthetic_digits', 'one', '1'),),
+            width='8', clean_epochs='20', badencoder_epochs='5', drupe_epochs='15', ctrl_epochs='20',
+            mimic_epochs='40', mi_epochs='20', nn_epochs='400', ratio='0.25', mimic_lr='0.01',
+            clean_args='--batch_size 256', badencoder_args='--batch_size 128 --lr 0.01',
+            drupe_args='--batch_size 128 --shadow_fraction 1.0 --drupe_adapt_after 5 --drupe_select_after 8',
+            ctrl_args='--batch_size 256', mimic_args='--batch_size 128', eval_args='--lr 0.001 --no_progress',
+            defence_args='--batch_size 128 --anp_iterations 200',
+            batch_for_ratio='--batch_size 32',  # 1% of 4000 images is 40: one batch needs fewer than 128
+            augment='tensor')
+    else:
+        raise PipelineError(f"--scale: expected paper or demo, got '{scale}'")
+    extra = environ.get('EXTRA', '')
+    if extra:  # extra flags for every stage
+        config = dataclasses.replace(config, **{
+            name: f'{getattr(config, name)} {extra}' for name in
+            ('clean_args', 'badencoder_args', 'drupe_args', 'ctrl_args', 'mimic_args', 'eval_args', 'defence_args')})
+    return config
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline run of an experiment: its setting; the trigger file to make before it (name, flags of
+    trigger/make_trigger.py); whether the base run's probes of the same two encoders are copied in first."""
+    setting: Setting
+    trigger: tuple = ()
+    reuse_evals: bool = False
+
+
+@dataclass(frozen=True)
+class Experiment:
+    variants: tuple
+    table_runs: tuple  # the run folders its table collects, in order
+    table: str  # the table's path without .md / .csv
+
+
+def experiments(c: Scale, dry_run: bool) -> dict:
+    """{experiment: Experiment}, every run of every experiment at scale `c` (pure)."""
+    runs, pre = c.runs, c.pretraining
+    first_task, first_reference, _ = c.tasks[0]
+
+    def setting(run_dir: str, label: str, **flags) -> Setting:  # a pipeline run at this scale
+        return Setting(**{'run_dir': run_dir, 'label': label, 'dry_run': '1' if dry_run else '0',
+                          'device': c.device, 'data_root': c.data_root, 'pretraining_dataset': pre,
+                          'width': c.width, 'clean_epochs': c.clean_epochs, 'mimic_epochs': c.mimic_epochs,
+                          'mi_epochs': c.mi_epochs, 'nn_epochs': c.nn_epochs, 'ratio': c.ratio,
+                          'mimic_lr': c.mimic_lr, 'clean_encoder': c.clean_encoder, 'augment': c.augment,
+                          'eval_args': c.eval_args, 'defence_args': c.defence_args, **flags})
+
+    def badencoder(run_dir: str, label: str, downstream: str, reference: str, trigger: str = PAPER_TRIGGER,
+                   **flags) -> Setting:
+        return setting(run_dir, label, attack='badencoder', downstream_dataset=downstream,
+                       reference_file=f'{c.reference_dir}/{reference}.npz', trigger_file=trigger,
+                       badencoder_epochs=c.badencoder_epochs, **flags)
+
+    def on_base_backdoor(run_dir: str, label: str, mimic_flags: str, **flags) -> Variant:  # the shared backdoor
+        return Variant(badencoder(run_dir, label, first_task, first_reference, backdoored_encoder=c.base_backdoor,
+                                  mimic_args=f'{c.mimic_args} {mimic_flags}', **flags), reuse_evals=True)
+
+    def with_triggers(experiment: str, triggers: dict) -> Experiment:  # a backdoor per trigger, then MIMIC
+        variants = tuple(Variant(badencoder(f'{runs}/{experiment}/{name}', name, first_task, first_reference,
+                                            trigger=f'{runs}/trigger_files/{name}.npz',
+                                            badencoder_args=c.badencoder_args, mimic_args=c.mimic_args),
+                                 trigger=(name, flags)) for name, flags in triggers.items())
+        return Experiment(variants, tuple(v.setting.run_dir for v in variants), f'{runs}/{experiment}/table')
+
+    main_runs = []
+    for downstream, reference, _ in c.tasks:
+        main_runs.append(badencoder(f'{runs}/main/{pre}_{downstream}_badencoder', '', downstream, reference,
+                                    badencoder_args=c.badencoder_args, mimic_args=c.mimic_args, defences='all'))
+        main_runs.append(setting(f'{runs}/main/{pre}_{downstream}_drupe', '', attack='drupe',
+                                 downstream_dataset=downstream,
+                                 reference_file=f'{c.reference_dir}/{reference}_3.npz', trigger_file=PAPER_TRIGGER,
+                                 badencoder_epochs=c.drupe_epochs, badencoder_args=c.drupe_args,
+                                 mimic_args=c.mimic_args, defences='all'))
+    ctrl = setting(f'{runs}/main/{pre}_{pre}_ctrl', '', attack='ctrl', target_class='0', poison_rate='0.01',
+                   trigger_file=f'{runs}/trigger_files/ctrl.npz', badencoder_epochs=c.ctrl_epochs,
+                   badencoder_args=c.ctrl_args, mimic_args=c.mimic_args, defences='all')
+    main = [Variant(s) for s in main_runs] + [Variant(ctrl, trigger=('ctrl', '--kind ctrl'))]
+
+    ratio = tuple(on_base_backdoor(f'{runs}/ratio/ratio_{r}', f'ratio {r}', c.batch_for_ratio, ratio=r)
+                  for r in RATIOS)
+    ablation = tuple(on_base_backdoor(f'{runs}/ablation/{name}', name, flags) for name, flags in ABLATIONS.items())
+    mi_name, mi_label, mi_flags = MI_MODEL
+    mi_model = (on_base_backdoor(f'{runs}/mi_model/{mi_name}', mi_label, mi_flags),)
+    return {
+        'main': Experiment(tuple(main), tuple(v.setting.run_dir for v in main), f'{runs}/main/table'),
+        'ratio': Experiment(ratio, tuple(v.setting.run_dir for v in ratio), f'{runs}/ratio/table'),
+        'ablation': Experiment(ablation, (c.base,) + tuple(v.setting.run_dir for v in ablation),
+                               f'{runs}/ablation/table'),
+        'mi_model': Experiment(mi_model, (c.base, mi_model[0].setting.run_dir), f'{runs}/mi_model/table'),
+        'trigger_size': with_triggers('trigger_size', TRIGGER_SIZES),
+        'triggers': with_triggers('triggers', TRIGGERS),
+    }
+
+
+def base_run(c: Scale, dry_run: bool) -> Setting:
+    """The first task's BadEncoder run without defences: the shared backdoored encoder alone."""
+    main = experiments(c, dry_run)['main'].variants[0].setting
+    return dataclasses.replace(main, defences='')
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    setting: Setting
+
+
+@dataclass(frozen=True)
+class CopyEvals:
+    """The base run's probes of the clean and the shared backdoored encoder, copied into a run that evaluates
+    the same two encoder files with the same trigger, reference and probe, so that its pipeline skips them
+    (it still re-evaluates a copy whose encoder file or probe length differs). Real runs only."""
+    source: str
+    target: str
+
+
+def dirname(path: str) -> str:
+    return os.path.dirname(path) or '.'
+
+
+def has_matplotlib() -> bool:
+    return subprocess.run([python_run(), '-c', 'import matplotlib'], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+def steps(c: Scale, wanted: str, dry_run: bool) -> Iterator:
+    """What reproducing the `wanted` experiments does, in order (a generator: files are looked at as it goes)."""
+    def wants(name: str) -> bool:
+        return f',{name},' in f',{wanted},'
+
+    def made(path: str, *argv: str) -> Iterator:  # a file made once
+        if not os.path.isfile(path):
+            yield Command(tuple(argv), creates=path)
+
+    def table(experiment: Experiment) -> Iterator:  # the experiment's table, and its figures with matplotlib
+        yield Command(('scripts/results_table.py', *experiment.table_runs, '--out', experiment.table))
+        if dry_run or has_matplotlib():
+            yield Command(('scripts/plot_results.py', *experiment.table_runs,
+                           '--out', f'{dirname(experiment.table)}/figures'))
+        else:
+            yield Note(f'note: no figures for {dirname(experiment.table)} (pip install -r requirements-plot.txt, '
+                       'then run scripts/plot_results.py)')
+
+    def variants(experiment: Experiment) -> Iterator:
+        for variant in experiment.variants:
+            if variant.trigger:
+                name, flags = variant.trigger
+                yield from made(f'{c.runs}/trigger_files/{name}.npz', 'trigger/make_trigger.py', *flags.split(),
+                                '--out', f'{c.runs}/trigger_files/{name}.npz')
+            if variant.reuse_evals and not dry_run:
+                yield CopyEvals(c.base, variant.setting.run_dir)
+            yield PipelineRun(variant.setting)
+        yield from table(experiment)
+
+    # data, references, the clean encoder (once)
+    if c.name == 'demo' and not os.path.isfile(f'{c.data_root}/synthetic_digits/test.npz'):
+        yield Command(('-m', 'datasets.prepare', 'synthetic_shapes', '--out', c.data_root,
+                       '--sizes', 'train=4000,test=1000', '--seed', '1'))
+        yield Command(('-m', 'datasets.prepare', 'synthetic_digits', '--out', c.data_root,
+                       '--sizes', 'train=2000,test=1000', '--seed', '2'))
+    for downstream, name, label in c.tasks:
+        for count in (1, 3):  # BadEncoder's single reference; DRUPE's three
+            path = f"{c.reference_dir}/{name}{'' if count == 1 else f'_{count}'}.npz"
+            yield from made(path, 'reference/make_reference.py', '--dataset', downstream, '--data_root', c.data_root,
+                            '--class_id', label, '--first', str(count), '--out', path)
+    if not os.path.isfile(c.clean_encoder):
+        resume = ('--resume',) if glob.glob(f'{glob.escape(c.runs)}/clean/model_*.pth') else ()
+        yield Command(('-u', 'train_clean_encoder.py', '--pretraining_dataset', c.pretraining, '--width', c.width,
+                       '--epochs', c.clean_epochs, '--save_freq', '50', '--results_dir', f'{c.runs}/clean',
+                       '--device', c.device, '--data_root', c.data_root, '--augment', c.augment,
+                       *c.clean_args.split(), *resume))
+
+    plan = experiments(c, dry_run)
+    if wants('main'):
+        yield from variants(plan['main'])
+    if (wants('ratio') or wants('ablation') or wants('mi_model')) and \
+            not (os.path.isfile(c.base_backdoor) and not dry_run):
+        yield PipelineRun(base_run(c, dry_run))  # the shared backdoored encoder (its stages skipped when done)
+    for name in ('ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers'):
+        if wants(name):
+            yield from variants(plan[name])
+    if not dry_run:
+        tables = sorted(glob.glob(f'{glob.escape(c.runs)}/*/table.md'))
+        yield Note('tables: ' + ''.join(f'{path} ' for path in tables), when='run')
+
+
+def copy_evals(step: CopyEvals) -> None:
+    for name in ('clean', 'backdoored'):
+        source, target = f'{step.source}/eval_{name}', f'{step.target}/eval_{name}'
+        if not os.path.isfile(f'{source}/metrics.json') or os.path.lexists(target):
+            continue
+        os.makedirs(step.target, exist_ok=True)
+        shutil.copytree(source, target, copy_function=shutil.copy)
+        if os.path.isfile(f'{source}.log'):
+            shutil.copy(f'{source}.log', step.target)
+        print(f'== eval_{name}: the same encoder, trigger and probe as {step.source}; its result copied', flush=True)
+
+
+def parse_args(argv: Iterable[str]) -> tuple:
+    """(experiments, scale, dry_run, runs_dir) from the command line; PipelineError when it is wrong."""
+    argv = list(argv)
+    wanted, scale, dry_run, runs = ','.join(EXPERIMENTS), 'paper', False, ''
+    while argv:
+        arg = argv.pop(0)
+        if arg in ('--experiments', '--scale'):
+            if not argv:
+                raise PipelineError(f'{arg} needs a value')
+            value = argv.pop(0)
+            if arg == '--experiments':
+                wanted = value
+            else:
+                scale = value
+        elif arg == '--dry_run':
+            dry_run = True
+        elif arg.startswith('-'):
+            raise PipelineError(f'unknown option {arg} (see the header of scripts/reproduce_paper.sh)')
+        elif runs:
+            raise PipelineError(f"one RUNS_DIR only, got '{runs}' and '{arg}'")
+        else:
+            runs = arg
+    if wanted == 'all':
+        wanted = ','.join(EXPERIMENTS)
+    for name in wanted.replace(',', ' ').split():
+        if name not in EXPERIMENTS:
+            raise PipelineError(f"--experiments: unknown experiment '{name}' (expected main, ratio, trigger_size, "
+                                'ablation, mi_model, triggers)')
+    return wanted, scale, dry_run, runs
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    try:
+        wanted, scale, dry_run, runs = parse_args(sys.argv[1:] if argv is None else argv)
+        config = scale_config(scale, runs)
+    except PipelineError as error:
+        return report(error, PROG)
+    try:
+        for step in steps(config, wanted, dry_run):
+            if isinstance(step, PipelineRun):
+                execute(step.setting)
+            elif isinstance(step, CopyEvals):
+                copy_evals(step)
+            else:
+                run([step], dry_run=dry_run)
+    except PipelineError as error:  # from a pipeline run or a command: as the pipeline reports it
+        return report(error)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
