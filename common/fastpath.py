@@ -23,7 +23,7 @@ from datasets import ImagePairs
 from datasets.tensor_augment import CROP_SCALE, finetune_views, simclr_views
 
 from . import distributed
-from .runs import epoch_loader, rank_epoch_loader
+from .loaders import epoch_loader, rank_epoch_loader
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ from common.cli import (NonFiniteLossError, UsageError, caused_by_interrupt, che
                         progress_disabled, require_positive, run_main, seed_everything, shared_parser)
 from common.device import autocast, resolve_device
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
-from common.runs import (checkpoint_epochs, epoch_loader, prepare_results_dir, read_csv, restore_optimizer,
+from common.loaders import epoch_loader
+from common.runs import (checkpoint_epochs, prepare_results_dir, read_csv, restore_optimizer,
                          resume_state, rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, requires_cpu_fused_adam, run_script
 from datasets import DataError

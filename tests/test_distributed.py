@@ -31,7 +31,7 @@ import torch
 from common import distributed
 from common.cli import UsageError
 from common.fastpath import DevicePairBatches, DeviceShadowBatches
-from common.runs import RankBatches, epoch_loader, epoch_permutation
+from common.loaders import RankBatches, epoch_loader, epoch_permutation
 from conftest import REPO
 from models import SimCLR, load_checkpoint
 from models.losses import nt_xent, nt_xent_anchors

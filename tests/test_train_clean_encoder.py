@@ -12,7 +12,8 @@ import torch
 
 import train_clean_encoder as stage0
 from common.cli import NonFiniteLossError, UsageError
-from common.runs import check_resumable, epoch_loader, with_later_defaults
+from common.loaders import epoch_loader
+from common.runs import check_resumable, with_later_defaults
 from datasets import ImagePairs, load_split, simclr_transform
 from models import SimCLR, load_checkpoint, load_encoder
 
