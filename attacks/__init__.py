@@ -1,4 +1,6 @@
 """Backdoor attacks beyond BadEncoder's losses (docs/DESIGN.md §12): each attack's terms as pure functions of tensors.
 
+`badencoder`: BadEncoder (Jia et al., IEEE S&P 2022), the default of `train_badencoder.py`: its shadow set, step,
+objective and the attack interface the stage-1 driver calls.
 `drupe`: DRUPE (Tao et al., IEEE S&P 2024), run by `train_badencoder.py --attack drupe`.
 """

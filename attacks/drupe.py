@@ -64,13 +64,22 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from common import distributed
 from common.cli import require_positive
 from common.errors import UsageError
+from common.runs import save_run_checkpoint
+
+from .badencoder import LOG_COLUMNS as BADENCODER_COLUMNS
+from .badencoder import BadEncoder, StepFeatures, utility_terms
 
 # DRUPE's values of train_badencoder.py flags (the README's command: --lr 0.05 --epochs 120 --batch_size 256
 # with reference/gtsrb_l12_n3.npz; main.py: --shadow_fraction 0.2).
@@ -344,3 +353,108 @@ def check(args: argparse.Namespace) -> None:
     for flag in ('drupe_warmup_epochs', 'drupe_cost_spread', 'drupe_cost_dist'):
         if getattr(args, flag) < 0:
             raise UsageError(f'--{flag} must not be negative, got {getattr(args, flag)}')
+
+
+# ------------------------------------------------------------------------------ the attack in train_badencoder.py
+
+BEST_CHECKPOINT = 'best.pth'  # DRUPE's selected epoch, under the name its code gives it
+LOG_COLUMNS = BADENCODER_COLUMNS[:5] + TERMS + ('cost_spread', 'cost_dist') + BADENCODER_COLUMNS[5:]
+SWD_STREAM = 0x5D  # tells the SWD directions' seed sequence apart from any other drawn from (seed, epoch)
+
+
+def drupe_objective(features: StepFeatures, lambda1: float, lambda2: float, phase: str, state: DrupeState,
+                    schedule: Schedule, generator: torch.Generator, num_projections: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(DRUPE's loss in `phase` with the epoch's costs, the terms): the table of this module's docstring."""
+    terms = {**drupe_terms(features.clean, features.triggered, features.reference, generator, num_projections),
+             **utility_terms(features)}
+    weights = term_weights(phase, state.cost_spread, state.cost_dist, terms['spread_std'].item(),
+                           terms['reference_sim'].item(), lambda1, lambda2, schedule)
+    return weighted_loss(terms, weights), terms
+
+
+def projection_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator of an epoch's SWD directions: a function of (seed, epoch) alone, so a resumed run draws the
+    same directions, and a stream of its own, apart from the data order's (seed·100003 + epoch)."""
+    state = np.random.SeedSequence((seed % 2 ** 32, epoch, SWD_STREAM)).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+class Drupe(BadEncoder):
+    """DRUPE through BadEncoder's interface. What it carries from epoch to epoch besides the model and the
+    optimiser: its schedule, its costs and best candidate (`DrupeState`), and that candidate's weights (on the
+    CPU)."""
+    columns = LOG_COLUMNS
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        super().__init__(args, device)
+        self.schedule = schedule_from_args(args)
+        self.state = initial_state(self.schedule)
+        self.best_weights: dict | None = None
+
+    @staticmethod
+    def flag_defaults() -> dict:
+        return defaults()
+
+    def copies(self, num_references: int, num_patches: int) -> int:
+        """A single triggered copy when every reference shares one patch (BadEncoder keeps its R identical
+        copies, as it always did); one per reference otherwise."""
+        return 1 if num_patches == 1 else num_references
+
+    def objective(self, epoch: int):
+        return partial(drupe_objective, lambda1=self.args.lambda1, lambda2=self.args.lambda2,
+                       phase=phase_of(epoch, self.schedule), state=self.state, schedule=self.schedule,
+                       generator=projection_generator(self.args.seed, epoch, self.device),
+                       num_projections=self.args.drupe_projections)
+
+    def start(self, results_dir: Path) -> None:
+        if distributed.is_main():  # an earlier run's, left by --overwrite
+            (results_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
+
+    def after_epoch(self, epoch: int, losses: dict[str, float], model: nn.Module,
+                    optimizer: torch.optim.Optimizer, results_dir: Path, target_label: int) -> dict[str, float]:
+        """Advance the run past `epoch` (costs, best candidate; a new best is written to best.pth at once, as DRUPE
+        does, and kept in memory); returns the costs the epoch trained with, for its log row."""
+        costs = {'cost_spread': self.state.cost_spread, 'cost_dist': self.state.cost_dist}
+        self.state = end_of_epoch(self.state, epoch, losses, self.schedule)
+        if self.state.best_epoch == epoch:
+            self.best_weights = {key: value.detach().to('cpu', copy=True)
+                                 for key, value in model.state_dict().items()}
+            save_run_checkpoint(results_dir / BEST_CHECKPOINT, model, optimizer, epoch, self.args,
+                                target_label=target_label, drupe_state=asdict(self.state))
+            print(f'DRUPE: epoch {epoch} is the best candidate so far (swd {losses["swd"]:.4f}), '
+                  f'saved {BEST_CHECKPOINT}')
+        return costs
+
+    def selected_epoch(self) -> int:
+        """The epoch whose encoder is DRUPE's output: the best candidate, or the last epoch (--drupe_output last,
+        or no candidate)."""
+        best = self.state.best_epoch
+        return best if self.args.drupe_output == 'best' and best else self.args.epochs
+
+    def checkpoint_keys(self, epoch: int, model: nn.Module) -> dict:
+        """DRUPE's part of a checkpoint: its state and best weights (to resume), and in the last epoch's the
+        output."""
+        keys = {'drupe_state': asdict(self.state)}
+        if self.best_weights is not None:
+            keys['drupe_best'] = self.best_weights
+        if epoch == self.args.epochs:
+            keys['selected_epoch'] = self.selected_epoch()
+            if keys['selected_epoch'] != epoch:
+                # These override encoder_checkpoint's keys: the file's encoder is the selected one, which the next
+                # stages load, and --resume (a longer run) continues from the last weights.
+                keys.update(state_dict=self.best_weights, last_state_dict=model.state_dict())
+        return keys
+
+    def restore(self, checkpoint: dict) -> None:
+        self.state = DrupeState(**checkpoint['drupe_state'])
+        self.best_weights = checkpoint.get('drupe_best')
+
+    def describe_output(self) -> str:
+        select_after = self.schedule.select_after
+        if self.args.drupe_output == 'best' and self.state.best_epoch:
+            return (f'DRUPE output: epoch {self.state.best_epoch}, the smallest swd ({self.state.best_swd:.4f}) '
+                    f'among the epochs > {select_after} that met its targets (also in {BEST_CHECKPOINT})')
+        reason = ('--drupe_output last' if self.args.drupe_output == 'last'
+                  else f'no epoch > {select_after} met its targets')
+        return f'DRUPE output: the last epoch, {self.args.epochs} ({reason})'

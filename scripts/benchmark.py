@@ -55,6 +55,7 @@ import baseline_defence  # noqa: E402
 import train_badencoder  # noqa: E402
 import train_clean_encoder  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
+from attacks import badencoder  # noqa: E402
 from common.cli import StageParser, UsageError, require_positive, run_main, seed_everything  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from common.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
@@ -220,7 +221,7 @@ def paper_trigger() -> Trigger:
 
 
 def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 1: train_badencoder.train_one_epoch with one reference, set up as its main() does; also times
+    """Stage 1: attacks.badencoder.train_one_epoch with one reference, set up as its main() does; also times
     the one-off pass of the frozen clean encoder f0 over the shadow set (encode_img_per_s), after an untimed
     pass when --warmup > 0: a real run spreads cuDNN's algorithm search over its whole set, not these few batches."""
     batch = args.badencoder_batch_size
@@ -232,11 +233,11 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
 
     clean_encoder = copy.deepcopy(model.f)
     if args.warmup:  # untimed: the first pass of each batch shape pays cuDNN's algorithm search (cudnn.benchmark)
-        train_badencoder.clean_encoder_features(clean_encoder, shadow_images, reference.x, NORMALIZATION, device,
+        badencoder.clean_encoder_features(clean_encoder, shadow_images, reference.x, NORMALIZATION, device,
                                                 disable)
     synchronize(device)
     start = time.perf_counter()
-    clean_features, clean_reference_features = train_badencoder.clean_encoder_features(
+    clean_features, clean_reference_features = badencoder.clean_encoder_features(
         clean_encoder, shadow_images, reference.x, NORMALIZATION, device, disable)
     synchronize(device)
     encode_img_per_s = (len(shadow_images) + len(reference)) / (time.perf_counter() - start)
@@ -244,15 +245,15 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
     references = normalize_batch(reference.x, NORMALIZATION, device)  # (R, 3, H, W)
     device_references = torch.from_numpy(reference.x).to(device)  # (R, H, W, 3) uint8, for the tensor path
     shadow = torch.from_numpy(shadow_images).to(device)  # (N, H, W, 3) uint8
-    dataset = train_badencoder.IndexedShadow(shadow_images, trigger, reference, test_transform(NORMALIZATION),
+    dataset = badencoder.IndexedShadow(shadow_images, trigger, reference, test_transform(NORMALIZATION),
                                              finetune_transform(NORMALIZATION))
-    train_badencoder.freeze_batchnorm(model.f)
+    badencoder.freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=run_args.lr, momentum=0.9, weight_decay=5e-4)
     encoder_forward = maybe_compile(model.f, run_args.compile)
     loader = TimedLoader(shadow_batches(dataset, run_args, NORMALIZATION, 1, device, device_references),
                          args.warmup, device)
     with counting_forwards(encoder_forward) as forwards:
-        train_badencoder.train_one_epoch(encoder_forward, loader, shadow, clean_features, references,
+        badencoder.train_one_epoch(encoder_forward, loader, shadow, clean_features, references,
                                          clean_reference_features, trigger, dataset.trigger_index, optimizer,
                                          run_args, NORMALIZATION, device, 1)
     return {'badencoder_img_per_s': batch * loader.timed_steps / loader.seconds,

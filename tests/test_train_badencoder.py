@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_badencoder
-from attacks import drupe
+from attacks import badencoder, drupe
 from common.cli import NonFiniteLossError, UsageError
 from common.features import encode_images
 from datasets import (DataError, Reference, ShadowImages, finetune_transform, get_info, load_reference,
@@ -81,14 +81,14 @@ def test_readme_typo_value_is_taken(tmp_path, monkeypatch, capsys):
     parser = train_badencoder.get_args_parser()
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'clean.pth').write_bytes(b'')
-    fixed = train_badencoder.fix_readme_typo(['--pretrained_encoder', '--clean.pth', '--epochs', '3'], parser)
+    fixed = badencoder.fix_readme_typo(['--pretrained_encoder', '--clean.pth', '--epochs', '3'], parser)
     assert parser.parse_args(fixed).pretrained_encoder == 'clean.pth'
     assert 'note:' in capsys.readouterr().err
     (tmp_path / '--odd.pth').write_bytes(b'')  # a file really named with '--' keeps its name
-    fixed = train_badencoder.fix_readme_typo(['--pretrained_encoder', '--odd.pth'], parser)
+    fixed = badencoder.fix_readme_typo(['--pretrained_encoder', '--odd.pth'], parser)
     assert parser.parse_args(fixed).pretrained_encoder == '--odd.pth'
     # A real option after the flag is left for argparse to report (a missing value).
-    assert train_badencoder.fix_readme_typo(['--pretrained_encoder', '--epochs', '3'], parser) == \
+    assert badencoder.fix_readme_typo(['--pretrained_encoder', '--epochs', '3'], parser) == \
         ['--pretrained_encoder', '--epochs', '3']
 
 
@@ -108,7 +108,7 @@ def test_device_batch_matches_shadow_images(data_root):
                           finetune_transform(NORMALIZATION))
     batch = torch.from_numpy(images)
     clean = normalize_batch(batch, NORMALIZATION)
-    triggered = train_badencoder.triggered_inputs(batch, trigger, 2, shadow.trigger_index, NORMALIZATION)
+    triggered = badencoder.triggered_inputs(batch, trigger, 2, shadow.trigger_index, NORMALIZATION)
     for index in range(len(images)):
         expected_clean, expected_triggered, _ = shadow[index]
         torch.testing.assert_close(clean[index], expected_clean, atol=1e-6, rtol=0)
@@ -123,15 +123,15 @@ def test_stl10_shadow_set_is_the_first_unlabeled_images(tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (150, 32, 32, 3), dtype=np.uint8)
     (tmp_path / 'stl10').mkdir()
     np.savez(tmp_path / 'stl10' / 'train_unlabeled.npz', x=images)
-    monkeypatch.setattr(train_badencoder, 'SHADOW_SIZE', 100)
+    monkeypatch.setattr(badencoder, 'SHADOW_SIZE', 100)
     parser = train_badencoder.get_args_parser()
-    subsets = [train_badencoder.load_shadow_images(parser.parse_args(
+    subsets = [badencoder.load_shadow_images(parser.parse_args(
         ['--shadow_dataset', 'stl10', '--data_root', str(tmp_path), '--batch_size', '8', '--seed', seed]))
         for seed in ('1', '2')]
     assert subsets[0].shape == (100, 32, 32, 3) and np.array_equal(subsets[0], subsets[1])
     assert np.array_equal(subsets[0], images[:100])
     with pytest.raises(UsageError, match='--batch_size'):
-        train_badencoder.load_shadow_images(parser.parse_args(
+        badencoder.load_shadow_images(parser.parse_args(
             ['--shadow_dataset', 'stl10', '--data_root', str(tmp_path), '--batch_size', '101']))
 
 
@@ -139,7 +139,7 @@ def test_freeze_batchnorm_after_train():
     from models import SimCLR
     model = SimCLR(width=8)
     model.f.train()
-    train_badencoder.freeze_batchnorm(model.f)
+    badencoder.freeze_batchnorm(model.f)
     norms = [m for m in model.f.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(not m.training and not m.weight.requires_grad and not m.bias.requires_grad
                          for m in norms)
