@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attacks import ctrl
 from common.cli import UsageError
 from conftest import run_script
 from datasets import DataError, Trigger, apply_trigger, load_trigger
@@ -144,12 +145,12 @@ def test_blend_image_of_another_size_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ --kind ctrl
 
 def test_dct_matrix_is_the_orthonormal_dct_ii():
-    np.testing.assert_allclose(make_trigger.dct_matrix(2), [[0.5 ** 0.5, 0.5 ** 0.5], [0.5 ** 0.5, -0.5 ** 0.5]],
+    np.testing.assert_allclose(ctrl.dct_matrix(2), [[0.5 ** 0.5, 0.5 ** 0.5], [0.5 ** 0.5, -0.5 ** 0.5]],
                                atol=1e-15)
-    c4 = make_trigger.dct_matrix(4)
+    c4 = ctrl.dct_matrix(4)
     assert c4[1, 0] == pytest.approx(0.5 ** 0.5 * math.cos(math.pi / 8), abs=1e-15)
     assert c4[3, 2] == pytest.approx(0.5 ** 0.5 * math.cos(math.pi * 15 / 8), abs=1e-15)
-    c32 = make_trigger.dct_matrix(32)
+    c32 = ctrl.dct_matrix(32)
     np.testing.assert_allclose(c32 @ c32.T, np.eye(32), atol=1e-13)
     flat = np.full((32, 32), 3.0)
     coefficients = c32 @ flat @ c32.T
@@ -175,7 +176,7 @@ def test_ctrl_dc_term_of_y_shifts_every_pixel_by_magnitude_over_window(tmp_path)
 
 def test_ctrl_single_frequency_by_hand_and_windowing():
     magnitude = 100.0
-    delta = make_trigger.ctrl_delta(32, 32, [(31, 31)], [0], magnitude, make_trigger.YUV_INVERSES['exact'])
+    delta = ctrl.ctrl_delta(32, 32, [(31, 31)], [0], magnitude, ctrl.YUV_INVERSES['exact'])
     for r, c in ((0, 0), (5, 17), (31, 2)):
         by_hand = magnitude * (2 / 32) * math.cos(math.pi * (2 * r + 1) * 31 / 64) * math.cos(
             math.pi * (2 * c + 1) * 31 / 64)
@@ -183,15 +184,15 @@ def test_ctrl_single_frequency_by_hand_and_windowing():
     assert abs(delta[0, 0, 0]) == pytest.approx(6.25 * math.cos(31 * math.pi / 64) ** 2)
 
     # window 8 over 32x32: the same 8x8 block in all 16 windows
-    tiled = make_trigger.ctrl_delta(32, 8, [(3, 5)], [1, 2], magnitude, make_trigger.YUV_INVERSES['exact'])
+    tiled = ctrl.ctrl_delta(32, 8, [(3, 5)], [1, 2], magnitude, ctrl.YUV_INVERSES['exact'])
     np.testing.assert_allclose(tiled, np.tile(tiled[:8, :8], (4, 4, 1)), atol=1e-12)
     # U and V only: back in YUV (M Δ_rgb) the Y channel is untouched and U = V
-    yuv = tiled @ make_trigger.RGB_TO_YUV.T
+    yuv = tiled @ ctrl.RGB_TO_YUV.T
     np.testing.assert_allclose(yuv[..., 0], 0, atol=1e-12)
     np.testing.assert_allclose(yuv[..., 1], yuv[..., 2], atol=1e-12)
     assert np.abs(yuv[..., 1]).max() > 1
     # --yuv_inverse kornia: the same YUV change mapped back with kornia 0.6.5's yuv_to_rgb matrix
-    kornia = make_trigger.ctrl_delta(32, 8, [(3, 5)], [1, 2], magnitude, make_trigger.YUV_INVERSES['kornia'])
+    kornia = ctrl.ctrl_delta(32, 8, [(3, 5)], [1, 2], magnitude, ctrl.YUV_INVERSES['kornia'])
     np.testing.assert_allclose(kornia, yuv @ np.array([[1, 0, 1.14], [1, -0.396, -0.581], [1, 2.029, 0]]).T,
                                atol=1e-12)
     assert 1e-3 < np.abs(kornia - tiled).max() < 0.1

@@ -60,19 +60,11 @@ if __package__ in (None, ''):  # run as `python trigger/make_trigger.py`: make t
 from common.cli import UsageError, run_main  # noqa: E402
 from datasets import DataError, load_trigger, read_npz  # noqa: E402
 from common.files import save_npz_atomic  # noqa: E402
+from attacks.ctrl import YUV_CHANNELS, YUV_INVERSES, ctrl_delta  # noqa: E402
 from datasets.triggers import MAX_ADDITIVE  # noqa: E402
 
 KINDS = ('patch', 'blend', 'ctrl')
 NAMED_COLOURS = {'white': (255, 255, 255), 'black': (0, 0, 0)}
-YUV_CHANNELS = 'YUV'
-# kornia 0.6.5 (CTRL's requirements.txt), kornia/color/yuv.py: rgb_to_yuv and yuv_to_rgb.
-RGB_TO_YUV = np.array([[0.299, 0.587, 0.114],
-                       [-0.147, -0.289, 0.436],
-                       [0.615, -0.515, -0.100]])
-KORNIA_YUV_TO_RGB = np.array([[1.0, 0.0, 1.14],
-                              [1.0, -0.396, -0.581],
-                              [1.0, 2.029, 0.0]])
-YUV_INVERSES = {'exact': np.linalg.inv(RGB_TO_YUV), 'kornia': KORNIA_YUV_TO_RGB}
 # The defaults of each kind's flags: a flag of another kind is refused rather than ignored.
 KIND_DEFAULTS = {
     'patch': {'row': 21, 'col': 21, 'size': 10, 'colour': 'white'},
@@ -158,36 +150,6 @@ def read_pattern(path: str | Path, image_size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ ctrl
-
-def dct_matrix(n: int) -> np.ndarray:
-    """The orthonormal DCT-II matrix C (n, n): C[k, j] = s_k cos(π (2j + 1) k / (2n)), s_0 = √(1/n), s_k = √(2/n).
-
-    The 2-D DCT of a block X is C X C^T (row frequency first) and, C being orthogonal, its inverse is C^T Y C;
-    the same transform as scipy's dct(..., norm='ortho') and torch-dct's dct_2d(..., norm='ortho').
-    """
-    k = np.arange(n)[:, None]
-    j = np.arange(n)[None, :]
-    scale = np.where(k == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
-    return scale * np.cos(np.pi * (2 * j + 1) * k / (2 * n))
-
-
-def ctrl_delta(image_size: int, window: int, frequencies: list[tuple[int, int]], channels: list[int],
-               magnitude: float, yuv_to_rgb: np.ndarray) -> np.ndarray:
-    """CTRL's additive trigger Δ, float64 (S, S, 3) in RGB grey levels (see the module docstring).
-
-    Per window x window block and YUV channel c in `channels`: Δ_c = C^T (m Σ_(u,v) e_u e_v^T) C with C the
-    DCT matrix, the same in every block; then Δ_rgb = yuv_to_rgb · Δ_yuv at every pixel.
-    """
-    basis = dct_matrix(window)
-    coefficients = np.zeros((window, window))
-    for u, v in frequencies:
-        coefficients[u, v] += magnitude
-    block = basis.T @ coefficients @ basis  # inverse 2-D DCT of the added coefficients, (window, window)
-    tiled = np.tile(block, (image_size // window, image_size // window))  # (S, S), every block alike
-    delta_yuv = np.zeros((image_size, image_size, 3))
-    delta_yuv[..., channels] = tiled[..., None]
-    return delta_yuv @ yuv_to_rgb.T  # (S, S, 3): per pixel N · Δ_yuv
-
 
 def parse_frequencies(items: list[str], window: int) -> list[tuple[int, int]]:
     """['15,15', '31,31'] -> [(15, 15), (31, 31)], each position inside a window x window block, no repeats."""
