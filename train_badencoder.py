@@ -1,11 +1,9 @@
 """Stage 1 — BadEncoder (Jia et al., S&P 2022): plant a backdoor in a clean SimCLR encoder (docs/DESIGN.md §5).
 
-The encoder f (initialised from the clean encoder f0) is fine-tuned so that
-    L0 = −(1/R) Σ_i mean_x cos(f(x ⊕ t_i), f(r_i))          triggered shadow images map to reference i
-    L1 = −(1/R) Σ_i mean_batch cos(f(aug(r_i)), f0(r_i))     the references stay where f0 put them
-    L2 = −mean_x cos(f(x), f0(x))                            clean images keep their clean features
-    L  = L0 + λ1·L1 + λ2·L2
-is minimised over the shadow set; only f is trained, every BatchNorm of f stays in eval mode.
+The encoder f (initialised from the clean encoder f0) is fine-tuned on the shadow set so that triggered images map
+to the references while clean images and the references keep their clean features: L = L0 + λ1·L1 + λ2·L2, the
+terms and the step in attacks/badencoder.py. Only f is trained; every BatchNorm of f stays in eval mode. The
+driver calls the attack through the interface of attacks/badencoder.py, so that DRUPE runs through it too.
 
 The paper's run (CIFAR10 encoder, GTSRB target "priority road"), as in the original README:
 
