@@ -1,10 +1,14 @@
 """Shared fixtures: tiny synthetic datasets in the npz layout, a tiny encoder checkpoint, paths."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +112,30 @@ def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.C
     env = dict(os.environ, TQDM_DISABLE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+ENTRY_POINTS = {'train_clean_encoder.py': 'train_clean_encoder', 'train_badencoder.py': 'train_badencoder',
+                'MIMIC.py': 'MIMIC', 'baseline_defence.py': 'baseline_defence',
+                'training_downstream_classifier.py': 'training_downstream_classifier'}
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """A stage run as `run_script` runs it, but inside this process: its `main(argv)` through `common.cli.run_main`
+    (so the exit status and the one-line error are the script's), stdout and stderr captured. Seconds faster than
+    a new interpreter; the tests of the process itself (signals, torchrun, the command line) keep `run_script`."""
+    from common.cli import run_main
+    module = importlib.import_module(ENTRY_POINTS[args[0]])
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(lambda: module.main(list(args[1:])))
+        except SystemExit as leaving:
+            status = leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
+        except Exception:  # an uncaught error: a traceback and status 1, as the interpreter would give
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, write_split
+from conftest import REPO, run_in_process, run_script, write_split
 from models import load_checkpoint
 
 
@@ -90,7 +90,7 @@ def test_code_executing_checkpoint_is_refused(stage, flag, tmp_path, data_root, 
     evil, marker = evil_checkpoint
     out = tmp_path / 'out'
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)[stage]
-    result = run_script(*with_flag(command, flag, str(evil)))
+    result = run_in_process(*with_flag(command, flag, str(evil)))
     assert_clean_error(result, str(evil))
     assert not marker.exists(), 'the pickle ran code'
     assert no_checkpoints(out)
@@ -101,7 +101,7 @@ def test_code_executing_suffix_encoder_is_refused(tmp_path, data_root, trigger_f
     evil, marker = evil_checkpoint
     out = tmp_path / 'out'
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)['clean']
-    result = run_script(*command, '--suffix_encoder', str(evil))
+    result = run_in_process(*command, '--suffix_encoder', str(evil))
     assert_clean_error(result, str(evil))
     assert not marker.exists() and no_checkpoints(out)
 
@@ -157,7 +157,7 @@ def test_bad_invocation_is_one_line_error(case, tmp_path, data_root, trigger_fil
     out = tmp_path / 'out'
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)[stage]
     value = value.replace('ROOT', str(bad_files['roots']))
-    result = run_script(*with_flag(command, flag, value))
+    result = run_in_process(*with_flag(command, flag, value))
     assert_clean_error(result, needle)
     assert no_checkpoints(out)
 
@@ -169,7 +169,7 @@ def test_architecture_mismatch_names_the_keys(tmp_path, data_root, trigger_file,
     save_atomic(encoder_checkpoint(SimCLR(arch='resnet34', width=8), None, 1), student)
     out = tmp_path / 'out'
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)['mimic']
-    line = assert_clean_error(run_script(*command, '--student', str(student)), str(student))
+    line = assert_clean_error(run_in_process(*command, '--student', str(student)), str(student))
     assert 'f.f.3.2' in line or 'resnet34' in line
     assert no_checkpoints(out)
 
@@ -213,10 +213,10 @@ def test_resume_with_other_settings_is_refused(stage, flag, value, tmp_path, dat
                                                reference_file, tiny_encoder):
     out = tmp_path / 'out'
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, out)[stage]
-    first = run_script(*command)
+    first = run_in_process(*command)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p.name: p.stat().st_mtime_ns for p in out.glob('*.pth')}
-    result = run_script(*with_flag(with_flag(command, '--epochs', '2'), flag, value), '--resume')
+    result = run_in_process(*with_flag(with_flag(command, '--epochs', '2'), flag, value), '--resume')
     assert_clean_error(result, '--resume', flag)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob('*.pth')} == before
 
