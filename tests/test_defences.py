@@ -14,7 +14,7 @@ from defences import BASELINES, fp, nad
 from defences.mimic import distillation_losses
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -182,7 +182,7 @@ def test_every_defence_end_to_end(data_root, tiny_encoder, tmp_path, defence):
 def test_stage3_evaluates_a_purified_encoder(data_root, tiny_encoder, tmp_path, trigger_file, reference_file):
     out = tmp_path / 'fp'
     baseline_defence.main(tiny_args(data_root, tiny_encoder, out, defence='fp'))
-    result = run_script('training_downstream_classifier.py', '--dataset', 'synthetic_digits', '--data_root',
+    result = run_in_process('training_downstream_classifier.py', '--dataset', 'synthetic_digits', '--data_root',
                         str(data_root), '--encoder_usage_info', 'synthetic_shapes', '--encoder', str(out / 'model_1.pth'),
                         '--trigger_file', str(trigger_file), '--reference_file', str(reference_file),
                         '--reference_label', '1', '--nn_epochs', '1', '--results_dir', str(tmp_path / 'eval'),
@@ -220,13 +220,13 @@ def test_nad_resumes_into_the_student_phase(data_root, tiny_encoder, tmp_path):
 ])
 def test_bad_flags_are_one_line_and_write_nothing(data_root, tiny_encoder, tmp_path, flags, message):
     out = tmp_path / 'out'
-    result = run_script('baseline_defence.py', *tiny_args(data_root, tiny_encoder, out, *flags, defence='fp'))
+    result = run_in_process('baseline_defence.py', *tiny_args(data_root, tiny_encoder, out, *flags, defence='fp'))
     assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr
     assert message in result.stderr and not out.exists()
 
 
 def test_unknown_defence_is_one_line(tmp_path):
-    result = run_script('baseline_defence.py', '--defence', 'magic', '--teacher', 'x', '--results_dir', str(tmp_path))
+    result = run_in_process('baseline_defence.py', '--defence', 'magic', '--teacher', 'x', '--results_dir', str(tmp_path))
     assert result.returncode == 2 and result.stderr.count('\n') == 1 and 'magic' in result.stderr
 
 
@@ -249,7 +249,7 @@ def test_clp_script_prunes_a_planted_high_lipschitz_channel(data_root, tmp_path)
     suspect = tmp_path / 'planted.pth'
     save_atomic(encoder_checkpoint(model, None, 1), suspect)
     out = tmp_path / 'clp'
-    result = run_script('baseline_defence.py', *tiny_args(data_root, suspect, out, defence='clp'))
+    result = run_in_process('baseline_defence.py', *tiny_args(data_root, suspect, out, defence='clp'))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / 'defence.json').read_text())
     assert report['pruned']['f.f.5.0.bn2'] == [7] and report['checkpoint'] == 'model_0.pth'

@@ -13,7 +13,7 @@ from common.cli import UsageError
 from models import SimCLR, save_atomic
 from models.checkpoint import encoder_checkpoint
 
-from conftest import requires_cpu_fused_adam, run_script
+from conftest import requires_cpu_fused_adam, run_in_process, run_script
 
 METRIC_LINE = re.compile(r'^\{"metric": "Eval - (?P<name>[^"]+)", "value": (?P<value>[^,]+), '
                          r'"epoch": (?P<epoch>\d+)\}$')
@@ -27,7 +27,7 @@ def probe_args(data_root, trigger_file, reference_file, tiny_encoder):
             '--encoder_usage_info', 'synthetic_shapes', '--device', 'cpu', '--no_progress']
 
 
-def run_in_process(monkeypatch, *argv: str) -> None:
+def call_main(monkeypatch, *argv: str) -> None:
     monkeypatch.setattr(sys, 'argv', ['training_downstream_classifier.py', *argv])
     stage3.main()
 
@@ -143,7 +143,7 @@ def test_clean_encoder_names_usage_info_from_checkpoint_and_no_results_dir(monke
                 folder / 'model_5.pth')
     argv = [a for a in probe_args if a not in ('--encoder_usage_info', 'synthetic_shapes')]
     argv[argv.index('--encoder') + 1] = str(folder / 'model_5.pth')
-    run_in_process(monkeypatch, *argv, '--nn_epochs', '1', '--reference_label', '1')
+    call_main(monkeypatch, *argv, '--nn_epochs', '1', '--reference_label', '1')
     out = capsys.readouterr().out
     assert [m['metric'] for m in parse_metric_lines(out)] == [
         'Eval - Clean Accuracy (CA)', 'Eval - Attack Success Rate-Baseline (ASR-B)',
@@ -153,14 +153,14 @@ def test_clean_encoder_names_usage_info_from_checkpoint_and_no_results_dir(monke
 
 
 def test_same_seed_same_numbers(monkeypatch, capsys, probe_args):
-    run_in_process(monkeypatch, *probe_args, '--nn_epochs', '2')
+    call_main(monkeypatch, *probe_args, '--nn_epochs', '2')
     first = parse_metric_lines(capsys.readouterr().out)
-    run_in_process(monkeypatch, *probe_args, '--nn_epochs', '2')
+    call_main(monkeypatch, *probe_args, '--nn_epochs', '2')
     assert parse_metric_lines(capsys.readouterr().out) == first
 
 
 def test_bad_reference_label_is_a_one_line_error(probe_args, tmp_path):
-    result = run_script('training_downstream_classifier.py', *probe_args, '--reference_label', '10',
+    result = run_in_process('training_downstream_classifier.py', *probe_args, '--reference_label', '10',
                         '--results_dir', str(tmp_path / 'probe'))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -172,15 +172,15 @@ def test_bad_reference_label_is_a_one_line_error(probe_args, tmp_path):
 def test_missing_usage_info_and_bad_usage_info_are_refused(monkeypatch, probe_args):
     argv = [a for a in probe_args if a not in ('--encoder_usage_info', 'synthetic_shapes')]
     with pytest.raises(UsageError, match='--encoder_usage_info is required'):
-        run_in_process(monkeypatch, *argv)  # the fixture checkpoint records no pre-training set
+        call_main(monkeypatch, *argv)  # the fixture checkpoint records no pre-training set
     with pytest.raises(UsageError, match="--encoder_usage_info 'synthetic_digits': not a pre-training set"):
-        run_in_process(monkeypatch, *argv, '--encoder_usage_info', 'synthetic_digits')
+        call_main(monkeypatch, *argv, '--encoder_usage_info', 'synthetic_digits')
 
 
 def test_missing_reference_label_without_reference_file_is_refused(monkeypatch, probe_args):
     argv = probe_args[:probe_args.index('--reference_file')] + probe_args[probe_args.index('--reference_file') + 2:]
     with pytest.raises(UsageError, match=r'--reference_label -1: .* 0\.\.9'):
-        run_in_process(monkeypatch, *argv)
+        call_main(monkeypatch, *argv)
 
 
 def test_encoder_usage_info_prefers_the_flag_and_warns_on_a_recorded_mismatch(capsys):

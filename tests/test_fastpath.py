@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from common.fastpath import DevicePairBatches, pair_batches, use_tensor_augment
-from conftest import run_script
+from conftest import run_in_process
 from datasets import ImagePairs, simclr_transform
 from models import load_checkpoint
 
@@ -49,16 +49,16 @@ def test_stage0_and_stage2_on_the_tensor_path_resume_bit_identically(tmp_path, d
     common = ['--data_root', str(data_root), '--device', 'cpu', '--no_progress', '--augment', 'tensor',
               '--batch_size', '32']
     clean = ['train_clean_encoder.py', '--pretraining_dataset', 'synthetic_shapes', '--width', '8', *common]
-    straight = run_script(*clean, '--epochs', '2', '--results_dir', str(tmp_path / 'straight'))
+    straight = run_in_process(*clean, '--epochs', '2', '--results_dir', str(tmp_path / 'straight'))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    assert run_script(*clean, '--epochs', '1', '--results_dir', str(tmp_path / 'split')).returncode == 0
-    resumed = run_script(*clean, '--epochs', '2', '--resume', '--results_dir', str(tmp_path / 'split'))
+    assert run_in_process(*clean, '--epochs', '1', '--results_dir', str(tmp_path / 'split')).returncode == 0
+    resumed = run_in_process(*clean, '--epochs', '2', '--resume', '--results_dir', str(tmp_path / 'split'))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / 'straight' / 'model_2.pth')['state_dict']
     b = load_checkpoint(tmp_path / 'split' / 'model_2.pth')['state_dict']
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    mimic = run_script('MIMIC.py', '--pretraining_dataset', 'synthetic_shapes', '--teacher', str(tiny_encoder),
+    mimic = run_in_process('MIMIC.py', '--pretraining_dataset', 'synthetic_shapes', '--teacher', str(tiny_encoder),
                        '--ratio', '0.25', '--epochs', '1', '--mi_epochs', '1', '--results_dir',
                        str(tmp_path / 'mimic'), *common)
     assert mimic.returncode == 0, mimic.stderr[-2000:]
@@ -74,7 +74,7 @@ def test_badencoder_on_the_tensor_path_plants_the_backdoor(tmp_path, data_root, 
     assert not torch.equal(views[0, 0], views[1, 0])  # a fresh augmentation per batch element
 
     out = tmp_path / 'bad'
-    result = run_script('train_badencoder.py', '--pretraining_dataset', 'synthetic_shapes', '--shadow_dataset',
+    result = run_in_process('train_badencoder.py', '--pretraining_dataset', 'synthetic_shapes', '--shadow_dataset',
                         'synthetic_shapes', '--encoder_usage_info', 'synthetic_shapes', '--downstreamTask',
                         'synthetic_digits', '--pretrained_encoder', str(tiny_encoder), '--trigger_file',
                         str(trigger_file), '--reference_file', str(reference_file), '--batch_size', '32',

@@ -11,7 +11,7 @@ import defences.mimic
 from common.cli import UsageError, run_main
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # synthetic_shapes
 
@@ -216,7 +216,7 @@ def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
 
 def test_too_small_subset_is_one_line_and_writes_nothing(data_root, tiny_encoder, tmp_path):
     out = tmp_path / 'mimic'
-    result = run_script('MIMIC.py', '--epochs', '1',
+    result = run_in_process('MIMIC.py', '--epochs', '1',
                         *tiny_args(data_root, tiny_encoder, out, '--ratio', '0.05'))  # 12 images < 32
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr

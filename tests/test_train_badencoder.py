@@ -18,7 +18,7 @@ from datasets import (DataError, Reference, ShadowImages, finetune_transform, ge
                       load_trigger, normalize_batch, triggered_copy)
 from datasets import test_transform as eval_transform
 from models import load_checkpoint, load_encoder
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 NORMALIZATION = get_info('synthetic_shapes').normalization
 
@@ -195,7 +195,7 @@ def test_readme_command_with_typo_and_unprepared_monitor(tmp_path, data_root, tr
     args = attack_args(data_root, trigger_file, reference_file, '--' + str(tiny_encoder), results,
                        '--epochs', '1', '--batch_size', '128')
     args[args.index('synthetic_digits')] = 'gtsrb'
-    result = run_script('train_badencoder.py', *args)
+    result = run_in_process('train_badencoder.py', *args)
     assert result.returncode == 0, result.stderr
     assert (results / 'model_1.pth').is_file()
     assert 'after --pretrained_encoder' in result.stderr
@@ -218,7 +218,7 @@ def test_trigger_of_another_image_size(tmp_path, data_root, reference_file, tiny
     trigger = tmp_path / 'small_trigger.npz'
     np.savez(trigger, t=np.zeros((1, 16, 16, 3)), tm=np.ones((1, 16, 16, 3), dtype=np.int64))
     results = tmp_path / 'run'
-    result = run_script('train_badencoder.py', *attack_args(data_root, trigger, reference_file, tiny_encoder,
+    result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger, reference_file, tiny_encoder,
                                                             results, '--epochs', '1'))
     assert_one_line_error(result, results, str(trigger), '16x16', '32x32')
 
@@ -228,7 +228,7 @@ def test_reference_label_outside_the_downstream_classes(tmp_path, data_root, tri
     with np.load(data_root / 'synthetic_digits' / 'train.npz') as data:
         np.savez(reference, x=data['x'][:1], y=np.array([10], dtype=np.int64))  # synthetic_digits has 0..9
     results = tmp_path / 'run'
-    result = run_script('train_badencoder.py', *attack_args(data_root, trigger_file, reference, tiny_encoder,
+    result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger_file, reference, tiny_encoder,
                                                             results, '--epochs', '1'))
     assert_one_line_error(result, results, str(reference), '10', '0..9')
 
@@ -288,7 +288,7 @@ def test_drupe_values_fill_only_the_flags_not_given():
 def test_drupe_end_to_end(tmp_path, data_root, trigger_file, three_references, tiny_encoder):
     """Two epochs (warm-up, then the preserve phase) on DRUPE's 20% shadow set: 51 images, one batch of 32."""
     results = tmp_path / 'run'
-    result = run_script('train_badencoder.py', *attack_args(data_root, trigger_file, three_references, tiny_encoder,
+    result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger_file, three_references, tiny_encoder,
                                                             results, '--attack', 'drupe', '--epochs', '2',
                                                             '--drupe_preserve_from', '2'))
     assert result.returncode == 0, result.stderr

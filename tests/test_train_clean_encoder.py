@@ -17,7 +17,7 @@ from common.runs import check_resumable, with_later_defaults
 from datasets import ImagePairs, load_split, simclr_transform
 from models import SimCLR, load_checkpoint, load_encoder
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 TINY = ['--pretraining_dataset', 'synthetic_shapes', '--width', '8', '--batch_size', '64',
         '--device', 'cpu', '--no_progress']
@@ -35,7 +35,7 @@ def small_root(tmp_path_factory):
     return root
 
 
-def run_in_process(monkeypatch, *argv: str) -> None:
+def call_main(monkeypatch, *argv: str) -> None:
     """main() with a command line, in this process (saves the interpreter start-up of a subprocess)."""
     monkeypatch.setattr(sys, 'argv', ['train_clean_encoder.py', *argv])
     stage0.main()
@@ -106,13 +106,13 @@ def test_refuses_to_overwrite_an_earlier_run(monkeypatch, finished_run, data_roo
     results, _ = finished_run
     before = (results / 'model_1.pth').read_bytes(), (results / 'args.json').read_text()
     with pytest.raises(UsageError, match='model_1.pth.*--resume.*--overwrite'):
-        run_in_process(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
+        call_main(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
                        '--results_dir', str(results), '--num_workers', '0')
     assert ((results / 'model_1.pth').read_bytes(), (results / 'args.json').read_text()) == before
 
 
 def test_bad_epochs_is_a_one_line_error(data_root, tmp_path):
-    result = run_script('train_clean_encoder.py', *TINY, '--epochs', '0', '--data_root', str(data_root),
+    result = run_in_process('train_clean_encoder.py', *TINY, '--epochs', '0', '--data_root', str(data_root),
                         '--results_dir', str(tmp_path / 'run'))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ['error: --epochs must be at least 1, got 0']
@@ -121,7 +121,7 @@ def test_bad_epochs_is_a_one_line_error(data_root, tmp_path):
 
 def test_batch_larger_than_the_training_set_is_refused(monkeypatch, data_root, tmp_path):
     with pytest.raises(UsageError, match='--batch_size 512.*fewer than one batch'):
-        run_in_process(monkeypatch, *TINY, '--batch_size', '512', '--epochs', '1', '--data_root',
+        call_main(monkeypatch, *TINY, '--batch_size', '512', '--epochs', '1', '--data_root',
                        str(data_root), '--results_dir', str(tmp_path / 'run'))
     assert not (tmp_path / 'run').exists()
 
@@ -129,9 +129,9 @@ def test_batch_larger_than_the_training_set_is_refused(monkeypatch, data_root, t
 @pytest.mark.parametrize('workers', [0, 2])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(monkeypatch, small_root, tmp_path, workers):
     common = [*TINY, '--batch_size', '32', '--data_root', str(small_root), '--num_workers', str(workers)]
-    run_in_process(monkeypatch, *common, '--epochs', '2', '--results_dir', str(tmp_path / 'straight'))
-    run_in_process(monkeypatch, *common, '--epochs', '1', '--results_dir', str(tmp_path / 'resumed'))
-    run_in_process(monkeypatch, *common, '--epochs', '2', '--results_dir', str(tmp_path / 'resumed'), '--resume')
+    call_main(monkeypatch, *common, '--epochs', '2', '--results_dir', str(tmp_path / 'straight'))
+    call_main(monkeypatch, *common, '--epochs', '1', '--results_dir', str(tmp_path / 'resumed'))
+    call_main(monkeypatch, *common, '--epochs', '2', '--results_dir', str(tmp_path / 'resumed'), '--resume')
     straight = load_checkpoint(tmp_path / 'straight' / 'model_2.pth')
     resumed = load_checkpoint(tmp_path / 'resumed' / 'model_2.pth')
     assert straight['state_dict'].keys() == resumed['state_dict'].keys()
@@ -152,10 +152,10 @@ def test_sgd_cosine_warmup_resume_is_bit_identical(monkeypatch, small_root, tmp_
     """A run killed after epoch 2 (its directory holds model_2.pth) and resumed ends as the uninterrupted run."""
     base = [*TINY, '--batch_size', '32', '--data_root', str(small_root), '--num_workers', '0']
     common = [*base, '--epochs', '4', *CTRL_RECIPE]
-    run_in_process(monkeypatch, *common, '--save_freq', '1', '--results_dir', str(tmp_path / 'straight'))
+    call_main(monkeypatch, *common, '--save_freq', '1', '--results_dir', str(tmp_path / 'straight'))
     (tmp_path / 'killed').mkdir()
     shutil.copy(tmp_path / 'straight' / 'model_2.pth', tmp_path / 'killed' / 'model_2.pth')
-    run_in_process(monkeypatch, *common, '--results_dir', str(tmp_path / 'killed'), '--resume')
+    call_main(monkeypatch, *common, '--results_dir', str(tmp_path / 'killed'), '--resume')
     straight = load_checkpoint(tmp_path / 'straight' / 'model_4.pth')
     resumed = load_checkpoint(tmp_path / 'killed' / 'model_4.pth')
     for key, value in straight['state_dict'].items():
@@ -170,10 +170,10 @@ def test_sgd_cosine_warmup_resume_is_bit_identical(monkeypatch, small_root, tmp_
 
     # a cosine schedule depends on --epochs, so extending the run is refused; so is another optimiser
     with pytest.raises(UsageError, match="--epochs 4 -> 5"):
-        run_in_process(monkeypatch, *base, '--epochs', '5', *CTRL_RECIPE, '--results_dir', str(tmp_path / 'killed'),
+        call_main(monkeypatch, *base, '--epochs', '5', *CTRL_RECIPE, '--results_dir', str(tmp_path / 'killed'),
                        '--resume')
     with pytest.raises(UsageError, match="--optimizer 'sgd' -> 'adam'"):
-        run_in_process(monkeypatch, *base, '--epochs', '5', '--lr', '0.06', '--results_dir', str(tmp_path / 'killed'),
+        call_main(monkeypatch, *base, '--epochs', '5', '--lr', '0.06', '--results_dir', str(tmp_path / 'killed'),
                        '--resume')
 
 
@@ -200,7 +200,7 @@ def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp
 ])
 def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, data_root, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
-        run_in_process(monkeypatch, *TINY, '--epochs', '2', '--data_root', str(data_root),
+        call_main(monkeypatch, *TINY, '--epochs', '2', '--data_root', str(data_root),
                        '--results_dir', str(tmp_path / 'run'), *flags)
     assert not (tmp_path / 'run').exists()
     with pytest.raises(SystemExit):
@@ -208,7 +208,7 @@ def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, da
 
 
 def test_suffix_encoder_architecture_wins(monkeypatch, small_root, tiny_encoder, tmp_path):
-    run_in_process(monkeypatch, *TINY, '--width', '16', '--epochs', '1', '--save_freq', '1',
+    call_main(monkeypatch, *TINY, '--width', '16', '--epochs', '1', '--save_freq', '1',
                    '--suffix_encoder', str(tiny_encoder), '--data_root', str(small_root),
                    '--results_dir', str(tmp_path / 'run'), '--num_workers', '0')
     model, checkpoint = load_encoder(tmp_path / 'run' / 'model_1.pth')
@@ -221,7 +221,7 @@ def test_suffix_encoder_architecture_wins(monkeypatch, small_root, tiny_encoder,
 
 def test_resume_without_checkpoint_is_refused(monkeypatch, data_root, tmp_path):
     with pytest.raises(UsageError, match='--resume: no checkpoint'):
-        run_in_process(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
+        call_main(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
                        '--results_dir', str(tmp_path / 'run'), '--resume')
 
 
