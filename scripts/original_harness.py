@@ -287,8 +287,8 @@ def bench_probe(original, args, device) -> dict | None:
     return probe_figures(train_epochs, args, device)
 
 
-def main() -> None:
-    args = get_args_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     original = Path(args.original).resolve()
     args.data_dir = str(Path(args.data_dir).resolve()) + '/'  # the original joins paths by concatenation
     device = torch.device(args.device)
