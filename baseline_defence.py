@@ -112,6 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
         if hasattr(module, 'check'):
             module.check(args)
 
+
 def prepare_results_dir(args: argparse.Namespace) -> None:
     """Create --results_dir; refuse to clobber an earlier run's files; --resume needs a checkpoint to continue."""
     results_dir = Path(args.results_dir)

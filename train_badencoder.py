@@ -83,6 +83,7 @@ RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder
 # Flags added with --attack: a checkpoint whose recorded arguments lack them ran BadEncoder with their defaults.
 ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *drupe.FLAGS)
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Plant a BadEncoder backdoor in a pre-trained SimCLR encoder (stage 1).',
                          parents=[shared_parser()])

@@ -1,4 +1,5 @@
-"""Backdoor attacks beyond BadEncoder's losses (docs/DESIGN.md §12): each attack's terms as pure functions of tensors.
+"""The backdoor attacks, one module each, as `defences/` holds the defences (docs/DESIGN.md §12): their terms as pure
+functions of tensors, their flags, and, for the attacks that train the encoder, the attack interface.
 
 `badencoder`: BadEncoder (Jia et al., IEEE S&P 2022), the default of `train_badencoder.py`: its shadow set, step,
 objective and the attack interface the stage-1 driver calls.

@@ -68,11 +68,13 @@ def fix_readme_typo(argv: list[str], parser: argparse.ArgumentParser) -> list[st
         break
     return argv
 
+
 def fixed_subset(images: np.ndarray, size: int) -> np.ndarray:
     """`size` of the images, drawn without replacement by a fixed generator (SHADOW_SUBSET_SEED, whatever --seed
     is), in their original order."""
     keep = np.random.default_rng(SHADOW_SUBSET_SEED).permutation(len(images))[:size]
     return images[np.sort(keep)]
+
 
 def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
     """The shadow set: the first SHADOW_SIZE images of --shadow_dataset's pre-training split (all of CIFAR10's,
@@ -88,6 +90,7 @@ def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
                          f'of {args.shadow_dataset}/{info.pretraining_split}); every batch is dropped')
     return images
 
+
 def first_references(reference: Reference, count: int | None, path: str) -> Reference:
     """The first `count` references of the file at `path` (all of them when None)."""
     if count is None:
@@ -95,6 +98,7 @@ def first_references(reference: Reference, count: int | None, path: str) -> Refe
     if count > len(reference):
         raise DataError(f'{path}: holds {len(reference)} reference(s), --num_references asks for {count}')
     return Reference(reference.x[:count], reference.y[:count], reference.info)
+
 
 def load_attack_files(args: argparse.Namespace, image_size: int) -> tuple[Trigger, Reference]:
     trigger = load_trigger(args.trigger_file, image_size)
@@ -104,6 +108,7 @@ def load_attack_files(args: argparse.Namespace, image_size: int) -> tuple[Trigge
         raise DataError(f'{args.trigger_file}: holds {len(trigger)} trigger patches but {args.reference_file} '
                         f'holds {len(reference)} references; give one patch, or one per reference')
     return trigger, reference
+
 
 @dataclass
 class MonitorData:
@@ -116,6 +121,7 @@ class MonitorData:
     triggered_x: np.ndarray
     target_label: int
     num_classes: int
+
 
 def load_monitor_data(args: argparse.Namespace, trigger: Trigger, target_label: int) -> MonitorData | None:
     """The monitor's data when --downstreamTask is prepared, else None (with a one-line notice)."""
@@ -137,6 +143,7 @@ def load_monitor_data(args: argparse.Namespace, trigger: Trigger, target_label: 
     return MonitorData(train_x, train_y, test_x, test_y, triggered_copy(test_x, trigger, 0), target_label,
                        info.num_classes)
 
+
 @torch.no_grad()
 def evaluate_backdoor(encoder: nn.Module, monitor: MonitorData, normalization, args: argparse.Namespace,
                       device: torch.device) -> dict[str, float]:
@@ -151,6 +158,7 @@ def evaluate_backdoor(encoder: nn.Module, monitor: MonitorData, normalization, a
                                               progress_disabled(args))
     return {'knn_acc': accuracy, 'knn_asr': attack_success}
 
+
 class IndexedShadow(ShadowImages):
     """ShadowImages whose items are (index, augmented references (R, 3, H, W)).
 
@@ -163,6 +171,7 @@ class IndexedShadow(ShadowImages):
     def __getitem__(self, index: int):
         return index, torch.stack([self.reference_transform(r) for r in self.reference_images])
 
+
 @torch.no_grad()
 def clean_encoder_features(clean_encoder: nn.Module, shadow_images: np.ndarray, reference_images: np.ndarray,
                            normalization, device: torch.device, disable_progress: bool,
@@ -173,6 +182,7 @@ def clean_encoder_features(clean_encoder: nn.Module, shadow_images: np.ndarray, 
                            disable_progress=disable_progress)
     return shadow, encode_images(clean_encoder, reference_images, normalization, device,
                                  desc='f0(references)', disable_progress=disable_progress)
+
 
 def freeze_batchnorm(encoder: nn.Module) -> None:
     """Every BatchNorm in eval mode (running statistics fixed) with its affine parameters frozen.
@@ -185,21 +195,24 @@ def freeze_batchnorm(encoder: nn.Module) -> None:
             for parameter in module.parameters(recurse=False):
                 parameter.requires_grad_(False)
 
+
 def triggered_inputs(images: torch.Tensor, trigger: Trigger, num_copies: int,
                      trigger_index, normalization) -> torch.Tensor:
     """(C·B, 3, H, W): the batch (B, H, W, 3) uint8 with trigger `trigger_index(c)` applied to copy c, c-major."""
     copies = [apply_trigger(images, trigger, trigger_index(c)) for c in range(num_copies)]
     return normalize_batch(torch.cat(copies), normalization)
 
+
 @dataclass
 class StepFeatures:
     """One step's features of f (raw, as the encoder returns them) and the frozen f0's targets (normalised)."""
     clean: torch.Tensor  # (B, d) f(x)
-    triggered: torch.Tensor  # (C, B, d) f(x ⊕ t_c): C = R copies, or 1 (see trigger_copies)
+    triggered: torch.Tensor  # (C, B, d) f(x ⊕ t_c): C = R copies, or 1 (see BadEncoder.copies, Drupe.copies)
     augmented: torch.Tensor  # (R, B, d) f(aug(r_i)), a fresh augmentation per batch element
     reference: torch.Tensor  # (R, d) f(r_i)
     clean_target: torch.Tensor  # (B, d) f0(x)
     reference_target: torch.Tensor  # (R, d) f0(r_i)
+
 
 def global_batch(features: StepFeatures) -> StepFeatures:
     """The step's features of the global batch: this process's own in one process; under torchrun each
@@ -216,6 +229,7 @@ def global_batch(features: StepFeatures) -> StepFeatures:
                         clean_target=distributed.gather(features.clean_target),
                         reference_target=features.reference_target)
 
+
 def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
     """L0 = −(1/R) Σ_i mean_b cos(f(x_b ⊕ t_i), f(r_i)) (docs/DESIGN.md §5.1), one triggered copy per reference.
 
@@ -223,6 +237,7 @@ def badencoder_effectiveness(features: StepFeatures) -> torch.Tensor:
     """
     batch = features.clean.shape[0]
     return negative_cosine(features.triggered.flatten(0, 1), features.reference.repeat_interleave(batch, dim=0))
+
 
 def utility_terms(features: StepFeatures) -> dict[str, torch.Tensor]:
     """L1 = −(1/R) Σ_i mean_b cos(f(aug(r_i)), f0(r_i)) and L2 = −mean_b cos(f(x_b), f0(x_b))
@@ -232,11 +247,13 @@ def utility_terms(features: StepFeatures) -> dict[str, torch.Tensor]:
                                      features.reference_target.repeat_interleave(batch, dim=0)),
             'loss2': negative_cosine(features.clean, features.clean_target)}
 
+
 def badencoder_objective(features: StepFeatures, lambda1: float, lambda2: float
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(L = L0 + λ1·L1 + λ2·L2, the terms) of docs/DESIGN.md §5.1."""
     terms = {'loss0': badencoder_effectiveness(features), **utility_terms(features)}
     return terms['loss0'] + lambda1 * terms['loss1'] + lambda2 * terms['loss2'], terms
+
 
 def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_features: torch.Tensor,
                     references: torch.Tensor, clean_reference_features: torch.Tensor, trigger: Trigger,

@@ -38,9 +38,9 @@ def epoch_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last:
     see exactly the batches an uninterrupted run would."""
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
     return InterruptSafeLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=generator,
-                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
-                      pin_memory=device.type == 'cuda', persistent_workers=False)
+                               num_workers=num_workers, generator=generator,
+                               worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
+                               pin_memory=device.type == 'cuda', persistent_workers=False)
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:

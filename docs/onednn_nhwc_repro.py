@@ -1,6 +1,6 @@
 """Stand-alone reproduction of oneDNN's NHWC 1x1 stride-2 backward-weights bug (docs/ONEDNN_NHWC_CRASH.md).
 
-Needs only torch. Each case runs in a child process, bounded in time, and computes the weight gradient of one
+Needs only torch (and torchvision for --model). Each case runs in a child process, bounded in time, and computes the weight gradient of one
 1x1 stride-2 convolution (C -> 2C channels, a batch of 385 32x32 maps: layer2's downsample convolution of a
 width-C ResNet18 in stage 1) twice, with the input channels-last (NHWC) and contiguous (NCHW), and compares both
 with a float64 reference. A case ends as: equal (both within float rounding of the reference), WRONG (the NHWC
@@ -104,13 +104,17 @@ def run_case(channels: int, threads: int, isa: str, model: bool, timeout: float)
         return f'hang (killed after {timeout:.0f} s)', kernel_name(output), ''
     kernel = kernel_name(done.stdout)
     if done.returncode < 0:
-        return f'signal {signal.Signals(-done.returncode).name}', kernel, ''
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:  # a signal without a name
+            name = str(-done.returncode)
+        return f'signal {name}', kernel, ''
     if done.returncode != 0:
         return f'exit {done.returncode}', kernel, done.stderr.strip().splitlines()[-1] if done.stderr else ''
     result = done.stdout.strip().splitlines()[-1]
     if not model:
-        nhwc = float(re.search(r'nhwc_error=(\S+)', result).group(1))
-        return ('equal' if nhwc < 1e-4 else 'WRONG'), kernel, result
+        nhwc, nchw = (float(re.search(rf'{name}_error=(\S+)', result).group(1)) for name in ('nhwc', 'nchw'))
+        return ('equal' if max(nhwc, nchw) < 1e-4 else 'WRONG'), kernel, result
     return 'finished', kernel, result
 
 

@@ -50,7 +50,6 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
-
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save through `write_atomic`; a Ctrl-C during the write takes effect once the file is in place."""
     with interrupts_deferred():

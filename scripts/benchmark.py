@@ -234,7 +234,7 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
     clean_encoder = copy.deepcopy(model.f)
     if args.warmup:  # untimed: the first pass of each batch shape pays cuDNN's algorithm search (cudnn.benchmark)
         badencoder.clean_encoder_features(clean_encoder, shadow_images, reference.x, NORMALIZATION, device,
-                                                disable)
+                                          disable)
     synchronize(device)
     start = time.perf_counter()
     clean_features, clean_reference_features = badencoder.clean_encoder_features(
@@ -246,7 +246,7 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
     device_references = torch.from_numpy(reference.x).to(device)  # (R, H, W, 3) uint8, for the tensor path
     shadow = torch.from_numpy(shadow_images).to(device)  # (N, H, W, 3) uint8
     dataset = badencoder.IndexedShadow(shadow_images, trigger, reference, test_transform(NORMALIZATION),
-                                             finetune_transform(NORMALIZATION))
+                                       finetune_transform(NORMALIZATION))
     badencoder.freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=run_args.lr, momentum=0.9, weight_decay=5e-4)
     encoder_forward = maybe_compile(model.f, run_args.compile)
@@ -254,8 +254,8 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
                          args.warmup, device)
     with counting_forwards(encoder_forward) as forwards:
         badencoder.train_one_epoch(encoder_forward, loader, shadow, clean_features, references,
-                                         clean_reference_features, trigger, dataset.trigger_index, optimizer,
-                                         run_args, NORMALIZATION, device, 1)
+                                   clean_reference_features, trigger, dataset.trigger_index, optimizer,
+                                   run_args, NORMALIZATION, device, 1)
     return {'badencoder_img_per_s': batch * loader.timed_steps / loader.seconds,
             'badencoder_encoder_forwards_per_step': forwards['calls'] / len(loader),
             'encode_img_per_s': encode_img_per_s}

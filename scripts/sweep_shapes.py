@@ -9,12 +9,14 @@ Stages: 0 (clean), 1 (badencoder, drupe), 2 (mimic and each baseline defence, `d
 Axes of the grid, each run a fresh process (`python <script> ...`, as a user runs it):
 - data cases: `uneven` (set sizes not divisible by the batch: 100 pre-training images at batch 16, D = 50,
   45 downstream images), `batch_gt_set` (a batch of 32 larger than every set: 24 pre-training, 20 downstream
-  images) and `one_reference` (`uneven` with a single reference input; only the stages that read references);
+  images) and `one_reference` (`uneven` with a single reference input; only the stages that read references;
+  DRUPE, which needs at least 2, refuses it: the check of that refusal);
 - encoder widths 4, 8 and 16 (a ResNet18 whose downsample convolutions have 4..16 input channels);
 - 1 and 2 threads (OMP_NUM_THREADS);
 - ONEDNN_MAX_CPU_ISA unset (the CPU's best kernels) and AVX2;
 - the tensor and PIL augmentation paths (`--augment`), for the stages that augment.
-A run ends as `finished`, `error` (exit status 2 with one line on stderr: a refused input, the line shown),
+A run ends as `finished`, `error` (exit status 2, the last stderr line `error: ...` or `<prog>: error: ...` and no
+traceback: a refused input, the line shown),
 `signal <NAME>` (SIGSEGV, SIGABRT, ...), `hang` (killed at --timeout) or `exit <N>` (any other status, e.g. an
 uncaught exception). The last three are failures: the script exits 1 if any run ended so.
 """
@@ -25,6 +27,8 @@ import itertools
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,14 +162,22 @@ def outcome(returncode: int | None, stderr: str) -> tuple[str, str]:
     if returncode == 0:
         return 'finished', ''
     if returncode < 0:
-        return f'signal {signal.Signals(-returncode).name}', last
-    if returncode == 2:
-        return 'error', last
+        return f'signal {signal_name(-returncode)}', last
+    if returncode == 2 and 'Traceback' not in stderr and re.match(r'(\S+: )?error: ', last):
+        return 'error', last  # the one-line error (a note printed before it is allowed)
     return f'exit {returncode}', last
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a signal without a name (a real-time one)
+        return str(number)
 
 
 def execute(run: Run, work: Path, timeout: float) -> dict:
     out = work / 'runs' / run.name.replace('/', '_').replace(':', '-')
+    shutil.rmtree(out, ignore_errors=True)  # a run cut short before its result was logged starts afresh
     env = dict(os.environ, OMP_NUM_THREADS=str(run.threads), TQDM_DISABLE='1', PYTHONPATH=str(REPO))
     env.pop('ONEDNN_MAX_CPU_ISA', None)
     if run.isa != 'default':

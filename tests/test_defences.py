@@ -183,10 +183,10 @@ def test_stage3_evaluates_a_purified_encoder(data_root, tiny_encoder, tmp_path, 
     out = tmp_path / 'fp'
     baseline_defence.main(tiny_args(data_root, tiny_encoder, out, defence='fp'))
     result = run_in_process('training_downstream_classifier.py', '--dataset', 'synthetic_digits', '--data_root',
-                        str(data_root), '--encoder_usage_info', 'synthetic_shapes', '--encoder', str(out / 'model_1.pth'),
-                        '--trigger_file', str(trigger_file), '--reference_file', str(reference_file),
-                        '--reference_label', '1', '--nn_epochs', '1', '--results_dir', str(tmp_path / 'eval'),
-                        '--device', 'cpu', '--num_workers', '0')
+                            str(data_root), '--encoder_usage_info', 'synthetic_shapes', '--encoder', str(out / 'model_1.pth'),
+                            '--trigger_file', str(trigger_file), '--reference_file', str(reference_file),
+                            '--reference_label', '1', '--nn_epochs', '1', '--results_dir', str(tmp_path / 'eval'),
+                            '--device', 'cpu', '--num_workers', '0')
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     assert np.isfinite(metrics['acc']) and np.isfinite(metrics['asr'])

@@ -135,7 +135,7 @@ def test_end_to_end_prints_the_original_lines_and_writes_metrics(probe_args, tin
 
 
 def test_clean_encoder_names_usage_info_from_checkpoint_and_no_results_dir(monkeypatch, capsys, probe_args,
-                                                                          tmp_path):
+                                                                           tmp_path):
     """'clean' in the path gives CA / ASR-B; the checkpoint's recorded pre-training set is used; nothing written."""
     torch.manual_seed(1)
     folder = tmp_path / 'clean_encoder'
@@ -161,7 +161,7 @@ def test_same_seed_same_numbers(monkeypatch, capsys, probe_args):
 
 def test_bad_reference_label_is_a_one_line_error(probe_args, tmp_path):
     result = run_in_process('training_downstream_classifier.py', *probe_args, '--reference_label', '10',
-                        '--results_dir', str(tmp_path / 'probe'))
+                            '--results_dir', str(tmp_path / 'probe'))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in result.stderr

@@ -59,8 +59,8 @@ def test_stage0_and_stage2_on_the_tensor_path_resume_bit_identically(tmp_path, d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     mimic = run_in_process('MIMIC.py', '--pretraining_dataset', 'synthetic_shapes', '--teacher', str(tiny_encoder),
-                       '--ratio', '0.25', '--epochs', '1', '--mi_epochs', '1', '--results_dir',
-                       str(tmp_path / 'mimic'), *common)
+                           '--ratio', '0.25', '--epochs', '1', '--mi_epochs', '1', '--results_dir',
+                           str(tmp_path / 'mimic'), *common)
     assert mimic.returncode == 0, mimic.stderr[-2000:]
     assert load_checkpoint(tmp_path / 'mimic' / 'model1.pth')['epoch'] == 1
 
@@ -75,11 +75,11 @@ def test_badencoder_on_the_tensor_path_plants_the_backdoor(tmp_path, data_root, 
 
     out = tmp_path / 'bad'
     result = run_in_process('train_badencoder.py', '--pretraining_dataset', 'synthetic_shapes', '--shadow_dataset',
-                        'synthetic_shapes', '--encoder_usage_info', 'synthetic_shapes', '--downstreamTask',
-                        'synthetic_digits', '--pretrained_encoder', str(tiny_encoder), '--trigger_file',
-                        str(trigger_file), '--reference_file', str(reference_file), '--batch_size', '32',
-                        '--epochs', '2', '--lr', '0.05', '--results_dir', str(out), '--data_root', str(data_root),
-                        '--device', 'cpu', '--no_progress', '--augment', 'tensor')
+                            'synthetic_shapes', '--encoder_usage_info', 'synthetic_shapes', '--downstreamTask',
+                            'synthetic_digits', '--pretrained_encoder', str(tiny_encoder), '--trigger_file',
+                            str(trigger_file), '--reference_file', str(reference_file), '--batch_size', '32',
+                            '--epochs', '2', '--lr', '0.05', '--results_dir', str(out), '--data_root', str(data_root),
+                            '--device', 'cpu', '--no_progress', '--augment', 'tensor')
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (out / 'log.csv').read_text().splitlines()
     loss0 = [float(r.split(',')[2]) for r in rows[1:] if r.split(',')[2]]

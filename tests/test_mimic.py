@@ -217,7 +217,7 @@ def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
 def test_too_small_subset_is_one_line_and_writes_nothing(data_root, tiny_encoder, tmp_path):
     out = tmp_path / 'mimic'
     result = run_in_process('MIMIC.py', '--epochs', '1',
-                        *tiny_args(data_root, tiny_encoder, out, '--ratio', '0.05'))  # 12 images < 32
+                            *tiny_args(data_root, tiny_encoder, out, '--ratio', '0.05'))  # 12 images < 32
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
     assert 'gives 12 of the 256 images' in result.stderr and 'one batch of 32' in result.stderr

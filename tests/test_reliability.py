@@ -242,7 +242,7 @@ def test_stage3_resume_is_bit_identical(tmp_path, data_root, trigger_file, refer
 
 
 def test_ctrl_c_is_one_line_and_leaves_loadable_checkpoints(tmp_path, data_root, trigger_file, reference_file,
-                                                           tiny_encoder):
+                                                            tiny_encoder):
     """SIGINT to the whole process group (what Ctrl-C does), DataLoader workers included."""
     out = tmp_path / 'run'
     command = with_flag(with_flag(stage_commands(data_root, trigger_file, reference_file, tiny_encoder,

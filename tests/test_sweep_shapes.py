@@ -27,6 +27,11 @@ def test_outcome_reads_the_exit_status():
     assert outcome(-signal.SIGABRT, 'double free or corruption (!prev)\n') == \
         ('signal SIGABRT', 'double free or corruption (!prev)')
     assert outcome(1, 'Traceback ...\nValueError: x\n') == ('exit 1', 'ValueError: x')
+    assert outcome(2, 'note: skipped\nMIMIC.py: error: --ratio 2 (see --help)\n')[0] == 'error'
+    assert outcome(2, 'Traceback ...\nerror: x\n')[0] == 'exit 2'  # a traceback is no one-line error
+    assert outcome(2, 'something else\n')[0] == 'exit 2'
+    unnamed = next(n for n in range(1, 256) if n not in {s.value for s in signal.Signals})
+    assert outcome(-unnamed, '') == (f'signal {unnamed}', '')
     assert outcome(None, '') == ('hang', '')
 
 

@@ -219,7 +219,7 @@ def test_trigger_of_another_image_size(tmp_path, data_root, reference_file, tiny
     np.savez(trigger, t=np.zeros((1, 16, 16, 3)), tm=np.ones((1, 16, 16, 3), dtype=np.int64))
     results = tmp_path / 'run'
     result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger, reference_file, tiny_encoder,
-                                                            results, '--epochs', '1'))
+                                                                results, '--epochs', '1'))
     assert_one_line_error(result, results, str(trigger), '16x16', '32x32')
 
 
@@ -229,7 +229,7 @@ def test_reference_label_outside_the_downstream_classes(tmp_path, data_root, tri
         np.savez(reference, x=data['x'][:1], y=np.array([10], dtype=np.int64))  # synthetic_digits has 0..9
     results = tmp_path / 'run'
     result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger_file, reference, tiny_encoder,
-                                                            results, '--epochs', '1'))
+                                                                results, '--epochs', '1'))
     assert_one_line_error(result, results, str(reference), '10', '0..9')
 
 
@@ -289,8 +289,8 @@ def test_drupe_end_to_end(tmp_path, data_root, trigger_file, three_references, t
     """Two epochs (warm-up, then the preserve phase) on DRUPE's 20% shadow set: 51 images, one batch of 32."""
     results = tmp_path / 'run'
     result = run_in_process('train_badencoder.py', *attack_args(data_root, trigger_file, three_references, tiny_encoder,
-                                                            results, '--attack', 'drupe', '--epochs', '2',
-                                                            '--drupe_preserve_from', '2'))
+                                                                results, '--attack', 'drupe', '--epochs', '2',
+                                                                '--drupe_preserve_from', '2'))
     assert result.returncode == 0, result.stderr
     assert 'shadow set: 51 images' in result.stdout
     assert 'DRUPE output: the last epoch, 2 (no epoch > 24 met its targets)' in result.stdout

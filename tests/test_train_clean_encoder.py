@@ -61,7 +61,7 @@ def test_learning_rate_by_hand():
     lr = stage0.learning_rate
     assert [lr(epoch, 0.001, 1000) for epoch in (1, 500, 1000)] == [0.001] * 3  # the default: constant
     assert [lr(epoch, 0.2, 10, 'constant', 4) for epoch in range(1, 7)] == [0.05, 0.1, 0.15000000000000002, 0.2,
-                                                                             0.2, 0.2]
+                                                                            0.2, 0.2]
     # cosine over E = 4 epochs, no warm-up: base · (1 + cos(π (epoch - 1) / 4)) / 2
     expected = [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2]
     assert [lr(epoch, 1.0, 4, 'cosine') for epoch in range(1, 5)] == pytest.approx(expected, abs=1e-15)
@@ -107,13 +107,13 @@ def test_refuses_to_overwrite_an_earlier_run(monkeypatch, finished_run, data_roo
     before = (results / 'model_1.pth').read_bytes(), (results / 'args.json').read_text()
     with pytest.raises(UsageError, match='model_1.pth.*--resume.*--overwrite'):
         call_main(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
-                       '--results_dir', str(results), '--num_workers', '0')
+                  '--results_dir', str(results), '--num_workers', '0')
     assert ((results / 'model_1.pth').read_bytes(), (results / 'args.json').read_text()) == before
 
 
 def test_bad_epochs_is_a_one_line_error(data_root, tmp_path):
     result = run_in_process('train_clean_encoder.py', *TINY, '--epochs', '0', '--data_root', str(data_root),
-                        '--results_dir', str(tmp_path / 'run'))
+                            '--results_dir', str(tmp_path / 'run'))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ['error: --epochs must be at least 1, got 0']
     assert not (tmp_path / 'run').exists()
@@ -122,7 +122,7 @@ def test_bad_epochs_is_a_one_line_error(data_root, tmp_path):
 def test_batch_larger_than_the_training_set_is_refused(monkeypatch, data_root, tmp_path):
     with pytest.raises(UsageError, match='--batch_size 512.*fewer than one batch'):
         call_main(monkeypatch, *TINY, '--batch_size', '512', '--epochs', '1', '--data_root',
-                       str(data_root), '--results_dir', str(tmp_path / 'run'))
+                  str(data_root), '--results_dir', str(tmp_path / 'run'))
     assert not (tmp_path / 'run').exists()
 
 
@@ -171,10 +171,10 @@ def test_sgd_cosine_warmup_resume_is_bit_identical(monkeypatch, small_root, tmp_
     # a cosine schedule depends on --epochs, so extending the run is refused; so is another optimiser
     with pytest.raises(UsageError, match="--epochs 4 -> 5"):
         call_main(monkeypatch, *base, '--epochs', '5', *CTRL_RECIPE, '--results_dir', str(tmp_path / 'killed'),
-                       '--resume')
+                  '--resume')
     with pytest.raises(UsageError, match="--optimizer 'sgd' -> 'adam'"):
         call_main(monkeypatch, *base, '--epochs', '5', '--lr', '0.06', '--results_dir', str(tmp_path / 'killed'),
-                       '--resume')
+                  '--resume')
 
 
 def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp_path):
@@ -201,7 +201,7 @@ def test_checkpoints_from_before_the_recipe_flags_resume_with_their_defaults(tmp
 def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, data_root, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         call_main(monkeypatch, *TINY, '--epochs', '2', '--data_root', str(data_root),
-                       '--results_dir', str(tmp_path / 'run'), *flags)
+                  '--results_dir', str(tmp_path / 'run'), *flags)
     assert not (tmp_path / 'run').exists()
     with pytest.raises(SystemExit):
         stage0.get_args_parser().parse_args(['--optimizer', 'lamb'])
@@ -209,8 +209,8 @@ def test_bad_recipe_flags_are_refused_before_anything_is_written(monkeypatch, da
 
 def test_suffix_encoder_architecture_wins(monkeypatch, small_root, tiny_encoder, tmp_path):
     call_main(monkeypatch, *TINY, '--width', '16', '--epochs', '1', '--save_freq', '1',
-                   '--suffix_encoder', str(tiny_encoder), '--data_root', str(small_root),
-                   '--results_dir', str(tmp_path / 'run'), '--num_workers', '0')
+              '--suffix_encoder', str(tiny_encoder), '--data_root', str(small_root),
+              '--results_dir', str(tmp_path / 'run'), '--num_workers', '0')
     model, checkpoint = load_encoder(tmp_path / 'run' / 'model_1.pth')
     start, _ = load_encoder(tiny_encoder)
     assert model.width == 8 and checkpoint['epoch'] == 1
@@ -222,7 +222,7 @@ def test_suffix_encoder_architecture_wins(monkeypatch, small_root, tiny_encoder,
 def test_resume_without_checkpoint_is_refused(monkeypatch, data_root, tmp_path):
     with pytest.raises(UsageError, match='--resume: no checkpoint'):
         call_main(monkeypatch, *TINY, '--epochs', '1', '--data_root', str(data_root),
-                       '--results_dir', str(tmp_path / 'run'), '--resume')
+                  '--results_dir', str(tmp_path / 'run'), '--resume')
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step(small_root):
