@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                                 target_label=reference.target_label, **attack.checkpoint_keys(epoch, model))
         distributed.barrier()  # the epoch is on disk before any process starts the next one
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
-    if attack.describe_output():
-        print(attack.describe_output())
+    output = attack.describe_output()
+    if output:
+        print(output)
 
 
 if __name__ == '__main__':

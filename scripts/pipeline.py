@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 from common.files import write_text_atomic
+from defences import BASELINES
 
 PROG = 'run_pipeline.sh'  # the name errors are reported under (the wrapper users call)
-ALL_DEFENCES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')
+ALL_DEFENCES = BASELINES  # the baseline defences' one list (defences/__init__.py imports no torch)
 ATTACKS = ('badencoder', 'drupe', 'ctrl')
 AUGMENTS = ('auto', 'pil', 'tensor')
 ATTACK_EPOCHS = {'badencoder': '200', 'drupe': '120'}  # stage 1's default length; ctrl: --clean_epochs
