@@ -29,6 +29,25 @@ class StageParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+def same_on_resume(action: argparse.Action) -> argparse.Action:
+    """Mark a flag that shapes a run's trajectory: `--resume` refuses a value other than the interrupted run's.
+
+    Declared where the flag is, `same_on_resume(parser.add_argument('--lr', ...))`; the training engine reads the
+    marks (`resume_flags`), so no list of such flags is kept by hand (docs/DESIGN.md §2.4).
+    """
+    action.same_on_resume = True
+    return action
+
+
+def resume_flags(parser: argparse.ArgumentParser) -> dict[str, object]:
+    """{dest: default} of the flags `parser` marks with `same_on_resume` (its parents' and groups' included).
+
+    A checkpoint whose recorded arguments lack one of them was written before the flag existed, so it ran with
+    the flag's default: a resumed run compares against that default.
+    """
+    return {action.dest: action.default for action in parser._actions if getattr(action, 'same_on_resume', False)}
+
+
 def shared_parser() -> argparse.ArgumentParser:
     """Flags every stage has, for `argparse.ArgumentParser(parents=[shared_parser()])`."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -40,13 +59,13 @@ def shared_parser() -> argparse.ArgumentParser:
                        help='folder holding one sub-folder per prepared dataset (default: data)')
     group.add_argument('--results_dir', default='', type=str, metavar='PATH',
                        help='folder for checkpoints, logs and metrics')
-    group.add_argument('--seed', default=100, type=int, help='random seed of the run')
+    same_on_resume(group.add_argument('--seed', default=100, type=int, help='random seed of the run'))
     group.add_argument('--gpu', default='0', type=str,
                        help='which CUDA device to use when --device is auto or cuda (as the original)')
     group.add_argument('--device', default='auto', type=str, metavar='auto|cpu|cuda|cuda:N',
                        help='where to run: auto picks CUDA when present (default: auto)')
-    group.add_argument('--num_workers', default=2, type=int,
-                       help='DataLoader worker processes for augmentation (default: 2)')
+    same_on_resume(group.add_argument('--num_workers', default=2, type=int,
+                                      help='DataLoader worker processes for augmentation (default: 2)'))
     group.add_argument('--resume', action='store_true',
                        help='continue from the latest checkpoint in --results_dir')
     group.add_argument('--overwrite', action='store_true',
