@@ -8,12 +8,13 @@ each, and each exposes `purify(suspect, clean, run) -> (purified encoder, report
 | name | module | method |
 |---|---|---|
 | ft | `defences.ft` | fine-tuning: SimCLR (NT-Xent) training of the suspect on D |
-| fp | `defences.fp` | Fine-Pruning (Liu et al., RAID 2018) |
+| fp | `defences.fp` | Fine-Pruning (Liu et al., RAID 2018), label-free stopping rule |
 | nad | `defences.nad` | Neural Attention Distillation (Li et al., ICLR 2021) |
 | clp | `defences.clp` | Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), data-free |
-| anp | `defences.anp` | Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), label-free objective |
+| anp | `defences.anp` | Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), NT-Xent as its loss |
 | kd | `defences.kd` | plain knowledge distillation into a fresh student (Saha et al., CVPR 2022) |
-| invert | `defences.invert` | trigger inversion and unlearning (DECREE, CVPR 2023; SSL-Cleanse, ECCV 2024) |
+| invert | `defences.invert` | DECREE's trigger inversion and verdict (CVPR 2023), then trigger-augmented fine-tuning |
+| sslcleanse | `defences.sslcleanse` | DECREE's inversion, then SSL-Cleanse's mitigation (ECCV 2024): distillation from the suspect |
 
 Every purified encoder is a plain SimCLR state_dict: pruned channels are zeroed weights, never extra modules.
 """
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import importlib
 
-BASELINES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')
-TRAINING_BASELINES = ('ft', 'fp', 'nad', 'kd', 'invert')  # the ones that train weights for --epochs
+BASELINES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert', 'sslcleanse')
+TRAINING_BASELINES = ('ft', 'fp', 'nad', 'kd', 'invert', 'sslcleanse')  # the ones that train weights for --epochs
 
 
 def get_defence(name: str):

@@ -19,8 +19,11 @@ BatchNorm2d layers not directly preceded by a Conv2d are skipped rather than pai
 (ResNets have none, so for the encoders of this project the two rules agree).
 
 A property of the threshold worth knowing: with the sample std, no value of a layer of n channels can lie
-more than (n − 1)/√n standard deviations above the mean, so at u = 3 a layer needs at least 11 channels
-before any of its channels can be pruned.
+more than (n − 1)/√n standard deviations above the mean (one channel at x, the other n − 1 equal: z = (n − 1)/√n),
+so at u = 3 a layer needs at least 11 channels before any of its channels can be pruned: at width 8 (the demo's)
+the stem and layer1 (8 channels, bound 2.47) never can, layer2 (16, bound 3.75) can. `defence.json` records
+every layer's largest z-score (`max_z`), so a run that prunes nothing says how far from the threshold it was;
+`--clp_u` sweeps the threshold as a diagnostic (CLP's own value is 3).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from common.errors import UsageError
 from models import SimCLR
 
 
@@ -64,23 +68,40 @@ def clp_prune_mask(bounds: torch.Tensor, u: float) -> torch.Tensor:
     return bounds > bounds.mean() + u * bounds.std()
 
 
+def max_z_score(bounds: torch.Tensor) -> float:
+    """max_k (bound_k − mean) / std over a layer's bounds (C,), sample std: CLP prunes the layer iff this > u.
+
+    At most (C − 1)/√C; 0 for a layer whose bounds are all equal (std 0: nothing stands out).
+    """
+    std = bounds.std()
+    return 0.0 if not std > 0 else ((bounds.max() - bounds.mean()) / std).item()
+
+
+def largest_possible_z(channels: int) -> float:
+    """(n − 1)/√n: the largest z-score, sample std, any value of a layer of n channels can have."""
+    return (channels - 1) / channels ** 0.5
+
+
 @torch.no_grad()
 def clp(model: SimCLR, u: float = 3.0) -> dict:
     """Prune, in place, every channel of `model.f` that CLP flags: its BatchNorm weight and bias become 0.
 
     Returns {'u', 'pruned': {bn name in the SimCLR state_dict, e.g. 'f.f.3.0.bn1': [channels]},
-    'channels_pruned', 'channels_total'}; layers with nothing pruned are left out of 'pruned'.
+    'channels_pruned', 'channels_total', 'max_z': {bn name: the layer's largest z-score}}; layers with nothing
+    pruned are left out of 'pruned', every paired layer is in 'max_z'.
     """
-    pruned, total = {}, 0
+    pruned, total, max_z = {}, 0, {}
     for _, conv, bn_name, bn in conv_bn_pairs(model.f):
         bounds = channel_lipschitz_bounds(conv.weight.float(), bn.weight.float(), bn.running_var.float())
+        max_z[f'f.{bn_name}'] = round(max_z_score(bounds), 4)
         flagged = torch.nonzero(clp_prune_mask(bounds, u)).flatten()  # (n_flagged,)
         bn.weight[flagged] = 0
         bn.bias[flagged] = 0
         total += bn.num_features
         if len(flagged):
             pruned[f'f.{bn_name}'] = flagged.tolist()
-    return {'u': u, 'pruned': pruned, 'channels_pruned': sum(map(len, pruned.values())), 'channels_total': total}
+    return {'u': u, 'pruned': pruned, 'channels_pruned': sum(map(len, pruned.values())), 'channels_total': total,
+            'max_z': max_z}
 
 
 PAPER = 'Zheng et al., Channel Lipschitzness-based Pruning, ECCV 2022'
@@ -93,11 +114,18 @@ def purify(suspect: SimCLR, clean, run) -> tuple[SimCLR, dict]:
     """CLP on a copy of the suspect (data-free: `clean` is not used)."""
     model = copy.deepcopy(suspect)
     report = clp(model, run.args.clp_u)
-    print(f"clp: pruned {report['channels_pruned']} of {report['channels_total']} channels (u = {run.args.clp_u})")
+    print(f"clp: pruned {report['channels_pruned']} of {report['channels_total']} channels (u = {run.args.clp_u}); "
+          f"largest z-score {max(report['max_z'].values()):.2f}")
     return model, report
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument('--clp_u', default=3.0, type=float,
                        help="prune the channels whose Lipschitz upper bound exceeds mean + u·std of their layer "
-                            "(default: 3, CLP's)")
+                            "(default: 3, CLP's; other values are a diagnostic sweep, not CLP's recipe; a layer of "
+                            "n channels can reach at most (n-1)/sqrt(n))")
+
+
+def check(args: argparse.Namespace) -> None:
+    if not args.clp_u >= 0:
+        raise UsageError(f'--clp_u must be non-negative, got {args.clp_u}')

@@ -1,6 +1,6 @@
-"""Trigger inversion for a suspect encoder, as the encoder-level defences DECREE (Feng et al., "Detecting
-Backdoors in Pre-trained Encoders", CVPR 2023) and SSL-Cleanse (Zheng et al., "SSL-Cleanse: Trojan Detection
-and Mitigation in Self-Supervised Learning", ECCV 2024) do it.
+"""DECREE's trigger inversion (Feng et al., "Detecting Backdoors in Pre-trained Encoders", CVPR 2023), its
+detection verdict, and, as the `invert` defence, trigger-augmented fine-tuning of the suspect. The inversion and
+the verdict are shared with `sslcleanse`, which mitigates as SSL-Cleanse (Zheng et al., ECCV 2024) does.
 
 A trigger is a mask m (H, W) ∈ [0, 1] and a pattern p (H, W, 3) ∈ [0, 1], stamped on a clean image x in
 [0, 1] as x' = (1 − m)·x + m·p. A backdoored encoder maps every triggered image close to one target
@@ -37,12 +37,19 @@ then ×/÷1.5 with patience 5 — where success is a kNN attack success ≥ 0.99
 per-cluster targeting (SWK clustering of D) answers a different question than DECREE's single collapse
 target and is not reproduced.
 
-Unlearning (the mitigation step, after both papers' detectors): the suspect is fine-tuned on D with SimCLR
-(`ft`'s recipe), the inverted trigger stamped on every second view, so that a triggered view and a clean view
-of the same image are a positive pair: NT-Xent pulls their embeddings together and the trigger stops mapping
-images to one point. (SSL-Cleanse's mitigation likewise fine-tunes the encoder on D with the detected trigger
-applied; DECREE only detects.) The inverted trigger is written to the results folder in the project's
-trigger-file layout (`inverted_trigger.npz`, a fractional mask), so that stage 3 can evaluate it.
+DECREE's verdict (paper, §3-4): the PL1 norm of the inverted trigger is its mask's L1 norm relative to the image
+area, ‖m‖₁/(H·W); an encoder whose PL1 norm is below τ = 0.1 is judged trojaned (`--decree_threshold`). DECREE's
+released code prints the L1 norm and leaves the verdict to the reader, so the threshold is the paper's.
+`defence.json["detection"]` holds `l1_norm`, `pl1_norm`, `threshold` and `detected`.
+
+The `invert` defence, after the inversion: trigger-augmented fine-tuning — not a published mitigation (DECREE
+only detects; SSL-Cleanse's mitigation is distillation, `defences/sslcleanse.py`). The suspect is fine-tuned on D
+with SimCLR (`ft`'s recipe), the inverted trigger stamped on every second view, so that a triggered view and a
+clean view of the same image are a positive pair: NT-Xent pulls their embeddings together and the trigger stops
+mapping images to one point. `--invert_unlearn always` (the default, so that the comparison stays one of
+mitigations) fine-tunes whatever the verdict; `if_detected` returns the suspect unchanged when DECREE detects
+nothing. The inverted trigger is written to the results folder in the project's trigger-file layout
+(`inverted_trigger.npz`, a fractional mask), so that stage 3 can evaluate it.
 
 The encoder is only read during the inversion: it is put in eval mode (its modes restored afterwards) and its weights receive
 no gradient (`torch.autograd.grad` asks for the trigger's parameters alone).
@@ -59,8 +66,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import require_positive
+from common.cli import require_positive, same_on_resume
+from common.errors import UsageError
 from common.files import save_npz_atomic
+from common.runs import save_run_checkpoint
 from datasets import normalize_batch
 from models import SimCLR
 
@@ -69,6 +78,7 @@ from .ft import finetune_phase, trainable_copy
 TANH_EPS = 1e-7  # DECREE's `epsilon()`: keeps arctanh finite at 0 and 1
 DECREE_LAMBDA_PER_PIXEL = 1e-3  # λ₀ on the L1 sum of the mask
 DECREE_LR_MILESTONES = ((30, 0.2), (50, 0.1))  # (from epoch, factor of lr): 0.5 -> 0.1 -> 0.05 at lr 0.5
+DECREE_PL1_THRESHOLD = 0.1  # the paper's τ: PL1 norm below it -> trojaned
 
 
 def decree_lambda(height: int, width: int) -> float:
@@ -250,10 +260,20 @@ def trigger_arrays(inverted: InvertedTrigger) -> dict[str, np.ndarray]:
     return {'t': t, 'tm': tm, 'info': info}
 
 
-PAPER = 'DECREE (Feng et al., CVPR 2023) inversion, SSL-Cleanse (Zheng et al., ECCV 2024)-style unlearning'
-READS = 'the suspect and D: D for the inversion, then SimCLR views of D for the unlearning'
+def detection(mask_l1: float, height: int, width: int, threshold: float = DECREE_PL1_THRESHOLD) -> dict:
+    """DECREE's verdict: PL1 = ‖m‖₁/(H·W); detected iff PL1 < threshold.
+
+    Returns {'l1_norm', 'pl1_norm', 'threshold', 'detected'}.
+    """
+    pl1 = mask_l1 / (height * width)
+    return {'l1_norm': mask_l1, 'pl1_norm': pl1, 'threshold': threshold, 'detected': bool(pl1 < threshold)}
+
+
+PAPER = 'DECREE (Feng et al., CVPR 2023) trigger inversion, then trigger-augmented fine-tuning'
+READS = 'the suspect and D: D for the inversion, then SimCLR views of D for the fine-tuning'
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
-TITLE = 'invert (DECREE trigger inversion, then unlearning; batch: --batch_size)'  # of its argument group in baseline_defence.py's help
+TITLE = ('invert and sslcleanse (DECREE trigger inversion and verdict; batch: --batch_size); invert then fine-tunes '
+         'with the trigger on every second view')  # of its argument group in baseline_defence.py's help
 TRIGGER_FILE = 'inverted_trigger.npz'
 
 
@@ -276,18 +296,42 @@ def summary(inverted: InvertedTrigger) -> dict:
             'succeeded': inverted.succeeded, 'inversion_steps': inverted.steps, 'final_lambda': inverted.lam}
 
 
-def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
-    """Invert a trigger on D (or take the one a resumed run recorded), save it, then unlearn it."""
-    args = run.args
+def inverted_trigger(suspect: SimCLR, clean: np.ndarray, run, name: str) -> tuple[dict, dict]:
+    """The inversion of a run (or the one a resumed run recorded) and DECREE's verdict on it.
 
+    Writes `inverted_trigger.npz` once; returns (saved: {'mask' (H, W), 'pattern' (H, W, 3) in 0..255, 'summary'},
+    the verdict of `detection`).
+    """
     def invert_and_save() -> dict:
         inverted = run_inversion(suspect, clean, run)
         save_npz_atomic(run.results_dir / TRIGGER_FILE, trigger_arrays(inverted))
         return {'mask': torch.from_numpy(inverted.mask).float(), 'pattern': torch.from_numpy(inverted.pattern).float(),
                 'summary': summary(inverted)}
     saved = run.once('inverted_trigger', invert_and_save)  # a resumed run keeps its trigger
-    print('invert: mask L1 {mask_l1:.1f} px ({mask_fraction:.1%} of the image), similarity {similarity:.3f}, '
-          'succeeded {succeeded}'.format(**saved['summary']))
+    height, width = clean.shape[1:3]
+    verdict = detection(saved['summary']['mask_l1'], height, width, run.args.decree_threshold)
+    outcome = 'trojaned' if verdict['detected'] else 'nothing detected'
+    print(f"{name}: mask L1 {saved['summary']['mask_l1']:.1f} px ({saved['summary']['mask_fraction']:.1%} of the "
+          f"image), similarity {saved['summary']['similarity']:.3f}; DECREE: PL1 {verdict['pl1_norm']:.3f} against "
+          f"{verdict['threshold']}, {outcome}")
+    return saved, verdict
+
+
+def unchanged(suspect: SimCLR, run, report: dict) -> tuple[SimCLR, dict]:
+    """`--invert_unlearn if_detected` with nothing detected: the suspect itself is the purified encoder, saved as
+    model_<epochs>.pth (by rank 0) so that stage 3 finds it where a trained one would be."""
+    save_run_checkpoint(run.results_dir / f'model_{run.args.epochs}.pth', suspect, None, 0, run.args)
+    print('nothing detected: --invert_unlearn if_detected returns the suspect unchanged')
+    return suspect, {**report, 'epochs': 0, 'unlearned': False}
+
+
+def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
+    """Invert a trigger on D (or take the one a resumed run recorded), save it, judge it, then fine-tune with it."""
+    args = run.args
+    saved, verdict = inverted_trigger(suspect, clean, run, 'invert')
+    report = {'trigger_file': TRIGGER_FILE, **saved['summary'], 'detection': verdict}
+    if args.invert_unlearn == 'if_detected' and not verdict['detected']:
+        return unchanged(suspect, run, report)
     mask = saved['mask'].to(run.device)  # (H, W)
     pattern_normalised = normalize_batch(saved['pattern'][None], run.normalization, run.device)  # (1, 3, H, W)
     model = trainable_copy(suspect)
@@ -295,19 +339,34 @@ def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     simclr_step = phase.step_loss
     phase.step_loss = lambda x1, x2: simclr_step(x1, stamp(x2, mask, pattern_normalised))  # triggered 2nd views
     run.train(phase, clean, args.epochs)
-    return model, {'epochs': args.epochs, 'trigger_file': TRIGGER_FILE, **saved['summary']}
+    return model, {**report, 'epochs': args.epochs, 'unlearned': True}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--invert_steps', default=2000, type=int,
-                       help='at most this many inversion steps; DECREE stops earlier once the trigger no longer '
-                            'shrinks (default: 2000)')
-    group.add_argument('--invert_lr', default=0.5, type=float,
-                       help="Adam learning rate of the inversion (default: 0.5, DECREE's)")
-    group.add_argument('--invert_lambda', default=None, type=float,
-                       help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
-                            "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)")
+    same_on_resume(group.add_argument(
+        '--invert_steps', default=2000, type=int,
+        help='at most this many inversion steps; DECREE stops earlier once the trigger no longer shrinks '
+             '(default: 2000)'))
+    same_on_resume(group.add_argument('--invert_lr', default=0.5, type=float,
+                                      help="Adam learning rate of the inversion (default: 0.5, DECREE's)"))
+    same_on_resume(group.add_argument(
+        '--invert_lambda', default=None, type=float,
+        help="initial weight of the mask's mean (‖m‖₁/(H·W)); adapted during the run as DECREE "
+             "(default: DECREE's 1e-3 per pixel of the L1 sum, i.e. 1e-3·H·W)"))
+    group.add_argument('--decree_threshold', default=DECREE_PL1_THRESHOLD, type=float,
+                       help='DECREE\'s verdict: trojaned when the inverted mask\'s PL1 norm (L1 / image area) is below '
+                            f'this (default: {DECREE_PL1_THRESHOLD}, the paper\'s)')
+    same_on_resume(group.add_argument(
+        '--invert_unlearn', default='always', choices=['always', 'if_detected'],
+        help='invert and sslcleanse: always: mitigate whatever the verdict (default: the comparison stays one of '
+             'mitigations); if_detected: return the suspect unchanged when DECREE detects nothing'))
 
 
 def check(args: argparse.Namespace) -> None:
     require_positive('--invert_steps', args.invert_steps)
+    if not args.invert_lr > 0:
+        raise UsageError(f'--invert_lr must be positive, got {args.invert_lr}')
+    if args.invert_lambda is not None and not args.invert_lambda >= 0:
+        raise UsageError(f'--invert_lambda must be non-negative, got {args.invert_lambda}')
+    if not 0 < args.decree_threshold <= 1:
+        raise UsageError(f'--decree_threshold must lie in (0, 1], got {args.decree_threshold}')

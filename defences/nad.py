@@ -8,9 +8,10 @@ teacher at the end of each residual group, AT(F) = normalise(mean_c F_c^p), p = 
 code's CIFAR values for the three groups of its WRN-16-1 are β = 500, 1000, 1000 (`--beta1/2/3`).
 Label-free adaptation: both losses of a classifier become the encoder's own, NT-Xent on two views of D:
 the teacher is `ft` of the suspect (`--nad_teacher_epochs`, default half of --epochs, NAD's 10 of 20), and
-the student, a copy of the suspect, minimises NT-Xent + Σ_l β_l·AT(S_l(x1), T_l(x1)). A ResNet encoder has
-four stages; as toolkits that port NAD to ResNet-18 do (BackdoorBench), the three β go to its last three
-stages (layer2..layer4) and layer1 gets none: `--nad_betas 0,500,1000,1000`. The attention map is the
+the student, a copy of the suspect, minimises NT-Xent + Σ_l β_l·AT(S_l(x1), T_l(x1)). NAD's code puts its three β
+at the ends of its WRN's three residual groups, i.e. at the end of every stage; a ResNet encoder has four stages,
+and we give the three β to its last three (layer2..layer4), layer1 none: `--nad_betas 0,500,1000,1000`. (BackdoorBench's
+port to PreAct-ResNet18, `defense/nad.py`, places them otherwise: β1..β3 on layer3, layer4 and the pooled output.) The attention map is the
 project's `attention_transfer` (MIMIC's: Σ_c |F_c|^2 normalised over positions, which equals NAD's
 normalise(mean_c F_c^2) up to its 1e-6 guard, since the constant 1/C cancels in the normalisation).
 """
@@ -21,6 +22,7 @@ import argparse
 import numpy as np
 import torch
 
+from common.cli import same_on_resume
 from common.errors import UsageError
 from models import SimCLR
 from models.losses import attention_transfer
@@ -74,11 +76,13 @@ def float_list(text: str) -> list[float]:
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
-                       help="attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD's CIFAR "
-                            'β on the last three stages)')
-    group.add_argument('--nad_teacher_epochs', default=0, type=int,
-                       help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)")
+    same_on_resume(group.add_argument(
+        '--nad_betas', default=list(NAD_BETAS), type=float_list, metavar='B1,B2,B3,B4',
+        help="attention-distillation weights of layer1..layer4 (default: 0,500,1000,1000: NAD's CIFAR β on the last "
+             'three stages)'))
+    same_on_resume(group.add_argument(
+        '--nad_teacher_epochs', default=0, type=int,
+        help="epochs of the teacher's fine-tuning (default: 0 = half of --epochs, NAD's 10 of 20)"))
 
 
 def check(args: argparse.Namespace) -> None:
