@@ -1,5 +1,5 @@
-"""The pieces of the CLP, ANP and trigger-inversion baselines (defences/clp.py, anp.py, invert.py) on tiny
-hand-made tensors and models."""
+"""The pieces of the CLP, ANP, Fine-Pruning, trigger-inversion and SSL-Cleanse baselines (defences/clp.py, anp.py,
+fp.py, invert.py, sslcleanse.py) on tiny hand-made tensors and models."""
 from __future__ import annotations
 
 import math
@@ -11,11 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets import normalize_batch
-from defences.anp import (adversarial_noise, anp, anp_masks, bn_neurons, feature_shift, perturbed_bn_params,
-                          prune_by_threshold)
-from defences.clp import channel_lipschitz_bounds, clp, clp_prune_mask, conv_bn_pairs
-from defences.invert import (AdaptiveLambda, InvertedTrigger, decree_lambda, decree_lr_factor, from_unit,
+from models.losses import nt_xent
+from defences.anp import (adversarial_noise, anp, anp_masks, bn_neurons, contrastive_loss, perturbed_bn_params,
+                          prune_by_threshold, signed_ascent)
+from defences.clp import (channel_lipschitz_bounds, clp, clp_prune_mask, conv_bn_pairs, largest_possible_z,
+                          max_z_score)
+from defences.fp import agreement, lowest_channels, prune_until_agreement_drops
+from defences.invert import (AdaptiveLambda, InvertedTrigger, decree_lambda, decree_lr_factor, detection, from_unit,
                              invert_trigger, inversion_loss, mean_pairwise_cosine, stamp, to_unit, trigger_arrays)
+from defences.sslcleanse import lr_factor, norm_mse, optimizer_steps, sslcleanse_loss
 from models import SimCLR
 
 NORMALIZATION = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
@@ -43,7 +47,7 @@ def test_conv_bn_pairs_follow_registration_order():
 
 def test_conv_bn_pairs_of_the_encoder_cover_every_bn(encoder):
     pairs = conv_bn_pairs(encoder.f)
-    assert len(pairs) == len(bn_neurons(encoder.f)) == 20  # resnet18: stem + 16 block convs + 3 shortcuts
+    assert len(pairs) == len(bn_neurons(encoder)) == 20  # resnet18: stem + 16 block convs + 3 shortcuts
     assert (pairs[0][0], pairs[0][2]) == ('f.0', 'f.1')
     assert ('f.4.0.downsample.0', 'f.4.0.downsample.1') in [(c, b) for c, _, b, _ in pairs]
 
@@ -65,6 +69,18 @@ def test_clp_prune_mask_uses_the_sample_std():
     assert not clp_prune_mask(bounds, 1.6).any()  # 0.25 + 0.8 > 1, though 0.25 + 1.6·0.433 < 1
 
 
+def test_max_z_score_and_its_bound():
+    bounds = torch.tensor([1.0, 1.0, 1.0, 5.0])  # mean 2, sample std 2: z = 3/2 = (4 − 1)/√4
+    assert max_z_score(bounds) == pytest.approx(1.5) == largest_possible_z(4)
+    assert max_z_score(torch.tensor([0.0, 1.0, 2.0])) == pytest.approx(1.0)  # mean 1, sample std 1
+    assert max_z_score(torch.ones(5)) == 0.0  # nothing stands out
+    assert largest_possible_z(8) == pytest.approx(7 / math.sqrt(8))  # 2.47: width 8's stem and layer1
+    assert largest_possible_z(10) < 3 < largest_possible_z(11)  # CLP's u = 3 needs 11 channels
+    for n in (3, 8, 16):  # no layer of n channels exceeds the bound, whatever its values
+        values = torch.randn(200, n, generator=torch.Generator().manual_seed(n)).pow(3)
+        assert max(max_z_score(row) for row in values) <= largest_possible_z(n) + 1e-5
+
+
 def test_clp_prunes_exactly_an_inflated_channel(encoder):
     conv, bn = encoder.f.f[5][1].conv1, encoder.f.f[5][1].bn1  # layer3: 32 channels
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -73,7 +89,9 @@ def test_clp_prunes_exactly_an_inflated_channel(encoder):
     report = clp(encoder, u=3.0)
     assert report['pruned'] == {'f.f.5.1.bn1': [5]}
     assert report['channels_pruned'] == 1
-    assert report['channels_total'] == sum(b.num_features for b in bn_neurons(encoder.f).values())
+    assert report['channels_total'] == sum(b.num_features for b in bn_neurons(encoder).values())
+    assert report['max_z'].keys() == bn_neurons(encoder).keys()
+    assert report['max_z']['f.f.5.1.bn1'] == pytest.approx(largest_possible_z(32), rel=0.05)  # one outlier of 32
     after = encoder.state_dict()
     assert after.keys() == before.keys()
     assert bn.weight[5] == 0 and bn.bias[5] == 0
@@ -89,12 +107,14 @@ def test_clp_prunes_exactly_an_inflated_channel(encoder):
 
 def test_unperturbed_forward_with_unit_masks_is_the_plain_forward(encoder):
     x = torch.randn(4, 3, 32, 32)
-    bns = bn_neurons(encoder.f)
+    bns = bn_neurons(encoder)
+    assert all(name.startswith('f.f.') for name in bns)  # state_dict names
     masks = {name: torch.ones_like(bn.weight) for name, bn in bns.items()}
     zeros = {name: torch.zeros_like(bn.weight) for name, bn in bns.items()}
-    plain = encoder.f(x)
+    plain = encoder(x)
     for params in (perturbed_bn_params(bns, masks), perturbed_bn_params(bns, masks, zeros, zeros)):
-        assert torch.equal(torch.func.functional_call(encoder.f, params, (x,)), plain)
+        for got, expected in zip(torch.func.functional_call(encoder, params, (x,)), plain):
+            assert torch.equal(got, expected)
 
 
 def test_perturbed_bn_params_formula():
@@ -111,47 +131,62 @@ def test_perturbed_bn_params_formula():
     assert torch.allclose(plain['b.weight'], torch.tensor([1.0, 3.0])) and torch.equal(plain['b.bias'], bn.bias)
 
 
-def test_adversarial_step_increases_the_feature_shift(encoder):
-    images = random_images(16, 32, seed=1)
-    x = normalize_batch(images, NORMALIZATION)
+def test_signed_ascent_projects_only_in_the_papers_mode():
+    noise, grad = torch.tensor([0.3, -0.3, 0.0, 0.1]), torch.tensor([2.0, -0.5, 1e-9, -3.0])
+    assert torch.allclose(signed_ascent(noise, grad, 0.4, 1, 'code'), torch.tensor([0.7, -0.7, 0.4, -0.3]))
+    assert torch.allclose(signed_ascent(noise, grad, 0.4, 1, 'paper'), torch.tensor([0.4, -0.4, 0.4, -0.3]))
+    assert torch.allclose(signed_ascent(noise, grad, 0.4, 2, 'code'), torch.tensor([0.5, -0.5, 0.2, -0.1]))
+
+
+def test_contrastive_loss_has_a_gradient_at_unit_masks(encoder):
+    """The former objective (−cos to the suspect's own features) sat at its minimum at m = 1; NT-Xent does not."""
+    generator = torch.Generator().manual_seed(1)
+    v1, v2 = torch.randn(8, 3, 32, 32, generator=generator), torch.randn(8, 3, 32, 32, generator=generator)
+    bns = bn_neurons(encoder)
+    masks = {name: torch.ones_like(bn.weight, requires_grad=True) for name, bn in bns.items()}
+    loss = contrastive_loss(encoder, perturbed_bn_params(bns, masks), v1, v2, 0.5)
     with torch.no_grad():
-        reference = encoder.f(x)
-    bns = bn_neurons(encoder.f)
+        expected = nt_xent(encoder(v1)[1], encoder(v2)[1], 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grads = torch.autograd.grad(loss, list(masks.values()))
+    assert sum(grad.abs().sum() for grad in grads) > 0
+
+
+def test_adversarial_step_increases_the_loss(encoder):
+    generator = torch.Generator().manual_seed(1)
+    v1, v2 = torch.randn(8, 3, 32, 32, generator=generator), torch.randn(8, 3, 32, 32, generator=generator)
+    bns = bn_neurons(encoder)
     masks = {name: torch.ones_like(bn.weight) for name, bn in bns.items()}
-    start = adversarial_noise(encoder.f, bns, masks, x, reference, eps=0.4, steps=0,
-                              generator=torch.Generator().manual_seed(3))  # the random start alone
-    noise_w, noise_b = adversarial_noise(encoder.f, bns, masks, x, reference, eps=0.4, steps=1,
-                                         generator=torch.Generator().manual_seed(3))
-    generator = torch.Generator().manual_seed(7)
 
-    def random_corner():  # a random perturbation of the same size: every δ_k, ξ_k = ±ε
-        return {name: 0.4 * torch.randint(0, 2, bn.weight.shape, generator=generator).float().mul(2).sub(1)
-                for name, bn in bns.items()}
-
-    def shift(*noise):
+    def loss_of(noise_w, noise_b):
+        return contrastive_loss(encoder, perturbed_bn_params(bns, masks, noise_w, noise_b), v1, v2, 0.5)
+    start = adversarial_noise(loss_of, bns, eps=0.4, steps=0, generator=torch.Generator().manual_seed(3))
+    for perturbation, bound in (('code', 0.8), ('paper', 0.4)):
+        noise_w, noise_b = adversarial_noise(loss_of, bns, eps=0.4, steps=1, perturbation=perturbation,
+                                             generator=torch.Generator().manual_seed(3))
+        values = torch.cat([*noise_w.values(), *noise_b.values()]).abs()
+        assert values.max() <= bound + 1e-6
         with torch.no_grad():
-            return feature_shift(encoder.f, perturbed_bn_params(bns, masks, *noise), x, reference).item()
-
-    assert shift() == pytest.approx(-1.0, abs=1e-5)  # masks 1, no noise: the suspect itself
-    assert all(noise.abs().max() <= 0.4 for noise in [*noise_w.values(), *noise_b.values()])
-    adversarial = shift(noise_w, noise_b)
-    assert adversarial > shift(*start) > shift()
-    assert adversarial > max(shift(random_corner(), random_corner()) for _ in range(5))
+            assert loss_of(noise_w, noise_b) > loss_of(*start)
+    assert torch.cat([*noise_w.values()]).abs().max() <= 0.4  # the paper's mode stays in the ball
+    code_w, _ = adversarial_noise(loss_of, bns, eps=0.4, steps=1, generator=torch.Generator().manual_seed(3))
+    assert torch.cat([*code_w.values()]).abs().max() > 0.4  # the code's does not
 
 
 def test_anp_masks_run_in_range_and_leave_the_model_alone(encoder):
     images = random_images(12, 32, seed=2)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     seen = []
-    masks = anp_masks(encoder, images, NORMALIZATION, DEVICE, eps=0.4, steps=1, alpha=0.2, lr=0.2,
-                      iterations=3, batch_size=4, generator=torch.Generator().manual_seed(0),
-                      on_iteration=lambda i, terms: seen.append((i, terms)))
-    bns = bn_neurons(encoder.f)
-    assert masks.keys() == bns.keys()
-    assert all(masks[name].shape == bn.weight.shape for name, bn in bns.items())
-    assert all(0 <= mask.min() and mask.max() <= 1 for mask in masks.values())
-    assert any((mask < 1).any() for mask in masks.values())  # the masks moved
-    assert [i for i, _ in seen] == [1, 2, 3] and all(math.isfinite(t['loss']) for _, t in seen)
+    for bn_stats in ('running', 'batch'):
+        masks = anp_masks(encoder, images, NORMALIZATION, DEVICE, eps=0.4, steps=1, alpha=0.2, lr=0.2,
+                          iterations=3, batch_size=4, bn_stats=bn_stats, generator=torch.Generator().manual_seed(0),
+                          on_iteration=lambda i, terms: seen.append((i, terms)))
+        bns = bn_neurons(encoder)
+        assert masks.keys() == bns.keys()
+        assert all(masks[name].shape == bn.weight.shape for name, bn in bns.items())
+        assert all(0 <= mask.min() and mask.max() <= 1 for mask in masks.values())
+        assert any((mask < 1).any() for mask in masks.values())  # the masks moved
+    assert [i for i, _ in seen] == [1, 2, 3] * 2 and all(math.isfinite(t['loss']) for _, t in seen)
     after = encoder.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(p.grad is None for p in encoder.parameters())
@@ -159,13 +194,15 @@ def test_anp_masks_run_in_range_and_leave_the_model_alone(encoder):
 
 
 def test_prune_by_threshold_zeroes_exactly_the_low_masks(encoder):
-    bns = bn_neurons(encoder.f)
+    bns = bn_neurons(encoder)
     masks = {name: torch.ones_like(bn.weight) for name, bn in bns.items()}
-    masks['f.1'][[1, 6]] = torch.tensor([0.1, 0.2])  # 0.2 is pruned: ANP prunes mask <= threshold
-    masks['f.6.1.bn2'][0] = 0.25
+    masks['f.f.1'][[1, 6]] = torch.tensor([0.1, 0.2])  # 0.2 is pruned: ANP prunes mask <= threshold
+    masks['f.f.6.1.bn2'][0] = 0.25
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     report = prune_by_threshold(encoder, masks, threshold=0.2)
     assert report['pruned'] == {'f.f.1': [1, 6]} and report['neurons_pruned'] == 2
+    assert report['min_mask'] == {name: (0.1 if name == 'f.f.1' else 0.25 if name == 'f.f.6.1.bn2' else 1.0)
+                                  for name in bns}
     after = encoder.state_dict()
     expected = before['f.f.1.weight'].clone()
     expected[[1, 6]] = 0
@@ -180,12 +217,40 @@ def test_anp_end_to_end_report(encoder):
                  generator=torch.Generator().manual_seed(0))
     assert {k: v.shape for k, v in encoder.state_dict().items()} == keys
     assert report['settings']['iterations'] == 2 and report['settings']['eps'] == 0.4
+    assert report['settings']['perturbation'] == 'code' and report['settings']['bn_stats'] == 'running'
     flat = [(name, i) for name, values in report['masks'].items() for i, v in enumerate(values) if v <= 0.9]
     assert sorted(flat) == sorted((name, i) for name, idx in report['pruned'].items() for i in idx)
+    assert report['min_mask'] == pytest.approx({name: min(values) for name, values in report['masks'].items()})
     for name, indices in report['pruned'].items():
         assert (encoder.state_dict()[f'{name}.weight'][indices] == 0).all()
     with pytest.raises(TypeError, match='unknown settings'):
         anp(encoder, images, NORMALIZATION, DEVICE, iteration=1)
+
+
+# --- Fine-Pruning's stopping rule -----------------------------------------------------------------
+
+def test_lowest_channels_and_agreement_by_hand():
+    assert lowest_channels(torch.tensor([0.5, 0.0, 0.2, 0.0]), 3).tolist() == [False, True, True, True]
+    assert not lowest_channels(torch.tensor([1.0, 2.0]), 0).any()
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    assert agreement(a, b) == pytest.approx((1 + 1 / math.sqrt(2)) / 2)
+
+
+def test_prune_until_agreement_drops_keeps_the_last_step_above_the_bound(encoder):
+    """Channels pruned one at a time (64 channels, steps of ⌈1%⌉ = 1) until the features' cosine to the
+    suspect's falls below the bound; the curve is monotone enough here that a looser bound prunes more."""
+    from defences.fp import last_stage_inputs
+    stage_inputs, activation = last_stage_inputs(encoder, random_images(16, 32, seed=3), NORMALIZATION, DEVICE)
+    mask, curve = prune_until_agreement_drops(encoder, stage_inputs, activation, min_cosine=0.95)
+    kept = int(mask.sum())
+    assert list(curve) == list(range(1, len(curve) + 1))  # one channel per step
+    assert all(curve[count] >= 0.95 for count in range(1, kept + 1))
+    assert kept == len(curve) - 1 and curve[kept + 1] < 0.95  # the first step below the bound stopped it
+    assert torch.equal(mask, lowest_channels(activation, kept))
+    looser, _ = prune_until_agreement_drops(encoder, stage_inputs, activation, min_cosine=0.5)
+    assert looser.sum() >= kept
+    none, _ = prune_until_agreement_drops(encoder, stage_inputs, activation, min_cosine=1.01)
+    assert not none.any()
 
 
 # --- trigger inversion ----------------------------------------------------------------------------
@@ -299,3 +364,46 @@ def test_inversion_recovers_a_planted_corner_patch():
     clean = invert_trigger(CornerCollapse(strength=0.0), images, NORMALIZATION, DEVICE,
                            generator=torch.Generator().manual_seed(0), **settings)
     assert clean.mask_l1 > 10 * inverted.mask_l1
+
+
+def test_decree_verdict_by_hand():
+    assert detection(10.0, 10, 10) == {'l1_norm': 10.0, 'pl1_norm': 0.1, 'threshold': 0.1, 'detected': False}
+    assert detection(9.9, 10, 10)['detected'] and not detection(25.0, 10, 10, threshold=0.2)['detected']
+    assert detection(263.0, 32, 32)['pl1_norm'] == pytest.approx(263 / 1024)  # the demo's 26%: not detected
+
+
+# --- SSL-Cleanse ----------------------------------------------------------------------------------
+
+def test_norm_mse_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    assert norm_mse(a, 2 * a).item() == pytest.approx(0.0, abs=1e-7)
+    assert norm_mse(a, -a).item() == pytest.approx(4.0)
+    assert norm_mse(a, torch.tensor([[0.0, 1.0], [0.0, 1.0]])).item() == pytest.approx(1.0)  # cos 0 and 1
+
+
+def test_sslcleanse_loss_by_hand():
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss, terms = sslcleanse_loss(e1, e1, (e1, e2), (e2, e2))  # clean pair agrees; trigger: f differs, g agrees
+    assert terms['loss_clean'].item() == pytest.approx(0.0, abs=1e-7)
+    assert terms['loss_trigger'].item() == pytest.approx((2 + 0) / 6)
+    assert loss.item() == pytest.approx(2 / 6)
+    loss, terms = sslcleanse_loss(e1, e2, (e1, e1), (e1, e1), clean_weight=0.5, trigger_weight=3.0)
+    assert terms['loss_clean'].item() == pytest.approx(2 * 2 / 6) and loss.item() == pytest.approx(0.5 * 4 / 6)
+
+
+def test_sslcleanse_lr_factor_follows_the_code():
+    assert lr_factor(0, 0, 500) == pytest.approx(1 / 500) and lr_factor(499, 3, 500) == 1.0  # warm-up
+    assert [lr_factor(10_000, epoch, 500) for epoch in (449, 450, 474, 475)] == \
+        pytest.approx([1.0, 0.2, 0.2, 0.04])  # ×0.2 for the last 50 epochs, again for the last 25
+    assert [lr_factor(10_000, epoch, 40) for epoch in (14, 15, 39)] == pytest.approx([1.0, 0.2, 0.2])  # 40 − 50 < 0
+    assert lr_factor(0, 0, 10, warmup_steps=0) == 1.0
+
+
+def test_optimizer_steps_counts_adams_steps():
+    weight = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    assert optimizer_steps(optimizer) == 0
+    for _ in range(3):
+        weight.sum().backward()
+        optimizer.step()
+    assert optimizer_steps(optimizer) == 3
