@@ -153,18 +153,31 @@ def test_mimic_rejects_every_term_off(data_root, tiny_encoder, tmp_path):
 
 # ------------------------------------------------------------------------------------ baseline_defence.py
 
-def test_help_lists_all_seven():
+def test_help_lists_every_baseline():
     result = run_script('baseline_defence.py', '--help')
     assert result.returncode == 0
-    assert '{' + ','.join(BASELINES) + '}' in result.stdout
-    for flag in ('--prune_ratio', '--nad_betas', '--clp_u', '--anp_eps', '--invert_steps', '--teacher', '--ratio'):
+    assert '{' + ','.join(BASELINES) + '}' in result.stdout and 'sslcleanse' in BASELINES
+    for flag in ('--prune_ratio', '--fp_min_cosine', '--nad_betas', '--clp_u', '--anp_eps', '--anp_perturbation',
+                 '--anp_bn_stats', '--invert_steps', '--invert_unlearn', '--decree_threshold',
+                 '--sslcleanse_trigger_weight', '--teacher', '--ratio'):
         assert flag in result.stdout, flag
+
+
+def test_trajectory_flags_are_marked_same_on_resume():
+    from common.cli import resume_flags
+    marked = resume_flags(baseline_defence.get_args_parser())
+    for flag in ('prune_ratio', 'fp_min_cosine', 'fp_step', 'nad_betas', 'nad_teacher_epochs', 'anp_eps', 'anp_steps',
+                 'anp_perturbation', 'anp_bn_stats', 'anp_alpha', 'anp_lr', 'anp_iterations', 'anp_threshold',
+                 'invert_steps', 'invert_lr', 'invert_lambda', 'invert_unlearn', 'sslcleanse_clean_weight',
+                 'sslcleanse_trigger_weight', 'sslcleanse_warmup'):
+        assert flag in marked, flag
 
 
 @pytest.mark.parametrize('defence', BASELINES)
 def test_every_defence_end_to_end(data_root, tiny_encoder, tmp_path, defence):
     out = tmp_path / defence
-    extra = {'anp': ['--anp_iterations', '3'], 'invert': ['--invert_steps', '3']}.get(defence, [])
+    extra = {'anp': ['--anp_iterations', '3'], 'invert': ['--invert_steps', '3'],
+             'sslcleanse': ['--invert_steps', '3']}.get(defence, [])
     baseline_defence.main(tiny_args(data_root, tiny_encoder, out, *extra, defence=defence))
     report = json.loads((out / 'defence.json').read_text())
     assert report['defence'] == defence and report['seconds'] >= 0
@@ -177,6 +190,16 @@ def test_every_defence_end_to_end(data_root, tiny_encoder, tmp_path, defence):
     suspect, _ = load_encoder(tiny_encoder)
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), suspect.state_dict().values()))
     assert changed or defence in ('clp', 'anp')  # the pruning ones may find nothing to prune on a random encoder
+    batchnorms = [name[:-len('.running_var')] for name in checkpoint['state_dict']
+                  if name.startswith('f.') and name.endswith('.running_var')]  # every BatchNorm of the encoder
+    if defence == 'anp':
+        assert sorted(report['min_mask']) == sorted(batchnorms)
+    if defence == 'clp':
+        assert sorted(report['max_z']) == sorted(batchnorms)
+    if defence in ('invert', 'sslcleanse'):
+        assert {'l1_norm', 'pl1_norm', 'detected'} <= set(report['detection']) and report['unlearned']
+    if defence == 'fp':
+        assert report['stop'] == 'agreement' and report['agreement'][str(report['channels_pruned'])] >= 0.9
 
 
 def test_stage3_evaluates_a_purified_encoder(data_root, tiny_encoder, tmp_path, trigger_file, reference_file):
@@ -215,6 +238,10 @@ def test_nad_resumes_into_the_student_phase(data_root, tiny_encoder, tmp_path):
 
 @pytest.mark.parametrize('flags, message', [
     (['--prune_ratio', '1'], '--prune_ratio must lie in [0, 1)'),
+    (['--fp_min_cosine', '2'], '--fp_min_cosine must lie in [-1, 1]'),
+    (['--invert_unlearn', 'never'], "invalid choice: 'never'"),
+    (['--anp_perturbation', 'both'], "invalid choice: 'both'"),
+    (['--sslcleanse_warmup', '-1'], '--sslcleanse_warmup must be 0'),
     (['--ratio', '0.05'], 'fewer than one batch of 32'),
     (['--nad_betas', '1,2'], '--nad_betas: expected 4'),
 ])
@@ -301,3 +328,17 @@ def test_invert_writes_a_loadable_trigger_and_resumes(data_root, tiny_encoder, t
                                     '--resume', defence='invert'))
     again = json.loads((out / 'defence.json').read_text())
     assert again['mask_l1'] == report['mask_l1'] and again['resumed']  # the inversion is not repeated
+
+
+def test_invert_if_detected_keeps_an_undetected_suspect(data_root, tiny_encoder, tmp_path):
+    """Two inversion steps leave a mask over about half the image: DECREE detects nothing, and with
+    --invert_unlearn if_detected the suspect itself is the purified encoder."""
+    out = tmp_path / 'invert'
+    baseline_defence.main(tiny_args(data_root, tiny_encoder, out, '--invert_steps', 2, '--invert_unlearn', 'if_detected',
+                                    defence='invert'))
+    report = json.loads((out / 'defence.json').read_text())
+    assert not report['detection']['detected'] and not report['unlearned'] and report['epochs'] == 0
+    assert report['detection']['pl1_norm'] == pytest.approx(report['mask_l1'] / 32 ** 2)
+    model, _ = load_encoder(out / report['checkpoint'])
+    suspect, _ = load_encoder(tiny_encoder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), suspect.state_dict().values()))
