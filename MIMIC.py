@@ -34,73 +34,65 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
-                        seed_everything, shared_parser, progress_disabled)
+from common.cli import (StageParser, UsageError, print_args, progress_disabled, require_positive, resume_flags,
+                        run_main, SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile
-from common.runs import (check_resumable, prepare_results_dir, restore_optimizer, resume_state, with_later_defaults,
-                         write_json)
-from datasets import ImagePairs, get_info, pretraining_names, simclr_transform
+from common.runs import prepare_results_dir, write_json
+from datasets import pretraining_names
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
                             MI_DATA, load_clean_subset, load_mi_images,
                             distillation_modes, distillation_step, estimate_mi, load_teacher,
                             locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
                             uniform_layer_weights)
-from defences.training import Phase, run_phase
-from models import CheckpointError, SimCLR
-from models.checkpoint import load_state_into
+from defences.training import DefenceRun, Phase
+from models import SimCLR
 
 CHECKPOINT_PATTERN = 'model{}.pth'
-# Flags that shape the trajectory of a run: a resumed run must be given the same values.
-RESUME_MUST_MATCH = ('pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size', 'knn_t',
-                     'opt5', 'mi_model', 'teacher', 'student', 'num_workers', 'augment', 'layer_weights',
-                     'no_attention', 'no_clone', 'no_contrastive', 'mi_data')
-# Flags added after the first MIMIC checkpoints: a checkpoint whose recorded arguments lack them ran with their
-# defaults.
-LATER_FLAGS = ('layer_weights', 'no_attention', 'no_clone', 'no_contrastive', 'mi_data')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='MIMIC: distil a clean student from a suspect encoder '
                                                  '(stage 2 of the pipeline).', parents=[shared_parser()])
-    parser.add_argument('--lr', default=0.001, type=float,
-                        help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')
-    parser.add_argument('--batch_size', default=128, type=int,
-                        help='images per distillation step, also the MI estimator batch (default: 128)')
+    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
+    same.add_argument('--lr', default=0.001, type=float,
+                      help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')
+    same.add_argument('--batch_size', default=128, type=int,
+                      help='images per distillation step, also the MI estimator batch (default: 128)')
     parser.add_argument('--epochs', default=1000, type=int,
                         help='distillation epochs over the clean subset (default: 1000)')
-    parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
-                        help="the teacher's pre-training set: the clean subset comes from its pre-training "
-                             'split, and it fixes the normalisation (default: cifar10)')
+    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                      help="the teacher's pre-training set: the clean subset comes from its pre-training "
+                           'split, and it fixes the normalisation (default: cifar10)')
     for index, name in enumerate(LAYER_NAMES, start=1):
         parser.add_argument(f'--opt{index}', default=1000, type=float,
                             help=f'base attention-loss weight of {RESNET_STAGES[name]}; the MI adds up to '
                                  '10000 to it (default: 1000)')
-    parser.add_argument('--opt5', default=1, type=float, help='weight of the clone (feature cosine) loss (default: 1)')
-    parser.add_argument('--knn-t', default=0.5, type=float,
-                        help='temperature of the NT-Xent loss, named as in the original (default: 0.5)')
+    same.add_argument('--opt5', default=1, type=float, help='weight of the clone (feature cosine) loss (default: 1)')
+    same.add_argument('--knn-t', default=0.5, type=float,
+                      help='temperature of the NT-Xent loss, named as in the original (default: 0.5)')
     parser.add_argument('--knn-k', default=200, type=int,
                         help='kept from the original command line; MIMIC has no kNN monitor (default: 200)')
-    parser.add_argument('--teacher', default='', type=str, metavar='PATH',
-                        help='the suspect (backdoored) encoder checkpoint (required)')
-    parser.add_argument('--student', default='', type=str, metavar='PATH',
-                        help='start the student from this checkpoint (same architecture as the teacher) '
-                             '(default: fresh random initialisation, as the paper)')
-    parser.add_argument('--ratio', default=0.04, type=float,
-                        help='fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)')
-    parser.add_argument('--subset', default='first', choices=['first', 'random'],
-                        help='first: the first ratio*N images, as the original; random: drawn with --seed '
-                             '(default: first)')
-    parser.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
-                        help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
-                             'paper) or the freshly initialised student (the released code) (default: teacher)')
-    parser.add_argument('--mi_data', default='subset', choices=MI_DATA,
-                        help='images the MI is measured on: subset, the clean subset D the student is distilled '
-                             'on (the paper), or labelled, --ratio of the pre-training set\'s labelled train '
-                             'split (the released code: for STL10 its 5000 labelled images instead of the '
-                             'unlabeled ones; the same images for CIFAR10) (default: subset)')
+    same.add_argument('--teacher', default='', type=str, metavar='PATH',
+                      help='the suspect (backdoored) encoder checkpoint (required)')
+    same.add_argument('--student', default='', type=str, metavar='PATH',
+                      help='start the student from this checkpoint (same architecture as the teacher) '
+                           '(default: fresh random initialisation, as the paper)')
+    same.add_argument('--ratio', default=0.04, type=float,
+                      help='fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)')
+    same.add_argument('--subset', default='first', choices=['first', 'random'],
+                      help='first: the first ratio*N images, as the original; random: drawn with --seed '
+                           '(default: first)')
+    same.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
+                      help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
+                           'paper) or the freshly initialised student (the released code) (default: teacher)')
+    same.add_argument('--mi_data', default='subset', choices=MI_DATA,
+                      help='images the MI is measured on: subset, the clean subset D the student is distilled '
+                           'on (the paper), or labelled, --ratio of the pre-training set\'s labelled train '
+                           'split (the released code: for STL10 its 5000 labelled images instead of the '
+                           'unlabeled ones; the same images for CIFAR10) (default: subset)')
     parser.add_argument('--mi_epochs', default=200, type=int,
                         help='training epochs of each layer\'s MI estimator (default: 200)')
-    ablation = parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)')
+    ablation = SameOnResume(parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)'))
     ablation.add_argument('--layer_weights', default='mi', choices=['mi', 'uniform'],
                           help='mi: attention weights from the per-layer MI (the paper); uniform: no MI step, '
                                'every layer gets the same weight, base + 10000/4 ("without MI guidance") '
@@ -137,38 +129,50 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--batch_size must be at least 2 (contrastive loss, BatchNorm), got {args.batch_size}')
 
 
-def restore_run(path: Path, args: argparse.Namespace, student: SimCLR, optimizer: torch.optim.Optimizer,
-                ) -> tuple[list[float], dict, list[dict], int]:
-    """Student, optimiser, RNG states, opt weights and log rows of an interrupted run."""
-    checkpoint = resume_state(path)  # restores the RNG states it recorded
-    # a checkpoint written before the ablation / --mi_data flags existed ran with their defaults
-    checkpoint = with_later_defaults(checkpoint, get_args_parser(), LATER_FLAGS)
-    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
-    if 'opt' not in checkpoint or 'log' not in checkpoint:
-        raise CheckpointError(f'{path}: not a MIMIC checkpoint of this script (no layer weights); cannot resume')
-    load_state_into(student, checkpoint['state_dict'], path)
-    epoch = restore_optimizer(optimizer, checkpoint, path)
-    print(f"resuming from {path} (epoch {epoch}); opt: {checkpoint['opt']}")
-    return list(checkpoint['opt']), checkpoint.get('mi', {}), list(checkpoint['log']), epoch
+def layer_weights_once(args: argparse.Namespace, run: DefenceRun, teacher: SimCLR, student: SimCLR, info,
+                       clean) -> dict:
+    """{'opt': attention weights per layer, 'mi': MI per layer} from the MI of each tapped layer (docs/DESIGN.md
+    §6.1-6.2), or uniform with --layer_weights uniform: computed once before distillation (writing mi.json), in
+    rank 0 under torchrun; a resumed run takes those its checkpoint recorded."""
+    base = [args.opt1, args.opt2, args.opt3, args.opt4]
+
+    def compute() -> dict:
+        if args.layer_weights == 'uniform':
+            report = uniform_layer_weights(base)
+            report_weights(report, args.mi_model)
+            write_json(run.results_dir / 'mi.json', {'mi_model': None, 'layer_weights': 'uniform', **report})
+            return {'opt': report['opt'], 'mi': {}}
+        measured = teacher if args.mi_model == 'teacher' else student
+        mi_images, mi_source = load_mi_images(args, info, clean)
+        if args.mi_data != 'subset':
+            print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
+        report = locate_benign_knowledge(measured, mi_images, info.normalization, base=base, mi_epochs=args.mi_epochs,
+                                         batch_size=args.batch_size, seed=args.seed, device=run.device,
+                                         disable_progress=progress_disabled(args))
+        report_weights(report, args.mi_model)
+        write_json(run.results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi',
+                                                 'mi_data': {'source': mi_source, 'images': len(mi_images)}, **report})
+        return {'opt': report['opt'], 'mi': report['mi']}
+    weights = run.once(('opt', 'mi'), compute, CHECKPOINT_PATTERN)
+    return {'opt': list(weights['opt']), 'mi': weights['mi']}
 
 
-def distill(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimizer: torch.optim.Optimizer,
-            dataset: ImagePairs, opt_weights: list[float], mi: dict, rows: list[dict], start_epoch: int,
-            device: torch.device, results_dir: Path) -> None:
-    """Epochs start_epoch+1 .. --epochs: train, log, and save model<epoch>.pth every --save_freq and at the end."""
+def distillation_phase(args: argparse.Namespace, student: SimCLR, teacher: SimCLR, optimizer: torch.optim.Optimizer,
+                       device: torch.device, weights: dict) -> Phase:
+    """The distillation as a training phase: L = L_con + Σ_l opt_l · AT_l + opt5 · L_clone (docs/DESIGN.md §6.3),
+    with the terms the ablation flags switch off at weight 0; its checkpoints record the layer weights."""
     student_forward, teacher_forward = maybe_compile(student, args.compile), maybe_compile(teacher, args.compile)
-    attention_weights = [0.0] * len(opt_weights) if args.no_attention else opt_weights
+    attention_weights = [0.0] * len(weights['opt']) if args.no_attention else weights['opt']
     opt5 = 0.0 if args.no_clone else args.opt5
     step_loss = distillation_step(student_forward, teacher_forward, attention_weights, opt5, args.knn_t, device,
                                   args.amp, contrastive_weight=0.0 if args.no_contrastive else 1.0)
-    phase = Phase('Distill', student, optimizer, step_loss, distillation_modes(student, teacher),
-                  checkpoint_pattern=CHECKPOINT_PATTERN, checkpoint_extra={'opt': opt_weights, 'mi': mi})
-    run_phase(phase, dataset, args, get_info(args.pretraining_dataset).normalization, epochs=args.epochs,
-              start_epoch=start_epoch, rows=rows, device=device, results_dir=results_dir)
+    return Phase('Distill', student, optimizer, step_loss, distillation_modes(student, teacher),
+                 checkpoint_pattern=CHECKPOINT_PATTERN, checkpoint_extra=weights)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
@@ -181,40 +185,21 @@ def main(argv: list[str] | None = None) -> None:
     student = build_student(teacher, args.student, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-6)
 
-    resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
+    prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
     print(f'clean subset: {len(clean)} images of {info.name}/{info.pretraining_split} ({args.subset}); '
           f'teacher {teacher.config} on {device}')
 
-    # Layer weights from the MI of each tapped layer (docs/DESIGN.md §6.1-6.2): once, before distillation.
-    base = [args.opt1, args.opt2, args.opt3, args.opt4]
-    if resume_from is not None:
-        opt_weights, mi, rows, start_epoch = restore_run(resume_from, args, student, optimizer)
-    elif args.layer_weights == 'uniform':
-        report = uniform_layer_weights(base)
-        report_weights(report, args.mi_model)
-        write_json(results_dir / 'mi.json', {'mi_model': None, 'layer_weights': 'uniform', **report})
-        opt_weights, mi, rows, start_epoch = report['opt'], {}, [], 0
-    else:
-        measured = teacher if args.mi_model == 'teacher' else student
-        mi_images, mi_source = load_mi_images(args, info, clean)
-        if args.mi_data != 'subset':
-            print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
-        # once, in rank 0 under torchrun (the others receive its report): 2000 images do not need N processes
-        report = distributed.on_main(lambda: locate_benign_knowledge(
-            measured, mi_images, info.normalization, base=base, mi_epochs=args.mi_epochs, batch_size=args.batch_size,
-            seed=args.seed, device=device, disable_progress=progress_disabled(args)))
-        report_weights(report, args.mi_model)
-        write_json(results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi',
-                                             'mi_data': {'source': mi_source, 'images': len(mi_images)}, **report})
-        opt_weights, mi, rows, start_epoch = report['opt'], report['mi'], [], 0
-
-    dataset = ImagePairs(clean, simclr_transform(info.normalization, info.image_size))
-    distill(args, student, teacher, optimizer, dataset, opt_weights, mi, rows, start_epoch, device, results_dir)
-    if start_epoch >= args.epochs:
-        print(f'nothing to do: {resume_from} is already at epoch {start_epoch} of --epochs {args.epochs}')
+    # The layer weights (docs/DESIGN.md §6.1-6.2), once before distillation; then the distillation (§6.3).
+    run = DefenceRun(args, info.normalization, device, results_dir, resume_flags(parser))
+    weights = layer_weights_once(args, run, teacher, student, info, clean)
+    if args.resume:
+        print(f"layer weights of the interrupted run: opt {weights['opt']}")
+    training = run.train(distillation_phase(args, student, teacher, optimizer, device, weights), clean, args.epochs)
+    if training.resumed_at >= args.epochs:
+        print(f'nothing to do: the run is already at epoch {training.resumed_at} of --epochs {args.epochs}')
     else:
         print(f'purified student: {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
 

@@ -1,4 +1,4 @@
-"""Stage 2, the baselines: purify a suspect encoder with one of the seven defences MIMIC is compared with.
+"""Stage 2, the baselines: purify a suspect encoder with one of the eight defences MIMIC is compared with.
 
 Every defence works under MIMIC's threat model: the suspect encoder (`--teacher`, the flag MIMIC.py uses) and
 a small clean, unlabelled subset D of its pre-training set (`--ratio`, `--subset`: the same images MIMIC.py
@@ -6,12 +6,15 @@ takes), nothing else. The methods live in `defences/` (one module each; its docs
 published recipe and what was adapted to the label-free setting):
 
     ft      fine-tuning: SimCLR (NT-Xent) training of the suspect on D
-    fp      Fine-Pruning (RAID 2018): prune the least active channels of the last stage, then fine-tune
+    fp      Fine-Pruning (RAID 2018): prune layer4's least active channels until the features' agreement with the
+            suspect's drops, then fine-tune
     nad     Neural Attention Distillation (ICLR 2021): fine-tuned teacher, NT-Xent + attention distillation
     clp     Channel Lipschitzness-based Pruning (ECCV 2022): data-free, prunes high-Lipschitz channels
-    anp     Adversarial Neuron Pruning (NeurIPS 2021): masks learnt against adversarial BN perturbations
+    anp     Adversarial Neuron Pruning (NeurIPS 2021): masks learnt against adversarial BN perturbations, NT-Xent on D
     kd      plain knowledge distillation into a fresh student (CVPR 2022): no attention, no MI
-    invert  trigger inversion (DECREE, CVPR 2023; SSL-Cleanse, ECCV 2024), then unlearning
+    invert  DECREE's trigger inversion and verdict (CVPR 2023), then trigger-augmented fine-tuning
+    sslcleanse  SSL-Cleanse's mitigation (ECCV 2024) after DECREE's inversion: distillation from a frozen copy of
+            the suspect
 
     python baseline_defence.py --defence fp --teacher runs/backdoor/model_200.pth --pretraining_dataset cifar10 \
         --ratio 0.04 --epochs 100 --results_dir runs/fp
@@ -25,9 +28,9 @@ that stage 3, MIMIC.py and the original code load — and, last, defence.json: w
 pruned per layer, the inverted trigger's size, epochs, images used) and its wall-clock seconds. `--resume`
 continues a defence that trains from its latest checkpoint.
 
-Under `torchrun --nproc_per_node N baseline_defence.py ...` the defences that train (ft, fp, nad, kd, invert) train
-on N processes (--batch_size is the global batch; common/distributed.py); what fp and invert compute before
-training (the pruning mask, the inverted trigger) is computed once, in rank 0, and sent to the others; clp and
+Under `torchrun --nproc_per_node N baseline_defence.py ...` the defences that train (ft, fp, nad, kd, invert,
+sslcleanse) train on N processes (--batch_size is the global batch; common/distributed.py); what fp, invert and
+sslcleanse compute before training (the pruning mask, the inverted trigger) is computed once, in rank 0, and sent to the others; clp and
 anp, which train no weight, run in rank 0 alone.
 """
 from __future__ import annotations
@@ -37,8 +40,8 @@ import time
 from pathlib import Path
 
 from common import distributed
-from common.cli import (StageParser, UsageError, print_args, require_positive, run_main,
-                        seed_everything, shared_parser)
+from common.cli import (StageParser, UsageError, print_args, require_positive, resume_flags, run_main,
+                        SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
 from datasets import get_info, pretraining_names
@@ -47,40 +50,39 @@ from defences.mimic import load_clean_subset, load_teacher
 from defences.training import DefenceRun
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
-DEFAULT_LR = {'kd': 1e-2}  # a fresh student, as MIMIC's README; the others fine-tune a trained encoder: 1e-3
-# Flags that shape the trajectory of a run: a resumed run must be given the same values.
-RESUME_MUST_MATCH = ('defence', 'teacher', 'pretraining_dataset', 'ratio', 'subset', 'seed', 'lr', 'batch_size',
-                     'knn_t', 'num_workers', 'augment', 'prune_ratio', 'nad_betas', 'nad_teacher_epochs',
-                     'invert_steps', 'invert_lr', 'invert_lambda')
+# kd: a fresh student, as MIMIC's README; sslcleanse: SSL-Cleanse's README; the others fine-tune: 1e-3
+DEFAULT_LR = {'kd': 1e-2, 'sslcleanse': 3e-3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Purify a suspect encoder with a baseline defence (stage 2, beside MIMIC.py).',
                          parents=[shared_parser()])
-    parser.add_argument('--defence', required=True, choices=BASELINES, metavar='{' + ','.join(BASELINES) + '}',
-                        help='the defence, and what it reads: ' + '; '.join(
-                            f'{name}: {get_defence(name).READS}' for name in BASELINES)
-                        + ' (each module of defences/ gives its paper and recipe)')
-    parser.add_argument('--teacher', default='', type=str, metavar='PATH',
-                        help='the suspect (backdoored) encoder checkpoint (required; the flag MIMIC.py uses)')
-    parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
-                        help="the suspect's pre-training set: D comes from its pre-training split, and it fixes the "
-                             'normalisation (default: cifar10)')
-    parser.add_argument('--ratio', default=0.04, type=float,
-                        help='fraction of the pre-training split used as the clean subset D, in (0, 1] '
-                             '(default: 0.04, as MIMIC)')
-    parser.add_argument('--subset', default='first', choices=['first', 'random'],
-                        help='first: the first ratio*N images, as MIMIC.py; random: drawn with --seed (default: first)')
+    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
+    same.add_argument('--defence', required=True, choices=BASELINES, metavar='{' + ','.join(BASELINES) + '}',
+                      help='the defence, and what it reads: ' + '; '.join(
+                          f'{name}: {get_defence(name).READS}' for name in BASELINES)
+                      + ' (each module of defences/ gives its paper and recipe)')
+    same.add_argument('--teacher', default='', type=str, metavar='PATH',
+                      help='the suspect (backdoored) encoder checkpoint (required; the flag MIMIC.py uses)')
+    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                      help="the suspect's pre-training set: D comes from its pre-training split, and it fixes the "
+                           'normalisation (default: cifar10)')
+    same.add_argument('--ratio', default=0.04, type=float,
+                      help='fraction of the pre-training split used as the clean subset D, in (0, 1] '
+                           '(default: 0.04, as MIMIC)')
+    same.add_argument('--subset', default='first', choices=['first', 'random'],
+                      help='first: the first ratio*N images, as MIMIC.py; random: drawn with --seed (default: first)')
     parser.add_argument('--epochs', default=1000, type=int,
-                        help='training epochs over D for ft, fp, nad, kd, invert; accepted and unused by clp and anp '
-                             "(default: 1000, MIMIC's budget)")
-    parser.add_argument('--batch_size', default=128, type=int,
-                        help='images per step of the defences that use D (default: 128, as MIMIC)')
-    parser.add_argument('--lr', default=None, type=float,
-                        help='Adam learning rate of the trained network (default: 1e-3 for the defences that '
-                             'fine-tune the suspect, stage 0\'s rate; 1e-2 for kd\'s fresh student, as MIMIC)')
-    parser.add_argument('--knn-t', default=0.5, type=float,
-                        help='temperature of the NT-Xent loss, as MIMIC.py (default: 0.5)')
+                        help='training epochs over D for ft, fp, nad, kd, invert, sslcleanse; accepted and unused by '
+                             "clp and anp (default: 1000, MIMIC's budget)")
+    same.add_argument('--batch_size', default=128, type=int,
+                      help='images per step of the defences that use D (default: 128, as MIMIC)')
+    same.add_argument('--lr', default=None, type=float,
+                      help='Adam learning rate of the trained network (default: 1e-3 for the defences that '
+                           'fine-tune the suspect, stage 0\'s rate; 1e-2 for kd\'s fresh student, as MIMIC; 3e-3 for '
+                           'sslcleanse, SSL-Cleanse\'s)')
+    same.add_argument('--knn-t', default=0.5, type=float,
+                      help='temperature of the NT-Xent loss, as MIMIC.py (default: 0.5)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
     for name in BASELINES:  # each defence's own flags, defined and checked in its module
@@ -132,7 +134,8 @@ def prepare_results_dir(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     check_args(args)
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.defence, 1e-3)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'{args.defence} ({defence.PAPER}): {data}; suspect {suspect.config} on {device}')
 
     start = time.perf_counter()
-    run = DefenceRun(args, info.normalization, device, results_dir, RESUME_MUST_MATCH)
+    run = DefenceRun(args, info.normalization, device, results_dir, resume_flags(parser))
     purified, report = defence.purify(suspect, clean, run)
     checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
     if not trains:  # the defences that train saved their last epoch already

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -64,53 +63,46 @@ from attacks.badencoder import (SHADOW_SIZE, BadEncoder, IndexedShadow, clean_en
                                 fix_readme_typo, freeze_batchnorm, load_attack_files, load_monitor_data,
                                 load_shadow_images, train_one_epoch)
 from common import distributed
-from common.cli import (StageParser, UsageError, print_args, progress_disabled, require_positive, run_main,
-                        seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, print_args, progress_disabled, require_positive,
+                        resume_flags, run_main, seed_everything, shared_parser)
+from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
-from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv, restore_optimizer,
-                         resume_state, save_run_checkpoint, with_later_defaults, write_csv, write_json)
+from common.runs import prepare_results_dir, write_json
 from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
-from models import SimCLR, load_encoder
-from models.checkpoint import load_state_into
+from models import load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ATTACKS = {'badencoder': BadEncoder, 'drupe': drupe.Drupe}  # the attack interface: attacks/badencoder.py
-# Flags that shape the trajectory of a run: a resumed run must be given the same values (--drupe_output only
-# chooses among the epochs at the end, and may change).
-RESUME_MUST_MATCH = ('shadow_dataset', 'encoder_usage_info', 'pretrained_encoder', 'trigger_file', 'reference_file',
-                     'seed', 'lr', 'batch_size', 'lambda1', 'lambda2', 'num_workers', 'augment', 'attack',
-                     'shadow_fraction', 'num_references', *(flag for flag in drupe.FLAGS if flag != 'drupe_output'))
-# Flags added with --attack: a checkpoint whose recorded arguments lack them ran BadEncoder with their defaults.
-ATTACK_FLAGS = ('attack', 'shadow_fraction', 'num_references', *drupe.FLAGS)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Plant a BadEncoder backdoor in a pre-trained SimCLR encoder (stage 1).',
                          parents=[shared_parser()])
-    parser.add_argument('--batch_size', default=256, type=int, help='shadow images per step (default: 256)')
-    parser.add_argument('--lr', default=0.001, type=float, help='SGD learning rate (default: 0.001)')
-    parser.add_argument('--lambda1', default=1.0, type=float,
-                        help='weight of L1, the reference-stays-put loss (default: 1.0)')
-    parser.add_argument('--lambda2', default=1.0, type=float,
-                        help='weight of L2, the clean-features-stay-put loss (default: 1.0)')
+    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
+    same.add_argument('--batch_size', default=256, type=int, help='shadow images per step (default: 256)')
+    same.add_argument('--lr', default=0.001, type=float, help='SGD learning rate (default: 0.001)')
+    same.add_argument('--lambda1', default=1.0, type=float,
+                      help='weight of L1, the reference-stays-put loss (default: 1.0)')
+    same.add_argument('--lambda2', default=1.0, type=float,
+                      help='weight of L2, the clean-features-stay-put loss (default: 1.0)')
     parser.add_argument('--epochs', default=200, type=int, help='passes over the shadow set (default: 200)')
-    parser.add_argument('--reference_file', default='', type=str, metavar='PATH',
-                        help='npz with the reference inputs x and their target labels y; y[0] is the target')
-    parser.add_argument('--trigger_file', default='', type=str, metavar='PATH',
-                        help='npz with the trigger patches t and masks tm')
+    same.add_argument('--reference_file', default='', type=str, metavar='PATH',
+                      help='npz with the reference inputs x and their target labels y; y[0] is the target')
+    same.add_argument('--trigger_file', default='', type=str, metavar='PATH',
+                      help='npz with the trigger patches t and masks tm')
     parser.add_argument('--pretraining_dataset', default='cifar10', choices=pretraining_names(),
                         help='the set the clean encoder was pre-trained on; recorded in args.json only, the '
                              'normalisation comes from --encoder_usage_info (default: cifar10)')
-    parser.add_argument('--shadow_dataset', default='cifar10', choices=sorted(DATASETS),
-                        help="the attacker's shadow data: that set's pre-training split, at most "
-                             f'{SHADOW_SIZE} images (default: cifar10)')
+    same.add_argument('--shadow_dataset', default='cifar10', choices=sorted(DATASETS),
+                      help="the attacker's shadow data: that set's pre-training split, at most "
+                           f'{SHADOW_SIZE} images (default: cifar10)')
     parser.add_argument('--downstreamTask', default='cifar10', choices=sorted(DATASETS),
                         help="the target downstream task: the reference labels must be among its classes; "
                              'when prepared, its kNN accuracy and attack success are monitored (default: cifar10)')
-    parser.add_argument('--pretrained_encoder', default='', type=str, metavar='PATH',
-                        help='the clean encoder checkpoint to backdoor (loaded with weights_only=True)')
-    parser.add_argument('--encoder_usage_info', default='cifar10', choices=pretraining_names(),
-                        help="the encoder's pre-training set, which fixes the normalisation (default: cifar10)")
+    same.add_argument('--pretrained_encoder', default='', type=str, metavar='PATH',
+                      help='the clean encoder checkpoint to backdoor (loaded with weights_only=True)')
+    same.add_argument('--encoder_usage_info', default='cifar10', choices=pretraining_names(),
+                      help="the encoder's pre-training set, which fixes the normalisation (default: cifar10)")
     parser.add_argument('--knn-k', dest='knn_k', default=200, type=int,
                         help='neighbours of the kNN monitor (default: 200)')
     parser.add_argument('--knn-t', dest='knn_t', default=0.5, type=float,
@@ -118,15 +110,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write model_<epoch>.pth every this many epochs, and at the end '
                              '(0: only at the end) (default: 20)')
-    parser.add_argument('--attack', default='badencoder', choices=tuple(ATTACKS),
-                        help='badencoder (Jia et al., S&P 2022), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
-                             "whose values fill every flag not given (default: badencoder)")
-    parser.add_argument('--shadow_fraction', default=1.0, type=float,
-                        help='use this fraction of the shadow set, a fixed random subset '
-                             f"(default: 1.0; DRUPE: {drupe.RECIPE['shadow_fraction']})")
-    parser.add_argument('--num_references', default=None, type=int, metavar='N',
-                        help='use the first N references of --reference_file '
-                             f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
+    same.add_argument('--attack', default='badencoder', choices=tuple(ATTACKS),
+                      help='badencoder (Jia et al., S&P 2022), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
+                           "whose values fill every flag not given (default: badencoder)")
+    same.add_argument('--shadow_fraction', default=1.0, type=float,
+                      help='use this fraction of the shadow set, a fixed random subset '
+                           f"(default: 1.0; DRUPE: {drupe.RECIPE['shadow_fraction']})")
+    same.add_argument('--num_references', default=None, type=int, metavar='N',
+                      help='use the first N references of --reference_file '
+                           f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
     drupe.add_arguments(parser.add_argument_group(drupe.TITLE))
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
@@ -160,15 +152,6 @@ def check_args(args: argparse.Namespace) -> None:
     drupe.check(args)
 
 
-def log_epoch(rows: list[dict], results_dir: Path, epoch: int, losses: dict | None, metrics: dict | None,
-              columns: tuple[str, ...]) -> None:
-    row = {column: '' for column in columns}
-    row.update({'epoch': epoch, **(losses or {}), **(metrics or {})})
-    rows.append(row)
-    write_csv(results_dir / 'log.csv', rows)
-    print(json.dumps({key: value for key, value in row.items() if value != ''}))
-
-
 def warn_on_usage_mismatch(checkpoint: dict, args: argparse.Namespace) -> None:
     """A checkpoint of ours records the set it was pre-trained on; say so when it is not --encoder_usage_info."""
     recorded = checkpoint.get('args')
@@ -176,23 +159,6 @@ def warn_on_usage_mismatch(checkpoint: dict, args: argparse.Namespace) -> None:
     if recorded and recorded != args.encoder_usage_info:
         print(f'warning: {args.pretrained_encoder} was pre-trained on {recorded}, but --encoder_usage_info is '
               f'{args.encoder_usage_info}: its inputs will be normalised for the wrong set', file=sys.stderr)
-
-
-def restore_run(path: Path, args: argparse.Namespace, model: SimCLR, optimizer: torch.optim.Optimizer,
-                results_dir: Path) -> tuple[int, list[dict], dict]:
-    """Continue from a checkpoint: weights, optimiser, RNG states and the log rows up to its epoch.
-
-    Returns (first epoch to run, log rows, the checkpoint). The weights are the last epoch's: a DRUPE run's final
-    checkpoint holds its selected encoder as `state_dict` and the last weights as `last_state_dict`.
-    """
-    # a checkpoint written before --attack existed is a BadEncoder run with the attack flags' defaults
-    checkpoint = with_later_defaults(resume_state(path), get_args_parser(), ATTACK_FLAGS)
-    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
-    load_state_into(model, checkpoint.get('last_state_dict', checkpoint['state_dict']), path)
-    epoch = restore_optimizer(optimizer, checkpoint, path)
-    rows = [row for row in read_csv(results_dir / 'log.csv') if int(row['epoch']) <= epoch]
-    print(f'resuming from {path} (epoch {epoch})')
-    return epoch + 1, rows, checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -238,34 +204,32 @@ def main(argv: list[str] | None = None) -> None:
     encoder_forward = maybe_compile(distributed.data_parallel(model.f, device, sync_batchnorm=False,
                                                               broadcast_buffers=False), args.compile)
 
-    rows: list[dict] = []
-    start_epoch = 1
+    training = Training(model, optimizer, args, args.epochs, results_dir, columns=attack.columns)
     if resume_from is not None:
-        start_epoch, rows, checkpoint = restore_run(resume_from, args, model, optimizer, results_dir)
-        attack.restore(checkpoint)
-        if start_epoch > args.epochs:
+        # the last epoch's weights: DRUPE's final checkpoint holds its selected encoder as state_dict
+        attack.restore(training.resume(resume_from, resume_flags(get_args_parser()), weights='last_state_dict'))
+        if training.finished:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')
             return
     else:
         attack.start(results_dir)
         if monitor is not None and distributed.is_main():  # the state before training, as the original
-            log_epoch(rows, results_dir, 0, None, evaluate_backdoor(model.f, monitor, normalization, args, device),
-                      attack.columns)
+            training.log({'epoch': 0, **evaluate_backdoor(model.f, monitor, normalization, args, device)})
 
-    for epoch in range(start_epoch, args.epochs + 1):
+    def train_epoch(epoch: int) -> dict:
         loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)
-        losses = train_one_epoch(encoder_forward, loader, shadow, clean_features, references, clean_reference_features,
-                                 trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch,
-                                 objective=attack.objective(epoch), num_copies=num_copies)
-        losses.update(attack.after_epoch(epoch, losses, model, optimizer, results_dir, reference.target_label))
-        # the monitor runs once, in rank 0 (which alone logs)
-        metrics = evaluate_backdoor(model.f, monitor, normalization, args, device) \
-            if monitor and distributed.is_main() else None
-        log_epoch(rows, results_dir, epoch, losses, metrics, attack.columns)
-        if is_save_epoch(epoch, args.epochs, args.save_freq):
-            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
-                                target_label=reference.target_label, **attack.checkpoint_keys(epoch, model))
-        distributed.barrier()  # the epoch is on disk before any process starts the next one
+        return train_one_epoch(encoder_forward, loader, shadow, clean_features, references, clean_reference_features,
+                               trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch,
+                               objective=attack.objective(epoch), num_copies=num_copies)
+
+    def after_epoch(epoch: int, losses: dict) -> dict:
+        row = attack.after_epoch(epoch, losses, model, optimizer, results_dir, reference.target_label)
+        if monitor and distributed.is_main():  # the monitor runs once, in rank 0 (which alone logs)
+            row = {**row, **evaluate_backdoor(model.f, monitor, normalization, args, device)}
+        return row
+
+    training.fit(train_epoch, after_epoch=after_epoch, checkpoint_keys=lambda epoch: {
+        'target_label': reference.target_label, **attack.checkpoint_keys(epoch, model)})
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
     output = attack.describe_output()
     if output:

@@ -32,7 +32,6 @@ the end (and every --save_freq epochs).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,45 +39,37 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from common import distributed
-from common.cli import (StageParser, UsageError, check_finite, data_dir_for, print_args, progress_disabled,
-                        require_positive, run_main, seed_everything, shared_parser)
-from common.device import autocast
+from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, print_args, progress_disabled,
+                        require_positive, resume_flags, run_main, seed_everything, shared_parser)
+from common.engine import Training, nt_xent_step, train_steps
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
-from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, read_csv,
-                         restore_optimizer, save_run_checkpoint, set_rng_state, with_later_defaults, write_csv,
-                         write_json)
+from common.runs import prepare_results_dir, write_json
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from datasets.tensor_augment import CROP_SCALE
 from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6  # the paper's (docs/DESIGN.md §4.3), the default of --weight_decay
-# The optimiser and schedule flags; a checkpoint written before they existed was trained with their defaults.
-RECIPE_FLAGS = ('optimizer', 'momentum', 'weight_decay', 'schedule', 'warmup_epochs', 'crop_min_scale')
-# Flags that shape the trajectory of a run: a resumed run must be given the same values (the number of
-# workers decides which RNG draws the augmentations). A cosine schedule also depends on --epochs.
-RESUME_MUST_MATCH = ('pretraining_dataset', 'seed', 'lr', 'batch_size', 'knn_t', 'num_workers', 'suffix_encoder',
-                     'augment') + RECIPE_FLAGS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Train a clean SimCLR encoder (stage 0 of the pipeline).',
                                      parents=[shared_parser()])
-    parser.add_argument('--lr', default=0.001, type=float,
-                        help='learning rate (after any warm-up; the peak of a cosine schedule) (default: 0.001)')
-    parser.add_argument('--batch_size', default=256, type=int, help='images per batch (default: 256)')
+    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
+    same.add_argument('--lr', default=0.001, type=float,
+                      help='learning rate (after any warm-up; the peak of a cosine schedule) (default: 0.001)')
+    same.add_argument('--batch_size', default=256, type=int, help='images per batch (default: 256)')
     parser.add_argument('--epochs', default=1000, type=int, help='number of training epochs (default: 1000)')
-    parser.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
-                        help='dataset to pre-train on (default: cifar10)')
-    parser.add_argument('--suffix_encoder', default='', type=str, metavar='PATH',
-                        help='start from this encoder checkpoint; its architecture and width win '
-                             '(default: random initialisation)')
-    parser.add_argument('--knn-t', default=0.5, type=float,
-                        help='temperature of the kNN monitor and of the NT-Xent loss (default: 0.5)')
+    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                      help='dataset to pre-train on (default: cifar10)')
+    same.add_argument('--suffix_encoder', default='', type=str, metavar='PATH',
+                      help='start from this encoder checkpoint; its architecture and width win '
+                           '(default: random initialisation)')
+    same.add_argument('--knn-t', default=0.5, type=float,
+                      help='temperature of the kNN monitor and of the NT-Xent loss (default: 0.5)')
     parser.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
     parser.add_argument('--arch', default='resnet18', type=str, choices=sorted(ARCHITECTURES),
                         help='encoder architecture (default: resnet18)')
@@ -86,9 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'base channels of the ResNet ({PAPER_WIDTH} = the paper; smaller for fast CPU runs)')
     parser.add_argument('--save_freq', default=0, type=int,
                         help='also save model_<epoch>.pth every this many epochs (default: 0, only at the end)')
-    recipe = parser.add_argument_group('optimiser, schedule and crop (defaults: the paper\'s Adam recipe; CTRL\'s: '
-                                       'sgd, --lr 0.06, --weight_decay 5e-4, cosine, 10 warm-up epochs, '
-                                       '--crop_min_scale 0.2)')
+    recipe = SameOnResume(parser.add_argument_group(
+        'optimiser, schedule and crop (defaults: the paper\'s Adam recipe; CTRL\'s: sgd, --lr 0.06, --weight_decay '
+        '5e-4, cosine, 10 warm-up epochs, --crop_min_scale 0.2)'))
     recipe.add_argument('--optimizer', default='adam', choices=('adam', 'sgd'), help='optimiser (default: adam)')
     recipe.add_argument('--momentum', default=0.9, type=float, help='momentum of sgd (default: 0.9; adam ignores it)')
     recipe.add_argument('--weight_decay', default=ADAM_WEIGHT_DECAY, type=float,
@@ -183,25 +174,6 @@ def load_pretraining_data(args: argparse.Namespace) -> PretrainingData:
     return PretrainingData(images, memory, test, info.normalization, info.image_size, info.num_classes)
 
 
-@dataclass
-class TrainingState:
-    model: SimCLR
-    optimizer: torch.optim.Optimizer
-    start_epoch: int
-    log_rows: list[dict]  # epoch, train_loss, test_acc@1 of the epochs already run
-
-
-def restore_optimizer_and_log(checkpoint: dict, path: Path,
-                              optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Load a checkpoint's optimiser state; returns (first epoch to run, log rows up to the checkpoint)."""
-    epoch = restore_optimizer(optimizer, checkpoint, path)
-    rows = checkpoint.get('log') or read_csv(path.parent / 'log.csv')
-    rows = [{'epoch': int(row['epoch']), 'train_loss': float(row['train_loss']),
-             'test_acc@1': float(row['test_acc@1'])}
-            for row in rows if int(row['epoch']) <= epoch]
-    return epoch + 1, rows
-
-
 def initial_model(args: argparse.Namespace) -> SimCLR:
     """A fresh SimCLR, or the encoder of --suffix_encoder (whose architecture and width win)."""
     if not args.suffix_encoder:
@@ -213,108 +185,86 @@ def initial_model(args: argparse.Namespace) -> SimCLR:
     return model
 
 
-def setup_training(args: argparse.Namespace, device: torch.device) -> TrainingState:
+def setup_training(args: argparse.Namespace, device: torch.device, must_match: dict) -> Training:
     """Model and optimiser: fresh, from --suffix_encoder, or (--resume) from the latest checkpoint.
 
     Creates the results folder, after --suffix_encoder has been checked, so a bad file writes nothing.
     """
     # a resumed run takes everything from the checkpoint that prepare_results_dir finds
-    model, checkpoint = (None, None) if args.resume else (initial_model(args), None)
+    model = None if args.resume else initial_model(args)
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
     if resume_from is not None:
-        model, checkpoint = load_encoder(resume_from)
+        model, _ = load_encoder(resume_from)  # its architecture and width
     model = to_channels_last(model.to(device), device)
-    optimizer = build_optimizer(model, args)
-    if checkpoint is None:
-        return TrainingState(model, optimizer, 1, [])
-    # a cosine schedule depends on the total number of epochs: extending such a run changes its past
-    must_match = RESUME_MUST_MATCH + (('epochs',) if args.schedule == 'cosine' else ())
-    # a checkpoint written before the recipe flags existed ran with their defaults
-    check_resumable(with_later_defaults(checkpoint, get_args_parser(), RECIPE_FLAGS), args, resume_from, must_match)
-    start_epoch, log_rows = restore_optimizer_and_log(checkpoint, resume_from, optimizer)
-    set_rng_state(checkpoint['rng'])  # after the model is built: its initialisation draws nothing from them
-    print(f'resuming from {resume_from} at epoch {start_epoch}')
-    return TrainingState(model, optimizer, start_epoch, log_rows)
+    training = Training(model, build_optimizer(model, args), args, args.epochs, Path(args.results_dir))
+    if resume_from is not None:
+        # a cosine schedule depends on the total number of epochs: extending such a run changes its past
+        cosine = {'epochs': args.epochs} if args.schedule == 'cosine' else {}
+        training.resume(resume_from, {**must_match, **cosine})  # the RNG states last: the model drew its init
+    return training
 
 
 def train_one_epoch(model: SimCLR, loader: DataLoader, optimizer: torch.optim.Optimizer, temperature: float,
                     epoch: int, device: torch.device, use_amp: bool, disable_progress: bool) -> float:
-    """One pass of SimCLR over the loader (one forward per view); returns the mean NT-Xent loss.
+    """One pass of SimCLR over the loader (one forward per view, `common.engine.nt_xent_step`); returns the mean
+    NT-Xent loss per image.
 
     Under torchrun `model` is the DistributedDataParallel wrapper, the loader yields this process's share of each
     global batch and the NT-Xent takes its negatives from the global batch (`common.distributed.nt_xent`); the
     loss checked and returned is the global batch's.
     """
-    model.train()
-    total_loss, total_images = 0.0, 0
-    bar = tqdm(loader, desc=f'Train epoch {epoch}', leave=False, disable=disable_progress)
-    for step, (view_1, view_2) in enumerate(bar):
-        view_1 = view_1.to(device, non_blocking=True)
-        view_2 = view_2.to(device, non_blocking=True)
-        with autocast(device, use_amp):
-            _, out_1 = model(view_1)  # (B, 128), L2-normalised projections
-            _, out_2 = model(view_2)
-        loss = distributed.nt_xent(out_1.float(), out_2.float(), temperature)
-        reported = distributed.mean_over_ranks({'loss': loss})['loss']  # the global batch's (loss itself in one process)
-        check_finite(reported, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_images += len(view_1)
-        total_loss += reported.item() * len(view_1)
-        bar.set_postfix(loss=f'{total_loss / total_images:.4f}')
-    return total_loss / total_images
+    return train_steps(loader, optimizer, nt_xent_step(model, temperature, device, use_amp), epoch=epoch,
+                       device=device, set_modes=model.train, per_image=True, desc=f'Train epoch {epoch}',
+                       disable_progress=disable_progress)['loss']
 
 
-def train(args: argparse.Namespace, state: TrainingState, data: PretrainingData, device: torch.device,
-          results_dir: Path) -> None:
-    """Epochs state.start_epoch..args.epochs: train, kNN monitor, log, checkpoint.
+def train(args: argparse.Namespace, training: Training, data: PretrainingData, device: torch.device) -> None:
+    """Epochs training.start_epoch..args.epochs: learning rate, train, kNN monitor, log, checkpoint.
 
     Under torchrun every process trains (DDP; SyncBatchNorm on CUDA) and rank 0 alone runs the kNN monitor and
     writes the log and the checkpoints (of `model` itself: plain SimCLR keys).
     """
-    model, optimizer, start_epoch, log_rows = state.model, state.optimizer, state.start_epoch, state.log_rows
-    disable = progress_disabled(args)
+    model, optimizer, disable = training.model, training.optimizer, progress_disabled(args)
     crop_scale = (args.crop_min_scale, CROP_SCALE[1])
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size, crop_scale))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
     forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)
-    epochs = tqdm(range(start_epoch, args.epochs + 1), desc='Epochs', initial=start_epoch - 1,
-                  total=args.epochs, disable=disable)
-    for epoch in epochs:
+
+    def set_epoch_learning_rate(epoch: int) -> None:
+        set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
+
+    def train_epoch(epoch: int) -> dict:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
         loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images, crop_scale)
-        set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
-        train_loss = train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp, disable)
+        return {'train_loss': train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp,
+                                              disable)}
+
+    def monitor(epoch: int, row: dict) -> dict:
         test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
                                args.knn_k, args.knn_t, device, disable_progress=disable) \
             if distributed.is_main() else float('nan')  # once, not in every process (nothing else reads it)
-        log_rows.append({'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': test_acc})
-        write_csv(results_dir / 'log.csv', log_rows)
-        epochs.set_postfix(loss=f'{train_loss:.4f}', knn_acc=f'{test_acc:.2f}')
-        tqdm.write(json.dumps(log_rows[-1]))
-        if is_save_epoch(epoch, args.epochs, args.save_freq):
-            save_run_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, optimizer, epoch, args,
-                                log=log_rows)
-        distributed.barrier()  # the epoch is on disk before any process starts the next one
+        return {'test_acc@1': test_acc}
+
+    training.fit(train_epoch, before_epoch=set_epoch_learning_rate, after_epoch=monitor)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     print_args(args)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
     data = load_pretraining_data(args)
-    state = setup_training(args, device)
-    if state.start_epoch > args.epochs:
-        print(f'already trained for {state.start_epoch - 1} epochs (--epochs {args.epochs}); nothing to do')
+    training = setup_training(args, device, resume_flags(parser))
+    if training.finished:
+        print(f'already trained for {training.start_epoch - 1} epochs (--epochs {args.epochs}); nothing to do')
         return
     results_dir = Path(args.results_dir)
     write_json(results_dir / 'args.json', vars(args))
 
-    train(args, state, data, device, results_dir)
+    train(args, training, data, device)
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
 
 

@@ -34,44 +34,41 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import (StageParser, UsageError, check_finite, data_dir_for, print_args, progress_disabled,
-                        require_positive, run_main, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, print_args, progress_disabled,
+                        require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.device import autocast, resolve_device
+from common.engine import Training, train_steps
 from common.features import encode_images
-from common.runs import (check_resumable, is_save_epoch, prepare_results_dir, resume_state, restore_optimizer,
-                         rng_state, write_json)
+from common.runs import prepare_results_dir, write_json
 from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
                       pretraining_names, triggered_copy)
-from models import MLPProbe, SimCLR, load_encoder, save_atomic
-from models.checkpoint import load_state_into
+from models import MLPProbe, SimCLR, load_encoder
 
 EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
 PROBE_PATTERN = 'probe_{}.pth'
-# Flags that shape the probe's training: a resumed evaluation must be given the same values.
-RESUME_MUST_MATCH = ('dataset', 'encoder', 'encoder_usage_info', 'trigger_file', 'reference_label', 'lr', 'seed',
-                     'batch_size', 'hidden_size_1', 'hidden_size_2')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = StageParser(description='Evaluate a clean or backdoored encoder with a downstream '
                                                  'classifier (stage 3 of the pipeline).',
                                      parents=[shared_parser()])
-    parser.add_argument('--dataset', default='cifar10', type=str, choices=sorted(DATASETS),
-                        help='downstream dataset (default: cifar10)')
-    parser.add_argument('--reference_label', default=-1, type=int,
-                        help='target class of the attack in the downstream task (default: -1, '
-                             "take y[0] of --reference_file)")
-    parser.add_argument('--trigger_file', default='', type=str, metavar='PATH',
-                        help='trigger file (npz with t, tm); trigger 0 is applied to the test images')
-    parser.add_argument('--encoder_usage_info', default='', type=str,
-                        help=f"the encoder's pre-training set, which selects the input normalisation "
-                             f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint)")
-    parser.add_argument('--encoder', default='', type=str, metavar='PATH', help='encoder checkpoint to evaluate')
-    parser.add_argument('--lr', default=0.0001, type=float, help='Adam learning rate (default: 0.0001)')
+    same = SameOnResume(parser)  # the flags that shape the probe's training: --resume refuses other values
+    same.add_argument('--dataset', default='cifar10', type=str, choices=sorted(DATASETS),
+                      help='downstream dataset (default: cifar10)')
+    same.add_argument('--reference_label', default=-1, type=int,
+                      help='target class of the attack in the downstream task (default: -1, '
+                           "take y[0] of --reference_file)")
+    same.add_argument('--trigger_file', default='', type=str, metavar='PATH',
+                      help='trigger file (npz with t, tm); trigger 0 is applied to the test images')
+    same.add_argument('--encoder_usage_info', default='', type=str,
+                      help=f"the encoder's pre-training set, which selects the input normalisation "
+                           f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint)")
+    same.add_argument('--encoder', default='', type=str, metavar='PATH', help='encoder checkpoint to evaluate')
+    same.add_argument('--lr', default=0.0001, type=float, help='Adam learning rate (default: 0.0001)')
     parser.add_argument('--nn_epochs', default=1000, type=int, help='classifier training epochs (default: 1000)')
-    parser.add_argument('--hidden_size_1', default=512, type=int, help='first hidden layer (default: 512)')
-    parser.add_argument('--hidden_size_2', default=256, type=int, help='second hidden layer (default: 256)')
-    parser.add_argument('--batch_size', default=64, type=int, help='classifier batch size (default: 64)')
+    same.add_argument('--hidden_size_1', default=512, type=int, help='first hidden layer (default: 512)')
+    same.add_argument('--hidden_size_2', default=256, type=int, help='second hidden layer (default: 256)')
+    same.add_argument('--batch_size', default=64, type=int, help='classifier batch size (default: 64)')
     parser.add_argument('--reference_file', default='', type=str, metavar='PATH',
                         help='reference inputs (npz with x, y); optional, their features are compared '
                              'with those of the triggered images')
@@ -239,18 +236,11 @@ def reference_similarity(features: Features) -> dict:
 
 def train_one_epoch(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: torch.Tensor,
                     labels: torch.Tensor, batch_size: int, epoch: int) -> float:
-    """One pass over the training features in fixed order, the last partial batch kept; mean loss."""
-    probe.train()
-    total_loss = 0.0
-    for step, start in enumerate(range(0, len(features), batch_size)):
-        batch, batch_labels = features[start:start + batch_size], labels[start:start + batch_size]
-        loss = F.cross_entropy(probe(batch), batch_labels)
-        check_finite(loss, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(batch)
-    return total_loss / len(features)
+    """One pass over the training features in fixed order, the last partial batch kept; mean loss per feature."""
+    batches = [(features[start:start + batch_size], labels[start:start + batch_size])
+               for start in range(0, len(features), batch_size)]
+    return train_steps(batches, optimizer, lambda x, y: (F.cross_entropy(probe(x), y), {}), epoch=epoch,
+                       device=features.device, set_modes=probe.train, per_image=True, disable_progress=True)['loss']
 
 
 @torch.no_grad()
@@ -270,49 +260,27 @@ def evaluate(probe: MLPProbe, features: Features, target: int) -> dict:
                                                         exclude_target=True)}
 
 
-def train_probe(probe: MLPProbe, optimizer: torch.optim.Optimizer, features: Features, target: int,
-                epochs: int, batch_size: int, names: tuple[str, str], disable_progress: bool,
-                start_epoch: int = 1, on_epoch_end=None) -> dict:
-    """Train epochs start_epoch..epochs, printing the original's lines after each; returns the last metrics.
-
-    `on_epoch_end(epoch, metrics)` is called after every epoch (checkpointing).
-    """
+def train_probe(training: Training, features: Features, target: int, batch_size: int,
+                names: tuple[str, str]) -> dict:
+    """Train the probe of `training` for its remaining epochs, printing the original's lines after each; returns the
+    last epoch's metrics (ACC, ASR, ASR excluding the target, epoch)."""
     acc_name, asr_name = names
-    bar = tqdm(range(start_epoch, epochs + 1), desc='Probe epochs', initial=start_epoch - 1, total=epochs,
-               disable=disable_progress)
-    metrics = {}
-    for epoch in bar:
-        loss = train_one_epoch(probe, optimizer, features.train, features.train_labels, batch_size, epoch)
-        metrics = {**evaluate(probe, features, target), 'epoch': epoch}
-        tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(epoch, loss))
-        tqdm.write(metric_line(acc_name, metrics['acc'], epoch))
-        tqdm.write(metric_line(asr_name, metrics['asr'], epoch))
-        tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], epoch))
-        bar.set_postfix(loss=f'{loss:.4f}', acc=f"{metrics['acc']:.2f}", asr=f"{metrics['asr']:.2f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
-    return metrics
+    probe, optimizer = training.model, training.optimizer
 
+    def train_epoch(epoch: int) -> dict:
+        return {'loss': train_one_epoch(probe, optimizer, features.train, features.train_labels, batch_size, epoch)}
 
-def probe_checkpointer(args: argparse.Namespace, probe: MLPProbe, optimizer: torch.optim.Optimizer):
-    """The per-epoch callback saving probe_<epoch>.pth (atomic, resumable) in --results_dir."""
-    def save(epoch: int, metrics: dict) -> None:
-        if args.results_dir and is_save_epoch(epoch, args.nn_epochs, args.save_freq):
-            save_atomic({'epoch': epoch, 'state_dict': probe.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'args': vars(args), 'rng': rng_state(), 'metrics': metrics},
-                        Path(args.results_dir) / PROBE_PATTERN.format(epoch))
-    return save
+    def report(row: dict) -> None:
+        tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(row['epoch'], row['loss']))
+        tqdm.write(metric_line(acc_name, row['acc'], row['epoch']))
+        tqdm.write(metric_line(asr_name, row['asr'], row['epoch']))
+        tqdm.write(metric_line(EXCLUDING_TARGET_NAME, row['asr_excluding_target'], row['epoch']))
 
-
-def restore_probe(path: Path, args: argparse.Namespace, probe: MLPProbe,
-                  optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Probe, optimiser and RNG states of an interrupted evaluation; returns (its epoch, its metrics)."""
-    checkpoint = resume_state(path)  # restores the RNG states: dropout continues as uninterrupted
-    check_resumable(checkpoint, args, path, RESUME_MUST_MATCH)
-    load_state_into(probe, checkpoint['state_dict'], path)
-    epoch = restore_optimizer(optimizer, checkpoint, path)
-    print(f'resuming from {path} (epoch {epoch})')
-    return epoch, dict(checkpoint.get('metrics') or {})
+    def metrics(row: dict) -> dict:
+        return {**{key: row[key] for key in ('acc', 'asr', 'asr_excluding_target')}, 'epoch': row['epoch']}
+    rows = training.fit(train_epoch, after_epoch=lambda epoch, row: evaluate(probe, features, target), report=report,
+                        checkpoint_keys=lambda epoch: {'metrics': metrics(training.rows[-1])})
+    return metrics(rows[-1])
 
 
 def probe_optimizer(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -329,7 +297,8 @@ def probe_optimizer(parameters, lr: float, device: torch.device) -> torch.optim.
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device, args.gpu)
@@ -354,11 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     probe = MLPProbe(features.train.shape[1], (args.hidden_size_1, args.hidden_size_2), data.num_classes)
     optimizer = probe_optimizer(probe.to(device).parameters(), args.lr, device)
 
-    done, metrics = restore_probe(resume_from, args, probe, optimizer) if resume_from else (0, {})
-    if done < args.nn_epochs:
-        metrics = train_probe(probe, optimizer, features, args.reference_label, args.nn_epochs, args.batch_size,
-                              metric_names(args.encoder), disable, start_epoch=done + 1,
-                              on_epoch_end=probe_checkpointer(args, probe, optimizer))
+    training = Training(probe, optimizer, args, args.nn_epochs, Path(args.results_dir) if args.results_dir else None,
+                        pattern=PROBE_PATTERN, log_name=None, desc='Probe epochs')
+    # the RNG states restored: dropout continues as uninterrupted
+    metrics = dict(training.resume(resume_from, resume_flags(parser)).get('metrics') or {}) if resume_from else {}
+    if not training.finished:
+        metrics = train_probe(training, features, args.reference_label, args.batch_size, metric_names(args.encoder))
 
     if args.results_dir:
         write_json(Path(args.results_dir) / 'metrics.json',

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from common import distributed
-from common.cli import check_finite, data_dir_for, progress_disabled
+from common.cli import data_dir_for, progress_disabled
 from common.device import autocast
+from common.engine import train_steps
 from common.errors import DataError, UsageError
 from common.features import encode_images, knn_accuracies
 from datasets import (Reference, ShadowImages, Trigger, apply_trigger, get_info, load_reference, load_split,
@@ -267,20 +267,16 @@ def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_feat
     `objective` maps a step's StepFeatures to (loss, terms) (default: BadEncoder's with --lambda1/2);
     `num_copies` is the triggered copies per image (default: R, one per reference).
     """
-    encoder.train()
-    freeze_batchnorm(encoder)
     num_references = len(references)
     objective = objective or partial(badencoder_objective, lambda1=args.lambda1, lambda2=args.lambda2)
     num_copies = num_copies or num_references
-    totals: dict[str, float] = {}
-    bar = tqdm(loader, desc=f'Train {epoch}/{args.epochs}', disable=progress_disabled(args))
-    for step, (indices, augmented) in enumerate(bar, start=1):
-        indices = indices.to(device, non_blocking=True)
+
+    def step_loss(indices: torch.Tensor, augmented: torch.Tensor):
         batch = len(indices)
         images = shadow[indices]  # (B, H, W, 3) uint8
         clean = normalize_batch(images, normalization)  # (B, 3, H, W)
         triggered = triggered_inputs(images, trigger, num_copies, trigger_index, normalization)  # (C·B, 3, H, W)
-        augmented = augmented.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)  # (R·B, 3, H, W)
+        augmented = augmented.transpose(0, 1).flatten(0, 1)  # (R·B, 3, H, W)
         # Triggered copies and augmented references are both i-major (reference i's B samples together).
         # One forward of f for everything it sees this step: every BatchNorm of f is in eval mode, so a
         # sample's feature does not depend on what else is in the batch, and batching changes nothing.
@@ -288,19 +284,15 @@ def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_feat
             features = encoder(torch.cat([clean, triggered, augmented, references])).float()
         f_clean, f_triggered, f_augmented, f_reference = features.split(
             [batch, num_copies * batch, num_references * batch, num_references])
-        loss, terms = objective(global_batch(StepFeatures(
+        return objective(global_batch(StepFeatures(
             f_clean, f_triggered.view(num_copies, batch, -1), f_augmented.view(num_references, batch, -1),
             f_reference, clean_features[indices], clean_reference_features)))
-        check_finite(loss, epoch, step)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        for name, value in {'loss': loss, **terms}.items():
-            totals[name] = totals.get(name, 0.0) + value.item()
-        bar.set_postfix({name: f'{total / step:.4f}' for name, total in totals.items()})
-    return {name: total / len(loader) for name, total in totals.items()}
+    def set_modes() -> None:
+        encoder.train()
+        freeze_batchnorm(encoder)
+    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device, set_modes=set_modes,
+                       desc=f'Train {epoch}/{args.epochs}', disable_progress=progress_disabled(args))
 
 
 class BadEncoder:

@@ -74,7 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import distributed
-from common.cli import require_positive
+from common.cli import SameOnResume, require_positive
 from common.errors import UsageError
 from common.runs import save_run_checkpoint
 
@@ -302,25 +302,27 @@ FLAGS = tuple(f'drupe_{name}' for name in SCHEDULE_FLAGS) + ('drupe_projections'
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """DRUPE's own flags; None (not applicable) under --attack badencoder, DRUPE's values (`defaults`) under drupe."""
+    """DRUPE's own flags; None (not applicable) under --attack badencoder, DRUPE's values (`defaults`) under drupe.
+    All but --drupe_output, which only chooses among the epochs at the end, shape the run (`same_on_resume`)."""
     schedule = Schedule()
-    group.add_argument('--drupe_warmup_epochs', default=None, type=int,
-                       help=f'first epochs without the effectiveness term L0 (DRUPE: {schedule.warmup_epochs})')
-    group.add_argument('--drupe_preserve_from', default=None, type=int,
-                       help='first epoch with the distribution (SWD) and spread costs '
-                            f'(DRUPE: {schedule.preserve_from})')
-    group.add_argument('--drupe_adapt_after', default=None, type=int,
-                       help=f'the costs adapt after every later epoch (DRUPE: {schedule.adapt_after})')
-    group.add_argument('--drupe_select_after', default=None, type=int,
-                       help=f'the output is chosen among the later epochs (DRUPE: {schedule.select_after})')
-    group.add_argument('--drupe_cost_spread', default=None, type=float,
-                       help='initial cost c of the spread terms σ_ref + s_trig (DRUPE: '
-                            f'{schedule.cost_spread})')
-    group.add_argument('--drupe_cost_dist', default=None, type=float,
-                       help=f'initial cost c_D of the distribution term D (DRUPE: {schedule.cost_dist})')
-    group.add_argument('--drupe_projections', default=None, type=int,
-                       help='random directions of the sliced Wasserstein distance per step '
-                            f"(DRUPE: {SWD_PROJECTIONS}, POT's default)")
+    same = SameOnResume(group)
+    same.add_argument('--drupe_warmup_epochs', default=None, type=int,
+                      help=f'first epochs without the effectiveness term L0 (DRUPE: {schedule.warmup_epochs})')
+    same.add_argument('--drupe_preserve_from', default=None, type=int,
+                      help='first epoch with the distribution (SWD) and spread costs '
+                           f'(DRUPE: {schedule.preserve_from})')
+    same.add_argument('--drupe_adapt_after', default=None, type=int,
+                      help=f'the costs adapt after every later epoch (DRUPE: {schedule.adapt_after})')
+    same.add_argument('--drupe_select_after', default=None, type=int,
+                      help=f'the output is chosen among the later epochs (DRUPE: {schedule.select_after})')
+    same.add_argument('--drupe_cost_spread', default=None, type=float,
+                      help='initial cost c of the spread terms σ_ref + s_trig (DRUPE: '
+                           f'{schedule.cost_spread})')
+    same.add_argument('--drupe_cost_dist', default=None, type=float,
+                      help=f'initial cost c_D of the distribution term D (DRUPE: {schedule.cost_dist})')
+    same.add_argument('--drupe_projections', default=None, type=int,
+                      help='random directions of the sliced Wasserstein distance per step '
+                           f"(DRUPE: {SWD_PROJECTIONS}, POT's default)")
     group.add_argument('--drupe_output', default=None, choices=('best', 'last'),
                        help="the encoder model_<epochs>.pth holds: DRUPE's selected epoch (best.pth) or the "
                             'last one (DRUPE: best)')

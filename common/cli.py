@@ -32,11 +32,22 @@ class StageParser(argparse.ArgumentParser):
 def same_on_resume(action: argparse.Action) -> argparse.Action:
     """Mark a flag that shapes a run's trajectory: `--resume` refuses a value other than the interrupted run's.
 
-    Declared where the flag is, `same_on_resume(parser.add_argument('--lr', ...))`; the training engine reads the
-    marks (`resume_flags`), so no list of such flags is kept by hand (docs/DESIGN.md §2.4).
+    Declared where the flag is, `same_on_resume(parser.add_argument('--lr', ...))` or through `SameOnResume`; the
+    training engine reads the marks (`resume_flags`), so no list of such flags is kept by hand (docs/DESIGN.md §2.4).
     """
     action.same_on_resume = True
     return action
+
+
+class SameOnResume:
+    """`same = SameOnResume(parser or argument group)`; `same.add_argument(...)` adds the flag there and marks it
+    `same_on_resume`."""
+
+    def __init__(self, container):
+        self.container = container
+
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        return same_on_resume(self.container.add_argument(*names, **kwargs))
 
 
 def resume_flags(parser: argparse.ArgumentParser) -> dict[str, object]:

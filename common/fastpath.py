@@ -23,14 +23,15 @@ from datasets import ImagePairs
 from datasets.tensor_augment import CROP_SCALE, finetune_views, simclr_views
 
 from . import distributed
+from .cli import same_on_resume
 from .loaders import epoch_loader, rank_epoch_loader
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('speed')
-    group.add_argument('--augment', default='auto', choices=('auto', 'pil', 'tensor'),
+    same_on_resume(group.add_argument('--augment', default='auto', choices=('auto', 'pil', 'tensor'),
                        help='augmentation path: per-image PIL in worker processes (the original), batched '
-                            'tensor operations on the device, or auto = tensor on CUDA, PIL on the CPU')
+                            'tensor operations on the device, or auto = tensor on CUDA, PIL on the CPU'))
     group.add_argument('--compile', action='store_true',
                        help='run the training forward passes through torch.compile (first epoch slower)')
 

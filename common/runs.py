@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import CheckpointError, load_checkpoint, save_atomic
+from models import CheckpointError, save_atomic
 from models.checkpoint import encoder_checkpoint
 
 from . import distributed
@@ -103,32 +103,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def resume_state(path: Path) -> dict:
-    """The checkpoint to continue from (loaded safely); restores the RNG states it recorded."""
-    checkpoint = load_checkpoint(path)
-    if 'rng' in checkpoint:
-        set_rng_state(checkpoint['rng'])
-    return checkpoint
-
-
-def with_later_defaults(checkpoint: dict, parser: argparse.ArgumentParser, flags: tuple[str, ...]) -> dict:
-    """The checkpoint with `parser`'s defaults of `flags` filled into its recorded arguments where they are
-    missing: a run written before those flags existed ran with their defaults, so it resumes under them."""
-    recorded = checkpoint.get('args')
-    if not isinstance(recorded, dict):
-        return checkpoint  # check_resumable refuses it
-    return {**checkpoint, 'args': {**{flag: parser.get_default(flag) for flag in flags}, **recorded}}
-
-
-def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, keys: tuple[str, ...]) -> None:
-    """A resumed run must continue the same run: a checkpoint of this project whose recorded `keys`
-    (the flags that shape the run's trajectory) equal the current ones."""
+def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, must_match: dict[str, object]) -> None:
+    """A resumed run must continue the same run: a checkpoint of this project whose recorded values of the flags
+    in `must_match` ({flag: default}, the flags marked `common.cli.same_on_resume`) equal the current ones. A flag
+    the checkpoint does not record did not exist when it was written: that run had the flag's default."""
     recorded = checkpoint.get('args')
     if not isinstance(recorded, dict) or 'rng' not in checkpoint:
         raise CheckpointError(f'{path}: records no run arguments or RNG states (not written by this '
                               'project?); cannot resume from it')
-    changed = [f'--{key.replace("knn_", "knn-")} {recorded.get(key)!r} -> {getattr(args, key)!r}'
-               for key in keys if recorded.get(key) != getattr(args, key)]
+    changed = [f'--{key.replace("knn_", "knn-")} {recorded.get(key, default)!r} -> {getattr(args, key)!r}'
+               for key, default in must_match.items() if recorded.get(key, default) != getattr(args, key)]
     if changed:
         raise UsageError(f'--resume: {path} was written with other settings ({"; ".join(changed)}); '
                          'pass the original values')

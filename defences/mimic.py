@@ -29,13 +29,13 @@ from tqdm import tqdm
 from common import distributed
 from common.cli import UsageError, data_dir_for
 from common.device import autocast
+from common.engine import train_steps
 from common.fastpath import to_channels_last
 from datasets import get_info, load_split, normalize_batch
 from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
-from .training import train_one_epoch as train_phase_epoch
 
 LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (docs/DESIGN.md §3)
 RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
@@ -263,8 +263,6 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
                     device: torch.device, amp: bool = False, disable_progress: bool = False,
                     contrastive_weight: float = 1.0) -> dict:
     """One pass of distillation over the clean subset; returns the mean loss and terms of the epoch."""
-    return train_phase_epoch(loader, optimizer,
-                             distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp,
-                                               contrastive_weight),
-                             set_modes=distillation_modes(student, teacher), epoch=epoch, epochs=epochs,
-                             device=device, disable_progress=disable_progress, desc='Distill')
+    step_loss = distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp, contrastive_weight)
+    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device, set_modes=distillation_modes(student, teacher),
+                       desc=f'Distill epoch {epoch}/{epochs}', disable_progress=disable_progress)

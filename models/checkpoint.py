@@ -169,10 +169,10 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None) -> tuple[SimC
 
 def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, epoch: int,
                        **extra) -> dict:
-    """The checkpoint dict of docs/DESIGN.md §2.4 for `model`, plus its config and any extra keys."""
+    """The checkpoint dict of docs/DESIGN.md §2.4 for `model`, plus its config (an encoder's) and any extra keys."""
     return {'epoch': epoch, 'state_dict': model.state_dict(),
             'optimizer': optimizer.state_dict() if optimizer is not None else {},
-            **model.config, **extra}
+            **getattr(model, 'config', {}), **extra}
 
 
 __all__ = ['CheckpointError', 'save_atomic', 'load_checkpoint', 'load_encoder',

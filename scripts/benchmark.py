@@ -58,6 +58,7 @@ import training_downstream_classifier as downstream  # noqa: E402
 from attacks import badencoder  # noqa: E402
 from common.cli import StageParser, UsageError, require_positive, run_main, seed_everything  # noqa: E402
 from common.device import resolve_device  # noqa: E402
+from common.engine import Training  # noqa: E402
 from common.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
                              to_channels_last, use_tensor_augment)
 from common.features import knn_classify  # noqa: E402
@@ -371,9 +372,11 @@ def bench_probe(args: argparse.Namespace, device: torch.device, disable: bool) -
     names = downstream.metric_names('benchmark')
 
     # train_probe prints the original's per-epoch metric lines: probe_figures drops them
-    return probe_figures(lambda epochs: downstream.train_probe(probe, optimizer, features, target, epochs,
-                                                               args.probe_batch_size, names, disable),
-                         args, device)
+    def train(epochs: int) -> dict:
+        training = Training(probe, optimizer, argparse.Namespace(save_freq=0, no_progress=disable), epochs, None,
+                            log_name=None)
+        return downstream.train_probe(training, features, target, args.probe_batch_size, names)
+    return probe_figures(train, args, device)
 
 
 @torch.no_grad()

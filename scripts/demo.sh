@@ -4,7 +4,7 @@
 #   -> ACC / ASR of all three encoders on a synthetic downstream task (digits, target "one").
 #
 #   bash scripts/demo.sh [OUT_DIR]        # default runs/demo; prints the table, writes OUT_DIR/summary.json
-#   DEFENCES=all bash scripts/demo.sh OUT # also the seven baseline defences on the same backdoored encoder
+#   DEFENCES=all bash scripts/demo.sh OUT # also the eight baseline defences on the same backdoored encoder
 #                                         # (or a list: DEFENCES=ft,clp); summary.json gains "defences"
 #   ATTACK=drupe bash scripts/demo.sh OUT # DRUPE instead of BadEncoder (3 references of the digit "one")
 #   ATTACK=ctrl bash scripts/demo.sh OUT  # CTRL: 1% of the shapes' class 0 ("disc") poisoned with CTRL's
@@ -40,7 +40,7 @@ NN_EPOCHS=${NN_EPOCHS:-400}  # 100 leaves MIMIC's ASR unconverged (docs/DEMO_EXP
 RATIO=${RATIO:-0.25}
 DEFENCES=${DEFENCES:-}
 ATTACK=${ATTACK:-badencoder}
-ANP_ITERATIONS=${ANP_ITERATIONS:-200}
+ANP_ITERATIONS=${ANP_ITERATIONS:-2000}
 MIMIC_LR=${MIMIC_LR:-0.01}
 BAD_LR=${BAD_LR:-0.01}
 PROBE_LR=${PROBE_LR:-0.001}

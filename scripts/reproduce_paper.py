@@ -113,7 +113,7 @@ def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.env
             clean_args='--batch_size 256', badencoder_args='--batch_size 128 --lr 0.01',
             drupe_args='--batch_size 128 --shadow_fraction 1.0 --drupe_adapt_after 5 --drupe_select_after 8',
             ctrl_args='--batch_size 256', mimic_args='--batch_size 128', eval_args='--lr 0.001 --no_progress',
-            defence_args='--batch_size 128 --anp_iterations 200',
+            defence_args='--batch_size 128 --anp_iterations 2000',
             batch_for_ratio='--batch_size 32',  # 1% of 4000 images is 40: one batch needs fewer than 128
             augment='tensor')
     else:

@@ -143,7 +143,8 @@ def command(run: Run, work: Path, out: Path) -> list[str]:
                 '--epochs', '1', '--mi_epochs', '1', *batch, *augment, *common]
     if run.stage.startswith('defence:'):
         defence = run.stage.split(':', 1)[1]
-        extra = {'anp': ['--anp_iterations', '2'], 'invert': ['--invert_steps', '2']}.get(defence, [])
+        extra = {'anp': ['--anp_iterations', '2'], 'invert': ['--invert_steps', '2'],
+                 'sslcleanse': ['--invert_steps', '2']}.get(defence, [])
         return ['baseline_defence.py', '--defence', defence, '--pretraining_dataset', PRETRAINING,
                 '--teacher', encoder, '--ratio', str(case.ratio), '--epochs', '1', *extra, *batch, *augment, *common]
     if run.stage == 'probe':

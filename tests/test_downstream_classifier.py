@@ -1,6 +1,7 @@
 """Stage 3 (training_downstream_classifier.py): flags, ACC/ASR, the original's output lines, errors."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -10,6 +11,7 @@ import torch
 
 import training_downstream_classifier as stage3
 from common.cli import UsageError
+from common.engine import Training
 from models import SimCLR, save_atomic
 from models.checkpoint import encoder_checkpoint
 
@@ -79,8 +81,8 @@ def test_probe_learns_separable_features():
     probe = stage3.MLPProbe(16, (32, 16), 3)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
     first = stage3.evaluate(probe, features, target=2)
-    metrics = stage3.train_probe(probe, optimizer, features, target=2, epochs=20, batch_size=16,
-                                 names=stage3.metric_names('model.pth'), disable_progress=True)
+    training = Training(probe, optimizer, argparse.Namespace(save_freq=0, no_progress=True), 20, None, log_name=None)
+    metrics = stage3.train_probe(training, features, target=2, batch_size=16, names=stage3.metric_names('model.pth'))
     assert first['acc'] < 100 and metrics['acc'] == 100.0
     assert metrics['asr'] == 100.0 and metrics['asr_excluding_target'] == 100.0 and metrics['epoch'] == 20
 

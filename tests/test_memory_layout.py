@@ -128,7 +128,8 @@ def test_mimic_feeds_contiguous_batches(conv_inputs, data_root, tmp_path, tiny_e
 
 @pytest.mark.parametrize('defence', BASELINES)
 def test_every_defence_feeds_contiguous_batches(conv_inputs, data_root, tmp_path, tiny_encoder, defence):
-    extra = {'anp': ['--anp_iterations', '2'], 'invert': ['--invert_steps', '2']}.get(defence, [])
+    extra = {'anp': ['--anp_iterations', '2'], 'invert': ['--invert_steps', '2'],
+             'sslcleanse': ['--invert_steps', '2']}.get(defence, [])
     baseline_defence.main(['--defence', defence, '--pretraining_dataset', 'synthetic_shapes',
                            '--teacher', str(tiny_encoder), '--ratio', '0.25', '--batch_size', '32', '--epochs', '1',
                            '--augment', 'tensor', *extra, *common_flags(data_root, tmp_path / 'out')])

@@ -333,7 +333,7 @@ def test_resume_of_a_checkpoint_written_before_the_ablation_flags(data_root, tin
     out = tmp_path / 'mimic'
     MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 1, '--save_freq', 1))
     checkpoint = load_checkpoint(out / 'model1.pth')
-    for flag in MIMIC.LATER_FLAGS:
+    for flag in ('layer_weights', 'no_attention', 'no_clone', 'no_contrastive', 'mi_data'):
         del checkpoint['args'][flag]
     save_atomic(checkpoint, out / 'model1.pth')
     MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 2, '--save_freq', 1, '--resume'))

@@ -14,6 +14,7 @@ import train_badencoder
 from attacks import badencoder, drupe
 from common.cli import NonFiniteLossError, UsageError
 from common.features import encode_images
+from common.runs import read_csv
 from datasets import (DataError, Reference, ShadowImages, finetune_transform, get_info, load_reference,
                       load_trigger, normalize_batch, triggered_copy)
 from datasets import test_transform as eval_transform
@@ -346,7 +347,7 @@ def test_drupe_output_is_the_selected_epoch_and_resume_matches(tmp_path, monkeyp
         train_badencoder.main(args)
 
     run(tmp_path / 'straight', '--epochs', '3')
-    rows = train_badencoder.read_csv(tmp_path / 'straight' / 'log.csv')
+    rows = read_csv(tmp_path / 'straight' / 'log.csv')
     swd = {int(row['epoch']): float(row['swd']) for row in rows}
     best = min((2, 3), key=swd.get)  # epoch 1 is the warm-up
     assert [float(row['cost_spread']) for row in rows] == pytest.approx([0.1, 0.1, 0.125])  # on target after 2
@@ -379,7 +380,7 @@ def test_checkpoint_from_before_attack_flags_resumes_as_badencoder(tmp_path, dat
     train_badencoder.main(args)
     path = results / 'model_1.pth'
     checkpoint = load_checkpoint(path)
-    for flag in train_badencoder.ATTACK_FLAGS:  # as written before --attack existed
+    for flag in ('attack', 'shadow_fraction', 'num_references', *drupe.FLAGS):  # before --attack existed
         del checkpoint['args'][flag]
     torch.save(checkpoint, path)
     train_badencoder.main([*args, '--resume'])  # accepted: nothing left to do

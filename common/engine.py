@@ -1,0 +1,187 @@
+"""The one training engine: the step loop, the epoch loop with its hooks, and the one way a run resumes.
+
+Every stage that trains runs through it (docs/DESIGN.md §1.4, §2.4): stage 0's SimCLR, stage 1's attacks, MIMIC's
+distillation and the baselines' phases in stage 2, and stage 3's probe. A stage describes
+
+- a step: `step_loss(*batch) -> (loss, {term: value})`, run by `train_steps` over one epoch's batches;
+- an epoch: `train_epoch(epoch) -> {name: mean}`, usually `train_steps` over that epoch's batches;
+- and, where it has them, hooks: `before_epoch(epoch)` (a learning-rate schedule), `after_epoch(epoch, row) ->
+  {name: value}` (a kNN monitor, DRUPE's adaptation, the probe's evaluation), `checkpoint_keys(epoch) -> dict`
+  (what a resumed run needs besides the weights: layer weights, a pruning mask, DRUPE's run state).
+
+`Training.fit` runs the epochs: one log row per epoch (the CSV rewritten atomically, one JSON line printed), a
+resumable checkpoint every --save_freq epochs and after the last (`common.runs.save_run_checkpoint`), and a barrier
+so that under torchrun the epoch is on disk before any process starts the next. `Training.resume` is the one
+resume path: it refuses a checkpoint whose flags marked `same_on_resume` differ from the command line's, and
+restores the weights, the optimiser, the epoch, the log and the RNG states, so that the data order and the
+augmentations, which depend only on (seed, epoch), continue bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from models import load_checkpoint
+from models.checkpoint import load_state_into
+
+from . import distributed
+from .cli import check_finite, progress_disabled
+from .device import autocast
+from .runs import (check_resumable, is_save_epoch, read_csv, restore_optimizer, save_run_checkpoint, set_rng_state,
+                   write_csv)
+
+StepLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: StepLoss, *, epoch: int,
+                device: torch.device, set_modes: Callable[[], None] | None = None,
+                after_step: Callable[[], None] | None = None, per_image: bool = False, desc: str = 'Train',
+                disable_progress: bool = False) -> dict[str, float]:
+    """One pass over `batches` (tuples of tensors, moved to `device`): loss, backward, optimiser step.
+
+    Returns the epoch's mean of the loss and of each term, over the steps, or with `per_image` over the images
+    (each step's value weighted by its batch size B_s: Σ_s B_s·v_s / Σ_s B_s, for a last partial batch). Under
+    torchrun each step's loss and terms are first averaged over the processes (the global batch's), then checked
+    to be finite (a non-finite loss stops the run, naming the epoch and the step, counted from 1).
+    `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after every optimiser
+    step (a pruning mask re-applied).
+    """
+    if set_modes is not None:
+        set_modes()
+    totals: dict[str, float] = {}
+    count = 0
+    bar = tqdm(batches, desc=desc, leave=False, disable=disable_progress)
+    for step, batch in enumerate(bar, start=1):
+        batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+        loss, terms = step_loss(*batch)
+        reported = distributed.mean_over_ranks({'loss': loss, **terms})  # {'loss': loss, **terms} in one process
+        check_finite(reported['loss'], epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        weight = len(batch[0]) if per_image else 1
+        count += weight
+        for name, value in reported.items():
+            totals[name] = totals.get(name, 0.0) + value.item() * weight
+        bar.set_postfix(loss=f'{totals["loss"] / count:.4f}')
+    return {name: total / count for name, total in totals.items()}
+
+
+def nt_xent_step(forward: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,
+                 extra: Callable | None = None) -> StepLoss:
+    """SimCLR's step: NT-Xent of the projections of two augmented views (docs/DESIGN.md §4.2), one forward each.
+
+    `forward` is the SimCLR as called (its DistributedDataParallel or torch.compile wrapper, if any); under
+    torchrun the NT-Xent takes its negatives from the global batch. `extra(x1, x2, taps_1) -> {name: (weight,
+    value)}` adds weighted terms computed from the first view's forward pass (its tapped maps are taken from that
+    same pass only when `extra` is given).
+    """
+    def step_loss(x1: torch.Tensor, x2: torch.Tensor):
+        with autocast(device, amp):
+            if extra is None:
+                _, out_1 = forward(x1)
+                taps_1 = None
+            else:
+                _, out_1, taps_1 = forward(x1, return_taps=True)
+            _, out_2 = forward(x2)
+        terms = {'loss_con': distributed.nt_xent(out_1.float(), out_2.float(), temperature)}
+        loss = terms['loss_con']
+        if extra is not None:
+            for name, (weight, value) in extra(x1, x2, taps_1).items():
+                terms[name] = value
+                loss = loss + weight * value
+        return loss, terms
+    return step_loss
+
+
+def print_row(row: dict) -> None:
+    """The default report of an epoch: its log row as one JSON line, blank columns left out."""
+    tqdm.write(json.dumps({key: value for key, value in row.items() if value != ''}))
+
+
+@dataclass
+class Training:
+    """One training run of a stage: what is trained, where it is written, and the epochs run so far.
+
+    `model` is what the checkpoints hold: the trained module itself, never its DistributedDataParallel or
+    torch.compile wrapper. `args` is recorded in every checkpoint and its `save_freq` spaces them. With
+    `results_dir` None nothing is written (a probe without --results_dir). `log_name` None keeps no CSV log.
+    `label` names a phase of a defence that trains in several (its lines then carry `"phase"`); `columns` are the
+    log's columns when not every epoch has every value (stage 1: '' where the monitor did not run).
+    """
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    args: argparse.Namespace
+    epochs: int
+    results_dir: Path | None
+    pattern: str = 'model_{}.pth'
+    log_name: str | None = 'log.csv'
+    label: str = ''
+    columns: tuple[str, ...] = ()
+    desc: str = 'Epochs'
+    start_epoch: int = 1  # the first epoch still to run
+    rows: list[dict] = field(default_factory=list)  # the log rows of the epochs run so far
+
+    def resume(self, path: Path, must_match: dict[str, object], *, weights: str = 'state_dict') -> dict:
+        """Continue the run that wrote checkpoint `path`; returns the checkpoint, for the stage's own keys.
+
+        `must_match` is {flag: default} of the flags that shape the run (`common.cli.resume_flags`): a checkpoint
+        recording other values is refused (one recording none for a flag ran with its default). The weights come
+        from `checkpoint[weights]` (DRUPE's last epoch: `last_state_dict`), else its `state_dict`; the log from the
+        checkpoint, else the CSV, up to its epoch; the RNG states are restored last, after everything that
+        builds or loads a network, so that the next epoch draws what it would have drawn.
+        """
+        checkpoint = load_checkpoint(path)
+        check_resumable(checkpoint, self.args, path, must_match)
+        load_state_into(self.model, checkpoint.get(weights, checkpoint.get('state_dict')), path)
+        epoch = restore_optimizer(self.optimizer, checkpoint, path)
+        rows = checkpoint.get('log') or (read_csv(self.results_dir / self.log_name)
+                                         if self.log_name and self.results_dir else [])
+        self.rows = [row for row in rows if int(row['epoch']) <= epoch]
+        set_rng_state(checkpoint['rng'])
+        self.start_epoch = epoch + 1
+        print(f'resuming {self.label + " " if self.label else ""}from {path} (epoch {epoch})')
+        return checkpoint
+
+    @property
+    def finished(self) -> bool:
+        return self.start_epoch > self.epochs
+
+    def log(self, row: dict, report: Callable[[dict], None] = print_row) -> None:
+        """Append one epoch's row (blank in the columns it lacks), rewrite the CSV, report it."""
+        row = {**{column: '' for column in self.columns}, **row}
+        self.rows.append(row)
+        if self.log_name and self.results_dir is not None:
+            write_csv(self.results_dir / self.log_name, self.rows)
+        report({'phase': self.label, **row} if self.label else row)
+
+    def fit(self, train_epoch: Callable[[int], dict], *, before_epoch: Callable[[int], None] | None = None,
+            after_epoch: Callable[[int, dict], dict | None] | None = None,
+            checkpoint_keys: Callable[[int], dict] | None = None,
+            report: Callable[[dict], None] = print_row) -> list[dict]:
+        """Epochs start_epoch..epochs: before_epoch, train_epoch, after_epoch, log, checkpoint; returns the rows."""
+        bar = tqdm(range(self.start_epoch, self.epochs + 1), desc=self.label or self.desc,
+                   initial=self.start_epoch - 1, total=self.epochs, disable=progress_disabled(self.args))
+        for epoch in bar:
+            if before_epoch is not None:
+                before_epoch(epoch)
+            row = {'epoch': epoch, **train_epoch(epoch)}
+            if after_epoch is not None:
+                row.update(after_epoch(epoch, row) or {})
+            self.log(row, report)
+            numbers = [(key, value) for key, value in row.items() if key != 'epoch' and isinstance(value, float)]
+            bar.set_postfix({key: f'{value:.4f}' for key, value in numbers[:3]})
+            if self.results_dir is not None and is_save_epoch(epoch, self.epochs, self.args.save_freq):
+                save_run_checkpoint(self.results_dir / self.pattern.format(epoch), self.model, self.optimizer, epoch,
+                                    self.args, log=self.rows, **(checkpoint_keys(epoch) if checkpoint_keys else {}))
+            distributed.barrier()  # the epoch is on disk before any process starts the next one
+            self.start_epoch = epoch + 1
+        return self.rows
