@@ -376,6 +376,6 @@ def test_a_failing_process_stops_the_run_and_one_process_resumes_it(tmp_path, da
 
     resumed = one_process('train_clean_encoder.py', *args, '--resume')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {results / 'model_1.pth'} at epoch 2" in resumed.stdout
+    assert f"resuming from {results / 'model_1.pth'} (epoch 1)" in resumed.stdout
     assert [int(row['epoch']) for row in log_rows(results / 'log.csv')] == [1, 2]
     assert load_checkpoint(results / 'model_2.pth')['epoch'] == 2

@@ -121,10 +121,10 @@ def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_
             assert f'== run {runs}/main/cifar10_{task}_{attack}' in out
     assert f'== run {runs}/main/cifar10_cifar10_ctrl' in out and 'datasets.poison' in out
     ctrl_teacher = f'--teacher {runs}/main/cifar10_cifar10_ctrl/backdoor/model_800.pth'
-    assert sum(ctrl_teacher in l for l in lines) == 1 + 7  # CTRL's poisoned SimCLR encoder: MIMIC and each baseline
+    assert sum(ctrl_teacher in l for l in lines) == 1 + len(driver.ALL_DEFENCES)  # CTRL's encoder: MIMIC and each baseline
     purifiers = [l for l in lines if 'MIMIC.py' in l or 'baseline_defence.py' in l]
     assert purifiers and all(re.search(r'--teacher \S+\.pth', l) for l in purifiers)
-    assert sum('baseline_defence.py' in l for l in lines) == 7 * 7  # every defence on every main run
+    assert sum('baseline_defence.py' in l for l in lines) == 7 * len(driver.ALL_DEFENCES)  # every defence on every main run
     for ratio in ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10'):
         assert f'{runs}/ratio/ratio_{ratio} (ratio {ratio})' in out
     for size in (5, 10, 15, 20):
