@@ -325,15 +325,25 @@ def unchanged(suspect: SimCLR, run, report: dict) -> tuple[SimCLR, dict]:
     return suspect, {**report, 'epochs': 0, 'unlearned': False}
 
 
+def trigger_to_unlearn(suspect: SimCLR, clean: np.ndarray, run, name: str) -> tuple[dict, tuple | None]:
+    """The inversion and verdict that invert and sslcleanse share: (the report for defence.json, (saved, mask (H, W)
+    on the device, normalised pattern (1, 3, H, W))), the latter None when `--invert_unlearn if_detected` found
+    nothing to unlearn."""
+    saved, verdict = inverted_trigger(suspect, clean, run, name)
+    report = {'trigger_file': TRIGGER_FILE, **saved['summary'], 'detection': verdict}
+    if run.args.invert_unlearn == 'if_detected' and not verdict['detected']:
+        return report, None
+    pattern_normalised = normalize_batch(saved['pattern'][None], run.normalization, run.device)
+    return report, (saved, saved['mask'].to(run.device), pattern_normalised)
+
+
 def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     """Invert a trigger on D (or take the one a resumed run recorded), save it, judge it, then fine-tune with it."""
     args = run.args
-    saved, verdict = inverted_trigger(suspect, clean, run, 'invert')
-    report = {'trigger_file': TRIGGER_FILE, **saved['summary'], 'detection': verdict}
-    if args.invert_unlearn == 'if_detected' and not verdict['detected']:
+    report, trigger = trigger_to_unlearn(suspect, clean, run, 'invert')
+    if trigger is None:
         return unchanged(suspect, run, report)
-    mask = saved['mask'].to(run.device)  # (H, W)
-    pattern_normalised = normalize_batch(saved['pattern'][None], run.normalization, run.device)  # (1, 3, H, W)
+    saved, mask, pattern_normalised = trigger
     model = trainable_copy(suspect)
     phase = finetune_phase(model, run, name='Unlearn', checkpoint_extra={'inverted_trigger': saved})
     simclr_step = phase.step_loss

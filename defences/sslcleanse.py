@@ -33,14 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed
-from common.cli import require_positive, same_on_resume
+from common.cli import same_on_resume
 from common.device import autocast
 from common.errors import UsageError
-from datasets import normalize_batch
 from models import SimCLR
 
 from .ft import ADAM_WEIGHT_DECAY, trainable_copy
-from .invert import TRIGGER_FILE, inverted_trigger, stamp, unchanged
+from .invert import stamp, trigger_to_unlearn, unchanged
 from .training import DefenceRun, Phase
 
 PAPER = 'SSL-Cleanse (Zheng et al., ECCV 2024) mitigation after DECREE (Feng et al., CVPR 2023) inversion'
@@ -120,12 +119,10 @@ def distillation_step(student: SimCLR, teacher: SimCLR, optimizer: torch.optim.O
 def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR, dict]:
     """DECREE's inversion on D (shared with invert), its verdict, then SSL-Cleanse's distillation."""
     args = run.args
-    saved, verdict = inverted_trigger(suspect, clean, run, 'sslcleanse')
-    report = {'trigger_file': TRIGGER_FILE, **saved['summary'], 'detection': verdict}
-    if args.invert_unlearn == 'if_detected' and not verdict['detected']:
+    report, trigger = trigger_to_unlearn(suspect, clean, run, 'sslcleanse')
+    if trigger is None:
         return unchanged(suspect, run, report)
-    mask = saved['mask'].to(run.device)  # (H, W)
-    pattern_normalised = normalize_batch(saved['pattern'][None], run.normalization, run.device)  # (1, 3, H, W)
+    saved, mask, pattern_normalised = trigger
     student = trainable_copy(suspect)
     teacher = copy.deepcopy(suspect).requires_grad_(False)  # frozen: BYOL's target at tau 1
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)

@@ -43,6 +43,26 @@ requires_cpu_fused_adam = pytest.mark.skipif(not _cpu_has_fused_adam(),
                                              reason='this torch has no fused Adam on the CPU')
 
 
+class CornerCollapse(torch.nn.Module):
+    """A planted trigger for DECREE's inversion: f(x) = g(x) + strength·w⁴·c on normalised size x size images, with
+    random linear features g (norm about 0.5) swamped by a constant direction c as w, the mean brightness of the
+    3x3 top-left corner in [0, 1], approaches white (strength 0: a clean encoder)."""
+
+    def __init__(self, size: int, strength: float, dim: int = 16, *, normalization):
+        super().__init__()
+        self.strength = strength
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer('mean', torch.tensor(normalization[0]).view(1, 3, 1, 1))
+        self.register_buffer('std', torch.tensor(normalization[1]).view(1, 3, 1, 1))
+        self.g = torch.nn.Linear(3 * size * size, dim)
+        self.register_buffer('c', torch.nn.functional.normalize(torch.randn(dim, generator=generator), dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * self.std + self.mean  # back to [0, 1]
+        whiteness = pixels[:, :, :3, :3].mean(dim=(1, 2, 3))  # (B,)
+        return self.g(pixels.flatten(1) - 0.5) + self.strength * whiteness.pow(4)[:, None] * self.c
+
+
 def write_split(folder: Path, split: str, x: np.ndarray, y: np.ndarray | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f'{split}.npz'

@@ -21,6 +21,7 @@ from defences.invert import (AdaptiveLambda, InvertedTrigger, decree_lambda, dec
                              invert_trigger, inversion_loss, mean_pairwise_cosine, stamp, to_unit, trigger_arrays)
 from defences.sslcleanse import lr_factor, norm_mse, optimizer_steps, sslcleanse_loss
 from models import SimCLR
+from conftest import CornerCollapse
 
 NORMALIZATION = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 DEVICE = torch.device('cpu')
@@ -322,28 +323,9 @@ def test_trigger_arrays_reproduce_the_stamp_in_pixels():
     assert np.allclose(in_pixels.transpose(0, 2, 3, 1), by_file, atol=1e-3)
 
 
-class CornerCollapse(nn.Module):
-    """f(x) = g(x) + 50·w⁴·c on normalised 8x8 images: random linear features g (norm about 0.5), swamped by a
-    constant direction c as w, the mean brightness of the 3x3 top-left corner in [0, 1], approaches white."""
-
-    def __init__(self, size: int = 8, dim: int = 16, strength: float = 50.0):
-        super().__init__()
-        self.strength = strength
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer('mean', torch.tensor(NORMALIZATION[0]).view(1, 3, 1, 1))
-        self.register_buffer('std', torch.tensor(NORMALIZATION[1]).view(1, 3, 1, 1))
-        self.g = nn.Linear(3 * size * size, dim)
-        self.register_buffer('c', F.normalize(torch.randn(dim, generator=generator), dim=0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = x * self.std + self.mean  # back to [0, 1]
-        whiteness = pixels[:, :, :3, :3].mean(dim=(1, 2, 3))  # (B,)
-        return self.g(pixels.flatten(1) - 0.5) + self.strength * whiteness.pow(4)[:, None] * self.c
-
-
 def test_inversion_recovers_a_planted_corner_patch():
     torch.manual_seed(0)
-    encoder = CornerCollapse()
+    encoder = CornerCollapse(8, 50.0, normalization=NORMALIZATION)
     images = random_images(48, 8, seed=6)
     settings = dict(steps=400, lam=decree_lambda(8, 8), batch_size=16)  # DECREE's lr 0.5 and λ₀
     log = []
@@ -361,7 +343,7 @@ def test_inversion_recovers_a_planted_corner_patch():
     assert all(p.grad is None for p in encoder.parameters())
     # without the planted path only a mask over most of the image collapses the features
     torch.manual_seed(0)
-    clean = invert_trigger(CornerCollapse(strength=0.0), images, NORMALIZATION, DEVICE,
+    clean = invert_trigger(CornerCollapse(8, 0.0, normalization=NORMALIZATION), images, NORMALIZATION, DEVICE,
                            generator=torch.Generator().manual_seed(0), **settings)
     assert clean.mask_l1 > 10 * inverted.mask_l1
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from datasets import normalize_batch
 from defences import fp
@@ -23,6 +22,7 @@ from defences.anp import anp
 from defences.clp import clp
 from defences.invert import decree_lambda, detection, invert_trigger
 from models import SimCLR
+from conftest import CornerCollapse
 
 NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # white: (1 − 0.5)/0.25 = 2 in every channel
 DEVICE = torch.device('cpu')
@@ -120,31 +120,12 @@ def test_fine_pruning_removes_the_planted_channel(suspect, held_out):
     assert trigger_movement(model, held_out) < 1
 
 
-class CornerCollapse(nn.Module):
-    """f(x) = g(x) + 50·w⁴·c on normalised images: random linear features g, swamped by a constant direction c as w,
-    the mean brightness of the 3x3 top-left corner in [0, 1], approaches white (strength 0: a clean encoder)."""
-
-    def __init__(self, size: int, strength: float, dim: int = 16):
-        super().__init__()
-        self.strength = strength
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer('mean', torch.tensor(NORMALIZATION[0]).view(1, 3, 1, 1))
-        self.register_buffer('std', torch.tensor(NORMALIZATION[1]).view(1, 3, 1, 1))
-        self.g = nn.Linear(3 * size * size, dim)
-        self.register_buffer('c', F.normalize(torch.randn(dim, generator=generator), dim=0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = x * self.std + self.mean  # back to [0, 1]
-        whiteness = pixels[:, :, :3, :3].mean(dim=(1, 2, 3))  # (B,)
-        return self.g(pixels.flatten(1) - 0.5) + self.strength * whiteness.pow(4)[:, None] * self.c
-
-
 @pytest.mark.parametrize('strength, detected', [(50.0, True), (0.0, False)])
 def test_decree_detects_a_planted_trigger_and_not_a_clean_encoder(strength, detected):
     torch.manual_seed(0)
     size = 12
     images = random_images(48, size, seed=6)
-    inverted = invert_trigger(CornerCollapse(size, strength), images, NORMALIZATION, DEVICE, steps=300,
+    inverted = invert_trigger(CornerCollapse(size, strength, normalization=NORMALIZATION), images, NORMALIZATION, DEVICE, steps=300,
                               lam=decree_lambda(size, size), batch_size=16,
                               generator=torch.Generator().manual_seed(0))
     verdict = detection(inverted.mask_l1, size, size)
