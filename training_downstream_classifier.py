@@ -25,6 +25,7 @@ Rate (ASR)'. With --results_dir, args.json and metrics.json (the last epoch's va
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,12 @@ from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, pri
 from common.device import autocast, resolve_device
 from common.engine import Training, train_steps
 from common.features import encode_images
-from common.runs import prepare_results_dir, write_json
+from common.runs import (check_resumable, checkpoint_epochs, prepare_results_dir, restore_optimizer, rng_state,
+                         write_json)
 from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
                       pretraining_names, triggered_copy)
-from models import MLPProbe, SimCLR, load_encoder
+from models import CheckpointError, MLPProbe, ProbeGroup, SimCLR, load_checkpoint, load_encoder, save_atomic
+from models.probe_group import split_optimizer_state, stack_optimizer_states
 
 EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
 PROBE_PATTERN = 'probe_{}.pth'
@@ -63,7 +66,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     same.add_argument('--encoder_usage_info', default='', type=str,
                       help=f"the encoder's pre-training set, which selects the input normalisation "
                            f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint)")
-    same.add_argument('--encoder', default='', type=str, metavar='PATH', help='encoder checkpoint to evaluate')
+    same.add_argument('--encoder', default='', type=str, nargs='+', metavar='PATH',
+                      help='encoder checkpoint to evaluate; several: their probes are trained together, as one '
+                           'stacked model, each exactly as its own run (its lines name it; --results_dir DIR '
+                           'gets one folder DIR/<name> per encoder)')
+    parser.add_argument('--names', default=None, nargs='+', metavar='NAME',
+                        help="with several --encoder: each one's name in the printed lines and its folder under "
+                             '--results_dir (default: the folder name of each encoder file)')
     same.add_argument('--lr', default=0.0001, type=float, help='Adam learning rate (default: 0.0001)')
     parser.add_argument('--nn_epochs', default=1000, type=int, help='classifier training epochs (default: 1000)')
     same.add_argument('--hidden_size_1', default=512, type=int, help='first hidden layer (default: 512)')
@@ -99,9 +108,12 @@ def attack_success_rate(pred: torch.Tensor, true_labels: torch.Tensor, target: i
     return 100. * (pred == target).sum().item() / len(pred) if len(pred) else float('nan')
 
 
-def metric_line(name: str, value: float, epoch: int) -> str:
-    """One JSON line in the original's exact format."""
-    return '{{"metric": "Eval - {}", "value": {}, "epoch": {}}}'.format(name, value, epoch)
+def metric_line(name: str, value: float, epoch: int, encoder: str | None = None) -> str:
+    """One JSON line in the original's exact format; a probe of a group adds `"encoder": <its name>`."""
+    if encoder is None:
+        return '{{"metric": "Eval - {}", "value": {}, "epoch": {}}}'.format(name, value, epoch)
+    return '{{"metric": "Eval - {}", "value": {}, "epoch": {}, "encoder": {}}}'.format(name, value, epoch,
+                                                                                    json.dumps(encoder))
 
 
 def metric_names(encoder_path: str) -> tuple[str, str]:
@@ -296,12 +308,8 @@ def probe_optimizer(parameters, lr: float, device: torch.device) -> torch.optim.
     return torch.optim.Adam(parameters, lr=lr, foreach=not fused, fused=fused)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_args(args)
-    seed_everything(args.seed, args.deterministic)
-    device = resolve_device(args.device, args.gpu)
+def probe_one(args: argparse.Namespace, must_match: dict, device: torch.device) -> None:
+    """One encoder, one probe: the original's run (its lines, args.json, metrics.json, probe_<epoch>.pth)."""
     encoder, checkpoint = load_encoder(args.encoder)
     args.encoder_usage_info = encoder_usage_info(args, checkpoint)
     data = load_probe_data(args)
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     training = Training(probe, optimizer, args, args.nn_epochs, Path(args.results_dir) if args.results_dir else None,
                         pattern=PROBE_PATTERN, log_name=None, desc='Probe epochs')
     # the RNG states restored: dropout continues as uninterrupted
-    metrics = dict(training.resume(resume_from, resume_flags(parser)).get('metrics') or {}) if resume_from else {}
+    metrics = dict(training.resume(resume_from, must_match).get('metrics') or {}) if resume_from else {}
     if not training.finished:
         metrics = train_probe(training, features, args.reference_label, args.batch_size, metric_names(args.encoder))
 
@@ -336,6 +344,234 @@ def main(argv: list[str] | None = None) -> None:
                     'reference_label': args.reference_label, 'encoder_usage_info': args.encoder_usage_info,
                     **similarity})
         print(f"saved {Path(args.results_dir) / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# several encoders: their probes trained together (docs/DESIGN.md §7.1)
+
+def group_names(paths: list[str], names: list[str] | None) -> list[str]:
+    """--names, or each encoder file's folder name; one per encoder, distinct, usable as a folder name."""
+    names = names or [Path(path).resolve().parent.name for path in paths]
+    if len(names) != len(paths):
+        raise UsageError(f'--names: {len(names)} name(s) for {len(paths)} encoder(s); give one per --encoder')
+    for name in names:
+        if not name or name in ('.', '..') or '/' in name or '\\' in name:
+            raise UsageError(f"--names: '{name}' cannot name a folder")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"--names: '{repeated[0]}' names more than one encoder; give --names to tell them apart")
+    return names
+
+
+@dataclass
+class Member:
+    """One encoder of a group: its name, its own arguments (as its single run's), its features and folder."""
+    name: str
+    args: argparse.Namespace
+    encoder: SimCLR
+    folder: Path | None = None
+    resume_from: Path | None = None
+    features: Features | None = None
+    similarity: dict | None = None
+    rng: torch.Tensor | None = None  # the CPU RNG state its single run has after loading it
+
+
+def load_members(args: argparse.Namespace, names: list[str]) -> list[Member]:
+    """Every encoder loaded and its normalisation decided before anything is written; an error names the encoder.
+
+    Loading builds the encoder (drawing its throw-away initialisation), so each is loaded from the seeded RNG
+    state, as in its single run, and the state after it kept for its probe (`group_probes`)."""
+    members, seeded = [], torch.get_rng_state()
+    for name, path in zip(names, args.encoder):
+        torch.set_rng_state(seeded)
+        member_args = argparse.Namespace(**{**vars(args), 'encoder': path})
+        del member_args.names
+        try:
+            encoder, checkpoint = load_encoder(path)
+            member_args.encoder_usage_info = encoder_usage_info(member_args, checkpoint)
+        except (CheckpointError, UsageError) as error:
+            raise type(error)(f'encoder {name}: {error}') from None
+        members.append(Member(name, member_args, encoder, rng=torch.get_rng_state()))
+    return members
+
+
+def prepare_group_folders(args: argparse.Namespace, members: list[Member]) -> None:
+    """With --results_dir: DIR/<name> for each member, each checked as a single run's folder (refusing to
+    overwrite, or with --resume the latest probe checkpoint all members have), all checked before any is made."""
+    if not args.results_dir:
+        if args.resume:
+            raise UsageError('--resume needs --results_dir, the folder holding <name>/probe_<epoch>.pth')
+        return
+    for member in members:
+        member.folder = Path(args.results_dir) / member.name
+        existing = checkpoint_epochs(member.folder, PROBE_PATTERN) if member.folder.is_dir() else []
+        if member.folder.exists() and not member.folder.is_dir():
+            raise UsageError(f'--results_dir: {member.folder} exists and is not a folder')
+        if args.resume and not existing:
+            raise UsageError(f'--resume: no probe_<epoch>.pth in {member.folder} (encoder {member.name})')
+        if existing and not (args.resume or args.overwrite):
+            raise UsageError(f'--results_dir: {member.folder} already holds {existing[-1][1].name} from an earlier '
+                             'run; pass --resume to continue it or --overwrite to replace it')
+    if args.resume:  # the latest epoch every member saved (a group stopped while writing its checkpoints)
+        common = set.intersection(*({epoch for epoch, _ in checkpoint_epochs(m.folder, PROBE_PATTERN)}
+                                    for m in members))
+        if not common:
+            raise UsageError(f'--resume: the folders under {args.results_dir} share no probe_<epoch>.pth')
+        for member in members:
+            member.resume_from = member.folder / PROBE_PATTERN.format(max(common))
+    for member in members:
+        member.folder.mkdir(parents=True, exist_ok=True)
+        write_json(member.folder / 'args.json', vars(member.args))
+
+
+def group_probes(members: list[Member], args: argparse.Namespace, num_classes: int,
+                 device: torch.device) -> ProbeGroup:
+    """Each probe initialised and its dropout generator started as its single run's: from the RNG state its single
+    run has at this point (the one after loading its encoder: nothing after it draws), the init's draws, then the
+    dropout's. On CUDA each generator is seeded with --seed, as a single run's CUDA generator is."""
+    dims = {member.name: member.features.train.shape[1] for member in members}
+    if len(set(dims.values())) > 1:
+        raise UsageError(f'--encoder: the features differ in size ({dims}); probe them in separate runs')
+    probes, generators = [], []
+    for member in members:
+        torch.set_rng_state(member.rng)
+        probes.append(MLPProbe(next(iter(dims.values())), (args.hidden_size_1, args.hidden_size_2), num_classes))
+        generator = torch.Generator(device)
+        if device.type == 'cpu':
+            generator.set_state(torch.get_rng_state())
+        else:
+            generator.manual_seed(args.seed)
+        generators.append(generator)
+    return ProbeGroup(probes, generators).to(device)
+
+
+def write_group_checkpoints(training: Training, members: list[Member], epoch: int) -> None:
+    """probe_<epoch>.pth in each member's folder, as its single run writes it (MLPProbe keys, its optimiser state,
+    its arguments; its dropout generator as `generator`, and on the CPU as the `torch` RNG state)."""
+    group, state = training.model, training.optimizer.state_dict()
+    for k, member in enumerate(members):
+        generator = group.generators[k]
+        rng = {**rng_state(), 'torch': generator.get_state()} if generator.device.type == 'cpu' else rng_state()
+        save_atomic({'epoch': epoch, 'state_dict': group.probe_state(k),
+                     'optimizer': split_optimizer_state(state, k), 'args': vars(member.args), 'rng': rng,
+                     'generator': generator.get_state(), 'metrics': training.rows[-1]['metrics'][k]},
+                    member.folder / PROBE_PATTERN.format(epoch))
+
+
+def resume_group(training: Training, members: list[Member], must_match: dict) -> list[dict]:
+    """Every member's probe, optimiser state and generator from its checkpoint; returns their metrics."""
+    group, states, metrics = training.model, [], []
+    for k, member in enumerate(members):
+        checkpoint = load_checkpoint(member.resume_from)
+        check_resumable(checkpoint, member.args, member.resume_from, must_match)
+        group.load_probe_state(k, checkpoint['state_dict'])
+        group.generators[k].set_state(checkpoint['generator'])
+        states.append(checkpoint['optimizer'])
+        metrics.append(dict(checkpoint.get('metrics') or {}))
+    epoch = restore_optimizer(training.optimizer, {'optimizer': stack_optimizer_states(states),
+                                                   'epoch': load_checkpoint(members[0].resume_from)['epoch']},
+                              members[0].resume_from)
+    training.start_epoch = epoch + 1
+    print(f'resuming {len(members)} probes from {Path(training.results_dir)}/*/{PROBE_PATTERN.format(epoch)}')
+    return metrics
+
+
+@torch.no_grad()
+def predict_group(group: ProbeGroup, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Predicted labels (N, T) of stacked features (N, T, d), the probes in eval mode."""
+    group.eval()
+    return torch.cat([group(features[:, start:start + batch_size]).argmax(dim=2)
+                      for start in range(0, features.shape[1], batch_size)], dim=1)
+
+
+def train_group(training: Training, members: list[Member], target: int, batch_size: int) -> None:
+    """The group's remaining epochs: one stacked step per batch (each probe's loss its own mean cross-entropy;
+    their sum is minimised, so each probe gets its own gradient), then each probe's lines."""
+    group = training.model
+    train = torch.stack([member.features.train for member in members])  # (N, M, d)
+    test = torch.stack([member.features.test for member in members])
+    triggered = torch.stack([member.features.triggered for member in members])
+    labels, test_labels = members[0].features.train_labels, members[0].features.test_labels
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor):
+        logits = group(x)  # (N, B, C)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(group)), reduction='none').view(len(group), -1)
+        losses = losses.mean(dim=1)
+        return losses.sum(), {'losses': losses}
+
+    def train_epoch(epoch: int) -> dict:
+        batches = [(train[:, start:start + batch_size], labels[start:start + batch_size])
+                   for start in range(0, train.shape[1], batch_size)]
+        return {'loss': train_steps(batches, training.optimizer, step_loss, epoch=epoch, device=train.device,
+                                    set_modes=group.train, per_image=True, disable_progress=True)['losses']}
+
+    def evaluate_all(epoch: int, row: dict) -> dict:
+        predicted, on_triggered = predict_group(group, test), predict_group(group, triggered)
+        return {'metrics': [{'acc': accuracy(predicted[k], test_labels),
+                             'asr': attack_success_rate(on_triggered[k], test_labels, target),
+                             'asr_excluding_target': attack_success_rate(on_triggered[k], test_labels, target,
+                                                                         exclude_target=True),
+                             'epoch': epoch} for k in range(len(members))]}
+
+    def report(row: dict) -> None:
+        for member, loss, metrics in zip(members, row['loss'], row['metrics']):
+            acc_name, asr_name = metric_names(member.args.encoder)
+            tqdm.write('Train Epoch: {} \tLoss: {:.6f} \tEncoder: {}'.format(row['epoch'], loss, member.name))
+            tqdm.write(metric_line(acc_name, metrics['acc'], row['epoch'], member.name))
+            tqdm.write(metric_line(asr_name, metrics['asr'], row['epoch'], member.name))
+            tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], row['epoch'], member.name))
+    training.fit(train_epoch, after_epoch=evaluate_all, report=report)
+
+
+def probe_group(args: argparse.Namespace, must_match: dict, device: torch.device) -> None:
+    """Several encoders on one downstream task: features once each, the probes trained together as one stacked
+    model, each as its single run would be; each member's files in --results_dir/<name>."""
+    members = load_members(args, group_names(args.encoder, args.names))
+    data = load_probe_data(args)
+    for member in members:
+        member.args.reference_label = args.reference_label
+    print_args(args)
+    prepare_group_folders(args, members)
+    disable = progress_disabled(args)
+    for member in members:
+        normalization = get_info(member.args.encoder_usage_info).normalization
+        member.features = extract_features(member.encoder.to(device), data, normalization, device, args.amp, disable)
+        member.encoder = member.encoder.cpu()
+        member.similarity = reference_similarity(member.features)
+        if member.similarity:
+            print(f'{member.name}: reference: mean cos(f(triggered), f(reference)) = '
+                  '{reference_similarity_triggered:.4f}, mean cos(f(clean), f(reference)) = '
+                  '{reference_similarity_clean:.4f}'.format(**member.similarity))
+    group = group_probes(members, args, data.num_classes, device)
+    optimizer = probe_optimizer(group.parameters(), args.lr, device)
+    training = Training(group, optimizer, args, args.nn_epochs, Path(args.results_dir) if args.results_dir else None,
+                        log_name=None, desc=f'Probe epochs ({len(members)} encoders)',
+                        writer=lambda epoch: write_group_checkpoints(training, members, epoch))
+    metrics = resume_group(training, members, must_match) if args.resume else [{} for _ in members]
+    if not training.finished:
+        train_group(training, members, args.reference_label, args.batch_size)
+        metrics = training.rows[-1]['metrics']
+    for member, member_metrics in zip(members, metrics):
+        if member.folder is not None:
+            write_json(member.folder / 'metrics.json',
+                       {**member_metrics, 'dataset': args.dataset, 'encoder': member.args.encoder,
+                        'reference_label': args.reference_label,
+                        'encoder_usage_info': member.args.encoder_usage_info, **member.similarity})
+            print(f"saved {member.folder / 'metrics.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(args)
+    seed_everything(args.seed, args.deterministic)
+    device = resolve_device(args.device, args.gpu)
+    if len(args.encoder) == 1 and args.names is None:  # the original's run, unchanged
+        args.encoder = args.encoder[0]
+        del args.names
+        probe_one(args, resume_flags(parser), device)
+    else:
+        probe_group(args, resume_flags(parser), device)
 
 
 if __name__ == '__main__':

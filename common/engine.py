@@ -32,6 +32,7 @@ from models.checkpoint import load_state_into
 
 from . import distributed
 from .cli import check_finite, progress_disabled
+from .errors import NonFiniteLossError
 from .device import autocast
 from .runs import (check_resumable, is_save_epoch, read_csv, restore_optimizer, save_run_checkpoint, set_rng_state,
                    write_csv)
@@ -46,22 +47,33 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     """One pass over `batches` (tuples of tensors, moved to `device`): loss, backward, optimiser step.
 
     Returns the epoch's mean of the loss and of each term, over the steps, or with `per_image` over the images
-    (each step's value weighted by its batch size B_s: Σ_s B_s·v_s / Σ_s B_s, for a last partial batch). Under
-    torchrun each step's loss and terms are first averaged over the processes (the global batch's), then checked
-    to be finite (a non-finite loss stops the run, naming the epoch and the step, counted from 1).
-    `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after every optimiser
-    step (a pruning mask re-applied).
+    (each step's value weighted by its batch size B_s: Σ_s B_s·v_s / Σ_s B_s, for a last partial batch); a term
+    may be a vector (one loss per probe of a group). Under torchrun each step's loss and terms are first averaged
+    over the processes (the global batch's). A non-finite loss stops the run, naming the epoch and the step
+    (counted from 1). `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after
+    every optimiser step (a pruning mask re-applied).
+
+    The sums are kept on the device in float64 (the same numbers as Python floats of the float32 values). On the
+    CPU each step's loss is checked and shown as it comes; on CUDA the host stays out of the step loop: the first
+    non-finite step is recorded on the device and read, with the means, once at the end of the epoch (the epoch's
+    remaining steps run on a non-finite model; nothing of that epoch is saved).
     """
     if set_modes is not None:
         set_modes()
-    totals: dict[str, float] = {}
+    each_step = torch.device(device).type != 'cuda'  # the CPU has no kernel queue to keep full
+    totals: dict[str, torch.Tensor] = {}
     count = 0
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss finite so far
     bar = tqdm(batches, desc=desc, leave=False, disable=disable_progress)
     for step, batch in enumerate(bar, start=1):
         batch = [tensor.to(device, non_blocking=True) for tensor in batch]
         loss, terms = step_loss(*batch)
         reported = distributed.mean_over_ranks({'loss': loss, **terms})  # {'loss': loss, **terms} in one process
-        check_finite(reported['loss'], epoch, step)
+        if each_step:
+            check_finite(reported['loss'], epoch, step)
+        else:
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(reported['loss'].detach()).all(),
+                                    step, first_bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -70,9 +82,14 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
         weight = len(batch[0]) if per_image else 1
         count += weight
         for name, value in reported.items():
-            totals[name] = totals.get(name, 0.0) + value.item() * weight
-        bar.set_postfix(loss=f'{totals["loss"] / count:.4f}')
-    return {name: total / count for name, total in totals.items()}
+            value = value.detach().double() * weight
+            totals[name] = totals[name] + value if name in totals else value
+        if each_step and not disable_progress:
+            bar.set_postfix(loss=f'{totals["loss"].sum().item() / count:.4f}')
+    if not each_step and first_bad.item():
+        raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {first_bad.item()}; stopped, the last '
+                                 'checkpoint is intact')
+    return {name: (total / count).tolist() for name, total in totals.items()}
 
 
 def nt_xent_step(forward: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,
@@ -127,6 +144,7 @@ class Training:
     label: str = ''
     columns: tuple[str, ...] = ()
     desc: str = 'Epochs'
+    writer: Callable[[int], None] | None = None  # writes epoch's checkpoint(s) itself (a probe group: one per probe)
     start_epoch: int = 1  # the first epoch still to run
     rows: list[dict] = field(default_factory=list)  # the log rows of the epochs run so far
 
@@ -180,8 +198,12 @@ class Training:
             numbers = [(key, value) for key, value in row.items() if key != 'epoch' and isinstance(value, float)]
             bar.set_postfix({key: f'{value:.4f}' for key, value in numbers[:3]})
             if self.results_dir is not None and is_save_epoch(epoch, self.epochs, self.args.save_freq):
-                save_run_checkpoint(self.results_dir / self.pattern.format(epoch), self.model, self.optimizer, epoch,
-                                    self.args, log=self.rows, **(checkpoint_keys(epoch) if checkpoint_keys else {}))
+                if self.writer is not None:
+                    self.writer(epoch)
+                else:
+                    save_run_checkpoint(self.results_dir / self.pattern.format(epoch), self.model, self.optimizer,
+                                        epoch, self.args, log=self.rows,
+                                        **(checkpoint_keys(epoch) if checkpoint_keys else {}))
             distributed.barrier()  # the epoch is on disk before any process starts the next one
             self.start_epoch = epoch + 1
         return self.rows

@@ -1,0 +1,87 @@
+"""N downstream probes of one shape trained as one module (docs/DESIGN.md §7.1).
+
+The probes of one downstream task differ only in their input features. `ProbeGroup` stacks their weights along a
+first axis of size N and runs each layer as one batched matrix product (`torch.baddbmm`), so N probes cost about
+the kernel launches of one; Adam is element-wise, so one Adam over the stacked tensors is N Adams. Probe k computes
+MLPProbe's function with its own weights and its own dropout generator, and `probe_state` / `load_probe_state`
+move between the stacked tensors and MLPProbe's state_dict, so each probe's checkpoint is a single run's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .knn import MLPProbe
+
+LAYERS = ('fc1', 'fc2', 'fc3')
+# MLPProbe's parameters in its order (its optimiser's indices): fc1.weight, fc1.bias, fc2.weight, ...
+PARAMETERS = tuple(f'{layer}.{kind}' for layer in LAYERS for kind in ('weight', 'bias'))
+DROPOUT = 0.5  # MLPProbe's
+
+
+class ProbeGroup(nn.Module):
+    """Probes k = 0..N-1, each fc3(relu(fc2(dropout(relu(fc1(x_k)))))) as MLPProbe, on inputs x (N, B, d).
+
+    Weights `<layer>_weight` (N, out, in) and `<layer>_bias` (N, out): probe k's are MLPProbe's `<layer>.weight`
+    and `<layer>.bias`. In training mode probe k's dropout draws its mask from `generators[k]` exactly as
+    F.dropout draws from the global generator: noise = Bernoulli(1 − p) of the activations' shape, divided by
+    1 − p, times the activations.
+    """
+
+    def __init__(self, probes: list[MLPProbe], generators: list[torch.Generator]):
+        super().__init__()
+        if len(probes) != len(generators):
+            raise ValueError(f'{len(probes)} probes but {len(generators)} generators')
+        for name in PARAMETERS:
+            stacked = torch.stack([probe.state_dict()[name] for probe in probes]).detach().clone()
+            self.register_parameter(name.replace('.', '_'), nn.Parameter(stacked))
+        self.generators = generators
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (N, B, in) -> (N, B, out): bias + x Wᵀ for every probe in one batched product."""
+        weight, bias = getattr(self, f'{name}_weight'), getattr(self, f'{name}_bias')
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.layer('fc1', x))  # (N, B, h1)
+        if self.training:
+            noise = torch.stack([torch.empty(hidden.shape[1:], dtype=hidden.dtype, device=hidden.device)
+                                 .bernoulli_(1 - DROPOUT, generator=generator) for generator in self.generators])
+            hidden = hidden * noise.div_(1 - DROPOUT)
+        hidden = F.relu(self.layer('fc2', hidden))  # (N, B, h2)
+        # The output layer probe by probe: its weight gradient, Gᵀh with few classes, takes another kernel in a
+        # batched product than in MLPProbe's, and the probes would drift from their single runs by float rounding.
+        return torch.stack([F.linear(hidden[k], self.fc3_weight[k], self.fc3_bias[k]) for k in range(len(self))])
+
+    def probe_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Probe k as MLPProbe's state_dict."""
+        return {name: getattr(self, name.replace('.', '_'))[k].detach().clone() for name in PARAMETERS}
+
+    def load_probe_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in PARAMETERS:
+                getattr(self, name.replace('.', '_'))[k].copy_(state[name])
+
+
+def split_optimizer_state(state: dict, k: int) -> dict:
+    """Probe k's part of the group optimiser's state_dict: the state a single probe's optimiser would hold (its
+    per-parameter tensors are slice k of the stacked ones; the step count is shared)."""
+    def part(slots: dict) -> dict:
+        return {key: value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in slots.items()}
+    return {'state': {index: part(slots) for index, slots in state['state'].items()},
+            'param_groups': state['param_groups']}
+
+
+def stack_optimizer_states(states: list[dict]) -> dict:
+    """The group optimiser's state_dict from its probes' (the inverse of split_optimizer_state)."""
+    def stacked(index) -> dict:
+        slots = [state['state'][index] for state in states]
+        return {key: torch.stack([slot[key] for slot in slots]) if torch.is_tensor(value) and value.dim() > 0
+                else value for key, value in slots[0].items()}
+    return {'state': {index: stacked(index) for index in states[0]['state']},
+            'param_groups': states[0]['param_groups']}
