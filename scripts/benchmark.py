@@ -11,8 +11,10 @@ sizes, on 32x32 RGB images from `datasets.synthetic`; --augment and --compile ar
     mimic_img_per_s        stage 2: MIMIC distillation, images per second (two views each), batch 128
     mi_estimation_s        stage 2: seconds of the MI estimation (2000 images, 4 layers, 200 epochs)
     downstream_s           stage 3: seconds of the probe (39209 GTSRB-sized features, 43 classes, 1000 epochs)
-    defences               stage 2, the baselines: for each of ft, fp, nad, clp, anp, kd, invert, the seconds of
-                           its whole `purify` (pre-steps, training, pruning) on `defence_images` clean images,
+    probe_group_speedup    stage 3 with N encoders (N = 3, 10): N probes trained one after the other / the same N
+                           trained as one group, the same features and epochs (probe_group_epoch_s: the group's)
+    defences               stage 2, the baselines: for each of ft, fp, nad, clp, anp, kd, invert, sslcleanse, the
+                           seconds of its whole `purify` (pre-steps, training, pruning) on `defence_images` clean images,
                            1 epoch for those that train (batch --mimic_batch_size), --steps + --warmup ANP
                            iterations and inversion steps; img_per_s = clean images × epochs / seconds
 
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ''):  # run as `python scripts/benchmark.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +70,7 @@ from datasets import (ImagePairs, Reference, Trigger, finetune_transform, get_in
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES, TRAINING_BASELINES, get_defence  # noqa: E402
 from defences.training import DefenceRun  # noqa: E402
-from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, SimCLR, feature_dim_of  # noqa: E402
+from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, ProbeGroup, SimCLR, feature_dim_of  # noqa: E402
 from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
 
@@ -379,6 +382,57 @@ def bench_probe(args: argparse.Namespace, device: torch.device, disable: bool) -
     return probe_figures(train, args, device)
 
 
+GROUP_SIZES = (3, 10)  # encoders per stage-3 run, as the pipeline's settings have them (3 + the baselines)
+
+
+def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
+    """Stage 3 with several encoders: N probes trained as one group (`train_group`, one stacked model) against the
+    same N probes trained one after the other (`train_probe`), side by side on the same random features, for
+    N in GROUP_SIZES. `probe_group_speedup[N]` is the ratio of their times over --probe_measure_epochs epochs
+    (each side after one untimed warm-up epoch when --warmup is set)."""
+    dim = feature_dim_of(args.arch, args.width)
+    generator = torch.Generator().manual_seed(args.seed)
+    target, run_args = min(GTSRB_PRIORITY, args.probe_classes - 1), argparse.Namespace(save_freq=0, no_progress=True)
+
+    def features() -> downstream.Features:
+        return downstream.Features(
+            random_features(args.probe_features, dim, generator, device), labels,
+            random_features(args.probe_test_features, dim, generator, device), test_labels,
+            random_features(args.probe_test_features, dim, generator, device), None)
+    labels = torch.randint(args.probe_classes, (args.probe_features,), generator=generator).to(device)
+    test_labels = torch.randint(args.probe_classes, (args.probe_test_features,), generator=generator).to(device)
+
+    def timed(train: Callable[[int], object]) -> float:
+        with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+            if args.warmup:
+                train(1)
+            synchronize(device)
+            start = time.perf_counter()
+            train(args.probe_measure_epochs)
+            synchronize(device)
+        return time.perf_counter() - start
+
+    speedup, group_epoch = {}, {}
+    for size in GROUP_SIZES:
+        members = [downstream.Member(f'encoder{k}', argparse.Namespace(encoder=f'encoder{k}'), None,
+                                     features=features()) for k in range(size)]
+        probes = [MLPProbe(dim, (512, 256), args.probe_classes) for _ in members]
+        singles = 0.0
+        for probe, member in zip(probes, members):
+            single = copy.deepcopy(probe).to(device)
+            optimizer = downstream.probe_optimizer(single.parameters(), 1e-4, device)
+            singles += timed(lambda epochs: downstream.train_probe(
+                Training(single, optimizer, run_args, epochs, None, log_name=None), member.features, target,
+                args.probe_batch_size, downstream.metric_names('benchmark')))
+        group = ProbeGroup(probes, [torch.Generator(device).manual_seed(k) for k in range(size)]).to(device)
+        optimizer = downstream.probe_optimizer(group.parameters(), 1e-4, device)
+        together = timed(lambda epochs: downstream.train_group(
+            Training(group, optimizer, run_args, epochs, None, log_name=None), members, target, args.probe_batch_size))
+        speedup[str(size)] = singles / together
+        group_epoch[str(size)] = together / args.probe_measure_epochs
+    return {'probe_group_speedup': speedup, 'probe_group_epoch_s': group_epoch}
+
+
 @torch.no_grad()
 def bench_knn(args: argparse.Namespace, device: torch.device, encode_img_per_s: float) -> dict:
     """The stage-0 kNN monitor (common.features.knn_monitor): encoding the CIFAR10 train and test images, at
@@ -474,6 +528,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
                        ('stage 2: MI estimation', lambda: bench_mi(images, args, device, disable)),
                        ('stage 2: baseline defences', lambda: bench_defences(images, args, device, disable)),
                        ('stage 3: downstream probe', lambda: bench_probe(args, device, disable)),
+                       ('stage 3: probe groups', lambda: bench_probe_group(args, device, disable)),
                        ('stage 0: kNN monitor', lambda: bench_knn(args, device, figures['encode_img_per_s']))):
         start = time.perf_counter()
         figures.update(run())
@@ -491,7 +546,8 @@ def report(figures: dict, args: argparse.Namespace, device: torch.device, wall_s
                                          'badencoder_encoder_forwards_per_step', 'encode_img_per_s',
                                          'knn_monitor_s', 'knn_classify_s', 'mi_cache_s', 'mi_epoch_s',
                                          'probe_epoch_s')},
-        **{key: figures[key] for key in ('defence_s', 'defence_img_per_s', 'defence_images')},
+        **{key: figures[key] for key in ('defence_s', 'defence_img_per_s', 'defence_images',
+                                         'probe_group_speedup', 'probe_group_epoch_s')},
         'paper_estimate_s': paper_estimates(figures, args),
         'extrapolated': extrapolated + ['knn_monitor_s', 'paper_estimate_s'],
         'device': str(device), 'device_name': device_name(device), 'cpu_model': cpu_model(),

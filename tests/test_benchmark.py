@@ -45,6 +45,8 @@ def test_quick_run_prints_the_figures_as_one_json_line():
     assert set(figures['defence_s']) == set(BASELINES)
     assert set(figures['defence_img_per_s']) == set(TRAINING_BASELINES)
     assert all(value > 0 for value in figures['defence_s'].values()) and figures['defence_images'] == 24
+    assert set(figures['probe_group_speedup']) == {'3', '10'} and all(
+        math.isfinite(value) and value > 0 for value in figures['probe_group_speedup'].values())
 
 
 def test_bad_count_is_a_one_line_error():
