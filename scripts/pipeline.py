@@ -9,14 +9,16 @@ Run from the repository root: the stages are the repository's scripts, named by 
 The work is split in two:
 
 * `plan(setting)` is pure: from a `Setting` (one field per flag) it returns the steps of the run in order,
-  each a `Note` (a line printed), a `WriteJson` (run.json), a `Stage` (a training or evaluation script with
-  its results folder, the file that says it is finished, the checkpoints that say it was interrupted, and its
-  log) or a `Command` (the poisoning of CTRL's data, the results table).
+  each a `Note` (a line printed), a `WriteJson` (run.json), a `Stage` (a training script with its results
+  folder, the file that says it is finished, the checkpoints that say it was interrupted, and its log), a
+  `ProbeGroup` (stage 3 for every encoder of the setting, one downstream probe each, in one run) or a
+  `Command` (the poisoning of CTRL's data, the results table).
 * `run(steps, dry_run=False)` carries them out: a stage whose final file exists is skipped; one whose folder
   holds checkpoints is continued with --resume; what it prints goes to the terminal as printed and to
   RUN/<stage>.log as the terminal finally shows it (a progress bar redrawn with \\r keeps its last state);
-  its wall time is added to <stage folder>/stage_seconds.txt. With `dry_run` every stage's command is
-  printed and nothing is read, run or written.
+  its wall time is added to <stage folder>/stage_seconds.txt. The probe group evaluates only the encoders
+  whose RUN/eval_<name>/metrics.json is missing or stale, logs to RUN/eval.log and adds its wall time to
+  RUN/eval_seconds.txt. With `dry_run` every stage's command is printed and nothing is read, run or written.
 
 `main(argv)` parses the flags (errors: one line on stderr, exit status 2), checks the input files, reads the
 target label from the reference file and runs the plan. scripts/reproduce_paper.py builds its experiments from
@@ -120,9 +122,7 @@ class Stage:
     """A stage of the pipeline: `python -u *argv [--resume]`, its output also appended to `log`.
 
     Finished when `folder/final` exists (then skipped); interrupted when `folder` holds a file matching
-    `checkpoints` (then continued with --resume). `probe` = (encoder, nn_epochs) for an evaluation: a
-    metrics.json made for another encoder file or probe length is removed and the stage redone.
-    `checkpoint_from`: a defence.json whose 'checkpoint' replaces CHECKPOINT_PLACEHOLDER in argv and probe.
+    `checkpoints` (then continued with --resume).
     """
     name: str
     argv: tuple
@@ -130,12 +130,45 @@ class Stage:
     final: str
     checkpoints: str
     log: str
-    probe: tuple = ()
-    checkpoint_from: str = ''
 
     @property
     def final_path(self) -> str:
         return f'{self.folder}/{self.final}'
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One encoder of a probe group: its name (its folder under the group's results_dir) and encoder file.
+    `checkpoint_from`: a defence.json whose 'checkpoint' replaces CHECKPOINT_PLACEHOLDER in `encoder`."""
+    name: str
+    encoder: str
+    checkpoint_from: str = ''
+
+
+@dataclass(frozen=True)
+class ProbeGroup:
+    """Stage 3 for several encoders in one run: `python -u *argv --encoder E... --names N...`, its output also
+    appended to `log`, its wall time added to `seconds`.
+
+    A member is finished when `results_dir/<name>/metrics.json` was made for its encoder file and `nn_epochs`
+    (then skipped); one made for another encoder file or probe length is removed. Only the members not
+    finished are probed, from scratch (argv holds --overwrite); none left: the step is skipped.
+    """
+    name: str
+    argv: tuple
+    members: tuple
+    results_dir: str
+    nn_epochs: str
+    log: str
+    seconds: str
+
+    def metrics_path(self, probe: Probe) -> str:
+        return f'{self.results_dir}/{probe.name}/metrics.json'
+
+    def command(self, members: Iterable[Probe]) -> tuple:
+        members = tuple(members)
+        return (*self.argv, '--encoder', *(probe.encoder for probe in members),
+                '--names', *(probe.name for probe in members))
 
 
 @dataclass(frozen=True)
@@ -147,7 +180,7 @@ class Command:
     note: str = ''
 
 
-Step = Union[Note, WriteJson, Stage, Command]
+Step = Union[Note, WriteJson, Stage, ProbeGroup, Command]
 
 
 # --- the setting --------------------------------------------------------------------------------------------
@@ -312,17 +345,16 @@ def plan(setting: Setting) -> list:
             '--save_freq', s.save_freq, '--results_dir', folder, *training, *s.defence_args.split()))
         encoders.append((name, f'{folder}/{CHECKPOINT_PLACEHOLDER}', f'{folder}/defence.json'))
 
+    # one probe per encoder, trained together (stage 3's group run), each in RUN/eval_<name> as a single run's;
     # an evaluation is redone from scratch (the cheapest stage, whose encoder may have been retrained) when its
     # metrics.json is missing or was made for another encoder file or probe length
-    for name, encoder, checkpoint_from in encoders:
-        folder = f'{run}/eval_{name}'
-        steps.append(stage(
-            f'eval_{name}', folder, 'metrics.json', '',
-            'training_downstream_classifier.py', '--dataset', s.downstream_dataset,
-            '--encoder_usage_info', s.pretraining_dataset, '--encoder', encoder, '--trigger_file', s.trigger_file,
-            *reference_flags, '--reference_label', target_label, '--nn_epochs', s.nn_epochs,
-            '--results_dir', folder, '--overwrite', *common, *s.eval_args.split(),
-            probe=(encoder, s.nn_epochs), checkpoint_from=checkpoint_from))
+    steps.append(ProbeGroup(
+        'eval', ('training_downstream_classifier.py', '--dataset', s.downstream_dataset,
+                 '--encoder_usage_info', s.pretraining_dataset, '--trigger_file', s.trigger_file, *reference_flags,
+                 '--reference_label', target_label, '--nn_epochs', s.nn_epochs, '--results_dir', run,
+                 '--overwrite', *common, *s.eval_args.split()),
+        tuple(Probe(f'eval_{name}', encoder, checkpoint_from) for name, encoder, checkpoint_from in encoders),
+        run, s.nn_epochs, f'{run}/eval.log', f'{run}/eval_seconds.txt'))
 
     steps.append(Command(('scripts/results_table.py', run, '--out', f'{run}/table',
                           '--summary', f'{run}/summary.json')))
@@ -400,38 +432,68 @@ def tee_to_log(command: list, log_path: str) -> int:
     return returncode
 
 
+def add_seconds(path: str, spent: int) -> None:
+    """Add `spent` to the seconds recorded in `path` (a stage's wall time, summed over the runs that resumed it)."""
+    before = 0
+    if os.path.isfile(path):
+        try:
+            with open(path) as handle:
+                before = int(handle.read().strip() or 0)
+        except ValueError:
+            before = 0
+    write_text_atomic(path, f'{before + spent}\n')
+
+
 def run_stage(stage: Stage, python: str) -> None:
-    argv, probe = stage.argv, stage.probe
-    if stage.checkpoint_from:
-        checkpoint = defence_checkpoint(stage.checkpoint_from)
-        argv = tuple(arg.replace(CHECKPOINT_PLACEHOLDER, checkpoint) for arg in argv)
-        probe = tuple(item.replace(CHECKPOINT_PLACEHOLDER, checkpoint) for item in probe)
     final = stage.final_path
-    if probe and os.path.isfile(final) and not fresh_metrics(final, *probe):
-        say(f'== {stage.name}: {final} is for another encoder or probe length, evaluating again')
-        os.remove(final)
     if os.path.isfile(final):
         say(f'== {stage.name}: done ({final}), skipped')
         return
     interrupted = stage.checkpoints and glob.glob(f'{glob.escape(stage.folder)}/{stage.checkpoints}')
     resume = ['--resume'] if interrupted else []
-    say(f"== {stage.name}: {' '.join(argv)} {' '.join(resume)}")
+    say(f"== {stage.name}: {' '.join(stage.argv)} {' '.join(resume)}")
     started = int(time.monotonic())
-    returncode = tee_to_log([python, '-u', *argv, *resume], stage.log)
+    returncode = tee_to_log([python, '-u', *stage.argv, *resume], stage.log)
     if returncode != 0:
         raise PipelineError('', exit_status(returncode))  # the stage said why; the log keeps it
     if not os.path.isfile(final):
         raise PipelineError(f'{stage.name} did not produce {final} (see {stage.log})')
-    spent = int(time.monotonic()) - started
-    seconds_file = f'{stage.folder}/stage_seconds.txt'
-    before = 0
-    if os.path.isfile(seconds_file):
-        try:
-            with open(seconds_file) as handle:
-                before = int(handle.read().strip() or 0)
-        except ValueError:
-            before = 0
-    write_text_atomic(seconds_file, f'{before + spent}\n')
+    add_seconds(f'{stage.folder}/stage_seconds.txt', int(time.monotonic()) - started)
+
+
+def stale_probes(group: ProbeGroup) -> list:
+    """The members to probe (their defence checkpoints named): those without a metrics.json made for their
+    encoder file and probe length; a stale metrics.json is removed. The others are reported done."""
+    stale = []
+    for probe in group.members:
+        if probe.checkpoint_from:
+            encoder = probe.encoder.replace(CHECKPOINT_PLACEHOLDER, defence_checkpoint(probe.checkpoint_from))
+            probe = Probe(probe.name, encoder)
+        final = group.metrics_path(probe)
+        if os.path.isfile(final) and not fresh_metrics(final, probe.encoder, group.nn_epochs):
+            say(f'== {probe.name}: {final} is for another encoder or probe length, evaluating again')
+            os.remove(final)
+        if os.path.isfile(final):
+            say(f'== {probe.name}: done ({final}), skipped')
+        else:
+            stale.append(probe)
+    return stale
+
+
+def run_probe_group(group: ProbeGroup, python: str) -> None:
+    stale = stale_probes(group)
+    if not stale:
+        return
+    argv = group.command(stale)
+    say(f"== {group.name}: {' '.join(argv)}")
+    started = int(time.monotonic())
+    returncode = tee_to_log([python, '-u', *argv], group.log)
+    if returncode != 0:
+        raise PipelineError('', exit_status(returncode))  # stage 3 said why; the log keeps it
+    for probe in stale:
+        if not os.path.isfile(group.metrics_path(probe)):
+            raise PipelineError(f'{probe.name} did not produce {group.metrics_path(probe)} (see {group.log})')
+    add_seconds(group.seconds, int(time.monotonic()) - started)
 
 
 def run_command(command: Command, python: str) -> None:
@@ -458,10 +520,14 @@ def run(steps: Iterable[Step], dry_run: bool = False) -> int:
         elif dry_run:
             if isinstance(step, (Stage, Command)):
                 say(f"{shown} {' '.join(step.argv)}")
+            elif isinstance(step, ProbeGroup):
+                say(f"{shown} {' '.join(step.command(step.members))}")
         elif isinstance(step, WriteJson):
             write_text_atomic(step.path, json.dumps(step.data, indent=1) + '\n')
         elif isinstance(step, Stage):
             run_stage(step, python)
+        elif isinstance(step, ProbeGroup):
+            run_probe_group(step, python)
         elif isinstance(step, Command):
             run_command(step, python)
         else:

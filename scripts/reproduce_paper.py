@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -292,6 +293,16 @@ def steps(c: Scale, wanted: str, dry_run: bool) -> Iterator:
         yield Note('tables: ' + ''.join(f'{path} ' for path in tables), when='run')
 
 
+def probe_lines(log: str, name: str) -> list:
+    """The lines of a probe group's log (RUN/eval.log) that belong to its probe `name`: each epoch's loss line
+    (`... \tEncoder: <name>`) and metric lines (`..., "encoder": "<name>"}`)."""
+    if not os.path.isfile(log):
+        return []
+    endings = (f'\tEncoder: {name}', f'"encoder": {json.dumps(name)}}}')
+    with open(log, errors='replace') as handle:
+        return [line for line in handle if line.rstrip('\n').endswith(endings)]
+
+
 def copy_evals(step: CopyEvals) -> None:
     for name in ('clean', 'backdoored'):
         source, target = f'{step.source}/eval_{name}', f'{step.target}/eval_{name}'
@@ -299,7 +310,11 @@ def copy_evals(step: CopyEvals) -> None:
             continue
         os.makedirs(step.target, exist_ok=True)
         shutil.copytree(source, target, copy_function=shutil.copy)
-        if os.path.isfile(f'{source}.log'):
+        lines = probe_lines(f'{step.source}/eval.log', f'eval_{name}')
+        if lines:  # its per-epoch values, for plot_results.py
+            with open(f'{step.target}/eval.log', 'a') as log:
+                log.writelines(line if line.endswith('\n') else line + '\n' for line in lines)
+        elif os.path.isfile(f'{source}.log'):  # a base run evaluated one encoder at a time
             shutil.copy(f'{source}.log', step.target)
         print(f'== eval_{name}: the same encoder, trigger and probe as {step.source}; its result copied', flush=True)
 

@@ -8,12 +8,15 @@
 #   RUN/mimic/       stage 2  MIMIC.py                        -> model<E2>.pth (+ mi.json)
 #   RUN/defence_<d>/ stage 2  baseline_defence.py --defence d -> model_<E>.pth, defence.json  (--defences)
 #   RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/, RUN/eval_<d>/
-#                    stage 3  training_downstream_classifier.py -> metrics.json
-#   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed;
-#   <stage folder>/stage_seconds.txt  the stage's wall time (summed over the runs that resumed it)
+#                    stage 3  training_downstream_classifier.py -> metrics.json, one run for all the encoders
+#                    (--encoder ... --names eval_clean ...: their probes trained together, each as its own run)
+#   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed (RUN/eval.log: stage 3's run);
+#   <stage folder>/stage_seconds.txt  the stage's wall time (summed over the runs that resumed it);
+#   RUN/eval_seconds.txt  stage 3's (summed over its runs)
 #
 # Run it again and a finished stage is skipped; an interrupted one continues with --resume from its
-# latest checkpoint. Example (the paper's CIFAR10 -> GTSRB setting, on a GPU machine):
+# latest checkpoint; stage 3 probes only the encoders whose metrics.json is missing or was made for another
+# encoder file or probe length. Example (the paper's CIFAR10 -> GTSRB setting, on a GPU machine):
 #
 #   bash scripts/run_pipeline.sh --run_dir runs/cifar10_gtsrb --pretraining_dataset cifar10 \
 #       --downstream_dataset gtsrb --reference_file reference/cifar10/priority.npz \

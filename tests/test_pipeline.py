@@ -3,15 +3,16 @@
 Through the bash wrappers (scripts/run_pipeline.sh, scripts/reproduce_paper.sh) on a tiny setting: all four stages,
 skip when finished, resume when interrupted, argument errors, the reproduction's dry run. In-process
 (scripts/pipeline.py, scripts/reproduce_paper.py), without training: the plan of hand-made settings, run.json
-with a quoted label, skip / resume / logs / stage times with a stand-in stage, the reproduction over finished runs.
+with a quoted label, skip / resume / logs / stage times with a stand-in stage, stage 3 probing only the encoders
+without a fresh metrics.json (a stand-in probe script), the reproduction over finished runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,15 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     run = tmp_path / 'run'
     first = pipeline(run, data_root, reference_file, trigger_file, eval_progress=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    # the evaluations drew progress bars (redrawn with \r) on the terminal; their logs keep clean lines
+    # the evaluations drew progress bars (redrawn with \r) on the terminal; their log keeps clean lines
     assert '\r' in first.stdout
-    log = (run / 'eval_mimic.log').read_bytes().decode()  # not read_text: it would turn \r into \n
+    assert sum(line.startswith('== eval: ') for line in first.stdout.splitlines()) == 1  # one run for the three
+    log = (run / 'eval.log').read_bytes().decode()  # not read_text: it would turn \r into \n
     assert '\r' not in log
-    assert any(line.startswith('{"metric": ') for line in log.splitlines())
+    for name in ('eval_clean', 'eval_backdoored', 'eval_mimic'):
+        assert sum(line.startswith('{"metric": ') and line.endswith(f'"encoder": "{name}"}}')
+                   for line in log.splitlines()) == 2 * 3  # 2 epochs, 3 metrics
+    assert int((run / 'eval_seconds.txt').read_text()) >= 0
     for path in ['clean/model_2.pth', 'backdoor/model_1.pth', 'mimic/model2.pth', 'mimic/mi.json',
                  'eval_clean/metrics.json', 'eval_backdoored/metrics.json', 'eval_mimic/metrics.json',
                  'run.json', 'table.md', 'table.csv', 'summary.json']:
@@ -78,6 +83,8 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     mimic_line = next(line for line in resumed.stdout.splitlines() if line.startswith('== mimic:'))
     assert '--resume' in mimic_line
     assert '== backdoor: done' in resumed.stdout and '== eval_backdoored: done' in resumed.stdout
+    eval_line = next(line for line in resumed.stdout.splitlines() if line.startswith('== eval:'))
+    assert eval_line.endswith(' --names eval_mimic eval_ft eval_clp')  # only the encoders not evaluated yet
     assert (run / 'mimic' / 'model2.pth').is_file() and (run / 'eval_mimic' / 'metrics.json').is_file()
     for path in ['defence_ft/model_2.pth', 'defence_clp/model_0.pth', 'eval_ft/metrics.json', 'eval_clp/metrics.json',
                  'table_defences.csv', 'defence_ft/stage_seconds.txt', 'mimic/stage_seconds.txt']:
@@ -171,7 +178,7 @@ def test_plan_of_a_badencoder_setting_is_the_commands_in_order():
     assert steps[0] == driver.Note('== run R', when='dry_run')
     assert steps[1].path == 'R/run.json' and steps[1].data['badencoder_epochs'] == 200  # BadEncoder's default
     stages = {s.name: s for s in steps if isinstance(s, driver.Stage)}
-    assert list(stages) == ['clean', 'backdoor', 'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']
+    assert list(stages) == ['clean', 'backdoor', 'mimic']
     common = ('--device', 'cpu', '--data_root', 'data', '--num_workers', '0', '--seed', '100')
     assert stages['clean'] == driver.Stage(
         'clean', ('train_clean_encoder.py', '--pretraining_dataset', 'cifar10', '--arch', 'resnet18', '--width', '8',
@@ -184,13 +191,18 @@ def test_plan_of_a_badencoder_setting_is_the_commands_in_order():
     mimic = stages['mimic']
     assert mimic.final_path == 'R/mimic/model4.pth' and mimic.checkpoints == 'model[0-9]*.pth'
     assert mimic.argv[-2:] == ('--a', 'b') and ('--teacher', 'R/backdoor/model_200.pth') == mimic.argv[3:5]
-    evaluation = stages['eval_mimic']
-    assert evaluation.argv == (
-        'training_downstream_classifier.py', '--dataset', 'gtsrb', '--encoder_usage_info', 'cifar10',
-        '--encoder', 'R/mimic/model4.pth', '--trigger_file', 'trigger/trigger_pt_white_21_10_ap_replace.npz',
-        '--reference_file', 'ref.npz', '--reference_label', '<y[0] of ref.npz>', '--nn_epochs', '6',
-        '--results_dir', 'R/eval_mimic', '--overwrite', *common, '--no_progress')
-    assert evaluation.probe == ('R/mimic/model4.pth', '6') and evaluation.checkpoints == ''
+    evaluation = steps[-2]  # stage 3: one run for the three encoders, each probe in R/eval_<name>
+    assert evaluation == driver.ProbeGroup(
+        'eval', ('training_downstream_classifier.py', '--dataset', 'gtsrb', '--encoder_usage_info', 'cifar10',
+                 '--trigger_file', 'trigger/trigger_pt_white_21_10_ap_replace.npz', '--reference_file', 'ref.npz',
+                 '--reference_label', '<y[0] of ref.npz>', '--nn_epochs', '6', '--results_dir', 'R', '--overwrite',
+                 *common, '--no_progress'),
+        (driver.Probe('eval_clean', 'R/clean/model_3.pth'), driver.Probe('eval_backdoored', 'R/backdoor/model_200.pth'),
+         driver.Probe('eval_mimic', 'R/mimic/model4.pth')),
+        'R', '6', 'R/eval.log', 'R/eval_seconds.txt')
+    assert evaluation.command(evaluation.members[2:])[-4:] == ('--encoder', 'R/mimic/model4.pth', '--names',
+                                                               'eval_mimic')
+    assert evaluation.metrics_path(evaluation.members[0]) == 'R/eval_clean/metrics.json'
     assert steps[-1] == driver.Command(('scripts/results_table.py', 'R', '--out', 'R/table',
                                         '--summary', 'R/summary.json'))
 
@@ -199,36 +211,35 @@ def test_plan_of_drupe_ctrl_given_encoders_and_defences():
     drupe = driver.plan(driver.Setting(run_dir='R', reference_file='r3.npz', attack='drupe', defences='all',
                                        target_label='7', label='L'))
     assert drupe[0].text == '== run R (L)'
-    names = [s.name for s in drupe if isinstance(s, driver.Stage)]
-    assert names == ['clean', 'backdoor', 'mimic'] + [f'defence_{d}' for d in driver.ALL_DEFENCES] + \
-        ['eval_clean', 'eval_backdoored', 'eval_mimic'] + [f'eval_{d}' for d in driver.ALL_DEFENCES]
-    stages = {s.name: s for s in drupe if isinstance(s, driver.Stage)}
+    names = [s.name for s in drupe if isinstance(s, (driver.Stage, driver.ProbeGroup))]
+    assert names == ['clean', 'backdoor', 'mimic'] + [f'defence_{d}' for d in driver.ALL_DEFENCES] + ['eval']
+    stages = {s.name: s for s in drupe if isinstance(s, (driver.Stage, driver.ProbeGroup))}
     assert stages['backdoor'].final == 'model_120.pth' and stages['backdoor'].argv[2] == 'drupe'
     assert stages['defence_ft'].final == 'defence.json' and stages['defence_ft'].checkpoints == '*_[0-9]*.pth'
-    assert stages['eval_ft'].checkpoint_from == 'R/defence_ft/defence.json'
-    assert 'R/defence_ft/<defence.json: checkpoint>' in stages['eval_ft'].argv
-    assert ('--reference_label', '7') == stages['eval_ft'].argv[11:13]
+    probes = {probe.name: probe for probe in stages['eval'].members}
+    assert list(probes) == ['eval_clean', 'eval_backdoored', 'eval_mimic'] + [f'eval_{d}' for d in driver.ALL_DEFENCES]
+    assert probes['eval_ft'] == driver.Probe('eval_ft', 'R/defence_ft/<defence.json: checkpoint>',
+                                             'R/defence_ft/defence.json')
+    assert ('--reference_label', '7') == stages['eval'].argv[9:11]
 
     ctrl = driver.plan(driver.Setting(run_dir='R', attack='ctrl', target_class='3', poison_rate='0.05',
                                       clean_epochs='9', pretraining_dataset='stl10'))
     poison = next(s for s in ctrl if isinstance(s, driver.Command))
     assert poison.argv[:2] == ('-m', 'datasets.poison') and poison.creates == 'R/poisoned_data/poison.json'
-    stages = {s.name: s for s in ctrl if isinstance(s, driver.Stage)}
+    stages = {s.name: s for s in ctrl if isinstance(s, (driver.Stage, driver.ProbeGroup))}
     assert stages['backdoor'].argv[:5] == ('train_clean_encoder.py', '--pretraining_dataset', 'stl10',
                                            '--data_dir', 'R/poisoned_data')
     assert stages['backdoor'].final == 'model_9.pth'  # CTRL's stage 1 is as long as stage 0 by default
-    evaluation = stages['eval_clean'].argv
+    evaluation = stages['eval'].argv
     assert evaluation[2] == 'stl10' and '--reference_file' not in evaluation
     assert evaluation[evaluation.index('--reference_label') + 1] == '3'
     assert ctrl[1].data['downstream_dataset'] == 'stl10' and ctrl[1].data['target_label'] == 3
 
     given = driver.plan(driver.Setting(run_dir='R', reference_file='r.npz', clean_encoder='c.pth',
                                        backdoored_encoder='b.pth'))
-    assert [s.name for s in given if isinstance(s, driver.Stage)] == [
-        'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']
+    assert [s.name for s in given if isinstance(s, (driver.Stage, driver.ProbeGroup))] == ['mimic', 'eval']
     assert driver.Note('== backdoor: given, b.pth') in given
-    assert {s.argv[6] for s in given if isinstance(s, driver.Stage) and s.name != 'mimic'} == {
-        'c.pth', 'b.pth', 'R/mimic/model1000.pth'}
+    assert [probe.encoder for probe in given[-2].members] == ['c.pth', 'b.pth', 'R/mimic/model1000.pth']
 
 
 def test_plan_checks_the_setting_purely(tmp_path):
@@ -247,9 +258,11 @@ def test_dry_run_in_process_prints_the_plan(capsys, monkeypatch):
     assert driver.main(['--run_dir', 'R', '--reference_file', 'nowhere.npz', '--dry_run', '1',
                         '--defences', 'clp', '--label', 'x y']) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == '== run R (x y)' and len(lines) == 1 + 4 + 4 + 1
+    assert lines[0] == '== run R (x y)' and len(lines) == 1 + 4 + 1 + 1  # stage 3: one run for four encoders
     assert lines[1].startswith('python train_clean_encoder.py ') and lines[-1].startswith('python scripts/results')
-    assert '--encoder R/defence_clp/<defence.json: checkpoint>' in lines[-2]
+    assert lines[-2].startswith('python training_downstream_classifier.py ') and lines[-2].endswith(
+        ' --encoder R/clean/model_1000.pth R/backdoor/model_200.pth R/mimic/model1000.pth '
+        'R/defence_clp/<defence.json: checkpoint> --names eval_clean eval_backdoored eval_mimic eval_clp')
     monkeypatch.setenv('PYTHON', '/opt/py')
     assert driver.main(['--run_dir', 'R', '--reference_file', 'r.npz', '--dry_run', '1']) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith('/opt/py train_clean_encoder.py ')
@@ -301,22 +314,67 @@ def test_finished_run_is_skipped_and_run_json_holds_a_quoted_label(tmp_path, ref
     assert label in (run / 'table.md').read_text()
     assert not list(run.glob('*.log')) and not list(run.glob('*/stage_seconds.txt'))  # nothing ran
 
-    # a probe made for another encoder file is redone: here by a stand-in that only records its arguments
-    metrics = run / 'eval_clp' / 'metrics.json'
-    metrics.write_text(json.dumps({'epoch': 3, 'encoder': 'another.pth'}))
-    (run / 'defence_clp' / 'defence.json').write_text(json.dumps({'checkpoint': 'model_0.pth'}))
-    stage = next(s for s in driver.plan(driver.Setting(**{f[2:]: v for f, v in zip(flags[::2], flags[1::2])},
-                                                       target_label='1'))
-                 if isinstance(s, driver.Stage) and s.name == 'eval_clp')
-    stand_in = tmp_path / 'stand_in.py'
-    stand_in.write_text('import json, sys\n'
-                        'out = sys.argv[sys.argv.index("--results_dir") + 1] + "/metrics.json"\n'
-                        'encoder = sys.argv[sys.argv.index("--encoder") + 1]\n'
-                        'json.dump({"epoch": 3, "encoder": encoder, "argv": sys.argv[1:]}, open(out, "w"))\n')
-    driver.run([dataclasses.replace(stage, argv=(str(stand_in),) + stage.argv[1:])])
-    redone = json.loads(metrics.read_text())
-    assert redone['encoder'] == f'{run}/defence_clp/model_0.pth' and '--resume' not in redone['argv']
-    assert 'is for another encoder or probe length, evaluating again' in capfd.readouterr().out
+    assert not (run / 'eval_seconds.txt').exists()
+
+
+STAND_IN_PROBES = """import json, os, sys
+argv = sys.argv[1:]
+encoders = argv[argv.index('--encoder') + 1:argv.index('--names')]
+results_dir, epochs = argv[argv.index('--results_dir') + 1], int(argv[argv.index('--nn_epochs') + 1])
+for name, encoder in zip(argv[argv.index('--names') + 1:], encoders):
+    print(json.dumps({'metric': 'Eval - Backdoored Accuracy (BA)', 'value': 60.0, 'epoch': 1, 'encoder': name}))
+    os.makedirs(f'{results_dir}/{name}', exist_ok=True)
+    with open(f'{results_dir}/{name}/metrics.json', 'w') as out:
+        json.dump({'acc': 60.0, 'asr': 5.0, 'asr_excluding_target': 4.0, 'epoch': epochs, 'encoder': encoder,
+                   'argv': argv}, out)
+"""
+
+
+def test_rerun_evaluates_only_the_encoders_without_fresh_metrics(tmp_path, reference_file, trigger_file, capfd,
+                                                                 monkeypatch):
+    """Stage 3 replaced by a stand-in ($PYTHON runs it for training_downstream_classifier.py) that writes each
+    named probe's metrics.json and records its arguments."""
+    run = tmp_path / 'run'
+    flags = finished_run(run, reference_file, trigger_file, 'x')
+    stand_in, python = tmp_path / 'stand_in.py', tmp_path / 'python'
+    stand_in.write_text(STAND_IN_PROBES)
+    python.write_text(f'#!/bin/sh\nif [ "$2" = training_downstream_classifier.py ]; then shift 2; '
+                      f'exec "{sys.executable}" "{stand_in}" "$@"; fi\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv('PYTHON', str(python))
+
+    # one metrics.json deleted: that encoder alone is probed, from scratch; the others are kept as they were
+    (run / 'eval_mimic' / 'metrics.json').unlink()
+    assert driver.main(flags) == 0
+    out = capfd.readouterr().out
+    assert all(f'== eval_{name}: done (' in out for name in ('clean', 'backdoored', 'clp'))
+    eval_line = next(line for line in out.splitlines() if line.startswith('== eval: '))
+    assert eval_line.endswith(f' --overwrite --device auto --data_root data --num_workers 2 --seed 100 '
+                              f'--encoder {run}/mimic/model2.pth --names eval_mimic')
+    redone = json.loads((run / 'eval_mimic' / 'metrics.json').read_text())
+    assert redone['encoder'] == f'{run}/mimic/model2.pth' and '--resume' not in redone['argv']
+    assert all(json.loads((run / f'eval_{name}' / 'metrics.json').read_text())['acc'] == 50.0
+               for name in ('clean', 'backdoored', 'clp'))
+    assert '"encoder": "eval_mimic"' in (run / 'eval.log').read_text()
+    assert int((run / 'eval_seconds.txt').read_text()) >= 0
+    assert json.loads((run / 'summary.json').read_text())['mimic']['acc'] == 60.0  # the table made after it
+
+    # a probe made for another encoder file is redone, its defence's checkpoint read from defence.json
+    (run / 'eval_clp' / 'metrics.json').write_text(json.dumps({'epoch': 3, 'encoder': 'another.pth'}))
+    assert driver.main(flags) == 0
+    out = capfd.readouterr().out
+    assert 'eval_clp/metrics.json is for another encoder or probe length, evaluating again' in out
+    assert all(f'== eval_{name}: done (' in out for name in ('clean', 'backdoored', 'mimic'))
+    eval_line = next(line for line in out.splitlines() if line.startswith('== eval: '))
+    assert eval_line.endswith(f' --encoder {run}/defence_clp/model_0.pth --names eval_clp')
+    assert json.loads((run / 'eval_clp' / 'metrics.json').read_text())['encoder'] == f'{run}/defence_clp/model_0.pth'
+
+    # a stage 3 that leaves a probe without metrics.json: status 2, naming it
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -c pass\n')
+    (run / 'eval_clean' / 'metrics.json').unlink()
+    assert driver.main(flags) == 2
+    assert capfd.readouterr().err == (f'run_pipeline.sh: eval_clean did not produce {run}/eval_clean/metrics.json '
+                                      f'(see {run}/eval.log)\n')
 
 
 STAND_IN_STAGE = '''import sys, time
@@ -422,10 +480,17 @@ def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, 
         (run / f'eval_{name}' / 'metrics.json').write_text(json.dumps(
             {'acc': 50.0, 'asr': 10.0, 'asr_excluding_target': 9.0, 'epoch': 400, 'encoder': encoder}))
     (base / 'run.json').write_text('{}')
+    # the base run's stage-3 log: the copied probes' lines go with them (plot_results.py draws their epochs)
+    (base / 'eval.log').write_text(''.join(
+        f'Train Epoch: 1 \tLoss: 1.0 \tEncoder: {name}\n'
+        f'{{"metric": "Eval - Backdoored Accuracy (BA)", "value": 50.0, "epoch": 1, "encoder": "{name}"}}\n'
+        for name in ('eval_clean', 'eval_backdoored', 'eval_mimic')))
     assert reproduce_paper.main(['--scale', 'demo', '--experiments', 'mi_model', str(runs)]) == 0
     out = capfd.readouterr().out
     assert '== eval_clean: the same encoder, trigger and probe as' in out  # copied from the base run
     assert (student / 'eval_backdoored' / 'metrics.json').is_file()
+    copied = (student / 'eval.log').read_text().splitlines()
+    assert len(copied) == 4 and not any('eval_mimic' in line for line in copied)
     for stage in ['backdoor', 'mimic', 'eval_clean', 'eval_backdoored', 'eval_mimic']:
         assert f'== {stage}: ' in out and f'== {stage}: {reproduce_paper.PAPER_TRIGGER}' not in out
     assert 'train_' not in out and 'MIMIC.py' not in out  # nothing trained
