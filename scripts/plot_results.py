@@ -11,7 +11,8 @@ Per run directory (file names start with the run folder's name, RUN below):
                     the last 10), and the layer weights w_l with opt_l = base_l + 10000·w_l that MIMIC distils with
                     (uniform weights alone under --layer_weights uniform)
   RUN_probe.png     ACC and ASR (ASR* dashed) after every probe epoch of each evaluated encoder, from the JSON lines
-                    the pipeline keeps in RUN/eval_<name>.log
+                    the pipeline keeps in RUN/eval.log (those naming "encoder": "eval_<name>"; the pipeline's
+                    earlier per-encoder logs, RUN/eval_<name>.log, are read too)
   RUN_defences.png  ACC, ASR and ASR* of each encoder (clean, backdoored, MIMIC and the baseline defences present),
                     from RUN/eval_<name>/metrics.json
 Across the run directories:
@@ -146,13 +147,14 @@ def number(value, path: Path, key: str) -> float | None:
     return float(value)
 
 
-def read_probe_log(path: Path) -> dict[str, dict[int, float]]:
-    """{'acc' | 'asr' | 'asr_excluding_target': {epoch: value}} from the probe's JSON lines in a stage log.
+def read_probe_logs(path: Path) -> dict[str | None, dict[str, dict[int, float]]]:
+    """{encoder: {'acc' | 'asr' | 'asr_excluding_target': {epoch: value}}} from the probe's JSON lines in a stage
+    log: a group's lines name their encoder (`"encoder": "eval_<name>"`), a single run's name none (key None).
 
     The pipeline appends to the log: an evaluation that resumed repeats the epochs after its checkpoint (the
     later line wins), one redone from scratch starts again at epoch 1 (only the last evaluation is kept).
     """
-    curves: dict[str, dict[int, float]] = {}
+    curves: dict[str | None, dict[str, dict[int, float]]] = {}
     for line in path.read_text(errors='replace').splitlines():
         start = line.find('{"metric"')
         if start < 0:
@@ -161,15 +163,22 @@ def read_probe_log(path: Path) -> dict[str, dict[int, float]]:
             record = json.loads(line[start:])
             name = str(record['metric']).removeprefix('Eval - ')
             epoch, value = int(record['epoch']), float(record['value'])
-        except (ValueError, KeyError, TypeError):
+            encoder = record.get('encoder')
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # a line cut short by a killed run
         key = LOG_METRICS.get(name)
-        if key is None:
+        if key is None or not (encoder is None or isinstance(encoder, str)):
             continue
-        if epoch == 1 and key == 'acc' and curves:
-            curves = {}
-        curves.setdefault(key, {})[epoch] = value
+        own = curves.setdefault(encoder, {})
+        if epoch == 1 and key == 'acc' and own:
+            own.clear()
+        own.setdefault(key, {})[epoch] = value
     return curves
+
+
+def read_probe_log(path: Path, encoder: str | None = None) -> dict[str, dict[int, float]]:
+    """The curves of one encoder in a stage log (`encoder` None: the lines that name none, a single run's)."""
+    return read_probe_logs(path).get(encoder, {})
 
 
 def check_mi_report(report: dict, path: Path) -> dict:
@@ -198,6 +207,8 @@ def read_run(path: Path, tag: str) -> Run:
     names = [name for name in ENCODER_ORDER if (path / f'eval_{name}').is_dir()]
     names += sorted(p.name[len('eval_'):] for p in path.glob('eval_*')
                     if p.is_dir() and p.name[len('eval_'):] not in names)
+    group_log = path / 'eval.log'  # the pipeline's one stage-3 run for all encoders
+    group_curves = read_probe_logs(group_log) if group_log.is_file() else {}
     for name in names:
         metrics_path = path / f'eval_{name}' / 'metrics.json'
         if metrics_path.is_file():
@@ -205,8 +216,11 @@ def read_run(path: Path, tag: str) -> Run:
             for key, _ in METRICS:
                 number(metrics.get(key), metrics_path, key)
             run.metrics[name] = metrics
-        log = path / f'eval_{name}.log'
-        curves = read_probe_log(log) if log.is_file() else {}
+        curves = group_curves.get(f'eval_{name}')
+        log = path / f'eval_{name}.log'  # the pipeline's per-encoder evaluations, before the group
+        if not curves and log.is_file():
+            curves = read_probe_log(log)
+        curves = curves or {}
         if curves.get('acc') or curves.get('asr'):
             run.curves[name] = curves
     mi_path = path / 'mimic' / 'mi.json'
@@ -496,7 +510,7 @@ def make_figures(plt, runs: list[Run], out: Path, x: str) -> list[Path]:
         if run.curves:
             plot_probe(plt, run, out, written)
         elif run.metrics:
-            print(f'note: {run.path}: no per-epoch probe values (the pipeline keeps them in eval_<name>.log; an '
+            print(f'note: {run.path}: no per-epoch probe values (the pipeline keeps them in eval.log; an '
                   'evaluation run by hand prints them only), no probe figure')
         if run.metrics:
             plot_defences(plt, run, out, written)

@@ -1,8 +1,8 @@
 """scripts/plot_results.py on run directories written by hand in the pipeline's layout.
 
 The files are those scripts/run_pipeline.sh leaves: run.json, mimic/mi.json (as MIMIC.py writes it),
-eval_<name>/metrics.json and eval_<name>.log with the probe's JSON lines (made with the probe's own
-`metric_line`). The figures need matplotlib, an optional extra: those tests are skipped without it; reading,
+eval_<name>/metrics.json and eval.log with the probe group's JSON lines (made with the probe's own
+`metric_line`; runs made before the group kept them in eval_<name>.log, which is read too). The figures need matplotlib, an optional extra: those tests are skipped without it; reading,
 errors and the missing-matplotlib message are tested either way.
 """
 from __future__ import annotations
@@ -37,19 +37,34 @@ def write_trigger(path: Path, side: int) -> Path:
     return path
 
 
-def probe_log(encoder_path: str, epochs: list[tuple[float, float, float]], start: int = 1) -> str:
-    """What the pipeline keeps of a probe run: a loss line and three metric lines per epoch."""
+def probe_log(encoder_path: str, epochs: list[tuple[float, float, float]], start: int = 1,
+              name: str | None = None) -> str:
+    """What the pipeline keeps of a probe run: a loss line and three metric lines per epoch; with `name`, those
+    of one probe of a group (its lines name it)."""
     accuracy, attack = metric_names(encoder_path)
-    lines = ['reference: mean cos(f(triggered), f(reference)) = 0.9, mean cos(f(clean), f(reference)) = 0.1']
+    loss = '' if name is None else f' \tEncoder: {name}'
+    lines = [f"{name + ': ' if name else ''}reference: mean cos(f(triggered), f(reference)) = 0.9, "
+             'mean cos(f(clean), f(reference)) = 0.1']
     for epoch, (acc, asr, asr_excluding) in enumerate(epochs, start=start):
-        lines += [f'Train Epoch: {epoch} \tLoss: 1.0', metric_line(accuracy, acc, epoch),
-                  metric_line(attack, asr, epoch), metric_line(EXCLUDING_TARGET_NAME, asr_excluding, epoch)]
+        lines += [f'Train Epoch: {epoch} \tLoss: 1.0{loss}', metric_line(accuracy, acc, epoch, name),
+                  metric_line(attack, asr, epoch, name), metric_line(EXCLUDING_TARGET_NAME, asr_excluding, epoch, name)]
+    return '\n'.join(lines) + '\n'
+
+
+def interleaved(*logs: str) -> str:
+    """The probes' logs as a group prints them: epoch by epoch (one loss line and three metric lines each)."""
+    chunks = [log.splitlines() for log in logs]
+    lines = [chunk[0] for chunk in chunks]
+    for index in range(1, len(chunks[0]), 4):
+        lines += [line for chunk in chunks for line in chunk[index:index + 4]]
     return '\n'.join(lines) + '\n'
 
 
 def make_run(root: Path, name: str, trigger: Path, ratio: float = 0.04, uniform: bool = False,
              encoders: tuple[str, ...] = ('clean', 'backdoored', 'mimic', 'ft'), data_root: Path | None = None,
-             downstream: str = 'synthetic_digits') -> Path:
+             downstream: str = 'synthetic_digits', group_log: bool = True) -> Path:
+    """A run directory; its probes' lines in eval.log (one stage-3 run for all), or with `group_log` False in
+    eval_<name>.log (the pipeline's per-encoder evaluations before)."""
     run = root / name
     (run / 'mimic').mkdir(parents=True)
     (run / 'run.json').write_text(json.dumps({
@@ -62,18 +77,24 @@ def make_run(root: Path, name: str, trigger: Path, ratio: float = 0.04, uniform:
         'mi_model': None if uniform else 'teacher', 'layer_weights': 'uniform' if uniform else 'mi', 'mi': mi,
         'weights': weights, 'opt': [1000 + 10000 * w for w in weights], 'base': [1000] * 4, 'fell_back': False,
         'layers': LAYERS, 'history': None if uniform else history}))
+    logs = []
     for index, encoder in enumerate(encoders):
         folder = run / f'eval_{encoder}'
         folder.mkdir()
         asr = 95.0 if encoder == 'backdoored' else 5.0 + index
         curve = [(40.0 + index, asr / 2, asr / 3), (50.0 + index, asr - 1, asr - 2), (55.0 + ratio, asr, asr - 1)]
         encoder_path = str(run / ('clean/model_2.pth' if encoder == 'clean' else f'{encoder}/model_2.pth'))
-        (run / f'eval_{encoder}.log').write_text(probe_log(encoder_path, curve))
+        if group_log:
+            logs.append(probe_log(encoder_path, curve, name=f'eval_{encoder}'))
+        else:
+            (run / f'eval_{encoder}.log').write_text(probe_log(encoder_path, curve))
         (folder / 'metrics.json').write_text(json.dumps({'acc': 55.0 + ratio, 'asr': asr, 'asr_excluding_target':
                                                          asr - 1, 'epoch': 3, 'encoder': encoder_path}))
         if data_root is not None:
             (folder / 'args.json').write_text(json.dumps({'dataset': downstream, 'data_dir': '',
                                                           'data_root': str(data_root)}))
+    if logs:
+        (run / 'eval.log').write_text(interleaved(*logs))
     return run
 
 
@@ -105,6 +126,34 @@ def test_probe_log_keeps_the_last_evaluation_and_the_latest_value_of_each_epoch(
     # evaluated again from scratch (another encoder): only that evaluation; CA / ASR-B names of a clean encoder
     log.write_text(text + '\n' + probe_log('runs/x/clean/model_2.pth', [(1, 2, 3)]))
     assert plot_results.read_probe_log(log) == {'acc': {1: 1}, 'asr': {1: 2}, 'asr_excluding_target': {1: 3}}
+
+
+def test_group_log_gives_each_probe_its_own_lines(tmp_path):
+    log = tmp_path / 'eval.log'
+    clean = probe_log('runs/x/clean/model_2.pth', [(10, 1, 0), (20, 2, 1)], name='eval_clean')
+    mimic = probe_log('runs/x/mimic/model2.pth', [(30, 90, 89), (40, 80, 79)], name='eval_mimic')
+    # a later run of the pipeline evaluates the MIMIC encoder again, alone: only its curves start over
+    again = probe_log('runs/x/mimic/model2.pth', [(50, 5, 4)], name='eval_mimic')
+    log.write_text(interleaved(clean, mimic) + again)
+    curves = plot_results.read_probe_logs(log)
+    assert set(curves) == {'eval_clean', 'eval_mimic'}
+    assert curves['eval_clean'] == {'acc': {1: 10, 2: 20}, 'asr': {1: 1, 2: 2}, 'asr_excluding_target': {1: 0, 2: 1}}
+    assert plot_results.read_probe_log(log, 'eval_mimic') == {'acc': {1: 50}, 'asr': {1: 5},
+                                                              'asr_excluding_target': {1: 4}}
+    assert plot_results.read_probe_log(log) == {}  # no line of a single run
+
+
+def test_group_log_and_per_encoder_logs_read_alike(tmp_path, trigger10):
+    group = plot_results.read_run(make_run(tmp_path / 'group', 'run', trigger10), 'run')
+    single = plot_results.read_run(make_run(tmp_path / 'single', 'run', trigger10, group_log=False), 'run')
+    assert list(group.curves) == ['clean', 'backdoored', 'mimic', 'ft'] and group.curves == single.curves
+    assert group.curves['backdoored']['asr'] == {1: 47.5, 2: 94.0, 3: 95.0}
+    # a run whose older evaluations kept per-encoder logs, one encoder evaluated again by the group
+    run = tmp_path / 'single' / 'run'
+    (run / 'eval.log').write_text(probe_log(str(run / 'mimic/model_2.pth'), [(1, 2, 3)], name='eval_mimic'))
+    mixed = plot_results.read_run(run, 'run')
+    assert mixed.curves['mimic'] == {'acc': {1: 1}, 'asr': {1: 2}, 'asr_excluding_target': {1: 3}}
+    assert mixed.curves['clean'] == single.curves['clean']
 
 
 def test_trigger_size_is_the_side_of_the_changed_area(tmp_path):
@@ -194,7 +243,7 @@ def test_figures_of_one_run(tmp_path, trigger10, capsys):
 def test_uniform_weights_and_no_data_found(tmp_path, trigger10, capsys):
     pytest.importorskip('matplotlib')
     run = make_run(tmp_path, 'uniform', trigger10, uniform=True, encoders=('mimic',), downstream='gtsrb')
-    (run / 'eval_mimic.log').unlink()  # an evaluation run by hand: no per-epoch values
+    (run / 'eval.log').unlink()  # an evaluation run by hand: no per-epoch values
     setting = json.loads((run / 'run.json').read_text())
     (run / 'run.json').write_text(json.dumps({**setting, 'label': 'no MI guidance'}))  # run_pipeline.sh --label
     out = tmp_path / 'figures'
