@@ -429,13 +429,10 @@ def group_probes(members: list[Member], args: argparse.Namespace, num_classes: i
     """Each probe initialised and its dropout generator started as its single run's: from the RNG state its single
     run has at this point (the one after loading its encoder: nothing after it draws), the init's draws, then the
     dropout's. On CUDA each generator is seeded with --seed, as a single run's CUDA generator is."""
-    dims = {member.name: member.features.train.shape[1] for member in members}
-    if len(set(dims.values())) > 1:
-        raise UsageError(f'--encoder: the features differ in size ({dims}); probe them in separate runs')
     probes, generators = [], []
     for member in members:
         torch.set_rng_state(member.rng)
-        probes.append(MLPProbe(next(iter(dims.values())), (args.hidden_size_1, args.hidden_size_2), num_classes))
+        probes.append(MLPProbe(member.features.train.shape[1], (args.hidden_size_1, args.hidden_size_2), num_classes))
         generator = torch.Generator(device)
         if device.type == 'cpu':
             generator.set_state(torch.get_rng_state())
@@ -542,7 +539,16 @@ def probe_group(args: argparse.Namespace, must_match: dict, device: torch.device
             print(f'{member.name}: reference: mean cos(f(triggered), f(reference)) = '
                   '{reference_similarity_triggered:.4f}, mean cos(f(clean), f(reference)) = '
                   '{reference_similarity_clean:.4f}'.format(**member.similarity))
-    group = group_probes(members, args, data.num_classes, device)
+    sizes = sorted({member.features.train.shape[1] for member in members})
+    for size in sizes:  # one stacked model per feature size (encoders of other widths or architectures)
+        train_members(args, [member for member in members if member.features.train.shape[1] == size],
+                      data.num_classes, must_match, device)
+
+
+def train_members(args: argparse.Namespace, members: list[Member], num_classes: int, must_match: dict,
+                  device: torch.device) -> None:
+    """The probes of members whose features have one size, as one group: trained (or resumed), metrics written."""
+    group = group_probes(members, args, num_classes, device)
     optimizer = probe_optimizer(group.parameters(), args.lr, device)
     training = Training(group, optimizer, args, args.nn_epochs, Path(args.results_dir) if args.results_dir else None,
                         log_name=None, desc=f'Probe epochs ({len(members)} encoders)',

@@ -145,3 +145,19 @@ def test_a_bad_member_is_one_line_naming_it_and_nothing_is_written(data_root, tr
                                  '--results_dir', str(tmp_path / 'out'))
     assert same_folder.returncode == 2 and "--names: 'clean' names more than one encoder" in same_folder.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_encoders_of_other_widths_are_probed_in_one_run(data_root, trigger_file, reference_file, three_encoders,
+                                                        tmp_path):
+    torch.manual_seed(5)
+    wide = tmp_path / 'wide' / 'model_1.pth'
+    save_atomic(encoder_checkpoint(SimCLR(width=16), None, 1), wide)
+    args = group_args(data_root, trigger_file, reference_file, '--nn_epochs', '2')
+    both = run_in_process('training_downstream_classifier.py', *args, '--encoder', three_encoders[0], str(wide),
+                          '--results_dir', str(tmp_path / 'both'))
+    assert both.returncode == 0, both.stderr
+    alone = run_in_process('training_downstream_classifier.py', *args, '--encoder', str(wide),
+                           '--results_dir', str(tmp_path / 'alone'))
+    ours, theirs = (json.loads((tmp_path / run / 'metrics.json').read_text())
+                    for run in ('both/wide', 'alone'))
+    assert abs(ours['acc'] - theirs['acc']) <= 0.5 and (tmp_path / 'both' / 'clean' / 'metrics.json').is_file()
