@@ -95,3 +95,138 @@ def test_no_baselines_keeps_the_summary_as_before(tmp_path):
     run = make_run(tmp_path, 'cifar10', 'gtsrb', METRICS)
     assert results_table.main([str(run), '--summary', str(tmp_path / 's.json')]) == 0
     assert set(json.loads((tmp_path / 's.json').read_text())) == {'clean', 'backdoored', 'mimic'}
+
+
+# --- seeds: the statistics, the grouping, the tables and the summary ---------------------------------------------
+
+def test_mean_std_and_half_width_of_known_values():
+    assert results_table.mean([1.0, 2.0, 3.0]) == 2.0
+    assert results_table.sample_std([1.0, 2.0, 3.0]) == 1.0
+    assert results_table.ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.3027 / 3 ** 0.5)  # 2.484
+    assert results_table.sample_std([2.0, 4.0]) == pytest.approx(2 ** 0.5)
+    assert results_table.ci95_half_width([2.0, 4.0]) == pytest.approx(12.7062)  # t_{0.975,1} * sqrt(2) / sqrt(2)
+    assert results_table.sample_std([7.0]) is None and results_table.ci95_half_width([7.0]) is None
+    single = results_table.estimate([None, 7.0])
+    assert single == results_table.Estimate(1, 7.0, None, None) and not single.excludes_zero
+    assert results_table.estimate([None]) is None
+
+
+def test_t_quantile_table_and_its_expansion():
+    assert results_table.t_975(1) == 12.7062 and results_table.t_975(2) == 4.3027
+    assert results_table.t_975(30) == 2.0423
+    assert results_table.t_975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert results_table.t_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert results_table.t_975(10 ** 7) == pytest.approx(results_table.Z_975, abs=1e-6)
+    with pytest.raises(ValueError):
+        results_table.t_975(0)
+    stats = pytest.importorskip('scipy.stats')  # a check against scipy where it is installed (not a dependency)
+    for df in list(range(1, 80)) + [200, 1000]:
+        assert results_table.t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+
+
+def test_paired_differences_and_whether_the_interval_excludes_zero():
+    baseline, mimic = {'0': 10.0, '1': 12.0, '2': None, '3': 5.0}, {'0': 8.0, '1': 9.0, '2': 1.0}
+    assert results_table.paired_differences(baseline, mimic) == {'0': 2.0, '1': 3.0}  # the seeds both have
+    wide = results_table.estimate([2.0, 3.0])
+    assert wide.mean == 2.5 and wide.ci95 == pytest.approx(12.7062 * 0.5) and not wide.excludes_zero
+    narrow = results_table.estimate(list(results_table.paired_differences({'0': 3, '1': 4, '2': 5},
+                                                                         {'0': 1, '1': 1, '2': 1}).values()))
+    assert (narrow.mean, narrow.std) == (3.0, 1.0) and narrow.ci95 == pytest.approx(2.4842, abs=1e-4)
+    assert narrow.excludes_zero
+    assert results_table.estimate([-3.0, -4.0, -5.0]).excludes_zero
+
+
+def seed_run(root: Path, name: str, seed, acc: float, asr: float, defences: dict | None = None,
+             **setting) -> Path:
+    """A pipeline run folder whose run.json holds `seed` (and `setting`), with clean/backdoored/mimic metrics made
+    from acc and asr, a baseline per `defences` entry ({name: (acc, asr)}), and MIMIC's and each baseline's time."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / 'run.json').write_text(json.dumps({'pretraining_dataset': 'cifar10', 'downstream_dataset': 'gtsrb',
+                                              'attack': 'badencoder', 'ratio': 0.04, 'seed': seed, **setting}))
+    metrics = {'clean': (acc + 2, 1.0), 'backdoored': (acc + 1, 95.0), 'mimic': (acc, asr), **(defences or {})}
+    for encoder, (value_acc, value_asr) in metrics.items():
+        (run / f'eval_{encoder}').mkdir()
+        (run / f'eval_{encoder}' / 'metrics.json').write_text(json.dumps(
+            {'acc': value_acc, 'asr': value_asr, 'asr_excluding_target': value_asr - 1}))
+    for folder in ['mimic'] + [f'defence_{name}' for name in defences or {}]:
+        (run / folder).mkdir()
+        (run / folder / 'stage_seconds.txt').write_text(f'{10 + int(seed or 0)}\n')
+    return run
+
+
+def test_runs_that_differ_only_in_seed_make_one_row_and_three_per_seed_rows(tmp_path):
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, acc, asr) for seed, acc, asr in [(0, 80, 10), (1, 81, 12),
+                                                                                      (2, 82, 14)]]
+    out = tmp_path / 'table'
+    assert results_table.main([*map(str, runs), '--out', str(out)]) == 0
+    md = out.with_suffix('.md').read_text().splitlines()
+    assert md[0].startswith('| Pre-training | Downstream | Attack | n | clean ACC |') and len(md[2:md.index('')]) == 1
+    assert md[2] == ('| cifar10 | gtsrb | badencoder | 3 | 83.00 ± 2.48 | 1.00 ± 0.00 | 0.00 ± 0.00 | 82.00 ± 2.48 '
+                     '| 95.00 ± 0.00 | 94.00 ± 0.00 | 81.00 ± 2.48 | 12.00 ± 4.97 | 11.00 ± 4.97 |')
+    rows = list(csv.DictReader(out.with_suffix('.csv').open()))
+    assert len(rows) == 1 and rows[0]['n'] == '3'
+    assert (rows[0]['mimic_asr'], rows[0]['mimic_asr_std'], rows[0]['mimic_asr_ci95'], rows[0]['mimic_asr_n']) == (
+        '12.0000', '2.0000', '4.9683', '3')
+    seeds = list(csv.DictReader((tmp_path / 'table_seeds.csv').open()))
+    assert [(row['seed'], row['mimic_asr'], row['run_dir']) for row in seeds] == [
+        ('0', '10.00', str(runs[0])), ('1', '12.00', str(runs[1])), ('2', '14.00', str(runs[2]))]
+
+
+def test_runs_that_differ_in_anything_else_are_kept_apart(tmp_path):
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80, 10) for seed in (0, 1, 2)]
+    other_ratio = seed_run(tmp_path, 'ratio', 1, 70, 20, ratio=0.1)  # another setting, one of the same seeds
+    same_seed = seed_run(tmp_path, 'again', 2, 60, 30)  # the same setting and seed once more: not a new seed
+    no_seed = seed_run(tmp_path, 'old', None, 50, 40)  # a run.json without a seed is never pooled
+    out = tmp_path / 'table'
+    assert results_table.main([*map(str, runs + [other_ratio, same_seed, no_seed]), '--out', str(out)]) == 0
+    rows = list(csv.DictReader(out.with_suffix('.csv').open()))
+    assert [(row['n'], row['mimic_acc'], row['mimic_acc_ci95']) for row in rows] == [
+        ('3', '80.0000', '0.0000'), ('1', '70.0000', ''), ('1', '60.0000', ''), ('1', '50.0000', '')]
+    assert len(list(csv.DictReader((tmp_path / 'table_seeds.csv').open()))) == 6
+    groups = results_table.seed_groups([results_table.read_run(run) for run in runs[:2] + [other_ratio]])
+    assert [len(group) for group in groups] == [2, 1]
+
+
+def test_seeded_defences_table_compares_each_baseline_with_mimic_on_the_same_seeds(tmp_path):
+    # clp's ASR is MIMIC's + 20, 21, 22 on seeds 0, 1, 2: a difference whose interval excludes zero; ft's ACC
+    # differs from MIMIC's by +1 and 0 (seeds 0 and 1; seed 2 has no ft): an interval that holds zero
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80 + seed, 10 + seed,
+                     {'clp': (70.0, 30.0 + 2 * seed), **({'ft': (81.0, 10.0 + seed)} if seed < 2 else {})})
+            for seed in (0, 1, 2)]
+    out = tmp_path / 'table'
+    assert results_table.main([*map(str, runs), '--out', str(out)]) == 0
+    md = out.with_suffix('.md').read_text()
+    assert '| Defence | n | ACC | ASR | ASR* | ΔACC | Time (s) | ACC - MIMIC | ASR - MIMIC | ASR* - MIMIC |' in md
+    assert ('| cifar10 | gtsrb | badencoder | clp | 3 | 70.00 ± 0.00 | 32.00 ± 4.97 | 31.00 ± 4.97 | -12.00 ± 2.48 '
+            '| 11 ± 2 | **-11.00 ± 2.48** | **+21.00 ± 2.48** | **+21.00 ± 2.48** |') in md
+    assert ('| ft | 2 | 81.00 ± 0.00 | 10.50 ± 6.35 | 9.50 ± 6.35 | -0.50 ± 6.35 | 10 ± 6 | +0.50 ± 6.35 '
+            '| +0.00 ± 0.00 | +0.00 ± 0.00 |') in md
+    assert '| mimic | 3 | 81.00 ± 2.48 | 11.00 ± 2.48 | 10.00 ± 2.48 | -1.00 ± 0.00 | 11 ± 2 | – | – | – |' in md
+    rows = {row['defence']: row for row in csv.DictReader((tmp_path / 'table_defences.csv').open())}
+    assert list(rows) == ['mimic', 'ft', 'clp']
+    clp, ft = rows['clp'], rows['ft']
+    assert (clp['pairs'], clp['asr_vs_mimic'], clp['asr_vs_mimic_std'], clp['asr_vs_mimic_ci95'],
+            clp['asr_vs_mimic_excludes_zero']) == ('3', '21.0000', '1.0000', '2.4842', 'true')
+    assert (ft['pairs'], ft['acc_vs_mimic'], ft['acc_vs_mimic_excludes_zero']) == ('2', '0.5000', 'false')
+    assert rows['mimic']['asr_vs_mimic'] == '' and rows['mimic']['pairs'] == '0'
+
+
+def test_summary_over_seeds_holds_means_intervals_and_per_seed_values(tmp_path):
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80 + 2 * seed, 10.0, {'clp': (70.0, 30.0 + seed)})
+            for seed in (0, 1)]
+    path = tmp_path / 's.json'
+    assert results_table.main([*map(str, runs), '--summary', str(path)]) == 0
+    summary = json.loads(path.read_text())
+    mimic = summary['mimic']
+    assert (mimic['acc'], mimic['n'], mimic['acc_std'], mimic['asr_std'], mimic['asr_ci95']) == (81.0, 2, 2 ** 0.5,
+                                                                                               0.0, 0.0)
+    assert mimic['acc_ci95'] == pytest.approx(12.7062)
+    assert mimic['per_seed'] == {'0': {'acc': 80, 'asr': 10.0, 'asr_excluding_target': 9.0},
+                                 '1': {'acc': 82, 'asr': 10.0, 'asr_excluding_target': 9.0}}
+    clp = summary['defences']['clp']
+    assert (clp['asr'], clp['seconds'], clp['seconds_std'], clp['n']) == (30.5, 10.5, 0.5 ** 0.5, 2)
+    assert clp['per_seed']['1'] == {'acc': 70.0, 'asr': 31.0, 'asr_excluding_target': 30.0, 'seconds': 11.0}
+    other = seed_run(tmp_path, 'other', 2, 80, 10, ratio=0.5)
+    assert results_table.main([*map(str, runs), str(other), '--summary', str(tmp_path / 'no.json')]) == 2
+    assert not (tmp_path / 'no.json').exists()
