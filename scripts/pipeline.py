@@ -20,6 +20,10 @@ The work is split in two:
   whose RUN/eval_<name>/metrics.json is missing or stale, logs to RUN/eval.log and adds its wall time to
   RUN/eval_seconds.txt. With `dry_run` every stage's command is printed and nothing is read, run or written.
 
+With `--seeds 0,1,2` the plan is that of the setting once per seed, each a whole run in RUN/seed_<seed>/ with
+--seed <seed> for every stage (its run.json holds the seed), then one table of them all: RUN/table.md (a cell: the
+mean ± its 95% interval over the seeds), RUN/table_seeds.csv and RUN/summary.json (scripts/results_table.py).
+
 `main(argv)` parses the flags (errors: one line on stderr, exit status 2), checks the input files, reads the
 target label from the reference file and runs the plan. scripts/reproduce_paper.py builds its experiments from
 the same `Setting` and runs them through `execute`.
@@ -85,6 +89,7 @@ class Setting:
     data_root: str = 'data'
     num_workers: str = '2'
     seed: str = '100'
+    seeds: str = ''  # comma-separated: one run per seed, RUN/seed_<seed>/ (see plan)
     save_freq: str = '50'
     augment: str = 'auto'
     clean_encoder: str = ''
@@ -197,6 +202,8 @@ def parse_args(argv: Iterable[str]) -> Setting:
             raise PipelineError(f'unknown option {flag} (see the header of scripts/run_pipeline.sh)')
         values[flag[2:]] = value
         del argv[:2]
+    if 'seed' in values and 'seeds' in values:
+        raise PipelineError('--seed and --seeds: give one (--seeds runs the setting once per seed)')
     return Setting(**values)
 
 
@@ -208,6 +215,25 @@ def split_defences(text: str) -> list:
     if names[-1] == '':
         names.pop()
     return names
+
+
+def split_seeds(text: str) -> list:
+    """--seeds split at its commas: the seeds as decimal text ('007' -> '7'); PipelineError unless each is a
+    non-negative integer given once."""
+    seeds = []
+    for part in text.split(','):
+        part = part.strip()
+        if not part.isdigit() or not part.isascii():
+            raise PipelineError(f"--seeds: expected comma-separated non-negative integers, got '{text}'")
+        if str(int(part)) in seeds:
+            raise PipelineError(f'--seeds: seed {int(part)} is given twice')
+        seeds.append(str(int(part)))
+    return seeds
+
+
+def seed_run_dir(run_dir: str, seed: str) -> str:
+    """The run folder of one seed of a --seeds run."""
+    return f'{run_dir}/seed_{seed}'
 
 
 def settle(setting: Setting, exists: Callable[[str], bool] | None = None) -> Setting:
@@ -233,6 +259,8 @@ def settle(setting: Setting, exists: Callable[[str], bool] | None = None) -> Set
                            ('--clean_encoder', s.clean_encoder), ('--backdoored_encoder', s.backdoored_encoder)):
             if (path or flag == '--trigger_file') and not exists(path):
                 raise PipelineError(f'{flag} {path}: no such file')
+    if s.seeds:
+        s = dataclasses.replace(s, seeds=','.join(split_seeds(s.seeds)))
     if s.defences == 'all':
         s = dataclasses.replace(s, defences=','.join(ALL_DEFENCES))
     for name in split_defences(s.defences):
@@ -275,9 +303,20 @@ def run_json(setting: Setting) -> dict:
 # --- the plan -----------------------------------------------------------------------------------------------
 
 def plan(setting: Setting) -> list:
-    """The steps of one run, in order (pure: reads no file). See the module's docstring and Stage."""
+    """The steps of one run, in order (pure: reads no file). See the module's docstring and Stage.
+
+    With `seeds`, the steps of the setting's run for each seed (run_dir RUN/seed_<seed>, seed <seed>), then the
+    table of those runs: RUN/table.md, .csv, _seeds.csv (+ _defences.csv) and RUN/summary.json over the seeds."""
     s = settle(setting)
     run = s.run_dir
+    if s.seeds:
+        seeds = split_seeds(s.seeds)
+        runs = [seed_run_dir(run, seed) for seed in seeds]
+        steps = [Note(f"== seeds {', '.join(seeds)}: one run each, in {seed_run_dir(run, '<seed>')}")]
+        for seed, seed_run in zip(seeds, runs):
+            steps += plan(dataclasses.replace(s, run_dir=seed_run, seed=seed, seeds=''))
+        return steps + [Command(('scripts/results_table.py', *runs, '--out', f'{run}/table',
+                                 '--summary', f'{run}/summary.json'))]
     target_label = s.target_label or f'<y[0] of {s.reference_file}>'
     reference_flags = ['--reference_file', s.reference_file] if s.reference_file else []
     common = ['--device', s.device, '--data_root', s.data_root, '--num_workers', s.num_workers, '--seed', s.seed]

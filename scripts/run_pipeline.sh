@@ -35,6 +35,12 @@
 #   --augment auto|pil|tensor (auto)   the augmentation path of stages 0-2 and the defences: pil, the original's
 #                          per-image PIL transforms in worker processes; tensor, whole batches on the device with
 #                          the same distributions (about 1.8x faster on a 2-core CPU); auto, tensor on CUDA only
+#   --seeds LIST           comma-separated seeds (e.g. 0,1,2), instead of --seed: the setting once per seed, each a
+#                          whole run (the layout above) in RUN/seed_<seed>/ whose every stage gets --seed <seed> (the
+#                          clean encoder too, unless --clean_encoder is given) and whose run.json holds it; then one
+#                          table of them: RUN/table.md (a cell: mean ± half-width of its 95% confidence interval over
+#                          the seeds; each baseline against MIMIC on the same seeds), RUN/table.csv,
+#                          RUN/table_seeds.csv (one row per seed), RUN/summary.json (+ RUN/table_defences.csv)
 #   --clean_encoder PATH   use this encoder instead of training stage 0
 #   --backdoored_encoder PATH  use this backdoored encoder instead of stage 1 (e.g. one trained by another
 #                          run, to compare defences or MIMIC settings on the same backdoor)

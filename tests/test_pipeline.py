@@ -8,6 +8,7 @@ without a fresh metrics.json (a stand-in probe script), the reproduction over fi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -101,6 +102,7 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     (['--run_dir', 'x', '--bogus', '1'], 'unknown option --bogus'),
     (['--run_dir', 'x', '--reference_file', 'README.md', '--defences', 'ft,magic'], "unknown defence 'magic'"),
     (['--run_dir', 'x', '--reference_file', 'README.md', '--augment', 'gpu'], "--augment: expected auto, pil or tensor"),
+    (['--run_dir', 'x', '--seed', '1', '--seeds', '1,2'], '--seed and --seeds: give one'),
 ])
 def test_pipeline_bad_arguments(args, message):
     result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,
@@ -242,6 +244,28 @@ def test_plan_of_drupe_ctrl_given_encoders_and_defences():
     assert [probe.encoder for probe in given[-2].members] == ['c.pth', 'b.pth', 'R/mimic/model1000.pth']
 
 
+def test_plan_with_seeds_is_a_run_per_seed_then_their_table():
+    setting = driver.Setting(run_dir='R', reference_file='ref.npz', clean_epochs='3', defences='clp', seeds='2, 07')
+    steps = driver.plan(setting)
+    per_seed = [driver.plan(dataclasses.replace(setting, run_dir=f'R/seed_{seed}', seed=seed, seeds=''))
+                for seed in ('2', '7')]
+    assert steps == [driver.Note('== seeds 2, 7: one run each, in R/seed_<seed>'), *per_seed[0], *per_seed[1],
+                     driver.Command(('scripts/results_table.py', 'R/seed_2', 'R/seed_7', '--out', 'R/table',
+                                     '--summary', 'R/summary.json'))]
+    assert [(s.path, s.data['seed']) for s in steps if isinstance(s, driver.WriteJson)] == [
+        ('R/seed_2/run.json', 2), ('R/seed_7/run.json', 7)]
+    assert 'seeds' not in steps[2].data  # the runs' run.json differ only in their seed
+    trained = [s for s in steps if isinstance(s, (driver.Stage, driver.ProbeGroup))]
+    assert len(trained) == 2 * 5 and all(  # clean, backdoor, mimic, defence_clp, eval: each with its run's seed
+        step.argv[step.argv.index('--seed') + 1] == step.log.split('/')[1].removeprefix('seed_') for step in trained)
+    assert trained[5].argv[trained[5].argv.index('--results_dir') + 1] == 'R/seed_7/clean'
+    given = driver.plan(dataclasses.replace(setting, clean_encoder='c.pth', seeds='0,1'))
+    backdoors = [s for s in given if isinstance(s, driver.Stage) and s.name == 'backdoor']
+    assert [s.argv[s.argv.index('--pretrained_encoder') + 1] for s in backdoors] == ['c.pth', 'c.pth']
+    assert [s.argv[s.argv.index('--seed') + 1] for s in backdoors] == ['0', '1']
+    assert not any(isinstance(s, driver.Stage) and s.name == 'clean' for s in given)
+
+
 def test_plan_checks_the_setting_purely(tmp_path):
     for setting, message in [(driver.Setting(), '--run_dir is required'),
                              (driver.Setting(run_dir='R'), '--reference_file is required'),
@@ -274,6 +298,10 @@ def test_dry_run_in_process_prints_the_plan(capsys, monkeypatch):
     (['--run_dir', 'x', '--reference_file', 'README.md', '--trigger_file', 'nowhere.npz'],
      '--trigger_file nowhere.npz: no such file'),
     (['--run_dir', 'x', '--reference_file', 'README.md'], '--reference_file README.md: not a readable .npz'),
+    (['--run_dir', 'x', '--seeds', '0,1', '--seed', '3'], '--seed and --seeds: give one'),
+    (['--run_dir', 'x', '--reference_file', 'README.md', '--seeds', '0,a'],
+     "--seeds: expected comma-separated non-negative integers, got '0,a'"),
+    (['--run_dir', 'x', '--reference_file', 'README.md', '--seeds', '1,2,01'], '--seeds: seed 1 is given twice'),
 ])
 def test_main_errors_are_one_line_and_status_2(argv, message, capsys):
     assert driver.main(argv) == 2
@@ -315,6 +343,26 @@ def test_finished_run_is_skipped_and_run_json_holds_a_quoted_label(tmp_path, ref
     assert not list(run.glob('*.log')) and not list(run.glob('*/stage_seconds.txt'))  # nothing ran
 
     assert not (run / 'eval_seconds.txt').exists()
+
+
+def test_finished_runs_of_several_seeds_are_skipped_and_pooled(tmp_path, reference_file, trigger_file, capfd):
+    root = tmp_path / 'run'
+    for seed in (0, 1):
+        flags = finished_run(root / f'seed_{seed}', reference_file, trigger_file, 'x')
+        path = root / f'seed_{seed}' / 'eval_mimic' / 'metrics.json'
+        path.write_text(json.dumps({**json.loads(path.read_text()), 'asr': 10.0 + 4 * seed}))
+    flags[flags.index('--run_dir') + 1] = str(root)
+    assert driver.main(flags + ['--seeds', '0,1']) == 0
+    out = capfd.readouterr().out
+    assert out.count('== mimic: done (') == 2 and 'train_' not in out
+    assert [json.loads((root / f'seed_{seed}' / 'run.json').read_text())['seed'] for seed in (0, 1)] == [0, 1]
+    summary = json.loads((root / 'summary.json').read_text())
+    assert (summary['mimic']['asr'], summary['mimic']['n'], summary['mimic']['asr_ci95']) == (
+        12.0, 2, pytest.approx(12.7062 * 2))  # values 10 and 14: s = 2√2, half-width t_{0.975,1}·s/√2
+    assert set(summary['mimic']['per_seed']) == {'0', '1'} and summary['defences']['clp']['n'] == 2
+    assert json.loads((root / 'seed_1' / 'summary.json').read_text())['mimic']['asr'] == 14.0  # each seed's own
+    assert len((root / 'table_seeds.csv').read_text().splitlines()) == 1 + 2
+    assert '| x | 2 | 50.00 ± 0.00 |' in (root / 'table.md').read_text()
 
 
 STAND_IN_PROBES = """import json, os, sys
