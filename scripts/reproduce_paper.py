@@ -1,6 +1,6 @@
 """The paper's experiments as data over the pipeline's plan (scripts/pipeline.py), from one command.
 
-    python -m scripts.reproduce_paper [--experiments LIST] [--scale paper|demo] [--dry_run] [RUNS_DIR]
+    python -m scripts.reproduce_paper [--experiments LIST] [--scale paper|demo] [--seeds LIST] [--dry_run] [RUNS_DIR]
     bash scripts/reproduce_paper.sh ...       # the same, from any folder
 
 The flags, the experiments and the folders they fill are described in the header of
@@ -11,9 +11,11 @@ scripts/reproduce_paper.sh. Here:
 * `experiments(scale, dry_run)` -> {name: `Experiment`}: every pipeline run of every experiment, each a
   `pipeline.Setting` (with the trigger file to make first, or the base run's evaluations to copy), and the
   runs each experiment's table collects;
-* `steps(scale, wanted, dry_run)` yields, in order, what to do: the data, references and clean encoder (each
-  made once), then each wanted experiment's runs and table. It is a generator because some steps depend on
-  what earlier ones made (a file already there is not made again);
+* `steps(scale, wanted, dry_run, seeds)` yields, in order, what to do: the data, references and clean encoder
+  (each made once; with seeds, a clean encoder per seed), then each wanted experiment's runs (with seeds, each
+  run once per seed, in <run>/seed_<seed>/, from that seed's clean encoder and shared backdoor) and its table
+  over them all. It is a generator because some steps depend on what earlier ones made (a file already there is
+  not made again);
 * `main(argv)` runs them, or prints every command with --dry_run.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
-from scripts.pipeline import Command, Note, PipelineError, Setting, execute, python_run, report, run
+from scripts.pipeline import (Command, Note, PipelineError, Setting, execute, python_run, report, run, seed_run_dir,
+                              split_seeds)
 
 PROG = 'reproduce_paper.sh'
 EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers')
@@ -73,15 +76,20 @@ class Scale:
     defence_args: str
     batch_for_ratio: str  # MIMIC's batch at the smallest ratios
     augment: str
+    seed: str = ''  # the seed of every stage of its runs, each in <run>/seed_<seed>/; '' : the stages' default
+
+    def seeded(self, run_dir: str) -> str:
+        """A run folder of this scale: `run_dir` itself, or with a seed its seed_<seed>/ sub-folder."""
+        return seed_run_dir(run_dir, self.seed) if self.seed else run_dir
 
     @property
     def clean_encoder(self) -> str:
-        return f'{self.runs}/clean/model_{self.clean_epochs}.pth'
+        return f"{self.seeded(f'{self.runs}/clean')}/model_{self.clean_epochs}.pth"
 
     @property
     def base(self) -> str:
         """The first task's BadEncoder run: main's first row, whose backdoor ratio, ablation and mi_model use."""
-        return f'{self.runs}/main/{self.pretraining}_{self.tasks[0][0]}_badencoder'
+        return self.seeded(f'{self.runs}/main/{self.pretraining}_{self.tasks[0][0]}_badencoder')
 
     @property
     def base_backdoor(self) -> str:
@@ -148,8 +156,9 @@ def experiments(c: Scale, dry_run: bool) -> dict:
     runs, pre = c.runs, c.pretraining
     first_task, first_reference, _ = c.tasks[0]
 
-    def setting(run_dir: str, label: str, **flags) -> Setting:  # a pipeline run at this scale
-        return Setting(**{'run_dir': run_dir, 'label': label, 'dry_run': '1' if dry_run else '0',
+    def setting(run_dir: str, label: str, **flags) -> Setting:  # a pipeline run at this scale (and seed)
+        return Setting(**{'run_dir': c.seeded(run_dir), 'label': label, 'dry_run': '1' if dry_run else '0',
+                          'seed': c.seed or Setting.seed,
                           'device': c.device, 'data_root': c.data_root, 'pretraining_dataset': pre,
                           'width': c.width, 'clean_epochs': c.clean_epochs, 'mimic_epochs': c.mimic_epochs,
                           'mi_epochs': c.mi_epochs, 'nn_epochs': c.nn_epochs, 'ratio': c.ratio,
@@ -174,7 +183,7 @@ def experiments(c: Scale, dry_run: bool) -> dict:
         return Experiment(variants, tuple(v.setting.run_dir for v in variants), f'{runs}/{experiment}/table')
 
     main_runs = []
-    for downstream, reference, _ in c.tasks:
+    for downstream, reference, _ in c.tasks:  # the first: c.base
         main_runs.append(badencoder(f'{runs}/main/{pre}_{downstream}_badencoder', '', downstream, reference,
                                     badencoder_args=c.badencoder_args, mimic_args=c.mimic_args, defences='all'))
         main_runs.append(setting(f'{runs}/main/{pre}_{downstream}_drupe', '', attack='drupe',
@@ -232,36 +241,44 @@ def has_matplotlib() -> bool:
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
-def steps(c: Scale, wanted: str, dry_run: bool) -> Iterator:
-    """What reproducing the `wanted` experiments does, in order (a generator: files are looked at as it goes)."""
+def steps(c: Scale, wanted: str, dry_run: bool, seeds: tuple = ()) -> Iterator:
+    """What reproducing the `wanted` experiments does, in order (a generator: files are looked at as it goes).
+    With `seeds`, every run once per seed (its scale's `seed`), and each experiment's table over all of them."""
+    scales = [dataclasses.replace(c, seed=seed) for seed in seeds] or [c]
+    planned = set()  # the files made once: listed once by a dry run too
+
     def wants(name: str) -> bool:
         return f',{name},' in f',{wanted},'
 
     def made(path: str, *argv: str) -> Iterator:  # a file made once
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and path not in planned:
+            planned.add(path)
             yield Command(tuple(argv), creates=path)
 
-    def table(experiment: Experiment) -> Iterator:  # the experiment's table, and its figures with matplotlib
-        yield Command(('scripts/results_table.py', *experiment.table_runs, '--out', experiment.table))
+    def table(runs: tuple, path: str) -> Iterator:  # the experiment's table, and its figures with matplotlib
+        yield Command(('scripts/results_table.py', *runs, '--out', path))
         if dry_run or has_matplotlib():
-            yield Command(('scripts/plot_results.py', *experiment.table_runs,
-                           '--out', f'{dirname(experiment.table)}/figures'))
+            yield Command(('scripts/plot_results.py', *runs, '--out', f'{dirname(path)}/figures'))
         else:
-            yield Note(f'note: no figures for {dirname(experiment.table)} (pip install -r requirements-plot.txt, '
+            yield Note(f'note: no figures for {dirname(path)} (pip install -r requirements-plot.txt, '
                        'then run scripts/plot_results.py)')
 
-    def variants(experiment: Experiment) -> Iterator:
+    def variants(experiment: Experiment, scale: Scale) -> Iterator:
         for variant in experiment.variants:
             if variant.trigger:
                 name, flags = variant.trigger
                 yield from made(f'{c.runs}/trigger_files/{name}.npz', 'trigger/make_trigger.py', *flags.split(),
                                 '--out', f'{c.runs}/trigger_files/{name}.npz')
             if variant.reuse_evals and not dry_run:
-                yield CopyEvals(c.base, variant.setting.run_dir)
+                yield CopyEvals(scale.base, variant.setting.run_dir)
             yield PipelineRun(variant.setting)
-        yield from table(experiment)
 
-    # data, references, the clean encoder (once)
+    def experiment(name: str) -> Iterator:  # its runs, seed by seed, then its table over them all
+        for scale, plan in plans:
+            yield from variants(plan[name], scale)
+        yield from table(tuple(run for _, plan in plans for run in plan[name].table_runs), plans[0][1][name].table)
+
+    # data, references, the clean encoder (once; with seeds, once per seed)
     if c.name == 'demo' and not os.path.isfile(f'{c.data_root}/synthetic_digits/test.npz'):
         yield Command(('-m', 'datasets.prepare', 'synthetic_shapes', '--out', c.data_root,
                        '--sizes', 'train=4000,test=1000', '--seed', '1'))
@@ -272,22 +289,26 @@ def steps(c: Scale, wanted: str, dry_run: bool) -> Iterator:
             path = f"{c.reference_dir}/{name}{'' if count == 1 else f'_{count}'}.npz"
             yield from made(path, 'reference/make_reference.py', '--dataset', downstream, '--data_root', c.data_root,
                             '--class_id', label, '--first', str(count), '--out', path)
-    if not os.path.isfile(c.clean_encoder):
-        resume = ('--resume',) if glob.glob(f'{glob.escape(c.runs)}/clean/model_*.pth') else ()
-        yield Command(('-u', 'train_clean_encoder.py', '--pretraining_dataset', c.pretraining, '--width', c.width,
-                       '--epochs', c.clean_epochs, '--save_freq', '50', '--results_dir', f'{c.runs}/clean',
-                       '--device', c.device, '--data_root', c.data_root, '--augment', c.augment,
-                       *c.clean_args.split(), *resume))
+    for scale in scales:
+        if not os.path.isfile(scale.clean_encoder):
+            folder = dirname(scale.clean_encoder)
+            resume = ('--resume',) if glob.glob(f'{glob.escape(folder)}/model_*.pth') else ()
+            seed = ('--seed', scale.seed) if scale.seed else ()
+            yield Command(('-u', 'train_clean_encoder.py', '--pretraining_dataset', c.pretraining, '--width', c.width,
+                           '--epochs', c.clean_epochs, '--save_freq', '50', '--results_dir', folder,
+                           '--device', c.device, '--data_root', c.data_root, '--augment', c.augment, *seed,
+                           *c.clean_args.split(), *resume))
 
-    plan = experiments(c, dry_run)
+    plans = [(scale, experiments(scale, dry_run)) for scale in scales]
     if wants('main'):
-        yield from variants(plan['main'])
-    if (wants('ratio') or wants('ablation') or wants('mi_model')) and \
-            not (os.path.isfile(c.base_backdoor) and not dry_run):
-        yield PipelineRun(base_run(c, dry_run))  # the shared backdoored encoder (its stages skipped when done)
+        yield from experiment('main')
+    if wants('ratio') or wants('ablation') or wants('mi_model'):
+        for scale in scales:
+            if not (os.path.isfile(scale.base_backdoor) and not dry_run):
+                yield PipelineRun(base_run(scale, dry_run))  # the shared backdoored encoder (done stages skipped)
     for name in ('ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers'):
         if wants(name):
-            yield from variants(plan[name])
+            yield from experiment(name)
     if not dry_run:
         tables = sorted(glob.glob(f'{glob.escape(c.runs)}/*/table.md'))
         yield Note('tables: ' + ''.join(f'{path} ' for path in tables), when='run')
@@ -320,17 +341,19 @@ def copy_evals(step: CopyEvals) -> None:
 
 
 def parse_args(argv: Iterable[str]) -> tuple:
-    """(experiments, scale, dry_run, runs_dir) from the command line; PipelineError when it is wrong."""
+    """(experiments, scale, dry_run, runs_dir, seeds) from the command line; PipelineError when it is wrong."""
     argv = list(argv)
-    wanted, scale, dry_run, runs = ','.join(EXPERIMENTS), 'paper', False, ''
+    wanted, scale, dry_run, runs, seeds = ','.join(EXPERIMENTS), 'paper', False, '', ()
     while argv:
         arg = argv.pop(0)
-        if arg in ('--experiments', '--scale'):
+        if arg in ('--experiments', '--scale', '--seeds'):
             if not argv:
                 raise PipelineError(f'{arg} needs a value')
             value = argv.pop(0)
             if arg == '--experiments':
                 wanted = value
+            elif arg == '--seeds':
+                seeds = tuple(split_seeds(value))
             else:
                 scale = value
         elif arg == '--dry_run':
@@ -347,17 +370,17 @@ def parse_args(argv: Iterable[str]) -> tuple:
         if name not in EXPERIMENTS:
             raise PipelineError(f"--experiments: unknown experiment '{name}' (expected main, ratio, trigger_size, "
                                 'ablation, mi_model, triggers)')
-    return wanted, scale, dry_run, runs
+    return wanted, scale, dry_run, runs, seeds
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     try:
-        wanted, scale, dry_run, runs = parse_args(sys.argv[1:] if argv is None else argv)
+        wanted, scale, dry_run, runs, seeds = parse_args(sys.argv[1:] if argv is None else argv)
         config = scale_config(scale, runs)
     except PipelineError as error:
         return report(error, PROG)
     try:
-        for step in steps(config, wanted, dry_run):
+        for step in steps(config, wanted, dry_run, seeds):
             if isinstance(step, PipelineRun):
                 execute(step.setting)
             elif isinstance(step, CopyEvals):

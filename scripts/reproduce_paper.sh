@@ -2,7 +2,7 @@
 # The paper's experiments, each as one table (Markdown and CSV), from one command.
 #
 #   python -m datasets.prepare cifar10 stl10 gtsrb svhn --download        # once, for --scale paper
-#   bash scripts/reproduce_paper.sh [--experiments LIST] [--scale paper|demo] [--dry_run] [RUNS_DIR]
+#   bash scripts/reproduce_paper.sh [--experiments LIST] [--scale paper|demo] [--seeds LIST] [--dry_run] [RUNS_DIR]
 #
 #   --experiments  comma-separated, default all = main,ratio,trigger_size,ablation,mi_model,triggers
 #     main          CIFAR10 pre-training; GTSRB "priority road" (12), SVHN "one" (1), STL10 "truck" (9); attacks
@@ -18,6 +18,11 @@
 #                   CTRL's SimCLR recipe (SGD lr 0.06, cosine, 800 epochs), MIMIC 1000 with ratio 0.04 and
 #                   lr 1e-2, MI 200, probe 1000; on a GPU machine (days for the whole list)
 #   --scale demo    the same list on the offline synthetic sets at the demo's scale (scripts/demo.sh), on a CPU
+#   --seeds LIST    comma-separated seeds (e.g. 0,1,2): every run once per seed, in <run folder>/seed_<seed>/,
+#                   every stage with --seed <seed>: a clean encoder per seed (RUNS_DIR/clean/seed_<seed>/) and
+#                   each seed's own shared backdoor; each table pools the seeds of a run (mean ± 95% interval,
+#                   the baselines against MIMIC on the same seeds; scripts/results_table.py). Without it: one run
+#                   each, the stages' default seed, the folders below
 #   --dry_run       print every command in order and run nothing (needs no data, creates nothing)
 #
 # RUNS_DIR (default runs/paper, or runs/paper_demo with --scale demo) holds clean/ (the clean encoder, trained

@@ -158,10 +158,33 @@ def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
     assert not (tmp_path / 'demo').exists()
 
 
+def test_reproduce_paper_dry_run_with_seeds_runs_everything_once_per_seed(tmp_path):
+    runs = tmp_path / 'demo'
+    result = dry_run('--scale', 'demo', '--experiments', 'mi_model', '--seeds', '0,1', str(runs))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    clean = [l for l in lines if 'train_clean_encoder.py' in l]
+    assert [(f'--results_dir {runs}/clean/seed_{s} ' in l, f' --seed {s} ' in l) for s, l in zip((0, 1), clean)] == [
+        (True, True)] * 2 and len(clean) == 2
+    base = f'{runs}/main/synthetic_shapes_synthetic_digits_badencoder'
+    for seed in (0, 1):
+        assert f'== run {base}/seed_{seed}' in lines and f'== run {runs}/mi_model/student/seed_{seed} (MI on the ' \
+                                                          'initial student)' in lines
+        assert f'== backdoor: given, {base}/seed_{seed}/backdoor/model_5.pth' in lines
+        assert sum(f'--results_dir {base}/seed_{seed}/' in l and f' --seed {seed} ' in l for l in lines) == 2
+    assert lines.count(f'python reference/make_reference.py --dataset synthetic_digits --data_root {runs}/data '
+                       f'--class_id 1 --first 1 --out {runs}/reference/one.npz') == 1  # shared by the seeds
+    table = next(l for l in lines if l.endswith(f'--out {runs}/mi_model/table'))
+    assert table.split()[2:-2] == [f'{base}/seed_0', f'{runs}/mi_model/student/seed_0', f'{base}/seed_1',
+                                   f'{runs}/mi_model/student/seed_1']
+    assert not runs.exists()
+
+
 @pytest.mark.parametrize('args, message', [
     (['--experiments', 'main,bogus'], "unknown experiment 'bogus'"),
     (['--scale', 'huge'], "--scale: expected paper or demo"),
     (['--frobnicate'], 'unknown option --frobnicate'),
+    (['--seeds', '1,x'], "--seeds: expected comma-separated non-negative integers, got '1,x'"),
 ])
 def test_reproduce_paper_bad_arguments(args, message):
     result = dry_run(*args)
@@ -500,6 +523,13 @@ def test_reproduce_experiments_are_data_over_the_pipeline_settings():
             assert driver.plan(variant.setting)[-1].argv[0] == 'scripts/results_table.py'
     with pytest.raises(driver.PipelineError, match="--scale: expected paper or demo, got 'x'"):
         reproduce_paper.scale_config('x')
+    seeded = reproduce_paper.experiments(dataclasses.replace(scale, seed='3'), dry_run=True)
+    ratio = [v.setting for v in seeded['ratio'].variants]
+    assert [s.run_dir for s in ratio[:2]] == ['P/ratio/ratio_0.01/seed_3', 'P/ratio/ratio_0.02/seed_3']
+    assert all(s.seed == '3' and s.clean_encoder == 'P/clean/seed_3/model_1000.pth' and
+               s.backdoored_encoder == 'P/main/cifar10_gtsrb_badencoder/seed_3/backdoor/model_200.pth' for s in ratio)
+    assert seeded['ablation'].table_runs[0] == 'P/main/cifar10_gtsrb_badencoder/seed_3'
+    assert all(v.setting.seed == '100' for v in experiments['ratio'].variants)  # no seed: the stages' default
 
 
 def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, monkeypatch):
