@@ -1,13 +1,18 @@
-"""Models of the MIMIC pipeline: the SimCLR encoder, losses, MI estimator, kNN monitor and probe.
+"""Models of the MIMIC pipeline: the SimCLR encoder, the real-world encoders (CLIP RN50, ImageNet and torchvision
+ResNets), losses, MI estimator, kNN monitor and probe.
 
 This package imports nothing from the scripts or from `datasets/`.
 """
-from . import checkpoint, knn, losses, mutual_info, probe_group
+from . import checkpoint, knn, losses, mutual_info, probe_group, visual, visual_checkpoint
 from .checkpoint import CheckpointError, load_checkpoint, load_encoder, save_atomic
 from .knn import MLPProbe, knn_predict
 from .probe_group import ProbeGroup
 from .simclr import ARCHITECTURES, PAPER_WIDTH, TAPPED_LAYERS, SimCLR, SimCLRBase, feature_dim_of
+from .visual import FAMILIES, VisualEncoder, build_encoder, resolve_family
+from .visual_checkpoint import Layout, checkpoint_in_layout, load_any_encoder, load_visual_encoder, save_in_layout
 
 __all__ = ['SimCLR', 'SimCLRBase', 'ARCHITECTURES', 'PAPER_WIDTH', 'TAPPED_LAYERS', 'feature_dim_of',
            'MLPProbe', 'ProbeGroup', 'knn_predict', 'CheckpointError', 'load_checkpoint', 'load_encoder', 'save_atomic',
-           'checkpoint', 'knn', 'losses', 'mutual_info', 'probe_group']
+           'FAMILIES', 'VisualEncoder', 'build_encoder', 'resolve_family', 'Layout', 'checkpoint_in_layout',
+           'load_any_encoder', 'load_visual_encoder', 'save_in_layout',
+           'checkpoint', 'knn', 'losses', 'mutual_info', 'probe_group', 'visual', 'visual_checkpoint']

@@ -56,10 +56,11 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely; returns a dict with at least 'state_dict'.
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict a checkpoint file holds, loaded safely (weights_only=True) and as it is: a checkpoint dict or a
+    bare state_dict.
 
-    Raises CheckpointError naming the file when it is missing, unreadable, or would need code
+    Raises CheckpointError naming the file when it is missing, unreadable, not a dict, or would need code
     execution to unpickle (refused, never run).
     """
     path = Path(path)
@@ -73,11 +74,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             reason = 'it contains objects that would run code when unpickled'
         raise CheckpointError(f'{path}: refused to load: {reason} (only plain tensors and '
                               'containers are accepted, weights_only=True)') from None
-    except Exception as error:  # truncated zip, not a torch file at all, ...
+    except Exception as error:  # truncated zip, not a torch file at all, a TorchScript archive, ...
+        if 'TorchScript' in str(error):
+            raise CheckpointError(f'{path}: refused to load: a TorchScript archive (as OpenAI publishes CLIP) runs '
+                                  'code when loaded; save its state_dict where you trust it, e.g. torch.save('
+                                  "clip.load(name, jit=False)[0].state_dict(), 'encoder.pt'), and pass that file") from None
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint '
                               f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""})') from None
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path}: expected a dict or state_dict, found {type(obj).__name__}')
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely; returns a dict with at least 'state_dict' (a bare state_dict is wrapped).
+
+    Raises CheckpointError naming the file when it is missing, unreadable, or would need code
+    execution to unpickle (refused, never run).
+    """
+    obj = read_checkpoint(path)
     if 'state_dict' not in obj:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             obj = {'state_dict': obj}  # a bare state_dict
@@ -175,6 +190,6 @@ def encoder_checkpoint(model: SimCLR, optimizer: torch.optim.Optimizer | None, e
             **getattr(model, 'config', {}), **extra}
 
 
-__all__ = ['CheckpointError', 'save_atomic', 'load_checkpoint', 'load_encoder',
+__all__ = ['CheckpointError', 'save_atomic', 'read_checkpoint', 'load_checkpoint', 'load_encoder',
            'load_state_into', 'encoder_config', 'encoder_checkpoint', 'infer_config', 'describe_mismatch',
            'PAPER_WIDTH']
