@@ -2,12 +2,13 @@
 
 Four layouts hold a `.visual` tower (models/visual.py), each read with `weights_only=True`:
 
-| layout | the file | where it comes from |
-|---|---|---|
-| `released` | `{'state_dict': <visual weights>, ...}` | the released code's and BadEncoder's clean CLIP / ImageNet encoders (`model.visual.load_state_dict(checkpoint['state_dict'])`) |
-| `released_model` | `{'state_dict': <visual.* weights>, ...}` | BadEncoder's own output, `model.state_dict()` of `CLIP(...)` / `ImageNetResNet()` |
-| `bare` | `<visual weights>` | a torchvision state_dict (`torch.save(resnet50().state_dict(), ...)`) |
-| `openai` | `<visual.* weights and the text tower>` | OpenAI's CLIP state_dict (`clip.load(name, jit=False)[0].state_dict()`) |
+- `released`: `{'state_dict': <visual weights>, ...}`, the released code's and BadEncoder's clean CLIP and ImageNet
+  encoders (`model.visual.load_state_dict(checkpoint['state_dict'])`);
+- `released_model`: `{'state_dict': <visual.* weights>, ...}`, BadEncoder's own output (`model.state_dict()` of
+  `CLIP(...)` / `ImageNetResNet()`);
+- `bare`: `<visual weights>`, a torchvision state_dict (`torch.save(resnet50().state_dict(), ...)`);
+- `openai`: `<visual.* weights and the text tower>`, OpenAI's CLIP state_dict
+  (`clip.load(name, jit=False)[0].state_dict()`).
 
 The layout is read off the file (wrapped in 'state_dict' or not, `visual.` prefix or not), the family off the keys
 (CLIP's attention pool or three-conv stem; a ResNet-50 is `imagenet_resnet50` in the released layouts and
@@ -40,6 +41,7 @@ class Layout:
     family: str
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors beside `visual.*`, as read
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # each visual tensor's dtype in the file
+    order: tuple[str, ...] = ()  # the file's keys, in its order
 
 
 def split_layout(obj: dict, path: str | os.PathLike) -> tuple[str, dict, dict, dict]:
@@ -101,7 +103,9 @@ def visual_encoder_from(obj: dict, path: str | os.PathLike, family: str | None =
     head = metadata.get(PROJECTION_HEAD)
     if isinstance(head, dict) and head:
         _load_strictly(model.g, head, path, f'the projection head of {family} ({PROJECTION_HEAD})')
-    record = Layout(layout, family, passthrough, {key: value.dtype for key, value in visual.items()})
+    state_dict = _strip_prefix(obj.get('state_dict', obj))
+    record = Layout(layout, family, passthrough, {key: value.dtype for key, value in visual.items()},
+                    tuple(state_dict))
     return model, {**metadata, 'state_dict': visual, 'layout': record}
 
 
@@ -148,6 +152,8 @@ def checkpoint_in_layout(model: VisualEncoder, layout: Layout, *, epoch: int = 0
         weights = {**{VISUAL_PREFIX + key: value for key, value in visual.items()}, **layout.passthrough}
     else:
         weights = visual
+    if layout.order and set(layout.order) == set(weights):
+        weights = {key: weights[key] for key in layout.order}
     if layout.format in ('bare', 'openai'):
         return weights
     return {'epoch': epoch, 'state_dict': weights,
