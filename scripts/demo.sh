@@ -9,6 +9,11 @@
 #   ATTACK=drupe bash scripts/demo.sh OUT # DRUPE instead of BadEncoder (3 references of the digit "one")
 #   ATTACK=ctrl bash scripts/demo.sh OUT  # CTRL: 1% of the shapes' class 0 ("disc") poisoned with CTRL's
 #                                         # frequency trigger, SimCLR on them; evaluated on the shapes, target 0
+#   SEEDS=0,1,2 bash scripts/demo.sh OUT  # the demo once per seed, each a whole run in OUT/seed_<seed>/ (every
+#                                         # stage with that seed; the data and reference in OUT/ shared);
+#                                         # OUT/summary.json: each number the mean over the seeds, with n,
+#                                         # <metric>_std, <metric>_ci95 (95% half-width) and per_seed beside it;
+#                                         # OUT/table.md: mean ± half-width (scripts/run_pipeline.sh --seeds)
 #
 # The scale (image counts, encoder width, epochs, ratio, learning rates) is chosen to fit a 2-core CPU;
 # the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
@@ -40,6 +45,7 @@ NN_EPOCHS=${NN_EPOCHS:-400}  # 100 leaves MIMIC's ASR unconverged (docs/DEMO_EXP
 RATIO=${RATIO:-0.25}
 DEFENCES=${DEFENCES:-}
 ATTACK=${ATTACK:-badencoder}
+SEEDS=${SEEDS:-}  # empty: one run with the stages' default seed, in OUT itself
 ANP_ITERATIONS=${ANP_ITERATIONS:-2000}
 MIMIC_LR=${MIMIC_LR:-0.01}
 BAD_LR=${BAD_LR:-0.01}
@@ -74,6 +80,8 @@ case "$ATTACK" in
                   --trigger_file "$OUT/trigger_ctrl.npz") ;;
   *) echo "demo.sh: ATTACK must be badencoder, drupe or ctrl, got '$ATTACK'" >&2; exit 2 ;;
 esac
+seed_flags=()
+[ -z "$SEEDS" ] || seed_flags=(--seeds "$SEEDS")
 
 bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DEVICE:-cpu}" \
   --pretraining_dataset synthetic_shapes --downstream_dataset synthetic_digits "${attack_flags[@]}" \
@@ -82,7 +90,8 @@ bash scripts/run_pipeline.sh --run_dir "$OUT" --data_root "$data" --device "${DE
   --ratio "$RATIO" --mimic_lr "$MIMIC_LR" --save_freq 5 --augment "$AUGMENT" \
   --clean_args "--batch_size 256" \
   --mimic_args "--batch_size 128" --eval_args "--lr $PROBE_LR --no_progress" \
-  --defences "$DEFENCES" --defence_args "--batch_size 128 --anp_iterations $ANP_ITERATIONS"
+  --defences "$DEFENCES" --defence_args "--batch_size 128 --anp_iterations $ANP_ITERATIONS" \
+  ${seed_flags[@]+"${seed_flags[@]}"}
 
 echo "demo finished in $(( $(date +%s) - start )) s; summary: $OUT/summary.json"
 cat "$OUT/summary.json"
