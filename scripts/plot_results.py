@@ -16,6 +16,11 @@ Per run directory (file names start with the run folder's name, RUN below):
   RUN_defences.png  ACC, ASR and ASR* of each encoder (clean, backdoored, MIMIC and the baseline defences present),
                     from RUN/eval_<name>/metrics.json
 Across the run directories:
+  SETTING_defences_mean.png
+                    for runs that differ only in their seed (run_pipeline.sh --seeds: RUN/seed_<seed>/): the mean
+                    ACC, ASR and ASR* of each encoder over the seeds with its 95% confidence interval (Student's t,
+                    as scripts/results_table.py), each seed's value a dot; SETTING is the runs' common parent
+                    folder (RUN), else the first run's name with _seeds
   trigger_<name>.png   each trigger file the runs used: a clean image (the first test image of the run's downstream
                        set when its data is found, else a synthetic one), the triggered image, and the difference
                        amplified to the full grey range
@@ -23,7 +28,8 @@ Across the run directories:
                        ACC and ASR of each encoder against the clean-data fraction (run.json 'ratio') or the trigger
                        size (the side, in pixels, of a square of the area the trigger changes), one figure per
                        setting (pre-training set, downstream set, attack); --x picks the axis, by default the one in
-                       which the runs differ (runs at the same value are averaged, each shown as a dot)
+                       which the runs differ (runs at the same value, e.g. seeds, are averaged, each shown as a dot,
+                       the mean with its 95% confidence interval)
 
 Matplotlib is an optional extra (`pip install -r requirements-plot.txt`); without it the script says so in one
 line and exits with status 2, as it does for a run directory it cannot read.
@@ -50,7 +56,7 @@ from common.cli import data_dir_for  # noqa: E402
 from datasets import DATASETS, DataError, apply_trigger, get_info, load_split, load_trigger  # noqa: E402
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES  # noqa: E402
-from results_table import ENCODERS, TableError, read_json  # noqa: E402
+from results_table import ENCODERS, TableError, estimate, read_json, seed_groups  # noqa: E402
 from training_downstream_classifier import EXCLUDING_TARGET_NAME, metric_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +105,12 @@ class Run:
     @property
     def title(self) -> str:
         """The run's name (run_pipeline.sh --label, else its file-name tag) and setting, for figure titles."""
+        return self.named(self.setting.get('label') or self.tag)
+
+    def named(self, name: str) -> str:
+        """`name` and the run's setting, for figure titles."""
         s = self.setting
-        return (f"{s.get('label') or self.tag} ({s.get('pretraining_dataset', '?')} → "
+        return (f"{name} ({s.get('pretraining_dataset', '?')} → "
                 f"{s.get('downstream_dataset', '?')}, {s.get('attack', 'badencoder')})")
 
 
@@ -361,14 +371,23 @@ def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
          '(ASR* dashed: target-class images excluded)', written)
 
 
-def grouped_bars(axis, groups: list[str], values: dict[str, list[float | None]]) -> None:
-    """Bars of several metrics side by side for each group; a missing value leaves a gap."""
+def grouped_bars(axis, groups: list[str], values: dict[str, list[float | None]],
+                 intervals: dict[str, list[float | None]] | None = None,
+                 points: dict[str, list[list[float]]] | None = None) -> None:
+    """Bars of several metrics side by side for each group; a missing value leaves a gap. With `intervals`, each
+    bar (a mean) gets an error bar of that half-width; with `points`, the values it is the mean of, as dots."""
     width = 0.8 / len(values)
     positions = np.arange(len(groups))
     for index, (metric, heights) in enumerate(values.items()):
         shown = [np.nan if h is None else h for h in heights]
-        bars = axis.bar(positions + (index - (len(values) - 1) / 2) * width, shown, width, label=metric)
+        centres = positions + (index - (len(values) - 1) / 2) * width
+        errors = None
+        if intervals is not None:
+            errors = [0.0 if e is None else e for e in intervals[metric]]
+        bars = axis.bar(centres, shown, width, label=metric, yerr=errors, capsize=3 if errors else 0)
         axis.bar_label(bars, labels=['' if h is None else f'{h:.1f}' for h in heights], fontsize=7)
+        for centre, dots in zip(centres, (points or {}).get(metric, [])):
+            axis.scatter([centre] * len(dots), dots, color='black', s=6, zorder=3)
     axis.set_xticks(positions, groups)
 
 
@@ -383,6 +402,43 @@ def plot_defences(plt, run: Run, out: Path, written: list[Path]) -> None:
     probe = f", {'/'.join(str(e) for e in sorted(epochs))}-epoch probe" if epochs else ''
     save(plt, figure, out / f'{run.tag}_defences.png',
          f'{run.title}: ACC, ASR and ASR* per encoder and defence{probe}', written)
+
+
+def same_setting_but_seed(runs: list[Run]) -> list[list[Run]]:
+    """The groups of several runs that differ only in their seed (results_table.seed_groups)."""
+    rows = [{'setting': run.setting, 'seed': run.setting.get('seed'), 'of': run} for run in runs]
+    return [[row['of'] for row in group] for group in seed_groups(rows) if len(group) > 1]
+
+
+def group_tags(groups: list[list[Run]]) -> list[str]:
+    """Each seed group's name for file names: its runs' common parent folder, else the first run's tag + _seeds;
+    numbered when two share one."""
+    tags = []
+    for members in groups:
+        parents = {run.path.resolve().parent for run in members}
+        tags.append(parents.pop().name if len(parents) == 1 else f'{members[0].tag}_seeds')
+    return [f'{tag}_{index}' if tags.count(tag) > 1 else tag for index, tag in enumerate(tags, start=1)]
+
+
+def plot_seed_means(plt, members: list[Run], tag: str, out: Path, written: list[Path]) -> None:
+    """ACC, ASR and ASR* per encoder over the seeds of one setting: the mean, its 95% interval, each seed a dot."""
+    names = [name for name in ENCODER_ORDER if any(name in run.metrics for run in members)]
+    names += sorted({name for run in members for name in run.metrics} - set(names))
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4), constrained_layout=True)
+    values = {title: [[run.metrics[name][key] for run in members if run.metrics.get(name, {}).get(key) is not None]
+                      for name in names] for key, title in METRICS}
+    estimates = {title: [estimate(cells) for cells in per_name] for title, per_name in values.items()}
+    grouped_bars(axis, [label(name) for name in names],
+                 {title: [None if e is None else e.mean for e in per_name] for title, per_name in estimates.items()},
+                 {title: [None if e is None else e.ci95 for e in per_name] for title, per_name in estimates.items()},
+                 values)
+    axis.set(ylabel='%', ylim=(0, 118))
+    axis.legend(fontsize=8, ncol=3, loc='upper center')
+    seeds = ', '.join(str(run.setting.get('seed')) for run in members)
+    title = members[0].named(members[0].setting.get('label') or tag)
+    save(plt, figure, out / f'{tag}_defences_mean.png',
+         f'{title}: ACC, ASR and ASR* per encoder and defence, mean and 95% interval over {len(members)} seeds '
+         f'({seeds}; dots: each seed)', written)
 
 
 def sample_image(runs: list[Run], image_size: int) -> tuple[np.ndarray, str]:
@@ -488,7 +544,12 @@ def plot_sweep(plt, key: tuple[str, str, str], axis_name: str, members: list[Run
             xs = sorted({x for x, _ in points})
             means = [float(np.mean([v for x, v in points if x == value])) for value in xs]
             colour = colours[index % len(colours)]
-            axis.plot(xs, means, '-', color=colour, label=label(name))
+            halves = [estimate([v for x, v in points if x == value]).ci95 for value in xs]
+            if any(half is not None for half in halves):  # several runs (seeds) at a value: their 95% interval
+                axis.errorbar(xs, means, yerr=[half or 0.0 for half in halves], fmt='-', capsize=3, color=colour,
+                              label=label(name))
+            else:
+                axis.plot(xs, means, '-', color=colour, label=label(name))
             axis.scatter(*zip(*points), color=colour, s=12)
     for axis, title in zip(axes, ('ACC: clean test accuracy', 'ASR: triggered test images → target')):
         axis.set(title=title, xlabel=AXES[axis_name], ylabel='%', ylim=(-2, 102))
@@ -516,6 +577,9 @@ def make_figures(plt, runs: list[Run], out: Path, x: str) -> list[Path]:
             plot_defences(plt, run, out, written)
         else:
             print(f'note: {run.path}: no eval_*/metrics.json yet, no ACC/ASR figures')
+    groups = same_setting_but_seed([run for run in runs if run.metrics])
+    for members, tag in zip(groups, group_tags(groups)):
+        plot_seed_means(plt, members, tag, out, written)
     triggers: dict[Path, tuple] = {}
     for run in runs:
         try:

@@ -62,14 +62,16 @@ def interleaved(*logs: str) -> str:
 
 def make_run(root: Path, name: str, trigger: Path, ratio: float = 0.04, uniform: bool = False,
              encoders: tuple[str, ...] = ('clean', 'backdoored', 'mimic', 'ft'), data_root: Path | None = None,
-             downstream: str = 'synthetic_digits', group_log: bool = True) -> Path:
+             downstream: str = 'synthetic_digits', group_log: bool = True, seed: int | None = None) -> Path:
     """A run directory; its probes' lines in eval.log (one stage-3 run for all), or with `group_log` False in
-    eval_<name>.log (the pipeline's per-encoder evaluations before)."""
+    eval_<name>.log (the pipeline's per-encoder evaluations before). With `seed`, run.json holds it and every
+    ACC is higher by it."""
     run = root / name
     (run / 'mimic').mkdir(parents=True)
     (run / 'run.json').write_text(json.dumps({
         'pretraining_dataset': 'synthetic_shapes', 'downstream_dataset': downstream, 'target_label': 1,
-        'attack': 'badencoder', 'trigger_file': str(trigger), 'ratio': ratio, 'nn_epochs': 3}))
+        'attack': 'badencoder', 'trigger_file': str(trigger), 'ratio': ratio, 'nn_epochs': 3,
+        **({} if seed is None else {'seed': seed})}))
     history = {layer: [0.1 * i, 0.2 * i, 0.15 * i] for i, layer in enumerate(LAYERS, start=1)}
     mi = None if uniform else {layer: values[-1] for layer, values in history.items()}
     weights = [0.25] * 4 if uniform else [v / sum(mi.values()) for v in mi.values()]
@@ -88,8 +90,9 @@ def make_run(root: Path, name: str, trigger: Path, ratio: float = 0.04, uniform:
             logs.append(probe_log(encoder_path, curve, name=f'eval_{encoder}'))
         else:
             (run / f'eval_{encoder}.log').write_text(probe_log(encoder_path, curve))
-        (folder / 'metrics.json').write_text(json.dumps({'acc': 55.0 + ratio, 'asr': asr, 'asr_excluding_target':
-                                                         asr - 1, 'epoch': 3, 'encoder': encoder_path}))
+        (folder / 'metrics.json').write_text(json.dumps({'acc': 55.0 + ratio + (seed or 0), 'asr': asr,
+                                                         'asr_excluding_target': asr - 1, 'epoch': 3,
+                                                         'encoder': encoder_path}))
         if data_root is not None:
             (folder / 'args.json').write_text(json.dumps({'dataset': downstream, 'data_dir': '',
                                                           'data_root': str(data_root)}))
@@ -218,6 +221,18 @@ def test_bad_run_directories_are_one_line(tmp_path, trigger10, capsys, spoil):
     assert not (tmp_path / 'figures').exists()
 
 
+def test_runs_that_differ_only_in_seed_are_grouped_for_the_mean_figure(tmp_path, trigger10):
+    seeds = [make_run(tmp_path / 'run', f'seed_{seed}', trigger10, seed=seed) for seed in (0, 1, 2)]
+    other = make_run(tmp_path / 'elsewhere', 'seed_0', trigger10, ratio=0.5, seed=0)  # another setting
+    lone = make_run(tmp_path / 'old', 'run', trigger10)  # no seed in its run.json
+    paths = seeds + [other, lone]
+    runs = [plot_results.read_run(path, tag) for path, tag in zip(paths, plot_results.unique_tags(paths))]
+    groups = plot_results.same_setting_but_seed(runs)
+    assert [[run.path for run in group] for group in groups] == [seeds]
+    assert plot_results.group_tags(groups) == ['run']
+    assert plot_results.group_tags([runs[:2], [runs[2], runs[3]]]) == ['run', 'seed_2_seeds']
+
+
 # ------------------------------------------------------------------------------------------ figures
 
 def test_figures_of_one_run(tmp_path, trigger10, capsys):
@@ -290,6 +305,22 @@ def test_trigger_size_sweep_and_choosing_the_axis(tmp_path, capsys):
     assert plot_results.main([str(runs[0]), '--out', str(tmp_path / 'one'), '--x', 'ratio']) == 2
     err = capsys.readouterr().err  # a single run cannot differ from the others in anything
     assert err.count('\n') == 1 and err.startswith('error: --x ratio: no setting') and 'differ in ratio' in err
+
+
+def test_seeds_are_drawn_as_means_with_their_intervals(tmp_path, trigger10):
+    pytest.importorskip('matplotlib')
+    for ratio in (0.01, 0.1):  # a ratio sweep measured with two seeds at each ratio
+        for seed in (0, 1):
+            make_run(tmp_path / 'experiment' / f'ratio_{ratio}', f'seed_{seed}', trigger10, ratio=ratio, seed=seed)
+    out = tmp_path / 'figures'
+    runs = sorted(map(str, (tmp_path / 'experiment').glob('ratio_*/seed_*')))
+    assert plot_results.main([*runs, '--out', str(out)]) == 0
+    for ratio in (0.01, 0.1):
+        title = png_title(out / f'ratio_{ratio}_defences_mean.png')
+        assert title.startswith(f'ratio_{ratio} (synthetic_shapes → synthetic_digits, badencoder): ACC, ASR and ASR*')
+        assert 'mean and 95% interval over 2 seeds (0, 1; dots: each seed)' in title
+        assert (out / f'ratio_{ratio}_seed_0_defences.png').is_file()  # each seed's own figures as before
+    assert '4 runs' in png_title(out / 'acc_asr_vs_ratio.png')
 
 
 def test_trigger_files_of_the_same_name_get_one_figure_each(tmp_path):
