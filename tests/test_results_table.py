@@ -202,7 +202,8 @@ def test_seeded_defences_table_compares_each_baseline_with_mimic_on_the_same_see
             '| 11 ± 2 | **-11.00 ± 2.48** | **+21.00 ± 2.48** | **+21.00 ± 2.48** |') in md
     assert ('| ft | 2 | 81.00 ± 0.00 | 10.50 ± 6.35 | 9.50 ± 6.35 | -0.50 ± 6.35 | 10 ± 6 | +0.50 ± 6.35 '
             '| +0.00 ± 0.00 | +0.00 ± 0.00 |') in md
-    assert '| mimic | 3 | 81.00 ± 2.48 | 11.00 ± 2.48 | 10.00 ± 2.48 | -1.00 ± 0.00 | 11 ± 2 | – | – | – |' in md
+    assert ('| mimic | 3 | 81.00 ± 2.48 | 11.00 ± 2.48 | 10.00 ± 2.48 | -1.00 ± 0.00 | 11 ± 2 | – | – | – |'
+            in md)
     rows = {row['defence']: row for row in csv.DictReader((tmp_path / 'table_defences.csv').open())}
     assert list(rows) == ['mimic', 'ft', 'clp']
     clp, ft = rows['clp'], rows['ft']
