@@ -37,8 +37,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __package__ in (None, ''):  # run as `python scripts/results_table.py`: the repository root is not on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from defences import BASELINES  # noqa: E402  (the baselines' one list, in the pipeline's order; imports no torch)
+
 ENCODERS = ('clean', 'backdoored', 'mimic')
-BASELINES = ('ft', 'fp', 'nad', 'clp', 'anp', 'kd', 'invert')  # defences.BASELINES, in the pipeline's order
 METRICS = (('acc', 'ACC'), ('asr', 'ASR'), ('asr_excluding_target', 'ASR*'))
 
 
