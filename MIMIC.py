@@ -45,7 +45,7 @@ from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_sub
                             locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
                             uniform_layer_weights)
 from defences.training import DefenceRun, Phase
-from models import SimCLR
+from models import SimCLR, input_normalization
 
 CHECKPOINT_PATTERN = 'model{}.pth'
 
@@ -146,7 +146,7 @@ def layer_weights_once(args: argparse.Namespace, run: DefenceRun, teacher: SimCL
         mi_images, mi_source = load_mi_images(args, info, clean)
         if args.mi_data != 'subset':
             print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
-        report = locate_benign_knowledge(measured, mi_images, info.normalization, base=base, mi_epochs=args.mi_epochs,
+        report = locate_benign_knowledge(measured, mi_images, run.normalization, base=base, mi_epochs=args.mi_epochs,
                                          batch_size=args.batch_size, seed=args.seed, device=run.device,
                                          disable_progress=progress_disabled(args))
         report_weights(report, args.mi_model)
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
           f'teacher {teacher.config} on {device}')
 
     # The layer weights (docs/DESIGN.md §6.1-6.2), once before distillation; then the distillation (§6.3).
-    run = DefenceRun(args, info.normalization, device, results_dir, resume_flags(parser))
+    run = DefenceRun(args, input_normalization(teacher, info.normalization), device, results_dir,
+                     resume_flags(parser))
     weights = layer_weights_once(args, run, teacher, student, info, clean)
     if args.resume:
         print(f"layer weights of the interrupted run: opt {weights['opt']}")

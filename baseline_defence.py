@@ -48,6 +48,7 @@ from datasets import get_info, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.mimic import load_clean_subset, load_teacher
 from defences.training import DefenceRun
+from models import input_normalization
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
 # kd: a fresh student, as MIMIC's README; sslcleanse: SSL-Cleanse's README; the others fine-tune: 1e-3
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f'{args.defence} ({defence.PAPER}): {data}; suspect {suspect.config} on {device}')
 
     start = time.perf_counter()
-    run = DefenceRun(args, info.normalization, device, results_dir, resume_flags(parser))
+    run = DefenceRun(args, input_normalization(suspect, info.normalization), device, results_dir,
+                     resume_flags(parser))
     purified, report = defence.purify(suspect, clean, run)
     checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
     if not trains:  # the defences that train saved their last epoch already

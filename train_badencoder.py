@@ -69,7 +69,7 @@ from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.runs import prepare_results_dir, write_json
 from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
-from models import load_encoder
+from models import input_normalization, load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ATTACKS = {'badencoder': BadEncoder, 'drupe': drupe.Drupe}  # the attack interface: attacks/badencoder.py
@@ -168,12 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     check_args(args)
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
-    normalization = get_info(args.encoder_usage_info).normalization
 
     # Inputs: every file is checked before anything is written.
     shadow_images = load_shadow_images(args)
     trigger, reference = load_attack_files(args, image_size=shadow_images.shape[1])
     model, clean_checkpoint = load_encoder(args.pretrained_encoder)
+    normalization = input_normalization(model, get_info(args.encoder_usage_info).normalization)
     warn_on_usage_mismatch(clean_checkpoint, args)
     monitor = load_monitor_data(args, trigger, reference.target_label)
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)

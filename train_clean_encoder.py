@@ -49,7 +49,7 @@ from common.features import knn_monitor
 from common.runs import prepare_results_dir, write_json
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from datasets.tensor_augment import CROP_SCALE
-from models import ARCHITECTURES, PAPER_WIDTH, SimCLR, load_encoder
+from models import ARCHITECTURES, PAPER_WIDTH, RAW_INPUTS, SimCLR, load_encoder
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ADAM_WEIGHT_DECAY = 1e-6  # the paper's (docs/DESIGN.md §4.3), the default of --weight_decay
@@ -91,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument('--crop_min_scale', default=CROP_SCALE[0], type=float,
                         help='smallest area fraction of the SimCLR views\' random resized crop (default: '
                              f'{CROP_SCALE[0]:g}, torchvision\'s and the paper\'s; CTRL\'s code: 0.2)')
+    recipe.add_argument('--no_normalize', action='store_true',
+                        help="train on un-normalised pixels in [0, 1], as CTRL's code does by default (its "
+                             '--disable_normalize); the checkpoints record it (raw_inputs) and every later stage '
+                             'feeds the encoder such pixels (default: normalised with the set\'s mean and std)')
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
@@ -171,17 +175,20 @@ def load_pretraining_data(args: argparse.Namespace) -> PretrainingData:
     if len(images) < args.batch_size:
         raise UsageError(f'--batch_size {args.batch_size}: the {info.pretraining_split} split in {data_dir} '
                          f'has only {len(images)} images, fewer than one batch')
-    return PretrainingData(images, memory, test, info.normalization, info.image_size, info.num_classes)
+    normalization = RAW_INPUTS if args.no_normalize else info.normalization
+    return PretrainingData(images, memory, test, normalization, info.image_size, info.num_classes)
 
 
 def initial_model(args: argparse.Namespace) -> SimCLR:
-    """A fresh SimCLR, or the encoder of --suffix_encoder (whose architecture and width win)."""
+    """A fresh SimCLR, or the encoder of --suffix_encoder (whose architecture and width win); --no_normalize
+    (`raw_inputs`, recorded in its checkpoints) as given."""
     if not args.suffix_encoder:
-        return SimCLR(arch=args.arch, width=args.width)
+        return SimCLR(arch=args.arch, width=args.width, raw_inputs=args.no_normalize)
     model, _ = load_encoder(args.suffix_encoder)
     if (model.arch, model.width) != (args.arch, args.width):
         print(f'note: {args.suffix_encoder} holds a {model.arch} of width {model.width}; '
               f'using it instead of --arch {args.arch} --width {args.width}')
+    model.raw_inputs = args.no_normalize
     return model
 
 

@@ -44,7 +44,8 @@ from common.runs import (check_resumable, checkpoint_epochs, prepare_results_dir
                          write_json)
 from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
                       pretraining_names, triggered_copy)
-from models import CheckpointError, MLPProbe, ProbeGroup, SimCLR, load_checkpoint, load_encoder, save_atomic
+from models import (CheckpointError, MLPProbe, ProbeGroup, SimCLR, input_normalization, load_checkpoint, load_encoder,
+                    save_atomic)
 from models.probe_group import split_optimizer_state, stack_optimizer_states
 
 EXCLUDING_TARGET_NAME = 'Attack Success Rate excluding target class'
@@ -322,7 +323,7 @@ def probe_one(args: argparse.Namespace, must_match: dict, device: torch.device) 
         raise UsageError('--resume needs --results_dir, the folder holding probe_<epoch>.pth')
 
     disable = progress_disabled(args)
-    normalization = get_info(args.encoder_usage_info).normalization
+    normalization = input_normalization(encoder, get_info(args.encoder_usage_info).normalization)
     features = extract_features(encoder.to(device), data, normalization, device, args.amp, disable)
     similarity = reference_similarity(features)
     if similarity:
@@ -531,7 +532,7 @@ def probe_group(args: argparse.Namespace, must_match: dict, device: torch.device
     prepare_group_folders(args, members)
     disable = progress_disabled(args)
     for member in members:
-        normalization = get_info(member.args.encoder_usage_info).normalization
+        normalization = input_normalization(member.encoder, get_info(member.args.encoder_usage_info).normalization)
         member.features = extract_features(member.encoder.to(device), data, normalization, device, args.amp, disable)
         member.encoder = member.encoder.cpu()
         member.similarity = reference_similarity(member.features)

@@ -163,7 +163,7 @@ def encoder_config(checkpoint: dict, path: str | os.PathLike, arch: str | None =
     except KeyError:
         raise CheckpointError(f'{path}: not a SimCLR encoder checkpoint (no f.f.0.weight; first keys: '
                               f'{list(state_dict)[:3]})') from None
-    for key in ('arch', 'width', 'feature_dim'):
+    for key in ('arch', 'width', 'feature_dim', 'raw_inputs'):
         if key in checkpoint:
             config[key] = checkpoint[key]
     if config['arch'] not in ARCHITECTURES:

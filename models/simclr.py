@@ -88,12 +88,20 @@ class SimCLRBase(nn.Module):
         return torch.flatten(x, start_dim=1), taps
 
 
-class SimCLR(nn.Module):
-    """Encoder `f` plus projection head `g`; `forward` returns L2-normalised (feature, projection)."""
+RAW_INPUTS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (mean, std) of an encoder trained on un-normalised images
 
-    def __init__(self, feature_dim: int = 128, arch: str = 'resnet18', width: int = PAPER_WIDTH):
+
+class SimCLR(nn.Module):
+    """Encoder `f` plus projection head `g`; `forward` returns L2-normalised (feature, projection).
+
+    `raw_inputs`: the encoder was trained on un-normalised pixels in [0, 1] (stage 0's --no_normalize, CTRL's
+    recipe); every stage then feeds it such pixels (`input_normalization`), and its checkpoints record it.
+    """
+
+    def __init__(self, feature_dim: int = 128, arch: str = 'resnet18', width: int = PAPER_WIDTH,
+                 raw_inputs: bool = False):
         super().__init__()
-        self.arch, self.width, self.feature_dim = arch, width, feature_dim
+        self.arch, self.width, self.feature_dim, self.raw_inputs = arch, width, feature_dim, raw_inputs
         self.f = SimCLRBase(arch, width)
         d = feature_dim_of(arch, width)
         self.g = nn.Sequential(
@@ -105,8 +113,10 @@ class SimCLR(nn.Module):
 
     @property
     def config(self) -> dict:
-        """What a checkpoint records so that later stages rebuild this model without flags."""
-        return {'arch': self.arch, 'width': self.width, 'feature_dim': self.feature_dim}
+        """What a checkpoint records so that later stages rebuild this model without flags (`raw_inputs` only when
+        set, so that every other checkpoint keeps the keys it always had)."""
+        config = {'arch': self.arch, 'width': self.width, 'feature_dim': self.feature_dim}
+        return {**config, 'raw_inputs': True} if self.raw_inputs else config
 
     def forward(self, x: torch.Tensor, return_taps: bool = False):
         if return_taps:
@@ -115,3 +125,9 @@ class SimCLR(nn.Module):
             feature = self.f(x)
         out = (F.normalize(feature, dim=-1), F.normalize(self.g(feature), dim=-1))
         return (*out, taps) if return_taps else out
+
+
+def input_normalization(model: nn.Module, normalization: tuple) -> tuple:
+    """The (mean, std) the stages apply to `model`'s inputs: its pre-training set's `normalization`, or none
+    (RAW_INPUTS: mean 0, std 1) for an encoder trained on un-normalised pixels."""
+    return RAW_INPUTS if getattr(model, 'raw_inputs', False) else normalization

@@ -109,7 +109,7 @@ def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.env
             mimic_epochs='1000', mi_epochs='200', nn_epochs='1000', ratio='0.04', mimic_lr='0.01',
             clean_args='', badencoder_args='', drupe_args='', mimic_args='', eval_args='', defence_args='',
             ctrl_args='--optimizer sgd --lr 0.06 --momentum 0.9 --weight_decay 5e-4 --schedule cosine '
-                      '--warmup_epochs 10 --batch_size 512',  # CTRL's SimCLR recipe
+                      '--warmup_epochs 10 --batch_size 512 --no_normalize',  # CTRL's SimCLR recipe (its code's)
             batch_for_ratio='', augment='auto')
     elif scale == 'demo':
         runs = runs or 'runs/paper_demo'
