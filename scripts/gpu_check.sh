@@ -136,6 +136,9 @@ probe_resume_check() {
   "$PYTHON" "${stage3[@]}" --device "$DEVICE" --nn_epochs 2 --save_freq 1 --resume --results_dir "$OUT/stage3_resumed"
 }
 check stage3_resume_from_cpu probe_resume_check
+# three encoders probed in one run (models/probe_group.py: batched products, a dropout generator per probe)
+check stage3_group "$PYTHON" "${stage3[@]}" --device "$DEVICE" --nn_epochs 3 --save_freq 1 \
+  --encoder "$clean" "$backdoored" "$OUT/mimic/model2.pth" --names clean backdoored mimic --results_dir "$OUT/stage3_group"
 
 # --- torchrun on every visible GPU ------------------------------------------------------------------------------
 if [ "$NPROC" -lt 2 ]; then
