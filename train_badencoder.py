@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     training = Training(model, optimizer, args, args.epochs, results_dir, columns=attack.columns)
     if resume_from is not None:
         # the last epoch's weights: DRUPE's final checkpoint holds its selected encoder as state_dict
+        # the flags' defaults from a fresh parser: parse_args set DRUPE's values as defaults under --attack drupe,
+        # and a checkpoint that records no attack flags ran BadEncoder with the parser's own defaults
         attack.restore(training.resume(resume_from, resume_flags(get_args_parser()), weights='last_state_dict'))
         if training.finished:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')

@@ -40,8 +40,8 @@ from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, pri
 from common.device import autocast, resolve_device
 from common.engine import Training, train_steps
 from common.features import encode_images
-from common.runs import (check_resumable, checkpoint_epochs, prepare_results_dir, restore_optimizer, rng_state,
-                         write_json)
+from common.runs import (check_resumable, checked_checkpoints, checkpoint_epochs, prepare_results_dir,
+                         restore_optimizer, rng_state, write_json)
 from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
                       pretraining_names, triggered_copy)
 from models import (CheckpointError, MLPProbe, ProbeGroup, SimCLR, input_normalization, load_checkpoint, load_encoder,
@@ -264,30 +264,42 @@ def predict(probe: MLPProbe, features: torch.Tensor, batch_size: int = 4096) -> 
                       for start in range(0, len(features), batch_size)])
 
 
+def prediction_metrics(predicted: torch.Tensor, on_triggered: torch.Tensor, labels: torch.Tensor, target: int) -> dict:
+    """ACC of the predictions (N,) on the clean test set, ASR of those on the triggered copies (all of them) and
+    ASR excluding the images whose true label is the target (%)."""
+    return {'acc': accuracy(predicted, labels),
+            'asr': attack_success_rate(on_triggered, labels, target),
+            'asr_excluding_target': attack_success_rate(on_triggered, labels, target, exclude_target=True)}
+
+
 def evaluate(probe: MLPProbe, features: Features, target: int) -> dict:
     """ACC on the clean test set, ASR (all triggered images) and ASR excluding the target class (%)."""
-    triggered_pred = predict(probe, features.triggered)
-    return {'acc': accuracy(predict(probe, features.test), features.test_labels),
-            'asr': attack_success_rate(triggered_pred, features.test_labels, target),
-            'asr_excluding_target': attack_success_rate(triggered_pred, features.test_labels, target,
-                                                        exclude_target=True)}
+    return prediction_metrics(predict(probe, features.test), predict(probe, features.triggered),
+                              features.test_labels, target)
+
+
+def print_epoch(epoch: int, loss: float, metrics: dict, names: tuple[str, str], encoder: str | None = None) -> None:
+    """The original's lines of one epoch: `Train Epoch: <e> \tLoss: <loss>` and its three metric lines; a probe of
+    a group names its encoder in each."""
+    acc_name, asr_name = names
+    suffix = '' if encoder is None else f' \tEncoder: {encoder}'
+    tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(epoch, loss) + suffix)
+    tqdm.write(metric_line(acc_name, metrics['acc'], epoch, encoder))
+    tqdm.write(metric_line(asr_name, metrics['asr'], epoch, encoder))
+    tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], epoch, encoder))
 
 
 def train_probe(training: Training, features: Features, target: int, batch_size: int,
                 names: tuple[str, str]) -> dict:
     """Train the probe of `training` for its remaining epochs, printing the original's lines after each; returns the
     last epoch's metrics (ACC, ASR, ASR excluding the target, epoch)."""
-    acc_name, asr_name = names
     probe, optimizer = training.model, training.optimizer
 
     def train_epoch(epoch: int) -> dict:
         return {'loss': train_one_epoch(probe, optimizer, features.train, features.train_labels, batch_size, epoch)}
 
     def report(row: dict) -> None:
-        tqdm.write('Train Epoch: {} \tLoss: {:.6f}'.format(row['epoch'], row['loss']))
-        tqdm.write(metric_line(acc_name, row['acc'], row['epoch']))
-        tqdm.write(metric_line(asr_name, row['asr'], row['epoch']))
-        tqdm.write(metric_line(EXCLUDING_TARGET_NAME, row['asr_excluding_target'], row['epoch']))
+        print_epoch(row['epoch'], row['loss'], row, names)
 
     def metrics(row: dict) -> dict:
         return {**{key: row[key] for key in ('acc', 'asr', 'asr_excluding_target')}, 'epoch': row['epoch']}
@@ -405,14 +417,7 @@ def prepare_group_folders(args: argparse.Namespace, members: list[Member]) -> No
         return
     for member in members:
         member.folder = Path(args.results_dir) / member.name
-        existing = checkpoint_epochs(member.folder, PROBE_PATTERN) if member.folder.is_dir() else []
-        if member.folder.exists() and not member.folder.is_dir():
-            raise UsageError(f'--results_dir: {member.folder} exists and is not a folder')
-        if args.resume and not existing:
-            raise UsageError(f'--resume: no probe_<epoch>.pth in {member.folder} (encoder {member.name})')
-        if existing and not (args.resume or args.overwrite):
-            raise UsageError(f'--results_dir: {member.folder} already holds {existing[-1][1].name} from an earlier '
-                             'run; pass --resume to continue it or --overwrite to replace it')
+        checked_checkpoints(member.folder, PROBE_PATTERN, args.resume, args.overwrite)
     if args.resume:  # the latest epoch every member saved (a group stopped while writing its checkpoints)
         common = set.intersection(*({epoch for epoch, _ in checkpoint_epochs(m.folder, PROBE_PATTERN)}
                                     for m in members))
@@ -466,10 +471,10 @@ def resume_group(training: Training, members: list[Member], must_match: dict) ->
         group.generators[k].set_state(checkpoint['generator'])
         states.append(checkpoint['optimizer'])
         metrics.append(dict(checkpoint.get('metrics') or {}))
+    # every member's checkpoint is of the same epoch (prepare_group_folders chose it)
     epoch = restore_optimizer(training.optimizer, {'optimizer': stack_optimizer_states(states),
-                                                   'epoch': load_checkpoint(members[0].resume_from)['epoch']},
-                              members[0].resume_from)
-    training.start_epoch = epoch + 1
+                                                   'epoch': checkpoint['epoch']}, member.resume_from)
+    training.resumed_at, training.start_epoch = epoch, epoch + 1
     print(f'resuming {len(members)} probes from {Path(training.results_dir)}/*/{PROBE_PATTERN.format(epoch)}')
     return metrics
 
@@ -505,19 +510,12 @@ def train_group(training: Training, members: list[Member], target: int, batch_si
 
     def evaluate_all(epoch: int, row: dict) -> dict:
         predicted, on_triggered = predict_group(group, test), predict_group(group, triggered)
-        return {'metrics': [{'acc': accuracy(predicted[k], test_labels),
-                             'asr': attack_success_rate(on_triggered[k], test_labels, target),
-                             'asr_excluding_target': attack_success_rate(on_triggered[k], test_labels, target,
-                                                                         exclude_target=True),
-                             'epoch': epoch} for k in range(len(members))]}
+        return {'metrics': [{**prediction_metrics(predicted[k], on_triggered[k], test_labels, target), 'epoch': epoch}
+                            for k in range(len(members))]}
 
     def report(row: dict) -> None:
         for member, loss, metrics in zip(members, row['loss'], row['metrics']):
-            acc_name, asr_name = metric_names(member.args.encoder)
-            tqdm.write('Train Epoch: {} \tLoss: {:.6f} \tEncoder: {}'.format(row['epoch'], loss, member.name))
-            tqdm.write(metric_line(acc_name, metrics['acc'], row['epoch'], member.name))
-            tqdm.write(metric_line(asr_name, metrics['asr'], row['epoch'], member.name))
-            tqdm.write(metric_line(EXCLUDING_TARGET_NAME, metrics['asr_excluding_target'], row['epoch'], member.name))
+            print_epoch(row['epoch'], loss, metrics, metric_names(member.args.encoder), member.name)
     training.fit(train_epoch, after_epoch=evaluate_all, report=report)
 
 

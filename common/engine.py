@@ -146,6 +146,7 @@ class Training:
     desc: str = 'Epochs'
     writer: Callable[[int], None] | None = None  # writes epoch's checkpoint(s) itself (a probe group: one per probe)
     start_epoch: int = 1  # the first epoch still to run
+    resumed_at: int = 0  # the epoch a resumed run continued from (0: a fresh run)
     rows: list[dict] = field(default_factory=list)  # the log rows of the epochs run so far
 
     def resume(self, path: Path, must_match: dict[str, object], *, weights: str = 'state_dict') -> dict:
@@ -165,7 +166,7 @@ class Training:
                                          if self.log_name and self.results_dir else [])
         self.rows = [row for row in rows if int(row['epoch']) <= epoch]
         set_rng_state(checkpoint['rng'])
-        self.start_epoch = epoch + 1
+        self.resumed_at, self.start_epoch = epoch, epoch + 1
         print(f'resuming {self.label + " " if self.label else ""}from {path} (epoch {epoch})')
         return checkpoint
 

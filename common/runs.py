@@ -58,24 +58,31 @@ def checkpoint_epochs(results_dir: str | Path, pattern: str) -> list[tuple[int, 
     return sorted(found)
 
 
+def checked_checkpoints(results_dir: Path, pattern: str, resume: bool, overwrite: bool) -> list[tuple[int, Path]]:
+    """The checkpoints named like `pattern` in `results_dir`, oldest first, once the folder is known to be usable:
+    not a file; with `resume`, holding at least one; else holding none unless `overwrite`. Creates nothing."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise UsageError(f'--results_dir {results_dir}: exists and is not a folder')
+    existing = checkpoint_epochs(results_dir, pattern) if results_dir.is_dir() else []
+    if resume and not existing:
+        raise UsageError(f'--resume: no checkpoint named {pattern.format("<epoch>")} in {results_dir}')
+    if existing and not (resume or overwrite):
+        raise UsageError(f'--results_dir {results_dir}: already holds {existing[-1][1].name} from an earlier '
+                         'run; pass --resume to continue it or --overwrite to replace it')
+    return existing
+
+
 def prepare_results_dir(args: argparse.Namespace, pattern: str) -> Path | None:
-    """Create --results_dir and refuse to clobber an earlier run's checkpoints.
+    """Create --results_dir and refuse to clobber an earlier run's checkpoints (`checked_checkpoints`).
 
     Returns the latest checkpoint to resume from (with --resume), else None.
     """
     if not args.results_dir:
         raise UsageError('--results_dir is required: the folder where this stage writes its outputs')
     results_dir = Path(args.results_dir)
-    if results_dir.exists() and not results_dir.is_dir():
-        raise UsageError(f'--results_dir {results_dir}: exists and is not a folder')
-    existing = checkpoint_epochs(results_dir, pattern) if results_dir.is_dir() else []
+    existing = checked_checkpoints(results_dir, pattern, args.resume, args.overwrite)
     if args.resume:
-        if not existing:
-            raise UsageError(f'--resume: no checkpoint named {pattern.format("<epoch>")} in {results_dir}')
         return existing[-1][1]
-    if existing and not args.overwrite:
-        raise UsageError(f'--results_dir {results_dir}: already holds {existing[-1][1].name} from an earlier '
-                         'run; pass --resume to continue it or --overwrite to replace it')
     results_dir.mkdir(parents=True, exist_ok=True)
     return None
 

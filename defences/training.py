@@ -104,7 +104,6 @@ class DefenceRun:
         latest = self.latest(phase.checkpoint_pattern)
         if latest is not None:
             training.resume(latest, self.must_match)
-        resumed_at = training.start_epoch - 1
         pairs = ImagePairs(images, simclr_transform(self.normalization, images.shape[1]))
         device_images = device_copy(pairs, self.args, self.device)  # the fast path keeps D on the device
 
@@ -114,7 +113,6 @@ class DefenceRun:
                                set_modes=phase.set_modes, after_step=phase.after_step,
                                desc=f'{phase.name} epoch {epoch}', disable_progress=self.disable_progress)
         training.fit(train_epoch, checkpoint_keys=lambda epoch: phase.checkpoint_extra)
-        training.resumed_at = resumed_at
         return training
 
 
