@@ -18,13 +18,16 @@ LAYERS = ('fc1', 'fc2', 'fc3')
 # MLPProbe's parameters in its order (its optimiser's indices): fc1.weight, fc1.bias, fc2.weight, ...
 PARAMETERS = tuple(f'{layer}.{kind}' for layer in LAYERS for kind in ('weight', 'bias'))
 DROPOUT = 0.5  # MLPProbe's
+# Stored transposed, (N, in, out): the batched product's weight gradient xᵀG then lands in the parameter's own layout
+# (MLPProbe's (out, in) layout made autograd copy every gradient out of a transposed view: 17% of a 10-probe epoch).
+TRANSPOSED = ('fc1.weight', 'fc2.weight')
 
 
 class ProbeGroup(nn.Module):
     """Probes k = 0..N-1, each fc3(relu(fc2(dropout(relu(fc1(x_k)))))) as MLPProbe, on inputs x (N, B, d).
 
-    Weights `<layer>_weight` (N, out, in) and `<layer>_bias` (N, out): probe k's are MLPProbe's `<layer>.weight`
-    and `<layer>.bias`. In training mode probe k's dropout draws its mask from `generators[k]` exactly as
+    Weights `<layer>_weight` and biases `<layer>_bias` (N, out): probe k's are MLPProbe's `<layer>.weight` and
+    `<layer>.bias`, the weights of fc1 and fc2 stored transposed (N, in, out), fc3's as MLPProbe's (N, out, in). In training mode probe k's dropout draws its mask from `generators[k]` exactly as
     F.dropout draws from the global generator: noise = Bernoulli(1 − p) of the activations' shape, divided by
     1 − p, times the activations.
     """
@@ -34,7 +37,7 @@ class ProbeGroup(nn.Module):
         if len(probes) != len(generators):
             raise ValueError(f'{len(probes)} probes but {len(generators)} generators')
         for name in PARAMETERS:
-            stacked = torch.stack([probe.state_dict()[name] for probe in probes]).detach().clone()
+            stacked = torch.stack([stored(name, probe.state_dict()[name]) for probe in probes]).detach().clone()
             self.register_parameter(name.replace('.', '_'), nn.Parameter(stacked))
         self.generators = generators
 
@@ -42,9 +45,9 @@ class ProbeGroup(nn.Module):
         return len(self.generators)
 
     def layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x (N, B, in) -> (N, B, out): bias + x Wᵀ for every probe in one batched product."""
-        weight, bias = getattr(self, f'{name}_weight'), getattr(self, f'{name}_bias')
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        """x (N, B, in) -> (N, B, out): bias + x Wᵀ for every probe in one batched product (Wᵀ as stored)."""
+        weight_t, bias = getattr(self, f'{name}_weight'), getattr(self, f'{name}_bias')
+        return torch.baddbmm(bias.unsqueeze(1), x, weight_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.relu(self.layer('fc1', x))  # (N, B, h1)
@@ -55,25 +58,35 @@ class ProbeGroup(nn.Module):
         hidden = F.relu(self.layer('fc2', hidden))  # (N, B, h2)
         # The output layer probe by probe: its weight gradient, Gᵀh with few classes, takes another kernel in a
         # batched product than in MLPProbe's, and the probes would drift from their single runs by float rounding.
-        return torch.stack([F.linear(hidden[k], self.fc3_weight[k], self.fc3_bias[k]) for k in range(len(self))])
+        # unbind, not indexing: its backward stacks the N gradients once, where N selects would each scatter into
+        # a zero tensor of the whole group's size.
+        return torch.stack([F.linear(h, weight, bias) for h, weight, bias
+                            in zip(hidden.unbind(0), self.fc3_weight.unbind(0), self.fc3_bias.unbind(0))])
 
     def probe_state(self, k: int) -> dict[str, torch.Tensor]:
         """Probe k as MLPProbe's state_dict."""
-        return {name: getattr(self, name.replace('.', '_'))[k].detach().clone() for name in PARAMETERS}
+        return {name: stored(name, getattr(self, name.replace('.', '_'))[k].detach()).clone(
+            memory_format=torch.contiguous_format) for name in PARAMETERS}
 
     def load_probe_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name in PARAMETERS:
-                getattr(self, name.replace('.', '_'))[k].copy_(state[name])
+                getattr(self, name.replace('.', '_'))[k].copy_(stored(name, state[name]))
+
+
+def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """MLPProbe's tensor `name` in the group's layout, or back (the transpose is its own inverse): Wᵀ for the
+    TRANSPOSED weights, the tensor itself otherwise."""
+    return tensor.transpose(-2, -1) if name in TRANSPOSED else tensor
 
 
 def split_optimizer_state(state: dict, k: int) -> dict:
     """Probe k's part of the group optimiser's state_dict: the state a single probe's optimiser would hold (its
-    per-parameter tensors are slice k of the stacked ones; the step count is shared)."""
-    def part(slots: dict) -> dict:
-        return {key: value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in slots.items()}
-    return {'state': {index: part(slots) for index, slots in state['state'].items()},
+    per-parameter tensors are slice k of the stacked ones, in MLPProbe's layout; the step count is shared)."""
+    def part(index: int, slots: dict) -> dict:
+        return {key: stored(PARAMETERS[index], value[k]).clone(memory_format=torch.contiguous_format) if torch.is_tensor(value) and value.dim() > 0
+                else value for key, value in slots.items()}
+    return {'state': {index: part(index, slots) for index, slots in state['state'].items()},
             'param_groups': state['param_groups']}
 
 
@@ -81,7 +94,7 @@ def stack_optimizer_states(states: list[dict]) -> dict:
     """The group optimiser's state_dict from its probes' (the inverse of split_optimizer_state)."""
     def stacked(index) -> dict:
         slots = [state['state'][index] for state in states]
-        return {key: torch.stack([slot[key] for slot in slots]) if torch.is_tensor(value) and value.dim() > 0
-                else value for key, value in slots[0].items()}
+        return {key: torch.stack([stored(PARAMETERS[index], slot[key]) for slot in slots])
+                if torch.is_tensor(value) and value.dim() > 0 else value for key, value in slots[0].items()}
     return {'state': {index: stacked(index) for index in states[0]['state']},
             'param_groups': states[0]['param_groups']}

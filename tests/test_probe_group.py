@@ -35,11 +35,17 @@ def test_a_group_of_probes_computes_each_probe_and_its_dropout():
 
 
 def test_optimizer_states_split_and_stack_back():
-    state = {'state': {0: {'step': torch.tensor(3.0), 'exp_avg': torch.arange(6.).view(2, 3)}},
-             'param_groups': [{'lr': 0.1, 'params': [0]}]}
+    # index 0 is fc1.weight, stored transposed in the group: (N, in, out) = (2, 3, 2); index 1 is fc1.bias (N, out)
+    state = {'state': {0: {'step': torch.tensor(3.0), 'exp_avg': torch.arange(12.).view(2, 3, 2)},
+                       1: {'step': torch.tensor(3.0), 'exp_avg': torch.arange(4.).view(2, 2)}},
+             'param_groups': [{'lr': 0.1, 'params': [0, 1]}]}
     parts = [split_optimizer_state(state, k) for k in (0, 1)]
-    assert parts[1]['state'][0]['exp_avg'].tolist() == [3.0, 4.0, 5.0] and parts[1]['state'][0]['step'] == 3
-    assert torch.equal(stack_optimizer_states(parts)['state'][0]['exp_avg'], state['state'][0]['exp_avg'])
+    assert parts[1]['state'][0]['exp_avg'].tolist() == [[6.0, 8.0, 10.0], [7.0, 9.0, 11.0]]  # MLPProbe's (out, in)
+    assert parts[1]['state'][0]['exp_avg'].is_contiguous() and parts[1]['state'][0]['step'] == 3
+    assert parts[1]['state'][1]['exp_avg'].tolist() == [2.0, 3.0]
+    stacked = stack_optimizer_states(parts)['state']
+    assert torch.equal(stacked[0]['exp_avg'], state['state'][0]['exp_avg'])
+    assert torch.equal(stacked[1]['exp_avg'], state['state'][1]['exp_avg'])
 
 
 @pytest.fixture(scope='module')
