@@ -28,6 +28,15 @@ monitor estimate and the paper's full configuration extrapolated from the measur
     python scripts/benchmark.py --quick --device cpu     # under 2 minutes on 2 CPU cores
     python scripts/benchmark.py --device cuda            # the full measurement, for a GPU
 
+With `--arch` naming a real-world encoder family (clip_rn50, imagenet_resnet50, torchvision_resnet18/34/50; random
+weights, 224-pixel inputs), the line holds that family's two costs instead:
+
+    visual_feature_img_per_s   stage 3: the tower's feature pass (eval mode, no gradient), images per second, batch
+                               --visual_batch_size: what computing a downstream set's features costs
+    visual_mimic_img_per_s     stage 2: one MIMIC distillation step (teacher once, student on both views, the
+                               attention terms on the four stages, backward, Adam), images per second at
+                               --mimic_batch_size; the views are given as tensors (augmentation not timed)
+
 Progress goes to stderr; stdout is one JSON line. docs/BENCHMARKS.md holds the figures measured so far.
 """
 from __future__ import annotations
@@ -60,7 +69,7 @@ import train_clean_encoder  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
 from attacks import badencoder  # noqa: E402
 from common.cli import StageParser, UsageError, require_positive, run_main, seed_everything  # noqa: E402
-from common.device import resolve_device  # noqa: E402
+from common.device import autocast, resolve_device  # noqa: E402
 from common.engine import Training  # noqa: E402
 from common.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
                              to_channels_last, use_tensor_augment)
@@ -71,6 +80,7 @@ from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES, TRAINING_BASELINES, get_defence  # noqa: E402
 from defences.training import DefenceRun  # noqa: E402
 from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, ProbeGroup, SimCLR, feature_dim_of  # noqa: E402
+from models.visual import FAMILIES, VisualEncoder  # noqa: E402
 from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
 
@@ -93,6 +103,9 @@ FULL = {'threads': 0, 'steps': 10, 'knn_queries': CIFAR10_TEST,
         **{key: PAPER[key] for key in ('batch_size', 'badencoder_batch_size', 'mimic_batch_size')}}
 QUICK = {'steps': 2, 'batch_size': 64, 'badencoder_batch_size': 64, 'mimic_batch_size': 32,
          'mi_measure_epochs': 1, 'probe_measure_epochs': 3, 'knn_queries': 1000, 'threads': 1}
+# A real-world family (--arch clip_rn50, ...): 224-pixel images, so --quick steps at batch 2
+VISUAL_FULL = {'visual_batch_size': 64}
+VISUAL_QUICK = {'visual_batch_size': 2, 'mimic_batch_size': 2}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,8 +128,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f'{QUICK["mimic_batch_size"]} (stages 0/1/2), {QUICK["mi_measure_epochs"]} MI epoch and '
                              f'{QUICK["probe_measure_epochs"]} probe epochs timed and extrapolated, '
                              f'{QUICK["knn_queries"]} kNN queries, 1 CPU thread; flags given explicitly win')
-    parser.add_argument('--arch', default='resnet18', choices=sorted(ARCHITECTURES),
-                        help='encoder architecture (default: resnet18, the paper)')
+    parser.add_argument('--arch', default='resnet18', choices=sorted(ARCHITECTURES) + sorted(FAMILIES),
+                        help='encoder architecture (default: resnet18, the paper); a real-world family '
+                             f'({", ".join(sorted(FAMILIES))}) times its feature pass and MIMIC step instead')
+    parser.add_argument('--visual_batch_size', default=None, type=int,
+                        help=f'batch of a real-world family\'s feature pass (default: {VISUAL_FULL["visual_batch_size"]}; '
+                             f'--quick: {VISUAL_QUICK["visual_batch_size"]}, as its --mimic_batch_size)')
     parser.add_argument('--width', default=PAPER_WIDTH, type=int,
                         help=f'base channels of the ResNet (default: {PAPER_WIDTH}, the paper)')
     parser.add_argument('--warmup', default=1, type=int, help='untimed steps before each measurement (default: 1)')
@@ -161,15 +178,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve_counts(args: argparse.Namespace) -> None:
     """Fill the measured counts left unset: --quick's short values, else the full ones; check them all."""
     full = {**FULL, 'mi_measure_epochs': args.mi_epochs, 'probe_measure_epochs': args.probe_epochs}
-    for name, value in (QUICK if args.quick else full).items():
+    counts = QUICK if args.quick else full
+    if args.arch in FAMILIES:
+        counts = {**counts, **(VISUAL_QUICK if args.quick else VISUAL_FULL)}
+    for name, value in counts.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.mi_measure_epochs = min(args.mi_measure_epochs, args.mi_epochs)
     args.probe_measure_epochs = min(args.probe_measure_epochs, args.probe_epochs)
     for name in ('width', 'steps', 'batch_size', 'badencoder_batch_size', 'mi_batch_size', 'mi_images', 'mi_epochs',
                  'mi_measure_epochs', 'probe_features', 'probe_test_features', 'probe_classes', 'probe_batch_size',
-                 'probe_epochs', 'probe_measure_epochs', 'knn_bank', 'knn_queries'):
-        require_positive(f'--{name}', getattr(args, name))
+                 'probe_epochs', 'probe_measure_epochs', 'knn_bank', 'knn_queries', 'visual_batch_size'):
+        if getattr(args, name) is not None:  # --visual_batch_size is set only for a real-world family
+            require_positive(f'--{name}', getattr(args, name))
     if args.warmup < 0 or args.num_workers < 0 or args.threads < 0:
         raise UsageError('--warmup, --num_workers and --threads must be 0 or positive')
     if args.mimic_batch_size < 2:
@@ -433,6 +454,53 @@ def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: b
     return {'probe_group_speedup': speedup, 'probe_group_epoch_s': group_epoch}
 
 
+def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
+    """A real-world family at its input size (random weights): the tower's feature pass, as stage 3 encodes a
+    downstream set, and one MIMIC distillation step (MIMIC.distillation_losses, backward, Adam), each timed over
+    --steps steps after --warmup, on random normalised 224-pixel views."""
+    teacher = to_channels_last(VisualEncoder(args.arch).to(device), device).eval().requires_grad_(False)
+    student = to_channels_last(VisualEncoder(args.arch).to(device), device).train()
+    size, generator = teacher.input_size, torch.Generator().manual_seed(args.seed)
+
+    def views(batch: int) -> torch.Tensor:
+        x = torch.randn(batch, 3, size, size, generator=generator).to(device)  # (B, 3, 224, 224)
+        return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' else x
+
+    def timed(step: Callable[[], object]) -> float:
+        for _ in range(args.warmup):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        return (time.perf_counter() - start) / args.steps
+
+    x = views(args.visual_batch_size)
+
+    @torch.no_grad()
+    def encode() -> None:
+        with autocast(device, args.amp):
+            teacher.f(x)
+    feature_s = timed(encode)
+
+    run_args = stage_args(MIMIC, args, args.mimic_batch_size, device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=run_args.lr, weight_decay=1e-6)
+    opt_weights, _, _ = layer_weights([1.0] * 4, [run_args.opt1, run_args.opt2, run_args.opt3, run_args.opt4])
+    x1, x2 = views(args.mimic_batch_size), views(args.mimic_batch_size)
+
+    def distil() -> None:
+        loss, _ = MIMIC.distillation_losses(student, teacher, x1, x2, opt_weights, run_args.opt5, run_args.knn_t,
+                                            precision=lambda: autocast(device, args.amp))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    step_s = timed(distil)
+    return {'visual_feature_img_per_s': args.visual_batch_size / feature_s,
+            'visual_mimic_img_per_s': args.mimic_batch_size / step_s, 'visual_mimic_step_s': step_s,
+            'input_size': size, 'feature_dim': FAMILIES[args.arch].feature_dim}
+
+
 @torch.no_grad()
 def bench_knn(args: argparse.Namespace, device: torch.device, encode_img_per_s: float) -> dict:
     """The stage-0 kNN monitor (common.features.knn_monitor): encoding the CIFAR10 train and test images, at
@@ -520,6 +588,8 @@ def image_pool(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
 def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
     disable = args.no_progress or os.environ.get('TQDM_DISABLE') == '1'
+    if args.arch in FAMILIES:
+        return bench_visual(args, device)
     images, _ = image_pool(args)
     figures = {}
     for stage, run in (('stage 0: SimCLR', lambda: bench_simclr(images, args, device, disable)),
@@ -536,8 +606,20 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> dict:
     return figures
 
 
+def context(args: argparse.Namespace, device: torch.device, wall_seconds: float) -> dict:
+    """Where and how a line was measured."""
+    return {'device': str(device), 'device_name': device_name(device), 'cpu_model': cpu_model(),
+            'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(), 'torch': torch.__version__,
+            'arch': args.arch, 'amp': args.amp and device.type == 'cuda', 'quick': args.quick,
+            'warmup_steps': args.warmup, 'steps': args.steps, 'commit': git_commit(), 'wall_s': wall_seconds}
+
+
 def report(figures: dict, args: argparse.Namespace, device: torch.device, wall_seconds: float) -> dict:
-    """The JSON line: the five figures first, then the forward counts, the derived figures and the context."""
+    """The JSON line: the five figures first, then the forward counts, the derived figures and the context (a
+    real-world family's line: its figures, batches and the context)."""
+    if args.arch in FAMILIES:
+        return {**figures, 'batch_size': {'feature': args.visual_batch_size, 'mimic': args.mimic_batch_size},
+                **context(args, device, wall_seconds)}
     extrapolated = extrapolated_figures(args)
     return {
         **{key: figures[key] for key in FIGURES},

@@ -49,6 +49,17 @@ def test_quick_run_prints_the_figures_as_one_json_line():
         math.isfinite(value) and value > 0 for value in figures['probe_group_speedup'].values())
 
 
+def test_a_real_world_family_reports_its_feature_pass_and_mimic_step(capsys):
+    # in-process: a torchvision ResNet-18 at 224 pixels, batch 2, one timed step each
+    benchmark.main(['--arch', 'torchvision_resnet18', '--quick', '--device', 'cpu', '--steps', '1', '--warmup', '0'])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ('visual_feature_img_per_s', 'visual_mimic_img_per_s', 'visual_mimic_step_s'):
+        assert math.isfinite(figures[key]) and figures[key] > 0, key
+    assert math.isclose(figures['visual_mimic_img_per_s'] * figures['visual_mimic_step_s'], 2)
+    assert (figures['input_size'], figures['feature_dim'], figures['arch']) == (224, 512, 'torchvision_resnet18')
+    assert figures['batch_size'] == {'feature': 2, 'mimic': 2} and figures['device'] == 'cpu'
+
+
 def test_bad_count_is_a_one_line_error():
     result = run_script('scripts/benchmark.py', *TINY, '--mi_images', '4', timeout=60)
     assert result.returncode == 2 and result.stdout == ''
