@@ -34,18 +34,18 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (StageParser, UsageError, print_args, progress_disabled, require_positive, resume_flags,
-                        run_main, SameOnResume, seed_everything, shared_parser)
+from common.cli import (StageParser, UsageError, add_arch_argument, print_args, progress_disabled, require_positive,
+                        resume_flags, run_main, SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile
 from common.runs import prepare_results_dir, write_json
 from datasets import pretraining_names
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
                             MI_DATA, load_clean_subset, load_mi_images,
-                            distillation_modes, distillation_step, estimate_mi, load_teacher,
+                            distillation_modes, distillation_step, estimate_mi, load_suspect_for, load_teacher,
                             locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
                             uniform_layer_weights)
 from defences.training import DefenceRun, Phase
-from models import SimCLR, input_normalization
+from models import USAGE_INFO_FAMILIES, SimCLR, encoder_input_size, encoder_normalization
 
 CHECKPOINT_PATTERN = 'model{}.pth'
 
@@ -74,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='kept from the original command line; MIMIC has no kNN monitor (default: 200)')
     same.add_argument('--teacher', default='', type=str, metavar='PATH',
                       help='the suspect (backdoored) encoder checkpoint (required)')
+    same.add_argument('--encoder_usage_info', default='', choices=('', *USAGE_INFO_FAMILIES),
+                      help="a real-world teacher, as the released code names it: CLIP (CLIP's RN50 image encoder) or "
+                           "imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px input replace "
+                           "--pretraining_dataset's (default: read off the teacher's file)")
+    add_arch_argument(parser)
     same.add_argument('--student', default='', type=str, metavar='PATH',
                       help='start the student from this checkpoint (same architecture as the teacher) '
                            '(default: fresh random initialisation, as the paper)')
@@ -143,7 +148,7 @@ def layer_weights_once(args: argparse.Namespace, run: DefenceRun, teacher: SimCL
             write_json(run.results_dir / 'mi.json', {'mi_model': None, 'layer_weights': 'uniform', **report})
             return {'opt': report['opt'], 'mi': {}}
         measured = teacher if args.mi_model == 'teacher' else student
-        mi_images, mi_source = load_mi_images(args, info, clean)
+        mi_images, mi_source = load_mi_images(args, info, clean, encoder_input_size(measured))
         if args.mi_data != 'subset':
             print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
         report = locate_benign_knowledge(measured, mi_images, run.normalization, base=base, mi_epochs=args.mi_epochs,
@@ -177,24 +182,27 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
-    # Data: the clean subset D of the pre-training split, normalised as the teacher expects.
-    info, clean = load_clean_subset(args)
-
-    # Models: the frozen teacher and a student of the same architecture.
-    teacher = load_teacher(args.teacher, device, args.pretraining_dataset)
+    # Models: the frozen teacher (with, for a real-world encoder, its file's layout) and a fresh student of its config.
+    teacher, layout = load_suspect_for(args, device)
     student = build_student(teacher, args.student, device)
+    if layout is not None:
+        args.arch = teacher.family  # args.json and the checkpoints name the family, read off the file or not
+
+    # Data: the clean subset D of the pre-training split (or --data_dir's images), at the teacher's input size.
+    info, clean = load_clean_subset(args, encoder_input_size(teacher))
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-6)
 
     prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
     write_json(results_dir / 'args.json', vars(args))
-    print(f'clean subset: {len(clean)} images of {info.name}/{info.pretraining_split} ({args.subset}); '
-          f'teacher {teacher.config} on {device}')
+    source = f'{info.name}/{info.pretraining_split}' if layout is None else f'{args.data_dir or info.name} at {clean.shape[1]} px'
+    print(f'clean subset: {len(clean)} images of {source} ({args.subset}); '
+          f'teacher {teacher.config}{f" ({layout.format} layout)" if layout else ""} on {device}')
 
     # The layer weights (docs/DESIGN.md §6.1-6.2), once before distillation; then the distillation (§6.3).
-    run = DefenceRun(args, input_normalization(teacher, info.normalization), device, results_dir,
-                     resume_flags(parser))
+    run = DefenceRun(args, encoder_normalization(teacher, info.normalization), device, results_dir,
+                     resume_flags(parser), layout)
     weights = layer_weights_once(args, run, teacher, student, info, clean)
     if args.resume:
         print(f"layer weights of the interrupted run: opt {weights['opt']}")

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from models import ARCHITECTURES, FAMILIES, USAGE_INFO_FAMILIES, resolve_family
+
 from . import distributed
 from .errors import EXPECTED_ERRORS, NonFiniteLossError, UsageError
 
@@ -64,8 +66,9 @@ def shared_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('shared options')
     group.add_argument('--data_dir', default='', type=str, metavar='DIR',
-                       help="folder holding <split>.npz of the stage's main dataset "
-                            '(default: <data_root>/<dataset>/)')
+                       help="folder holding <split>.npz of the stage's main dataset, or a folder of images of any "
+                            'size (flat: unlabelled; <class>/ sub-folders: labelled; a downstream task: train/<class>/ '
+                            "and test/<class>/), resized to the encoder's input (default: <data_root>/<dataset>/)")
     group.add_argument('--data_root', default='data', type=str, metavar='DIR',
                        help='folder holding one sub-folder per prepared dataset (default: data)')
     group.add_argument('--results_dir', default='', type=str, metavar='PATH',
@@ -88,6 +91,26 @@ def shared_parser() -> argparse.ArgumentParser:
                             'some speed cost (CPU runs are reproducible either way)')
     group.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     return parser
+
+
+def add_arch_argument(container, same_on_resume_too: bool = True) -> argparse.Action:
+    """`--arch`: the encoder family of a real-world encoder (models.FAMILIES), beside --encoder_usage_info CLIP|imagenet
+    (the released code's names); a CIFAR-style architecture is checked against the checkpoint."""
+    action = container.add_argument(
+        '--arch', default='', choices=('', *FAMILIES, *ARCHITECTURES), metavar='FAMILY',
+        help='the encoder family, for a real-world encoder whose file does not say (one of '
+             f"{', '.join(FAMILIES)}; --encoder_usage_info {'|'.join(USAGE_INFO_FAMILIES)} names two of them); "
+             "a CIFAR SimCLR's architecture (resnet18, ...) is checked against its checkpoint (default: read off the file)")
+    return same_on_resume(action) if same_on_resume_too else action
+
+
+def encoder_family(args: argparse.Namespace) -> str | None:
+    """The real-world encoder family --encoder_usage_info and --arch ask for (models.resolve_family); None: the file
+    decides (a CIFAR SimCLR, or a real-world encoder read off its keys)."""
+    try:
+        return resolve_family(getattr(args, 'encoder_usage_info', '') or None, getattr(args, 'arch', '') or None)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def data_dir_for(args: argparse.Namespace, name: str, primary: bool = True) -> Path:

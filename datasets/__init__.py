@@ -3,7 +3,8 @@
 Command-line tools: `python -m datasets.prepare` (prepared npz sets), `python -m datasets.poison` (a poisoned
 copy of a pre-training split; not imported here, it builds on common.cli).
 """
-from .npz import load_split, read_npz
+from .folders import ImagesAtSize, ImageTask, is_image_folder, read_task, resize_images
+from .npz import load_images, load_split, read_npz
 from .registry import (DATASETS, DataError, DatasetInfo, default_data_dir, get_info, pretraining_names,
                        split_path)
 from .torch_datasets import ImagePairs, LabeledImages, ShadowImages, triggered_copy
@@ -11,6 +12,7 @@ from .transforms import finetune_transform, normalize_batch, simclr_transform, t
 from .triggers import Reference, Trigger, apply_trigger, load_reference, load_trigger
 
 __all__ = ['DATASETS', 'DataError', 'DatasetInfo', 'default_data_dir', 'get_info', 'pretraining_names',
-           'split_path', 'load_split', 'read_npz', 'ImagePairs', 'LabeledImages', 'ShadowImages',
+           'split_path', 'load_split', 'load_images', 'read_npz', 'ImagesAtSize', 'ImageTask', 'is_image_folder',
+           'read_task', 'resize_images', 'ImagePairs', 'LabeledImages', 'ShadowImages',
            'triggered_copy', 'finetune_transform', 'normalize_batch', 'simclr_transform',
            'test_transform', 'Reference', 'Trigger', 'apply_trigger', 'load_reference', 'load_trigger']

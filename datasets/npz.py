@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .folders import ImagesAtSize, empty_folder_note, is_image_folder, read_labelled, read_unlabelled
 from .registry import UNLABELED_SPLITS, DataError, get_info, split_path
 
 
@@ -74,18 +75,42 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, path: Path | str) -> n
     return y
 
 
-def load_split(name: str, split: str, data_dir: str | Path | None = None,
+def load_split(name: str, split: str, data_dir: str | Path | None = None, image_size: int | None = None,
                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(x uint8 (N, H, W, 3), y int64 (N,)) of a prepared split; y is None for unlabelled splits."""
+    """(x uint8 (N, H, W, 3), y int64 (N,)) of a prepared split; y is None for unlabelled splits.
+
+    `data_dir` holds `<split>.npz`, or is an image folder (datasets/folders.py: FOLDER/<split>/<class>/* for a
+    labelled split). `image_size` None: the registry's size, which an npz must have; a size: images of any size,
+    at that size (an encoder's input size, docs/DESIGN.md §2.5): an image folder's read at it, an npz's of another
+    size as `datasets.folders.ImagesAtSize`, whose slices come resized.
+    """
     info = get_info(name)
     if split not in info.splits:
         raise DataError(f"dataset '{name}' has no split '{split}' (it has {list(info.splits)})")
+    unlabeled = split in UNLABELED_SPLITS
+    if data_dir is not None and is_image_folder(data_dir):
+        size = image_size or info.image_size
+        if unlabeled:
+            return read_unlabelled(data_dir, size, split), None
+        x, y, classes = read_labelled(data_dir, size, split)
+        return x, check_labels(y, len(x), info.num_classes, Path(data_dir) / split)
     path = split_path(name, split, data_dir)
     if not path.is_file():
-        raise DataError(f'{path}: no such file; {prepare_hint(name)}')
-    unlabeled = split in UNLABELED_SPLITS
+        raise DataError(f'{path}: no such file{empty_folder_note(data_dir)}; {prepare_hint(name)}')
     arrays = read_npz(path, ('x',) if unlabeled else ('x', 'y'))
-    x = check_images(arrays['x'], path, info.image_size)
+    x = check_images(arrays['x'], path, None if image_size else info.image_size)
+    if image_size and x.shape[1:3] != (image_size, image_size):
+        x = ImagesAtSize(x, image_size)  # resized slice by slice, when taken: a subset never resizes the whole split
     if unlabeled:
         return x, None
     return x, check_labels(arrays['y'], len(x), info.num_classes, path)
+
+
+def load_images(name: str, split: str, data_dir: str | Path | None = None, image_size: int | None = None,
+                ) -> np.ndarray:
+    """The images of a split: an npz split's `x`, or every image of an image folder, flat or in class sub-folders,
+    their labels unread (MIMIC's D, a defence's D, a shadow set); `image_size` as `load_split`."""
+    info = get_info(name)
+    if data_dir is not None and is_image_folder(data_dir):
+        return read_unlabelled(data_dir, image_size or info.image_size, split)
+    return load_split(name, split, data_dir, image_size)[0]

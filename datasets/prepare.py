@@ -3,6 +3,7 @@ sets from a seed.
 
     python -m datasets.prepare synthetic_shapes synthetic_digits                  # offline, seconds
     python -m datasets.prepare cifar10 stl10 gtsrb svhn --root ~/raw --download   # real sets
+    python -m datasets.prepare cifar10_224                                        # from <out>/cifar10/*.npz
 
 Raw files (--root, default data/raw) are read in torchvision's own layout, so a folder torchvision
 downloaded into before works as it is:
@@ -38,6 +39,11 @@ in one fixed random order (numpy's default_rng(--seed).permutation), recorded in
 and `y`), with one printed line. --keep_order writes such splits as read. Splits whose labels are not sorted
 are written as read.
 
+`cifar10_224`, the released code's shadow set for the 224-pixel encoders (its `data/cifar10/train_224.npz`), is
+made from the prepared CIFAR10 (`<out>/cifar10/{train,test}.npz`, prepared first): every image resized to 224x224
+with PIL's bicubic filter (`datasets.folders.resize_images`, the one resize of images to an encoder's size; the
+released files' filter is not recorded), labels and order unchanged.
+
 Existing npz files are never overwritten without --force. Every split of a dataset is written to a
 temporary folder beside its destination, checked with `datasets.load_split`, then renamed into place.
 """
@@ -60,6 +66,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, GTSRB, STL10, SVHN
 from tqdm import tqdm
 
+from .folders import resize_images
 from .npz import load_split
 from .registry import DATASETS, UNLABELED_SPLITS, DataError, get_info
 from .synthetic import synthetic_splits
@@ -362,6 +369,19 @@ def read_real(name: str, root: Path, download: bool, verified: bool, progress: b
     return splits
 
 
+def resize_prepared(name: str, out: Path, progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Every split of a `resized_from` set: its source's prepared split under `out`, resized to the set's size."""
+    info = get_info(name)
+    splits = {}
+    for split in info.splits:
+        x, y = load_split(info.resized_from, split, out / info.resized_from)
+        resized = np.empty((len(x), info.image_size, info.image_size, 3), dtype=np.uint8)  # 7.5 GB for CIFAR10
+        for start in tqdm(range(0, len(x), 1000), desc=f'{name}/{split}', disable=not progress):
+            resized[start:start + 1000] = resize_images(x[start:start + 1000], info.image_size)
+        splits[split] = (resized, y)
+    return splits
+
+
 # ---------------------------------------------------------------------------------------------------
 # Synthetic sets
 # ---------------------------------------------------------------------------------------------------
@@ -427,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
     progress = not args.no_progress and os.environ.get('TQDM_DISABLE') != '1'
     sizes = parse_sizes(args.sizes)
-    real = [name for name in names if not get_info(name).synthetic]
+    real = [name for name in names if not get_info(name).synthetic and not get_info(name).resized_from]
     if sizes and real:
         raise DataError(f'--sizes applies to the synthetic sets only, not to {real[0]}')
 
@@ -444,10 +464,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if get_info(name).synthetic:
             splits = make_synthetic_splits(name, sizes, args.seed, progress)
+        elif get_info(name).resized_from:
+            splits = resize_prepared(name, out, progress)
         else:
             splits = read_real(name, root, args.download, verified[name], progress)
         extra = {}
-        if not args.keep_order:
+        if not args.keep_order and not get_info(name).resized_from:  # a resized set keeps its source's order
             splits, extra = reorder_splits(name, splits, args.seed)
         write_dataset(name, out / name, splits, extra)
         for split, (x, y) in splits.items():

@@ -23,6 +23,7 @@ GTSRB_CLASSES = (
     'End of all speed and passing limits', 'Turn right ahead', 'Turn left ahead', 'Ahead only',
     'Go straight or right', 'Go straight or left', 'Keep right', 'Keep left', 'Roundabout mandatory',
     'End of no passing', 'End of no passing for vehicles over 3.5t')
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 SHAPES = ('disc', 'ring', 'square', 'frame', 'triangle', 'cross', 'horizontal stripes',
           'vertical stripes', 'checkerboard', 'diagonal stripes')
@@ -38,6 +39,7 @@ class DatasetInfo:
     pretraining_split: str = 'train'  # the split SimCLR pre-trains on and BadEncoder shadows
     synthetic: bool = False
     extra: dict = field(default_factory=dict)
+    resized_from: str | None = None  # prepared from this set's npz splits, resized to image_size
 
     @property
     def num_classes(self) -> int:
@@ -49,8 +51,7 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
-    DatasetInfo('cifar10', ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                            'ship', 'truck'),
+    DatasetInfo('cifar10', CIFAR10_CLASSES,
                 {'train': 50000, 'test': 10000},
                 ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))),
     DatasetInfo('stl10', ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship',
@@ -58,6 +59,10 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
                 {'train': 5000, 'test': 8000, 'train_unlabeled': 100000},
                 ((0.44087798, 0.42790666, 0.38678814), (0.25507198, 0.24801506, 0.25641308)),
                 pretraining_split='train_unlabeled'),
+    # The released code's shadow set for the 224-pixel encoders (CLIP, ImageNet): CIFAR10's images at 224, its
+    # data/cifar10/train_224.npz (docs/DESIGN.md §2.5); normalised as the encoder expects, like every set here.
+    DatasetInfo('cifar10_224', CIFAR10_CLASSES, {'train': 50000, 'test': 10000}, image_size=224,
+                resized_from='cifar10'),
     DatasetInfo('gtsrb', GTSRB_CLASSES, {'train': 39209, 'test': 12630}),
     DatasetInfo('svhn', DIGITS, {'train': 73257, 'test': 26032}),
     # The project's own offline sets (datasets/synthetic.py). The normalisation of the synthetic

@@ -19,20 +19,23 @@ the attention and clone terms, means over the samples, average over the processe
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Callable, ContextManager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import UsageError, data_dir_for
+from common.cli import UsageError, data_dir_for, encoder_family
 from common.device import autocast
 from common.engine import train_steps
 from common.fastpath import to_channels_last
-from datasets import get_info, load_split, normalize_batch
-from models import TAPPED_LAYERS, CheckpointError, SimCLR, load_encoder
+from datasets import get_info, load_images, normalize_batch
+from models import (ARCHITECTURES, TAPPED_LAYERS, CheckpointError, Layout, SimCLR, VisualEncoder, build_encoder, encoder_input_size,
+                    load_any_encoder)
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
@@ -62,11 +65,13 @@ def select_images(images: np.ndarray, count: int, subset: str, seed: int) -> np.
     return images[indices]
 
 
-def load_clean_subset(args) -> tuple:
+def load_clean_subset(args, image_size: int | None = None) -> tuple:
     """(the pre-training set's DatasetInfo, D): --ratio/--subset of its pre-training split under --data_dir or
-    --data_root, the clean subset MIMIC.py and every baseline defence take."""
+    --data_root (npz files, or an image folder), the clean subset MIMIC.py and every baseline defence take; at
+    `image_size` when given (a real-world encoder's input: D alone is resized, docs/DESIGN.md §2.5)."""
     info = get_info(args.pretraining_dataset)
-    images, _ = load_split(info.name, info.pretraining_split, data_dir_for(args, info.name))
+    data_dir = data_dir_for(args, info.name)
+    images = load_images(info.name, info.pretraining_split, data_dir, image_size)
     return info, clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
                               f'{info.name}/{info.pretraining_split}')
 
@@ -75,7 +80,7 @@ MI_DATA = ('subset', 'labelled')
 LABELLED_SPLIT = 'train'  # the labelled training split of every pre-training set (STL10: 5000 images)
 
 
-def load_mi_images(args, info, clean: np.ndarray) -> tuple[np.ndarray, str]:
+def load_mi_images(args, info, clean: np.ndarray, image_size: int | None = None) -> tuple[np.ndarray, str]:
     """(the images the MI step is measured on, where they come from), chosen by --mi_data:
 
     - `subset` (the paper, our default): D itself, the images the student is distilled on;
@@ -88,7 +93,7 @@ def load_mi_images(args, info, clean: np.ndarray) -> tuple[np.ndarray, str]:
     source = f'{info.name}/{info.pretraining_split}'
     if args.mi_data == 'subset' or info.pretraining_split == LABELLED_SPLIT:
         return clean, source
-    images, _ = load_split(info.name, LABELLED_SPLIT, data_dir_for(args, info.name))
+    images = load_images(info.name, LABELLED_SPLIT, data_dir_for(args, info.name), image_size)
     source = f'{info.name}/{LABELLED_SPLIT}'
     count = int(args.ratio * len(images))
     if count < 2:
@@ -97,27 +102,76 @@ def load_mi_images(args, info, clean: np.ndarray) -> tuple[np.ndarray, str]:
     return select_images(images, count, args.subset, args.seed), source
 
 
-def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> SimCLR:
-    """The suspect encoder, loaded safely, in eval mode and frozen: it never receives a gradient."""
-    teacher, checkpoint = load_encoder(path)
+def load_suspect(path: str, device: torch.device, pretraining_dataset: str | None = None, *,
+                 family: str | None = None, arch: str | None = None, resume: bool = False,
+                 ) -> tuple[torch.nn.Module, Layout | None]:
+    """(the suspect encoder at `path`, loaded safely, in eval mode and frozen, and for a real-world encoder the
+    `Layout` of its file, in which its purified copies are written; None for a CIFAR SimCLR).
+
+    `family` (from --encoder_usage_info CLIP|imagenet or --arch: `common.cli.encoder_family`) and `arch` as
+    `models.load_any_encoder`; None: read off the file. A bare or openai file holds tensors only, so the
+    checkpoints written in its layout carry no run state: `resume` is refused for it.
+    """
+    teacher, checkpoint = load_any_encoder(path, family, arch)
+    layout = checkpoint.get('layout') if isinstance(teacher, VisualEncoder) else None
+    if layout is not None and layout.format in ('bare', 'openai') and resume:
+        raise UsageError(f'--resume: {path} is a {layout.format} state_dict (tensors only), and the purified '
+                         'encoders are written in its layout: they hold no run state to resume from')
     recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
         (checkpoint.get('args') or {}).get('pretraining_dataset')
-    if pretraining_dataset and recorded and recorded != pretraining_dataset:
+    if layout is None and pretraining_dataset and recorded and recorded != pretraining_dataset:
         print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
               f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
     teacher.eval().requires_grad_(False)
-    return to_channels_last(teacher.to(device), device)
+    return to_channels_last(teacher.to(device), device), layout
 
 
-def build_student(teacher: SimCLR, student_path: str, device: torch.device) -> SimCLR:
-    """A freshly initialised SimCLR of the teacher's config, or --student's weights (same config)."""
+def load_suspect_for(args, device: torch.device) -> tuple[torch.nn.Module, Layout | None]:
+    """`load_suspect` of --teacher with the flags of MIMIC.py and baseline_defence.py."""
+    return load_suspect(args.teacher, device, args.pretraining_dataset, family=encoder_family(args),
+                        arch=args.arch if args.arch in ARCHITECTURES else None, resume=args.resume)
+
+
+def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> torch.nn.Module:
+    """The suspect encoder at `path`, its family read off the file (`load_suspect`)."""
+    return load_suspect(path, device, pretraining_dataset)[0]
+
+
+def build_student(teacher: torch.nn.Module, student_path: str, device: torch.device) -> torch.nn.Module:
+    """A freshly initialised encoder of the teacher's config (a SimCLR, or a real-world encoder of its family), or
+    --student's weights (same config)."""
     if not student_path:
-        return to_channels_last(SimCLR(**teacher.config).to(device), device)
-    student, _ = load_encoder(student_path)
+        return to_channels_last(build_encoder(teacher.config).to(device), device)
+    student, _ = load_any_encoder(student_path, teacher.config.get('family'))
     if student.config != teacher.config:
         raise CheckpointError(f'{student_path}: the student is {student.config} but the teacher is '
                               f'{teacher.config}; they must have the same architecture')
     return to_channels_last(student.to(device), device)
+
+
+MI_INPUTS = 64 * 32 * 32  # the largest tap of the paper's CIFAR ResNet18 (layer1: 64 x 32 x 32)
+
+
+def mi_pool_size(channels: int, height: int, width: int, max_inputs: int = MI_INPUTS) -> int:
+    """The side s of the square map a real-world encoder's tap is average-pooled to before the MI step (§6.1):
+
+        s = min(⌊√(max_inputs / C)⌋, H, W)
+
+    the largest s with C·s² ≤ max_inputs = 65,536, and never larger than the tap itself. CLIP RN50 at 224 px:
+    256x56x56 → 16 (65,536 inputs), 512x28x28 → 11, 1024x14x14 → 8, 2048x7x7 → 5. The released code flattens
+    each tap whole: 802,816 inputs for layer1, a statistics network of 411M weights (docs/DESIGN.md §15.1).
+    """
+    return max(1, min(math.isqrt(max_inputs // channels), height, width))
+
+
+def mi_input(tap: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """A tap (B, C, H, W) flattened for the statistics network: (B, C·s²) after adaptive average pooling to
+    `mi_pool_size` when `pooled` (a real-world encoder), else (B, C·H·W) as it is (a CIFAR SimCLR, as the paper)."""
+    if pooled:
+        side = mi_pool_size(*tap.shape[1:])
+        if (side, side) != tuple(tap.shape[2:]):
+            tap = F.adaptive_avg_pool2d(tap, side)  # (B, C, s, s)
+    return torch.flatten(tap, start_dim=1)
 
 
 @torch.no_grad()
@@ -125,10 +179,12 @@ def tapped_representations(model: SimCLR, images: np.ndarray, normalization, bat
                            device: torch.device, disable_progress: bool = False,
                            ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One eval-mode pass over the un-augmented images (docs/DESIGN.md §6.1): flattened tapped-layer outputs
-    [(N, C_l·H_l·W_l) for each l] and the normalised feature z (N, d), all left on `device`.
+    [(N, C_l·H_l·W_l) for each l; a real-world encoder's pooled first, `mi_input`] and the normalised feature z
+    (N, d), all left on `device`.
 
     The network is frozen and D is not augmented, so these pairs are fixed and computed once.
     """
+    pooled = isinstance(model, VisualEncoder)
     was_training = model.training
     model.eval()
     taps, features = [[] for _ in TAPPED_LAYERS], []
@@ -138,7 +194,7 @@ def tapped_representations(model: SimCLR, images: np.ndarray, normalization, bat
         feature, _, batch_taps = model(x, return_taps=True)  # (B, d), [(B, C_l, H_l, W_l)]
         features.append(feature)
         for cache, tap in zip(taps, batch_taps):
-            cache.append(torch.flatten(tap, start_dim=1))  # (B, C_l·H_l·W_l)
+            cache.append(mi_input(tap, pooled))  # (B, C_l·H_l·W_l), or (B, C_l·s_l²) pooled
     model.train(was_training)
     return [torch.cat(cache) for cache in taps], torch.cat(features)
 
@@ -165,9 +221,17 @@ def locate_benign_knowledge(model: SimCLR, images: np.ndarray, normalization, *,
                                                   generator=generator, on_epoch=on_epoch, nonfinite=counts[name])
     opt, weights, fell_back = layer_weights([mi[name] for name in LAYER_NAMES], base)
     return {'mi': mi, 'weights': weights, 'opt': opt, 'base': list(base), 'fell_back': fell_back,
-            'layers': RESNET_STAGES, 'history': history,
+            'layers': tapped_layer_names(model), 'history': history,
             'nonfinite': {name: c.total_estimates for name, c in counts.items()},
             'nonfinite_losses': {name: c.total_losses for name, c in counts.items()}}
+
+
+def tapped_layer_names(model: torch.nn.Module) -> dict[str, str]:
+    """{layer3..layer6: the module it is}: f.f.3 .. f.f.6 of a CIFAR SimCLR, visual.layer1 .. visual.layer4 of a
+    real-world encoder."""
+    if not isinstance(model, VisualEncoder):
+        return RESNET_STAGES
+    return {name: module for name, module in zip(LAYER_NAMES, model.tapped_modules)}
 
 
 def uniform_layer_weights(base: list[float]) -> dict:

@@ -26,9 +26,14 @@ from common import distributed
 from common.cli import progress_disabled
 from common.engine import StepLoss, Training, nt_xent_step, train_steps
 from common.fastpath import device_copy, pair_batches
-from common.runs import checkpoint_epochs
+from common.runs import checkpoint_epochs, rng_state
 from datasets import ImagePairs, simclr_transform
-from models import CheckpointError, load_checkpoint
+from models import CheckpointError, Layout, load_checkpoint, save_in_layout
+
+# Where a checkpoint written in a real-world encoder's layout keeps the whole model (tower and projection head, the
+# keys `Training.resume` loads): its 'state_dict' is the tower alone, as the released code reads it. The tensors are
+# the same objects, which torch.save stores once.
+RESUME_WEIGHTS = 'encoder_state_dict'
 
 
 @dataclass
@@ -61,6 +66,7 @@ class DefenceRun:
     device: torch.device
     results_dir: Path
     must_match: dict[str, object] = field(default_factory=dict)  # {flag: default}: common.cli.resume_flags
+    layout: Layout | None = None  # a real-world suspect's file layout: every checkpoint is written in it (§3.1)
 
     @property
     def disable_progress(self) -> bool:
@@ -100,10 +106,12 @@ class DefenceRun:
         returns the finished `common.engine.Training` (its `rows`, and `resumed_at`, the epoch it continued)."""
         training = Training(phase.model, phase.optimizer, self.args, epochs, self.results_dir,
                             pattern=phase.checkpoint_pattern, log_name=phase.log_name,
-                            label='' if phase.log_name == 'log.csv' else phase.name, desc=phase.name)
+                            label='' if phase.log_name == 'log.csv' else phase.name, desc=phase.name,
+                            writer=None if self.layout is None else lambda epoch: self.write_in_layout(
+                                training, phase, epoch))
         latest = self.latest(phase.checkpoint_pattern)
         if latest is not None:
-            training.resume(latest, self.must_match)
+            training.resume(latest, self.must_match, weights=RESUME_WEIGHTS if self.layout else 'state_dict')
         pairs = ImagePairs(images, simclr_transform(self.normalization, images.shape[1]))
         device_images = device_copy(pairs, self.args, self.device)  # the fast path keeps D on the device
 
@@ -114,6 +122,17 @@ class DefenceRun:
                                desc=f'{phase.name} epoch {epoch}', disable_progress=self.disable_progress)
         training.fit(train_epoch, checkpoint_keys=lambda epoch: phase.checkpoint_extra)
         return training
+
+
+    def write_in_layout(self, training: Training, phase: Phase, epoch: int) -> None:
+        """The epoch's checkpoint of a real-world encoder, in its suspect's layout (models.save_in_layout): the file
+        the released code loads strictly, with the run's state beside it in the released layouts (the bare and
+        openai layouts hold the tower's tensors alone)."""
+        if not distributed.is_main():
+            return
+        save_in_layout(phase.model, self.layout, self.results_dir / phase.checkpoint_pattern.format(epoch), epoch=epoch,
+                       optimizer=phase.optimizer, args=vars(self.args), rng=rng_state(), log=training.rows,
+                       **{RESUME_WEIGHTS: phase.model.state_dict()}, **phase.checkpoint_extra)
 
 
 def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 
-from .simclr import PROJECTION_HIDDEN, SimCLR
+from .simclr import PROJECTION_HIDDEN, SimCLR, input_normalization
 
 CLIP_NORMALIZATION = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -295,6 +295,20 @@ class VisualEncoder(nn.Module):
         return (*out, taps) if return_taps else out
 
 
+def encoder_normalization(model: nn.Module, normalization: tuple) -> tuple:
+    """The (mean, std) every stage applies to `model`'s inputs: a real-world encoder's own (its family's, whatever
+    the data), else `models.input_normalization(model, normalization)` (its pre-training set's, or none)."""
+    if isinstance(model, VisualEncoder):
+        return model.normalization
+    return input_normalization(model, normalization)
+
+
+def encoder_input_size(model: nn.Module) -> int | None:
+    """The image size a real-world encoder takes (224): every image it sees is brought to it; None for a CIFAR
+    SimCLR, which takes its data at the data's own size (32)."""
+    return model.input_size if isinstance(model, VisualEncoder) else None
+
+
 def build_encoder(config: dict) -> nn.Module:
     """The model a recorded config describes: a VisualEncoder when it names a `family`, else models.SimCLR."""
     if 'family' in config:
@@ -304,4 +318,5 @@ def build_encoder(config: dict) -> nn.Module:
 
 __all__ = ['FAMILIES', 'USAGE_INFO_FAMILIES', 'EncoderFamily', 'VisualEncoder', 'ModifiedResNet', 'ResNetTower',
            'AttentionPool2d', 'CLIPBottleneck', 'TAPPED_STAGES', 'CLIP_NORMALIZATION', 'IMAGENET_NORMALIZATION',
-           'UNIT_NORMALIZATION', 'build_encoder', 'family_of', 'resolve_family']
+           'UNIT_NORMALIZATION', 'build_encoder', 'encoder_input_size', 'encoder_normalization', 'family_of',
+           'resolve_family']

@@ -44,7 +44,8 @@ def test_registry_facts():
     assert get_info('stl10').pretraining_split == 'train_unlabeled'
     assert {'cifar10', 'stl10'} <= set(pretraining_names())
     assert not {'gtsrb', 'svhn'} & set(pretraining_names())
-    assert all(info.image_size == 32 for info in DATASETS.values())
+    assert all(info.image_size == 32 for info in DATASETS.values() if info.resized_from is None)
+    assert get_info('cifar10_224').image_size == 224 and get_info('cifar10_224').resized_from == 'cifar10'
 
 
 def test_unknown_dataset_name():
