@@ -35,16 +35,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, print_args, progress_disabled,
-                        require_positive, resume_flags, run_main, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, data_dir_for, encoder_family,
+                        print_args, progress_disabled, require_positive, resume_flags, run_main, seed_everything,
+                        shared_parser)
 from common.device import autocast, resolve_device
 from common.engine import Training, train_steps
 from common.features import encode_images
 from common.runs import (check_resumable, checked_checkpoints, checkpoint_epochs, prepare_results_dir,
                          restore_optimizer, rng_state, write_json)
-from datasets import (DATASETS, DataError, Reference, get_info, load_reference, load_split, load_trigger,
-                      pretraining_names, triggered_copy)
-from models import (CheckpointError, MLPProbe, ProbeGroup, SimCLR, input_normalization, load_checkpoint, load_encoder,
+from datasets import (DATASETS, DataError, ImagesAtSize, Reference, get_info, is_image_folder, load_reference,
+                      load_split, load_trigger, pretraining_names, read_task, resize_images, triggered_copy)
+from models import (ARCHITECTURES, FAMILIES, USAGE_INFO_FAMILIES, CheckpointError, MLPProbe, ProbeGroup, SimCLR,
+                    VisualEncoder, encoder_input_size, encoder_normalization, load_any_encoder, load_checkpoint,
                     save_atomic)
 from models.probe_group import split_optimizer_state, stack_optimizer_states
 
@@ -66,7 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='trigger file (npz with t, tm); trigger 0 is applied to the test images')
     same.add_argument('--encoder_usage_info', default='', type=str,
                       help=f"the encoder's pre-training set, which selects the input normalisation "
-                           f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint)")
+                           f"({', '.join(pretraining_names())}; default: the one recorded in the checkpoint), or, as the "
+                           f"released code, {' or '.join(USAGE_INFO_FAMILIES)} for its real-world encoders, whose own "
+                           'normalisation and 224-px input are used (the downstream images are resized to it)')
+    add_arch_argument(parser)
     same.add_argument('--encoder', default='', type=str, nargs='+', metavar='PATH',
                       help='encoder checkpoint to evaluate; several: their probes are trained together, as one '
                            'stacked model, each exactly as its own run (its lines name it; --results_dir DIR '
@@ -138,9 +143,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError('--encoder is required: the encoder checkpoint (.pth) to evaluate')
     if not args.trigger_file:
         raise UsageError('--trigger_file is required: the trigger (.npz) whose attack success rate is measured')
-    if args.encoder_usage_info and args.encoder_usage_info not in pretraining_names():
+    if args.encoder_usage_info and args.encoder_usage_info not in (*pretraining_names(), *USAGE_INFO_FAMILIES):
         raise UsageError(f"--encoder_usage_info '{args.encoder_usage_info}': not a pre-training set, expected "
-                         f'one of {pretraining_names()}')
+                         f'one of {pretraining_names() + list(USAGE_INFO_FAMILIES)}')
     if args.save_freq < 0:
         raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
     if args.results_dir and Path(args.results_dir).exists() and not Path(args.results_dir).is_dir():
@@ -162,6 +167,27 @@ def encoder_usage_info(args: argparse.Namespace, checkpoint: dict) -> str:
         return recorded
     raise UsageError(f'--encoder_usage_info is required: {args.encoder} does not record its pre-training set '
                      f'(one of {pretraining_names()})')
+
+
+def load_probe_encoder(args: argparse.Namespace) -> torch.nn.Module:
+    """The encoder --encoder, loaded safely (models.load_any_encoder: a CIFAR SimCLR, or a real-world encoder of the
+    family --encoder_usage_info CLIP|imagenet or --arch names, else read off the file); sets args.encoder_usage_info
+    (a CIFAR SimCLR's pre-training set, `encoder_usage_info`) and, for a real-world encoder, args.arch to its family."""
+    encoder, checkpoint = load_any_encoder(args.encoder, encoder_family(args),
+                                           args.arch if args.arch in ARCHITECTURES else None)
+    if isinstance(encoder, VisualEncoder):
+        args.arch = encoder.family
+        args.encoder_usage_info = FAMILIES[encoder.family].usage_info or args.encoder_usage_info
+    else:
+        args.encoder_usage_info = encoder_usage_info(args, checkpoint)
+    return encoder
+
+
+def probe_normalization(encoder: torch.nn.Module, args: argparse.Namespace) -> tuple:
+    """A real-world encoder's own normalisation, else that of the pre-training set --encoder_usage_info names."""
+    if isinstance(encoder, VisualEncoder):
+        return encoder.normalization
+    return encoder_normalization(encoder, get_info(args.encoder_usage_info).normalization)
 
 
 @dataclass
@@ -188,21 +214,43 @@ def target_label(reference_label: int, reference: Reference | None, dataset: str
     return reference_label
 
 
-def load_probe_data(args: argparse.Namespace) -> ProbeData:
-    """Load and validate every input; resolves args.reference_label (from the reference file if -1)."""
+def load_probe_data(args: argparse.Namespace, image_size: int | None = None) -> ProbeData:
+    """Load and validate every input; resolves args.reference_label (from the reference file if -1).
+
+    `image_size` is a real-world encoder's input (224): the downstream images are brought to it (an npz's 32-px
+    images resized batch by batch when encoded, `datasets.ImagesAtSize`; the released code reads `*_224.npz` files
+    resized beforehand), the trigger must be of that size, the references are resized to it. --data_dir may be a
+    labelled image folder, FOLDER/train/<class>/* and FOLDER/test/<class>/* (datasets/folders.py), whose class
+    sub-folders, not --dataset, give the classes.
+    """
     info = get_info(args.dataset)
     data_dir = data_dir_for(args, info.name)
-    train, test = load_split(info.name, 'train', data_dir), load_split(info.name, 'test', data_dir)
+    size = image_size or info.image_size
+    if is_image_folder(data_dir):
+        task = read_task(data_dir, size)
+        train, test, num_classes = task.train, task.test, task.num_classes
+        print(f'downstream task: {data_dir}, {num_classes} classes ({", ".join(task.classes[:10])}'
+              f'{" ..." if num_classes > 10 else ""}), {len(train[0])} training and {len(test[0])} test images')
+    else:
+        train, test = load_split(info.name, 'train', data_dir, image_size), load_split(info.name, 'test', data_dir, image_size)
+        num_classes = info.num_classes
     for split, (x, _) in (('train', train), ('test', test)):
         if len(x) == 0:
             raise DataError(f'{data_dir}/{split}.npz: holds no images')
-    trigger = load_trigger(args.trigger_file, info.image_size)
+    trigger = load_trigger(args.trigger_file, size)
     reference = None
     if args.reference_file:
-        reference = load_reference(args.reference_file, info.num_classes, info.image_size)
-    args.reference_label = target_label(args.reference_label, reference, info.name, info.num_classes)
-    return ProbeData(train, test, triggered_copy(test[0], trigger, 0),
-                     reference.x if reference is not None else None, info.num_classes)
+        reference = load_reference(args.reference_file, num_classes, None if image_size else info.image_size)
+        if image_size:
+            reference = Reference(resize_images(reference.x, image_size), reference.y, reference.info)
+    args.reference_label = target_label(args.reference_label, reference, str(data_dir) if is_image_folder(data_dir)
+                                        else info.name, num_classes)
+    test_x = test[0]
+    if isinstance(test_x, ImagesAtSize):  # triggered after the resize, as the released code's 224-px test sets
+        triggered = ImagesAtSize(test_x.images, test_x.size, lambda batch: triggered_copy(batch, trigger, 0))
+    else:
+        triggered = triggered_copy(test_x, trigger, 0)
+    return ProbeData(train, test, triggered, reference.x if reference is not None else None, num_classes)
 
 
 @dataclass
@@ -323,9 +371,8 @@ def probe_optimizer(parameters, lr: float, device: torch.device) -> torch.optim.
 
 def probe_one(args: argparse.Namespace, must_match: dict, device: torch.device) -> None:
     """One encoder, one probe: the original's run (its lines, args.json, metrics.json, probe_<epoch>.pth)."""
-    encoder, checkpoint = load_encoder(args.encoder)
-    args.encoder_usage_info = encoder_usage_info(args, checkpoint)
-    data = load_probe_data(args)
+    encoder = load_probe_encoder(args)
+    data = load_probe_data(args, encoder_input_size(encoder))
     print_args(args)
     resume_from = None
     if args.results_dir:
@@ -335,8 +382,7 @@ def probe_one(args: argparse.Namespace, must_match: dict, device: torch.device) 
         raise UsageError('--resume needs --results_dir, the folder holding probe_<epoch>.pth')
 
     disable = progress_disabled(args)
-    normalization = input_normalization(encoder, get_info(args.encoder_usage_info).normalization)
-    features = extract_features(encoder.to(device), data, normalization, device, args.amp, disable)
+    features = extract_features(encoder.to(device), data, probe_normalization(encoder, args), device, args.amp, disable)
     similarity = reference_similarity(features)
     if similarity:
         print('reference: mean cos(f(triggered), f(reference)) = {reference_similarity_triggered:.4f}, '
@@ -400,8 +446,7 @@ def load_members(args: argparse.Namespace, names: list[str]) -> list[Member]:
         member_args = argparse.Namespace(**{**vars(args), 'encoder': path})
         del member_args.names
         try:
-            encoder, checkpoint = load_encoder(path)
-            member_args.encoder_usage_info = encoder_usage_info(member_args, checkpoint)
+            encoder = load_probe_encoder(member_args)
         except (CheckpointError, UsageError) as error:
             raise type(error)(f'encoder {name}: {error}') from None
         members.append(Member(name, member_args, encoder, rng=torch.get_rng_state()))
@@ -523,15 +568,19 @@ def probe_group(args: argparse.Namespace, must_match: dict, device: torch.device
     """Several encoders on one downstream task: features once each, the probes trained together as one stacked
     model, each as its single run would be; each member's files in --results_dir/<name>."""
     members = load_members(args, group_names(args.encoder, args.names))
-    data = load_probe_data(args)
+    sizes = {encoder_input_size(member.encoder) for member in members}
+    if len(sizes) > 1:
+        raise UsageError('--encoder: real-world (224-px) and CIFAR-style encoders take their images at different '
+                         'sizes; evaluate them in separate runs')
+    data = load_probe_data(args, sizes.pop())
     for member in members:
         member.args.reference_label = args.reference_label
     print_args(args)
     prepare_group_folders(args, members)
     disable = progress_disabled(args)
     for member in members:
-        normalization = input_normalization(member.encoder, get_info(member.args.encoder_usage_info).normalization)
-        member.features = extract_features(member.encoder.to(device), data, normalization, device, args.amp, disable)
+        member.features = extract_features(member.encoder.to(device), data, probe_normalization(member.encoder, member.args),
+                                           device, args.amp, disable)
         member.encoder = member.encoder.cpu()
         member.similarity = reference_similarity(member.features)
         if member.similarity:

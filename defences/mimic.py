@@ -34,7 +34,7 @@ from common.device import autocast
 from common.engine import train_steps
 from common.fastpath import to_channels_last
 from datasets import get_info, load_images, normalize_batch
-from models import (ARCHITECTURES, TAPPED_LAYERS, CheckpointError, Layout, SimCLR, VisualEncoder, build_encoder, encoder_input_size,
+from models import (ARCHITECTURES, TAPPED_LAYERS, CheckpointError, Layout, SimCLR, VisualEncoder, build_encoder,
                     load_any_encoder)
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning

@@ -207,3 +207,47 @@ def test_mimic_purifies_a_released_encoder_into_its_layout(tmp_path, flat_folder
     assert mi['layers']['layer3'] == 'visual.layer1' and len(mi['mi']) == 4
     args = json.loads((tmp_path / 'out' / 'args.json').read_text())
     assert args['arch'] == {'CLIP': 'clip_rn50', 'imagenet': 'imagenet_resnet50'}[usage_info]
+
+
+# --- stage 3: the probe on a real-world encoder ------------------------------------------------------------------
+
+def metric_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"metric"')]
+
+
+def test_probe_of_a_clip_encoder_on_a_labelled_image_folder(tmp_path, task_folder, patch_224, reference_224):
+    torch.manual_seed(0)
+    encoder = released_checkpoint(ModifiedResNet(), tmp_path / 'clip.pth')
+    result = run_in_process('training_downstream_classifier.py', '--encoder_usage_info', 'CLIP', '--encoder',
+                            str(encoder), '--data_dir', str(task_folder), '--trigger_file', str(patch_224),
+                            '--reference_file', str(reference_224), '--nn_epochs', '2', '--batch_size', '2',
+                            '--device', 'cpu', '--results_dir', str(tmp_path / 'probe'))
+    assert result.returncode == 0, result.stderr
+    lines = metric_lines(result.stdout)
+    assert [line['metric'] for line in lines[:3]] == ['Eval - Backdoored Accuracy (BA)', 'Eval - Attack Success Rate (ASR)',
+                                                      'Eval - Attack Success Rate excluding target class']
+    assert [line['epoch'] for line in lines] == [1, 1, 1, 2, 2, 2]
+    metrics = json.loads((tmp_path / 'probe' / 'metrics.json').read_text())
+    assert metrics['reference_label'] == 1 and 0 <= metrics['acc'] <= 100
+    args = json.loads((tmp_path / 'probe' / 'args.json').read_text())
+    assert args['arch'] == 'clip_rn50' and args['encoder_usage_info'] == 'CLIP'
+
+
+def test_probe_resizes_a_32_pixel_npz_task_for_a_torchvision_encoder(tmp_path, patch_224, reference_224):
+    from conftest import write_split
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 4), ('test', 2)):
+        write_split(tmp_path / 'task', split, rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+                    np.arange(count) % 2)
+    torch.manual_seed(0)
+    torch.save(ResNetTower('resnet18').state_dict(), tmp_path / 'resnet18.pth')  # a bare torchvision state_dict
+    result = run_in_process('training_downstream_classifier.py', '--encoder', str(tmp_path / 'resnet18.pth'),
+                            '--dataset', 'cifar10', '--data_dir', str(tmp_path / 'task'), '--trigger_file',
+                            str(patch_224), '--reference_file', str(reference_224), '--nn_epochs', '1',
+                            '--device', 'cpu')
+    assert result.returncode == 0, result.stderr
+    assert len(metric_lines(result.stdout)) == 3
+    refused = run_in_process('training_downstream_classifier.py', '--encoder', str(tmp_path / 'resnet18.pth'),
+                             '--data_dir', str(tmp_path / 'task'), '--trigger_file', str(patch_224),
+                             '--encoder_usage_info', 'CLIP', '--reference_label', '1', '--device', 'cpu')
+    assert refused.returncode == 2 and 'clip_rn50' in refused.stderr and len(refused.stderr.splitlines()) == 1
