@@ -63,13 +63,15 @@ from attacks.badencoder import (SHADOW_SIZE, BadEncoder, IndexedShadow, clean_en
                                 fix_readme_typo, freeze_batchnorm, load_attack_files, load_monitor_data,
                                 load_shadow_images, train_one_epoch)
 from common import distributed
-from common.cli import (SameOnResume, StageParser, UsageError, print_args, progress_disabled, require_positive,
-                        resume_flags, run_main, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, encoder_family, print_args,
+                        progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
-from common.runs import prepare_results_dir, write_json
+from common.runs import prepare_results_dir, rng_state, write_json
 from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
-from models import input_normalization, load_encoder
+from models import (ARCHITECTURES, USAGE_INFO_FAMILIES, VisualEncoder, encoder_input_size, encoder_normalization,
+                    load_any_encoder, save_in_layout)
+from models.visual_checkpoint import RESUME_WEIGHTS
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
 ATTACKS = {'badencoder': BadEncoder, 'drupe': drupe.Drupe}  # the attack interface: attacks/badencoder.py
@@ -101,8 +103,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'when prepared, its kNN accuracy and attack success are monitored (default: cifar10)')
     same.add_argument('--pretrained_encoder', default='', type=str, metavar='PATH',
                       help='the clean encoder checkpoint to backdoor (loaded with weights_only=True)')
-    same.add_argument('--encoder_usage_info', default='cifar10', choices=pretraining_names(),
-                      help="the encoder's pre-training set, which fixes the normalisation (default: cifar10)")
+    same.add_argument('--encoder_usage_info', default='cifar10', choices=(*pretraining_names(), *USAGE_INFO_FAMILIES),
+                      help="the encoder's pre-training set, which fixes the normalisation (default: cifar10); or, as "
+                           f"the released code, {' or '.join(USAGE_INFO_FAMILIES)}: CLIP's RN50 image encoder or the "
+                           'ImageNet SimCLR ResNet-50, with their own normalisation and 224-px input (shadow set '
+                           'cifar10_224, a 224-px trigger)')
+    add_arch_argument(parser)
     parser.add_argument('--knn-k', dest='knn_k', default=200, type=int,
                         help='neighbours of the kNN monitor (default: 200)')
     parser.add_argument('--knn-t', dest='knn_t', default=0.5, type=float,
@@ -152,6 +158,20 @@ def check_args(args: argparse.Namespace) -> None:
     drupe.check(args)
 
 
+def load_clean_encoder(args: argparse.Namespace):
+    """(the encoder to backdoor, its checkpoint): a CIFAR SimCLR, or a real-world encoder of the family
+    --encoder_usage_info CLIP|imagenet or --arch names, else read off the file (models.load_any_encoder). For a
+    real-world encoder, args.arch records its family; DRUPE is refused (its recipe and code are the CIFAR SimCLR's)."""
+    model, checkpoint = load_any_encoder(args.pretrained_encoder, encoder_family(args),
+                                         args.arch if args.arch in ARCHITECTURES else None)
+    if isinstance(model, VisualEncoder):
+        if args.attack != 'badencoder':
+            raise UsageError(f'--attack {args.attack} supports only the CIFAR-style SimCLR; {args.pretrained_encoder} is '
+                             f'a {model.family} encoder (BadEncoder, the default, handles it)')
+        args.arch = model.family
+    return model, checkpoint
+
+
 def warn_on_usage_mismatch(checkpoint: dict, args: argparse.Namespace) -> None:
     """A checkpoint of ours records the set it was pre-trained on; say so when it is not --encoder_usage_info."""
     recorded = checkpoint.get('args')
@@ -169,13 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed, args.deterministic)
     device = distributed.setup(args)  # resolve_device(--device, --gpu); under torchrun also joins the group
 
-    # Inputs: every file is checked before anything is written.
-    shadow_images = load_shadow_images(args)
-    trigger, reference = load_attack_files(args, image_size=shadow_images.shape[1])
-    model, clean_checkpoint = load_encoder(args.pretrained_encoder)
-    normalization = input_normalization(model, get_info(args.encoder_usage_info).normalization)
-    warn_on_usage_mismatch(clean_checkpoint, args)
-    monitor = load_monitor_data(args, trigger, reference.target_label)
+    # Inputs: every file is checked before anything is written. A real-world encoder (CLIP, ImageNet) takes its own
+    # normalisation and its 224-px input, has no kNN monitor (as the released code) and is saved in its file's layout.
+    model, clean_checkpoint = load_clean_encoder(args)
+    layout = clean_checkpoint.get('layout') if isinstance(model, VisualEncoder) else None
+    image_size = encoder_input_size(model)
+    shadow_images = load_shadow_images(args, image_size)
+    trigger, reference = load_attack_files(args, image_size=shadow_images.shape[1],
+                                           resize_references=image_size is not None)
+    if layout is None:
+        normalization = encoder_normalization(model, get_info(args.encoder_usage_info).normalization)
+        warn_on_usage_mismatch(clean_checkpoint, args)
+        monitor = load_monitor_data(args, trigger, reference.target_label)
+    else:
+        normalization, monitor = model.normalization, None
+        if layout.format in ('bare', 'openai') and args.resume:
+            raise UsageError(f'--resume: {args.pretrained_encoder} is a {layout.format} state_dict (tensors only), and '
+                             'the backdoored encoders are written in its layout: they hold no run state to resume from')
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
@@ -204,12 +234,23 @@ def main(argv: list[str] | None = None) -> None:
     encoder_forward = maybe_compile(distributed.data_parallel(model.f, device, sync_batchnorm=False,
                                                               broadcast_buffers=False), args.compile)
 
-    training = Training(model, optimizer, args, args.epochs, results_dir, columns=attack.columns)
+    def checkpoint_keys(epoch: int) -> dict:
+        return {'target_label': reference.target_label, **attack.checkpoint_keys(epoch, model)}
+
+    def write_in_layout(epoch: int) -> None:  # a real-world encoder: its file's layout, the released code's reader
+        if distributed.is_main():
+            save_in_layout(model, layout, results_dir / CHECKPOINT_PATTERN.format(epoch), epoch=epoch,
+                           optimizer=optimizer, resumable=True, args=vars(args), rng=rng_state(), log=training.rows,
+                           **checkpoint_keys(epoch))
+
+    training = Training(model, optimizer, args, args.epochs, results_dir, columns=attack.columns,
+                        writer=None if layout is None else write_in_layout)
     if resume_from is not None:
         # the last epoch's weights: DRUPE's final checkpoint holds its selected encoder as state_dict
         # the flags' defaults from a fresh parser: parse_args set DRUPE's values as defaults under --attack drupe,
         # and a checkpoint that records no attack flags ran BadEncoder with the parser's own defaults
-        attack.restore(training.resume(resume_from, resume_flags(get_args_parser()), weights='last_state_dict'))
+        attack.restore(training.resume(resume_from, resume_flags(get_args_parser()),
+                                       weights='last_state_dict' if layout is None else RESUME_WEIGHTS))
         if training.finished:
             print(f'nothing to do: {resume_from.name} already reached --epochs {args.epochs}')
             return
@@ -230,8 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {**row, **evaluate_backdoor(model.f, monitor, normalization, args, device)}
         return row
 
-    training.fit(train_epoch, after_epoch=after_epoch, checkpoint_keys=lambda epoch: {
-        'target_label': reference.target_label, **attack.checkpoint_keys(epoch, model)})
+    training.fit(train_epoch, after_epoch=after_epoch, checkpoint_keys=checkpoint_keys)
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
     output = attack.describe_output()
     if output:

@@ -31,8 +31,8 @@ from common.device import autocast
 from common.engine import train_steps
 from common.errors import DataError, UsageError
 from common.features import encode_images, knn_accuracies
-from datasets import (Reference, ShadowImages, Trigger, apply_trigger, get_info, load_reference, load_split,
-                      load_trigger, normalize_batch, triggered_copy)
+from datasets import (Reference, ShadowImages, Trigger, apply_trigger, get_info, load_images, load_reference,
+                      load_split, load_trigger, normalize_batch, resize_images, triggered_copy)
 from datasets.registry import split_path
 from models.losses import negative_cosine
 
@@ -76,12 +76,18 @@ def fixed_subset(images: np.ndarray, size: int) -> np.ndarray:
     return images[np.sort(keep)]
 
 
-def load_shadow_images(args: argparse.Namespace) -> np.ndarray:
+def load_shadow_images(args: argparse.Namespace, image_size: int | None = None) -> np.ndarray:
     """The shadow set: the first SHADOW_SIZE images of --shadow_dataset's pre-training split (all of CIFAR10's,
     the first 50000 of STL10's unlabeled, as the released code), of which a fixed --shadow_fraction is kept
-    (DRUPE: 20%; its code draws them with --seed, 100 by default). See docs/DESIGN.md §5.2."""
+    (DRUPE: 20%; its code draws them with --seed, 100 by default). See docs/DESIGN.md §5.2. `image_size`: a
+    real-world encoder's input (224): the images at that size, from an npz (cifar10_224 as prepared, or resized
+    here) or an image folder given as --data_dir (docs/DESIGN.md §2.5)."""
     info = get_info(args.shadow_dataset)
-    images, _ = load_split(args.shadow_dataset, info.pretraining_split, data_dir_for(args, args.shadow_dataset))
+    data_dir = data_dir_for(args, args.shadow_dataset)
+    if image_size is None:
+        images, _ = load_split(args.shadow_dataset, info.pretraining_split, data_dir)
+    else:
+        images = load_images(args.shadow_dataset, info.pretraining_split, data_dir, image_size)
     images = images[:SHADOW_SIZE]  # STL10: 50000 of its 100000 unlabeled images
     if args.shadow_fraction < 1:
         images = fixed_subset(images, int(args.shadow_fraction * len(images)))
@@ -100,10 +106,16 @@ def first_references(reference: Reference, count: int | None, path: str) -> Refe
     return Reference(reference.x[:count], reference.y[:count], reference.info)
 
 
-def load_attack_files(args: argparse.Namespace, image_size: int) -> tuple[Trigger, Reference]:
+def load_attack_files(args: argparse.Namespace, image_size: int, resize_references: bool = False,
+                      ) -> tuple[Trigger, Reference]:
+    """The trigger (of the shadow images' size) and the references (of that size, or resized to it with
+    `resize_references`, a real-world encoder's 224-px input)."""
     trigger = load_trigger(args.trigger_file, image_size)
-    reference = first_references(load_reference(args.reference_file, get_info(args.downstreamTask).num_classes,
-                                                image_size), args.num_references, args.reference_file)
+    reference = load_reference(args.reference_file, get_info(args.downstreamTask).num_classes,
+                               None if resize_references else image_size)
+    if resize_references:
+        reference = Reference(resize_images(reference.x, image_size), reference.y, reference.info)
+    reference = first_references(reference, args.num_references, args.reference_file)
     if 1 < len(trigger) < len(reference):
         raise DataError(f'{args.trigger_file}: holds {len(trigger)} trigger patches but {args.reference_file} '
                         f'holds {len(reference)} references; give one patch, or one per reference')

@@ -29,11 +29,7 @@ from common.fastpath import device_copy, pair_batches
 from common.runs import checkpoint_epochs, rng_state
 from datasets import ImagePairs, simclr_transform
 from models import CheckpointError, Layout, load_checkpoint, save_in_layout
-
-# Where a checkpoint written in a real-world encoder's layout keeps the whole model (tower and projection head, the
-# keys `Training.resume` loads): its 'state_dict' is the tower alone, as the released code reads it. The tensors are
-# the same objects, which torch.save stores once.
-RESUME_WEIGHTS = 'encoder_state_dict'
+from models.visual_checkpoint import RESUME_WEIGHTS
 
 
 @dataclass
@@ -131,8 +127,8 @@ class DefenceRun:
         if not distributed.is_main():
             return
         save_in_layout(phase.model, self.layout, self.results_dir / phase.checkpoint_pattern.format(epoch), epoch=epoch,
-                       optimizer=phase.optimizer, args=vars(self.args), rng=rng_state(), log=training.rows,
-                       **{RESUME_WEIGHTS: phase.model.state_dict()}, **phase.checkpoint_extra)
+                       optimizer=phase.optimizer, resumable=True, args=vars(self.args), rng=rng_state(),
+                       log=training.rows, **phase.checkpoint_extra)
 
 
 def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,

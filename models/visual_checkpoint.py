@@ -32,6 +32,10 @@ from .visual import FAMILIES, VisualEncoder, family_of
 LAYOUTS = ('released', 'released_model', 'bare', 'openai')
 VISUAL_PREFIX = 'visual.'
 PROJECTION_HEAD = 'projection_head'  # the extra key that keeps `g` in the released layouts
+# The extra key of a resumable checkpoint in a released layout: the whole model (tower and `g`, the keys a training
+# run resumes from); its 'state_dict' is the tower alone, as the released code reads it. The tensors are the same
+# objects as those of 'state_dict' and 'projection_head', which torch.save stores once.
+RESUME_WEIGHTS = 'encoder_state_dict'
 
 
 @dataclass
@@ -134,13 +138,14 @@ def load_any_encoder(path: str | os.PathLike, family: str | None = None,
 
 
 def checkpoint_in_layout(model: VisualEncoder, layout: Layout, *, epoch: int = 0,
-                         optimizer: torch.optim.Optimizer | None = None, **extra) -> dict:
+                         optimizer: torch.optim.Optimizer | None = None, resumable: bool = False, **extra) -> dict:
     """What to save so that the file has `layout`'s form, keys and dtypes, with `model`'s weights.
 
     The released layouts are self-describing checkpoints (docs/DESIGN.md §2.4): `epoch`, `optimizer`, the model
     config (`family`, `feature_dim`), `format`, the projection head under 'projection_head' and `extra`; the
-    released code reads only 'state_dict'. The bare and openai layouts hold tensors only: `epoch`, `optimizer`
-    and `extra` are not written there.
+    released code reads only 'state_dict'. `resumable` adds the whole model's state_dict as RESUME_WEIGHTS, which a
+    training run (`common.engine.Training.resume(..., weights=RESUME_WEIGHTS)`) continues from. The bare and openai
+    layouts hold tensors only: `epoch`, `optimizer` and `extra` are not written there.
     """
     if layout.format not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout.format}', expected one of {LAYOUTS}")
@@ -158,7 +163,8 @@ def checkpoint_in_layout(model: VisualEncoder, layout: Layout, *, epoch: int = 0
         return weights
     return {'epoch': epoch, 'state_dict': weights,
             'optimizer': optimizer.state_dict() if optimizer is not None else {},
-            'format': layout.format, **model.config, PROJECTION_HEAD: model.g.state_dict(), **extra}
+            'format': layout.format, **model.config, PROJECTION_HEAD: model.g.state_dict(),
+            **({RESUME_WEIGHTS: model.state_dict()} if resumable else {}), **extra}
 
 
 def save_in_layout(model: VisualEncoder, layout: Layout, path: str | os.PathLike, **kwargs) -> None:
@@ -174,5 +180,5 @@ def fresh_layout(family: str, layout: str = 'released') -> Layout:
     return Layout(layout, family)
 
 
-__all__ = ['LAYOUTS', 'Layout', 'split_layout', 'infer_family', 'load_visual_encoder', 'load_any_encoder',
+__all__ = ['LAYOUTS', 'RESUME_WEIGHTS', 'Layout', 'split_layout', 'infer_family', 'load_visual_encoder', 'load_any_encoder',
            'visual_encoder_from', 'checkpoint_in_layout', 'save_in_layout', 'fresh_layout']

@@ -251,3 +251,32 @@ def test_probe_resizes_a_32_pixel_npz_task_for_a_torchvision_encoder(tmp_path, p
                              '--data_dir', str(tmp_path / 'task'), '--trigger_file', str(patch_224),
                              '--encoder_usage_info', 'CLIP', '--reference_label', '1', '--device', 'cpu')
     assert refused.returncode == 2 and 'clip_rn50' in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
+# --- stage 1: BadEncoder on a real-world encoder -----------------------------------------------------------------
+
+def test_badencoder_on_a_clip_encoder_keeps_its_file_layout(tmp_path, flat_folder, patch_224, reference_224):
+    torch.manual_seed(0)
+    tower = ModifiedResNet()
+    text_tower = {'token_embedding.weight': torch.randn(10, 4), 'logit_scale': torch.tensor(4.6)}
+    # BadEncoder's own output layout: model.state_dict() of CLIP(...), the visual.* tensors beside the text tower
+    torch.save({'state_dict': {**{f'visual.{k}': v for k, v in tower.state_dict().items()}, **text_tower}},
+               tmp_path / 'clean.pth')
+    result = run_in_process('train_badencoder.py', '--pretrained_encoder', str(tmp_path / 'clean.pth'),
+                            '--encoder_usage_info', 'CLIP', '--data_dir', str(flat_folder), '--shadow_fraction', '0.5',
+                            '--trigger_file', str(patch_224), '--reference_file', str(reference_224),
+                            '--downstreamTask', 'cifar10', '--epochs', '1', '--batch_size', '2', '--device', 'cpu',
+                            '--num_workers', '0', '--results_dir', str(tmp_path / 'backdoor'))
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(tmp_path / 'backdoor' / 'model_1.pth', map_location='cpu', weights_only=True)['state_dict']
+    assert torch.equal(saved['token_embedding.weight'], text_tower['token_embedding.weight'])
+    fresh = ModifiedResNet()
+    fresh.load_state_dict({k[len('visual.'):]: v for k, v in saved.items() if k.startswith('visual.')}, strict=True)
+    assert not torch.equal(fresh.conv1.weight, tower.conv1.weight)  # the tower was trained
+    assert torch.equal(fresh.bn1.running_mean, tower.bn1.running_mean)  # its BatchNorm frozen, as the seed's
+    assert json.loads((tmp_path / 'backdoor' / 'args.json').read_text())['arch'] == 'clip_rn50'
+    drupe = run_in_process('train_badencoder.py', '--attack', 'drupe', '--pretrained_encoder', str(tmp_path / 'clean.pth'),
+                           '--data_dir', str(flat_folder), '--trigger_file', str(patch_224), '--reference_file',
+                           str(reference_224), '--device', 'cpu', '--results_dir', str(tmp_path / 'drupe'))
+    assert drupe.returncode == 2 and 'supports only the CIFAR-style SimCLR' in drupe.stderr
+    assert not (tmp_path / 'drupe').exists()
