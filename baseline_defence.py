@@ -40,15 +40,15 @@ import time
 from pathlib import Path
 
 from common import distributed
-from common.cli import (StageParser, UsageError, print_args, require_positive, resume_flags, run_main,
-                        SameOnResume, seed_everything, shared_parser)
+from common.cli import (StageParser, UsageError, add_arch_argument, print_args, require_positive, resume_flags,
+                        run_main, SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
-from common.runs import checkpoint_epochs, save_run_checkpoint, write_json
+from common.runs import checkpoint_epochs, write_json
 from datasets import get_info, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
-from defences.mimic import load_clean_subset, load_teacher
+from defences.mimic import load_clean_subset, load_suspect_for
 from defences.training import DefenceRun
-from models import input_normalization
+from models import USAGE_INFO_FAMILIES, encoder_input_size, encoder_normalization
 
 CHECKPOINT_PATTERNS = ('model_{}.pth', 'teacher_{}.pth')
 # kd: a fresh student, as MIMIC's README; sslcleanse: SSL-Cleanse's README; the others fine-tune: 1e-3
@@ -65,6 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                       + ' (each module of defences/ gives its paper and recipe)')
     same.add_argument('--teacher', default='', type=str, metavar='PATH',
                       help='the suspect (backdoored) encoder checkpoint (required; the flag MIMIC.py uses)')
+    same.add_argument('--encoder_usage_info', default='', choices=('', *USAGE_INFO_FAMILIES),
+                      help="a real-world suspect, as the released code names it: CLIP (CLIP's RN50 image encoder) or "
+                           "imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px input replace "
+                           "--pretraining_dataset's; fp and anp refuse such encoders (default: read off the file)")
+    add_arch_argument(parser)
     same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
                       help="the suspect's pre-training set: D comes from its pre-training split, and it fixes the "
                            'normalisation (default: cifar10)')
@@ -146,8 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     # Data: the clean subset D of the pre-training split (MIMIC.py's), normalised as the suspect expects; none
     # for a data-free defence (clp), which reads no image and so checks no data size.
     defence = get_defence(args.defence)
-    info, clean = load_clean_subset(args) if defence.READS_IMAGES else (get_info(args.pretraining_dataset), None)
-    suspect = load_teacher(args.teacher, device, args.pretraining_dataset)  # frozen, eval mode
+    suspect, layout = load_suspect_for(args, device)  # frozen, eval mode; a real-world encoder's file layout
+    if layout is not None:
+        if getattr(defence, 'CIFAR_ONLY', None):
+            raise UsageError(f'--defence {args.defence} supports only the CIFAR-style SimCLR: {defence.CIFAR_ONLY}; '
+                             f'{args.teacher} is a {suspect.family} encoder')
+        args.arch = suspect.family  # args.json names the family
+    info, clean = load_clean_subset(args, encoder_input_size(suspect)) if defence.READS_IMAGES \
+        else (get_info(args.pretraining_dataset), None)
     trains = args.defence in TRAINING_BASELINES
     if not trains and not distributed.is_main():
         return  # clp and anp train no weight: under torchrun rank 0 runs them alone
@@ -161,12 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f'{args.defence} ({defence.PAPER}): {data}; suspect {suspect.config} on {device}')
 
     start = time.perf_counter()
-    run = DefenceRun(args, input_normalization(suspect, info.normalization), device, results_dir,
-                     resume_flags(parser))
+    run = DefenceRun(args, encoder_normalization(suspect, info.normalization), device, results_dir,
+                     resume_flags(parser), layout)
     purified, report = defence.purify(suspect, clean, run)
     checkpoint = results_dir / f'model_{args.epochs if trains else 0}.pth'
     if not trains:  # the defences that train saved their last epoch already
-        save_run_checkpoint(checkpoint, purified, None, 0, args, defence=args.defence)
+        run.save(purified, checkpoint, defence=args.defence)
     write_json(results_dir / 'defence.json', {
         'defence': args.defence, 'paper': defence.PAPER, 'checkpoint': checkpoint.name,
         'images': 0 if clean is None else len(clean),

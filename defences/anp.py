@@ -225,6 +225,9 @@ def anp(model: SimCLR, images: np.ndarray, normalization, device: torch.device, 
 PAPER = 'Wu & Wang, Adversarial Neuron Pruning, NeurIPS 2021 (label-free objective: NT-Xent on D)'
 READS = 'the suspect and D: SimCLR views of D, drawn with replacement'
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+# why baseline_defence.py refuses it for a real-world encoder (docs/DESIGN.md §13)
+CIFAR_ONLY = ("it masks the BatchNorm neurons through torch.func.functional_call by the CIFAR SimCLR's parameter "
+              'names (f.f.*), which a real-world tower (visual.*) does not have')
 TITLE = 'anp (Adversarial Neuron Pruning; batch: --batch_size, NT-Xent temperature: --knn-t)'  # its help group
 
 

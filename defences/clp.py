@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from common.errors import UsageError
-from models import SimCLR
+from models import SimCLR, VisualEncoder
 
 
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.BatchNorm2d]]:
@@ -91,15 +91,16 @@ def clp(model: SimCLR, u: float = 3.0) -> dict:
     pruned are left out of 'pruned', every paired layer is in 'max_z'.
     """
     pruned, total, max_z = {}, 0, {}
+    prefix = 'visual.' if isinstance(model, VisualEncoder) else 'f.'  # the tower's name in the model's state_dict
     for _, conv, bn_name, bn in conv_bn_pairs(model.f):
         bounds = channel_lipschitz_bounds(conv.weight.float(), bn.weight.float(), bn.running_var.float())
-        max_z[f'f.{bn_name}'] = round(max_z_score(bounds), 4)
+        max_z[f'{prefix}{bn_name}'] = round(max_z_score(bounds), 4)
         flagged = torch.nonzero(clp_prune_mask(bounds, u)).flatten()  # (n_flagged,)
         bn.weight[flagged] = 0
         bn.bias[flagged] = 0
         total += bn.num_features
         if len(flagged):
-            pruned[f'f.{bn_name}'] = flagged.tolist()
+            pruned[f'{prefix}{bn_name}'] = flagged.tolist()
     return {'u': u, 'pruned': pruned, 'channels_pruned': sum(map(len, pruned.values())), 'channels_total': total,
             'max_z': max_z}
 

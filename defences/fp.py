@@ -52,6 +52,9 @@ from .training import DefenceRun
 PAPER = 'Liu et al., Fine-Pruning, RAID 2018'
 READS = "the suspect and D: its last stage's activations and features on D, then SimCLR views of D"
 READS_IMAGES = True  # whether baseline_defence.py loads D for it
+# why baseline_defence.py refuses it for a real-world encoder (docs/DESIGN.md §13)
+CIFAR_ONLY = ("it prunes the CIFAR SimCLR's last stage through its layout (the Sequential f.f: layer4 at index 6, "
+              'the pool at 7)')
 TITLE = 'fp (Fine-Pruning)'  # of its argument group in baseline_defence.py's help
 LAST_STAGE = 6  # index of ResNet layer4 in f.f (docs/DESIGN.md §3)
 FP_SETTINGS = {'step': 0.01, 'min_cosine': 0.9}  # BackdoorBench's 1% steps; our bound on the agreement

@@ -69,7 +69,6 @@ from tqdm import tqdm
 from common.cli import require_positive, same_on_resume
 from common.errors import UsageError
 from common.files import save_npz_atomic
-from common.runs import save_run_checkpoint
 from datasets import normalize_batch
 from models import SimCLR
 
@@ -320,7 +319,7 @@ def inverted_trigger(suspect: SimCLR, clean: np.ndarray, run, name: str) -> tupl
 def unchanged(suspect: SimCLR, run, report: dict) -> tuple[SimCLR, dict]:
     """`--invert_unlearn if_detected` with nothing detected: the suspect itself is the purified encoder, saved as
     model_<epochs>.pth (by rank 0) so that stage 3 finds it where a trained one would be."""
-    save_run_checkpoint(run.results_dir / f'model_{run.args.epochs}.pth', suspect, None, 0, run.args)
+    run.save(suspect, run.results_dir / f'model_{run.args.epochs}.pth')
     print('nothing detected: --invert_unlearn if_detected returns the suspect unchanged')
     return suspect, {**report, 'epochs': 0, 'unlearned': False}
 

@@ -26,7 +26,7 @@ from common import distributed
 from common.cli import progress_disabled
 from common.engine import StepLoss, Training, nt_xent_step, train_steps
 from common.fastpath import device_copy, pair_batches
-from common.runs import checkpoint_epochs, rng_state
+from common.runs import checkpoint_epochs, rng_state, save_run_checkpoint
 from datasets import ImagePairs, simclr_transform
 from models import CheckpointError, Layout, load_checkpoint, save_in_layout
 from models.visual_checkpoint import RESUME_WEIGHTS
@@ -119,6 +119,14 @@ class DefenceRun:
         training.fit(train_epoch, checkpoint_keys=lambda epoch: phase.checkpoint_extra)
         return training
 
+
+    def save(self, model: torch.nn.Module, path: Path, **extra) -> None:
+        """A purified encoder that trained no weight (clp, an unchanged suspect), as epoch 0: a self-describing
+        checkpoint, or a real-world encoder in its suspect's layout (by rank 0 alone)."""
+        if self.layout is None:
+            save_run_checkpoint(path, model, None, 0, self.args, **extra)
+        elif distributed.is_main():
+            save_in_layout(model, self.layout, path, args=vars(self.args), **extra)
 
     def write_in_layout(self, training: Training, phase: Phase, epoch: int) -> None:
         """The epoch's checkpoint of a real-world encoder, in its suspect's layout (models.save_in_layout): the file

@@ -280,3 +280,39 @@ def test_badencoder_on_a_clip_encoder_keeps_its_file_layout(tmp_path, flat_folde
                            str(reference_224), '--device', 'cpu', '--results_dir', str(tmp_path / 'drupe'))
     assert drupe.returncode == 2 and 'supports only the CIFAR-style SimCLR' in drupe.stderr
     assert not (tmp_path / 'drupe').exists()
+
+
+# --- the baselines on a real-world encoder ----------------------------------------------------------------------
+
+def baseline(tmp_path, folder, defence, teacher, *extra):
+    return run_in_process('baseline_defence.py', '--defence', defence, '--teacher', str(teacher), '--data_dir',
+                          str(folder), '--ratio', '1', '--epochs', '1', '--batch_size', '2', '--device', 'cpu',
+                          '--num_workers', '0', '--results_dir', str(tmp_path / defence), *extra)
+
+
+@pytest.fixture(scope='module')
+def resnet18_teacher(tmp_path_factory):
+    """A torchvision ResNet-18 in the released layout: the generic path of the 224-px encoders, at a quarter of
+    ResNet-50's cost."""
+    torch.manual_seed(0)
+    return released_checkpoint(ResNetTower('resnet18'), tmp_path_factory.mktemp('resnet18') / 'suspect.pth')
+
+
+@pytest.mark.parametrize('defence, extra', [('ft', ()), ('kd', ()), ('nad', ('--nad_teacher_epochs', '1')),
+                                            ('clp', ()), ('invert', ('--invert_steps', '2')),
+                                            ('sslcleanse', ('--invert_steps', '2'))])
+def test_baselines_that_apply_write_the_suspects_layout(tmp_path, flat_folder, resnet18_teacher, defence, extra):
+    result = baseline(tmp_path, flat_folder, defence, resnet18_teacher, '--arch', 'torchvision_resnet18', *extra)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / defence / 'defence.json').read_text())
+    purified = torch.load(tmp_path / defence / report['checkpoint'], map_location='cpu', weights_only=True)
+    ResNetTower('resnet18').load_state_dict(purified['state_dict'], strict=True)
+    if defence == 'clp':
+        assert all(name.startswith('visual.') for name in report['max_z'])
+
+
+@pytest.mark.parametrize('defence', ['fp', 'anp'])
+def test_baselines_tied_to_the_cifar_layout_refuse_in_one_line(tmp_path, flat_folder, resnet18_teacher, defence):
+    result = baseline(tmp_path, flat_folder, defence, resnet18_teacher)
+    assert result.returncode == 2 and 'supports only the CIFAR-style SimCLR' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / defence).exists()
