@@ -81,7 +81,7 @@ def load_shadow_images(args: argparse.Namespace, image_size: int | None = None) 
     the first 50000 of STL10's unlabeled, as the released code), of which a fixed --shadow_fraction is kept
     (DRUPE: 20%; its code draws them with --seed, 100 by default). See docs/DESIGN.md §5.2. `image_size`: a
     real-world encoder's input (224): the images at that size, from an npz (cifar10_224 as prepared, or resized
-    here) or an image folder given as --data_dir (docs/DESIGN.md §2.5)."""
+    here) or an image folder given as --data_dir (docs/DESIGN.md §2.6)."""
     info = get_info(args.shadow_dataset)
     data_dir = data_dir_for(args, args.shadow_dataset)
     if image_size is None:

@@ -1,4 +1,4 @@
-"""Folders of images as a data source for any stage, and images at an encoder's input size (docs/DESIGN.md §2.5).
+"""Folders of images as a data source for any stage, and images at an encoder's input size (docs/DESIGN.md §2.6).
 
 `--data_dir FOLDER` names a folder of `<split>.npz` files (§2.1, the default) or a folder of images of any size and
 format PIL reads (PNG, JPEG, ...):

@@ -81,7 +81,7 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, image_
 
     `data_dir` holds `<split>.npz`, or is an image folder (datasets/folders.py: FOLDER/<split>/<class>/* for a
     labelled split). `image_size` None: the registry's size, which an npz must have; a size: images of any size,
-    at that size (an encoder's input size, docs/DESIGN.md §2.5): an image folder's read at it, an npz's of another
+    at that size (an encoder's input size, docs/DESIGN.md §2.6): an image folder's read at it, an npz's of another
     size as `datasets.folders.ImagesAtSize`, whose slices come resized.
     """
     info = get_info(name)

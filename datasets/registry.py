@@ -60,7 +60,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
                 ((0.44087798, 0.42790666, 0.38678814), (0.25507198, 0.24801506, 0.25641308)),
                 pretraining_split='train_unlabeled'),
     # The released code's shadow set for the 224-pixel encoders (CLIP, ImageNet): CIFAR10's images at 224, its
-    # data/cifar10/train_224.npz (docs/DESIGN.md §2.5); normalised as the encoder expects, like every set here.
+    # data/cifar10/train_224.npz (docs/DESIGN.md §2.6); normalised as the encoder expects, like every set here.
     DatasetInfo('cifar10_224', CIFAR10_CLASSES, {'train': 50000, 'test': 10000}, image_size=224,
                 resized_from='cifar10'),
     DatasetInfo('gtsrb', GTSRB_CLASSES, {'train': 39209, 'test': 12630}),

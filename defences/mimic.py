@@ -68,7 +68,7 @@ def select_images(images: np.ndarray, count: int, subset: str, seed: int) -> np.
 def load_clean_subset(args, image_size: int | None = None) -> tuple:
     """(the pre-training set's DatasetInfo, D): --ratio/--subset of its pre-training split under --data_dir or
     --data_root (npz files, or an image folder), the clean subset MIMIC.py and every baseline defence take; at
-    `image_size` when given (a real-world encoder's input: D alone is resized, docs/DESIGN.md §2.5)."""
+    `image_size` when given (a real-world encoder's input: D alone is resized, docs/DESIGN.md §2.6)."""
     info = get_info(args.pretraining_dataset)
     data_dir = data_dir_for(args, info.name)
     images = load_images(info.name, info.pretraining_split, data_dir, image_size)

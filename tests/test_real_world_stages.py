@@ -1,4 +1,4 @@
-"""The stages on real-world encoders (docs/DESIGN.md §2.5, §3.1): image folders, the 224-px data path, MIMIC's pooled MI
+"""The stages on real-world encoders (docs/DESIGN.md §2.6, §3.1): image folders, the 224-px data path, MIMIC's pooled MI
 inputs, and each stage run on a CLIP RN50, ImageNet ResNet-50 or torchvision ResNet-18 with random weights.
 
 Everything is tiny (a handful of 224-px PNGs written here, batch 2, one epoch): the 224-px ResNet-50s cost about
