@@ -3,6 +3,8 @@
     python reference/make_reference.py --dataset gtsrb --class_id 12 --first 1 --out reference/cifar10/priority.npz
     python reference/make_reference.py --dataset stl10 --split test --class_id 9 --indices 0,4,7 \\
         --out reference/cifar10/truck.npz
+    python reference/make_reference.py --dataset stl10 --data_dir my_task --class_id 1 --image_size 224 \
+        --out reference/CLIP/truck.npz    # my_task/train/<class>/*: class ids are the sorted class folders
 
 The file holds `x` uint8 (R, H, W, 3), the chosen images, `y` int64 (R,), their label in the target
 downstream task (--label, default the class id; `y[0]` is the attack's target label), and `info`,
@@ -21,6 +23,7 @@ if __package__ in (None, ''):  # run as `python reference/make_reference.py`: ma
 
 from common.cli import UsageError, run_main  # noqa: E402
 from datasets import DATASETS, DataError, get_info, load_reference, load_split  # noqa: E402
+from datasets.folders import is_image_folder, read_labelled, resize_images  # noqa: E402
 from common.files import save_npz_atomic  # noqa: E402
 
 
@@ -68,7 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data_root', default='data', metavar='DIR',
                         help='folder holding one sub-folder per prepared dataset (default: data)')
     parser.add_argument('--data_dir', default='', metavar='DIR',
-                        help='folder holding <split>.npz of --dataset (default: <data_root>/<dataset>/)')
+                        help='folder holding <split>.npz of --dataset, or an image folder (<split>/<class>/*: the '
+                             "class ids are the sorted class folders') (default: <data_root>/<dataset>/)")
+    parser.add_argument('--image_size', default=None, type=int, metavar='N',
+                        help="side of the reference images: an image folder is read at it, an npz resized to it "
+                             "(default: --dataset's size; 224 for a CLIP or ImageNet encoder)")
     parser.add_argument('--force', action='store_true', help='overwrite an existing --out')
     return parser
 
@@ -79,26 +86,39 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists() and not args.force:
         raise UsageError(f'{out} already exists; pass --force to overwrite')
     info = get_info(args.dataset)
-    if not 0 <= args.class_id < info.num_classes:
-        raise UsageError(f'--class_id {args.class_id}: {args.dataset} has classes 0..{info.num_classes - 1}')
-    label = args.class_id if args.label is None else args.label
-    if label < 0:
-        raise UsageError(f'--label {label}: labels are non-negative')
     indices = parse_indices(args.indices) if args.indices is not None else None
     first = 1 if args.first is None else args.first
 
-    x, y = load_split(args.dataset, args.split, args.data_dir or Path(args.data_root) / args.dataset)
+    if args.label is not None and args.label < 0:
+        raise UsageError(f'--label {args.label}: labels are non-negative')
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f'--image_size must be positive, got {args.image_size}')
+    folder = Path(args.data_dir) if args.data_dir else Path(args.data_root) / args.dataset
+    size = args.image_size or info.image_size
+    class_names = info.classes
+    if is_image_folder(folder):  # the folder's classes, not the registry's
+        x, y, class_names = read_labelled(folder, size, args.split)
+        if not 0 <= args.class_id < len(class_names):
+            raise UsageError(f'--class_id {args.class_id}: {folder} has classes 0..{len(class_names) - 1} '
+                             f'({", ".join(class_names[:8])})')
+    else:
+        if not 0 <= args.class_id < info.num_classes:
+            raise UsageError(f'--class_id {args.class_id}: {args.dataset} has classes 0..{info.num_classes - 1}')
+        x, y = load_split(args.dataset, args.split, folder)  # at the registry's size; the chosen ones resized below
+    label = args.class_id if args.label is None else args.label
     if y is None:
         raise UsageError(f'--split {args.split}: this split of {args.dataset} has no labels to pick a class from')
-    source = f'{args.dataset}/{args.split}'
+    source = f'{folder}/{args.split}' if is_image_folder(folder) else f'{args.dataset}/{args.split}'
     images, in_class, in_split = select_reference(x, y, args.class_id, indices, first, source)
-    notes = [source, f'class {args.class_id} ({info.classes[args.class_id]})',
+    if images.shape[1] != size:
+        images = resize_images(images, size)
+    notes = [source, f'class {args.class_id} ({class_names[args.class_id]})',
              f"indices within class: {','.join(map(str, in_class))}",
              f"indices within split: {','.join(map(str, in_split))}"]
     save_npz_atomic(out, {'x': images, 'y': np.full(len(images), label, dtype=np.int64), 'info': np.array(notes)},
-                    check=lambda path: load_reference(path, image_size=info.image_size))
+                    check=lambda path: load_reference(path, image_size=size))
     print(f'wrote {out}: {len(images)} image(s) of {source} class {args.class_id} '
-          f'({info.classes[args.class_id]}), label {label}, split indices {in_split}')
+          f'({class_names[args.class_id]}), label {label}, {size}x{size}, split indices {in_split}')
 
 
 if __name__ == '__main__':

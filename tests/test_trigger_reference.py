@@ -147,6 +147,27 @@ def test_make_reference_indices_label_and_split(tmp_path, data_root):
                              '--data_root', str(data_root)])
 
 
+def test_make_reference_from_an_image_folder_at_the_encoders_size(tmp_path, data_root):
+    from PIL import Image
+    for name, value in (('airplane', 10), ('truck', 200)):  # FOLDER/train/<class>/*: the classes sorted
+        (tmp_path / 'task' / 'train' / name).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((40, 60, 3), value + k, np.uint8)).save(tmp_path / 'task' / 'train' / name / f'{k}.png')
+    out = tmp_path / 'truck.npz'
+    make_reference.main(['--dataset', 'stl10', '--data_dir', str(tmp_path / 'task'), '--class_id', '1',
+                         '--indices', '1', '--image_size', '24', '--out', str(out)])
+    reference = load_reference(out, image_size=24)
+    assert reference.x.shape == (1, 24, 24, 3) and (reference.x == 201).all()  # a uniform image stays uniform
+    assert reference.y.tolist() == [1] and 'class 1 (truck)' in reference.info
+    with pytest.raises(UsageError, match=r'has classes 0..1 \(airplane, truck\)'):
+        make_reference.main(['--dataset', 'stl10', '--data_dir', str(tmp_path / 'task'), '--class_id', '2',
+                             '--out', str(tmp_path / 'bad.npz')])
+    # an npz at 32 px: the chosen image resized, not the split
+    make_reference.main(['--dataset', 'synthetic_digits', '--class_id', '1', '--image_size', '64',
+                         '--out', str(tmp_path / 'one.npz'), '--data_root', str(data_root)])
+    assert load_reference(tmp_path / 'one.npz', image_size=64).x.shape == (1, 64, 64, 3)
+
+
 @pytest.mark.parametrize('flags, error, message', [
     (['--class_id', '-1'], UsageError, 'has classes 0..9'),
     (['--class_id', '1', '--indices', '0,999'], UsageError, 'index 999 is out of range'),
