@@ -11,6 +11,9 @@
 #     a step of stage 1 on N GPUs is the step of one GPU on the same global batch (max abs difference of the
 #     parameters <= 1e-4: NCCL sums in its own order, cuDNN may pick other kernels for a smaller batch); a run of
 #     N processes resumed with 1;
+#   - a real-world encoder at 224 pixels (CLIP's RN50, random weights, in the released layout): MIMIC with --amp on
+#     the tensor path from a folder of PNG images, the student written back in the teacher's layout, and the
+#     suspect and the student probed in one run on a labelled image folder; benchmark.py --arch clip_rn50;
 #   - scripts/benchmark.py --device cuda (its JSON line goes to OUT_DIR/benchmark.json; BENCHMARK_ARGS adds flags,
 #     e.g. BENCHMARK_ARGS=--quick).
 # Without CUDA it says so in one line and exits 0. Exit status 1 when a check failed. Data are the offline
@@ -140,6 +143,48 @@ check stage3_resume_from_cpu probe_resume_check
 check stage3_group "$PYTHON" "${stage3[@]}" --device "$DEVICE" --nn_epochs 3 --save_freq 1 \
   --encoder "$clean" "$backdoored" "$OUT/mimic/model2.pth" --names clean backdoored mimic --results_dir "$OUT/stage3_group"
 
+# --- a real-world encoder at 224 pixels: CLIP RN50 (random weights) from image folders ---------------------------
+clip_files() {  # the suspect in the released layout, 16 clean PNGs, a 2-class labelled task, a 224-px trigger
+  "$PYTHON" - "$OUT/clip" <<'PY' &&
+import sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from models.visual import ModifiedResNet
+out, rng = Path(sys.argv[1]), np.random.default_rng(0)
+def image(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rng.random((256, 256, 3)) * 60 + value).astype(np.uint8)).save(path)
+for k in range(16):
+    image(out / 'clean' / f'{k}.png', 100)
+for split, count in (('train', 8), ('test', 4)):
+    for name, value in (('airplane', 20), ('truck', 170)):
+        for k in range(count):
+            image(out / 'task' / split / name / f'{k}.png', value)
+torch.manual_seed(0)
+torch.save({'state_dict': ModifiedResNet().state_dict()}, out / 'suspect.pth')
+PY
+  "$PYTHON" trigger/make_trigger.py --image_size 224 --row 173 --col 173 --size 50 --out "$OUT/clip/trigger.npz" &&
+  "$PYTHON" reference/make_reference.py --dataset stl10 --data_dir "$OUT/clip/task" --class_id 1 --image_size 224 \
+    --out "$OUT/clip/reference.npz"
+}
+check clip_files clip_files
+check clip_mimic "$PYTHON" MIMIC.py --teacher "$OUT/clip/suspect.pth" --encoder_usage_info CLIP \
+  --data_dir "$OUT/clip/clean" --ratio 1 --epochs 2 --mi_epochs 2 --batch_size 8 --amp --augment tensor \
+  --device "$DEVICE" --num_workers 2 --no_progress --results_dir "$OUT/clip_mimic"
+clip_student_loads() {  # the student in the released layout: the released code's CLIP(...).visual takes it strictly
+  "$PYTHON" -c "
+import sys, torch
+from models.visual import ModifiedResNet
+ModifiedResNet().load_state_dict(torch.load(sys.argv[1], weights_only=True)['state_dict'], strict=True)
+print('strict load: ok')" "$OUT/clip_mimic/model2.pth"
+}
+check clip_student_loads clip_student_loads
+check clip_stage3_group "$PYTHON" training_downstream_classifier.py --encoder_usage_info CLIP --dataset stl10 \
+  --data_dir "$OUT/clip/task" --encoder "$OUT/clip/suspect.pth" "$OUT/clip_mimic/model2.pth" \
+  --names suspect mimic --trigger_file "$OUT/clip/trigger.npz" --reference_file "$OUT/clip/reference.npz" \
+  --reference_label 1 --nn_epochs 3 --device "$DEVICE" --no_progress --results_dir "$OUT/clip_stage3"
+
 # --- torchrun on every visible GPU ------------------------------------------------------------------------------
 if [ "$NPROC" -lt 2 ]; then
   skip torchrun "one CUDA device: NCCL needs 2 or more GPUs (one process per GPU)"
@@ -191,6 +236,14 @@ benchmark() {
   "$PYTHON" -c "import json, sys; json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])" "$OUT/benchmark.json"
 }
 check "benchmark_$DEVICE" benchmark
+benchmark_clip() {  # the real-world family's feature pass and MIMIC step (224 px; --quick: batch 2 on the CPU)
+  local flags=(--arch clip_rn50 --device "$DEVICE")
+  if [ "$DEVICE" = cuda ]; then flags+=(--amp); else flags+=(--quick); fi
+  "$PYTHON" scripts/benchmark.py "${flags[@]}" > "$OUT/benchmark_clip_rn50.json" &&
+  "$PYTHON" -c "import json, sys; json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])" \
+    "$OUT/benchmark_clip_rn50.json"
+}
+check "benchmark_clip_rn50_$DEVICE" benchmark_clip
 
 if [ "$failed" -gt 0 ]; then
   echo "gpu_check: $failed check(s) failed; logs in $OUT/logs"
