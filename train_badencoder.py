@@ -67,10 +67,10 @@ from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument
                         progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
-from common.runs import prepare_results_dir, rng_state, write_json
+from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_json
 from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
 from models import (ARCHITECTURES, USAGE_INFO_FAMILIES, VisualEncoder, encoder_input_size, encoder_normalization,
-                    load_any_encoder, save_in_layout)
+                    load_any_encoder)
 from models.visual_checkpoint import RESUME_WEIGHTS
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         monitor = load_monitor_data(args, trigger, reference.target_label)
     else:
         normalization, monitor = model.normalization, None
-        if layout.format in ('bare', 'openai') and args.resume:
-            raise UsageError(f'--resume: {args.pretrained_encoder} is a {layout.format} state_dict (tensors only), and '
-                             'the backdoored encoders are written in its layout: they hold no run state to resume from')
+        check_layout_resumable(layout, args.pretrained_encoder, args.resume, 'backdoored')
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
@@ -238,10 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         return {'target_label': reference.target_label, **attack.checkpoint_keys(epoch, model)}
 
     def write_in_layout(epoch: int) -> None:  # a real-world encoder: its file's layout, the released code's reader
-        if distributed.is_main():
-            save_in_layout(model, layout, results_dir / CHECKPOINT_PATTERN.format(epoch), epoch=epoch,
-                           optimizer=optimizer, resumable=True, args=vars(args), rng=rng_state(), log=training.rows,
-                           **checkpoint_keys(epoch))
+        save_layout_checkpoint(results_dir / CHECKPOINT_PATTERN.format(epoch), model, layout, optimizer, epoch, args,
+                               log=training.rows, **checkpoint_keys(epoch))
 
     training = Training(model, optimizer, args, args.epochs, results_dir, columns=attack.columns,
                         writer=None if layout is None else write_in_layout)

@@ -226,13 +226,14 @@ def load_probe_data(args: argparse.Namespace, image_size: int | None = None) -> 
     info = get_info(args.dataset)
     data_dir = data_dir_for(args, info.name)
     size = image_size or info.image_size
-    if is_image_folder(data_dir):
+    folder_task = is_image_folder(data_dir)  # a labelled image folder, else <split>.npz files
+    if folder_task:
         task = read_task(data_dir, size)
         train, test, num_classes = task.train, task.test, task.num_classes
         print(f'downstream task: {data_dir}, {num_classes} classes ({", ".join(task.classes[:10])}'
               f'{" ..." if num_classes > 10 else ""}), {len(train[0])} training and {len(test[0])} test images')
     else:
-        train, test = load_split(info.name, 'train', data_dir, image_size), load_split(info.name, 'test', data_dir, image_size)
+        train, test = (load_split(info.name, split, data_dir, image_size) for split in ('train', 'test'))
         num_classes = info.num_classes
     for split, (x, _) in (('train', train), ('test', test)):
         if len(x) == 0:
@@ -243,8 +244,8 @@ def load_probe_data(args: argparse.Namespace, image_size: int | None = None) -> 
         reference = load_reference(args.reference_file, num_classes, None if image_size else info.image_size)
         if image_size:
             reference = Reference(resize_images(reference.x, image_size), reference.y, reference.info)
-    args.reference_label = target_label(args.reference_label, reference, str(data_dir) if is_image_folder(data_dir)
-                                        else info.name, num_classes)
+    args.reference_label = target_label(args.reference_label, reference, str(data_dir) if folder_task else info.name,
+                                        num_classes)
     test_x = test[0]
     if isinstance(test_x, ImagesAtSize):  # triggered after the resize, as the released code's 224-px test sets
         triggered = ImagesAtSize(test_x.images, test_x.size, lambda batch: triggered_copy(batch, trigger, 0))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import CheckpointError, save_atomic
+from models import CheckpointError, Layout, save_atomic, save_in_layout
 from models.checkpoint import encoder_checkpoint
 
 from . import distributed
@@ -170,3 +170,25 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opt
     if not distributed.is_main():
         return
     save_atomic(encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(), **extra), path)
+
+
+TENSOR_LAYOUTS = ('bare', 'openai')  # layouts that hold the tower's tensors alone: no run state to resume from
+
+
+def save_layout_checkpoint(path: Path, model: torch.nn.Module, layout: Layout, optimizer: torch.optim.Optimizer,
+                           epoch: int, args: argparse.Namespace, **extra) -> None:
+    """`save_run_checkpoint` for a real-world encoder: written in the layout of the file it was loaded from
+    (models.save_in_layout), the file the released code loads strictly, with the run's state beside it in the
+    released layouts (the TENSOR_LAYOUTS hold the tower alone); by rank 0 alone under torchrun."""
+    if not distributed.is_main():
+        return
+    save_in_layout(model, layout, path, epoch=epoch, optimizer=optimizer, resumable=True, args=vars(args),
+                   rng=rng_state(), **extra)
+
+
+def check_layout_resumable(layout: Layout | None, path: str, resume: bool, written: str) -> None:
+    """--resume is refused for an encoder read from a TENSOR_LAYOUTS file: the `written` encoders are saved in its
+    layout and hold no run state to resume from."""
+    if layout is not None and layout.format in TENSOR_LAYOUTS and resume:
+        raise UsageError(f'--resume: {path} is a {layout.format} state_dict (tensors only), and the {written} '
+                         'encoders are written in its layout: they hold no run state to resume from')

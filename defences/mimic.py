@@ -32,6 +32,7 @@ from common import distributed
 from common.cli import UsageError, data_dir_for, encoder_family
 from common.device import autocast
 from common.engine import train_steps
+from common.runs import check_layout_resumable
 from common.fastpath import to_channels_last
 from datasets import get_info, load_images, normalize_batch
 from models import (ARCHITECTURES, TAPPED_LAYERS, CheckpointError, Layout, SimCLR, VisualEncoder, build_encoder,
@@ -114,9 +115,7 @@ def load_suspect(path: str, device: torch.device, pretraining_dataset: str | Non
     """
     teacher, checkpoint = load_any_encoder(path, family, arch)
     layout = checkpoint.get('layout') if isinstance(teacher, VisualEncoder) else None
-    if layout is not None and layout.format in ('bare', 'openai') and resume:
-        raise UsageError(f'--resume: {path} is a {layout.format} state_dict (tensors only), and the purified '
-                         'encoders are written in its layout: they hold no run state to resume from')
+    check_layout_resumable(layout, path, resume, 'purified')
     recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
         (checkpoint.get('args') or {}).get('pretraining_dataset')
     if layout is None and pretraining_dataset and recorded and recorded != pretraining_dataset:

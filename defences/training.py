@@ -26,7 +26,7 @@ from common import distributed
 from common.cli import progress_disabled
 from common.engine import StepLoss, Training, nt_xent_step, train_steps
 from common.fastpath import device_copy, pair_batches
-from common.runs import checkpoint_epochs, rng_state, save_run_checkpoint
+from common.runs import checkpoint_epochs, save_layout_checkpoint, save_run_checkpoint
 from datasets import ImagePairs, simclr_transform
 from models import CheckpointError, Layout, load_checkpoint, save_in_layout
 from models.visual_checkpoint import RESUME_WEIGHTS
@@ -119,7 +119,6 @@ class DefenceRun:
         training.fit(train_epoch, checkpoint_keys=lambda epoch: phase.checkpoint_extra)
         return training
 
-
     def save(self, model: torch.nn.Module, path: Path, **extra) -> None:
         """A purified encoder that trained no weight (clp, an unchanged suspect), as epoch 0: a self-describing
         checkpoint, or a real-world encoder in its suspect's layout (by rank 0 alone)."""
@@ -132,11 +131,8 @@ class DefenceRun:
         """The epoch's checkpoint of a real-world encoder, in its suspect's layout (models.save_in_layout): the file
         the released code loads strictly, with the run's state beside it in the released layouts (the bare and
         openai layouts hold the tower's tensors alone)."""
-        if not distributed.is_main():
-            return
-        save_in_layout(phase.model, self.layout, self.results_dir / phase.checkpoint_pattern.format(epoch), epoch=epoch,
-                       optimizer=phase.optimizer, resumable=True, args=vars(self.args), rng=rng_state(),
-                       log=training.rows, **phase.checkpoint_extra)
+        save_layout_checkpoint(self.results_dir / phase.checkpoint_pattern.format(epoch), phase.model, self.layout,
+                               phase.optimizer, epoch, self.args, log=training.rows, **phase.checkpoint_extra)
 
 
 def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.data_dir) if args.data_dir else Path(args.data_root) / args.dataset
     size = args.image_size or info.image_size
     class_names = info.classes
-    if is_image_folder(folder):  # the folder's classes, not the registry's
+    from_folder = is_image_folder(folder)
+    if from_folder:  # the folder's classes, not the registry's
         x, y, class_names = read_labelled(folder, size, args.split)
         if not 0 <= args.class_id < len(class_names):
             raise UsageError(f'--class_id {args.class_id}: {folder} has classes 0..{len(class_names) - 1} '
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     label = args.class_id if args.label is None else args.label
     if y is None:
         raise UsageError(f'--split {args.split}: this split of {args.dataset} has no labels to pick a class from')
-    source = f'{folder}/{args.split}' if is_image_folder(folder) else f'{args.dataset}/{args.split}'
+    source = f'{folder}/{args.split}' if from_folder else f'{args.dataset}/{args.split}'
     images, in_class, in_split = select_reference(x, y, args.class_id, indices, first, source)
     if images.shape[1] != size:
         images = resize_images(images, size)
