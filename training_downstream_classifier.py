@@ -44,7 +44,7 @@ from common.features import encode_images
 from common.runs import (check_resumable, checked_checkpoints, checkpoint_epochs, prepare_results_dir,
                          restore_optimizer, rng_state, write_json)
 from datasets import (DATASETS, DataError, ImagesAtSize, Reference, get_info, is_image_folder, load_reference,
-                      load_split, load_trigger, pretraining_names, read_task, resize_images, triggered_copy)
+                      load_split, load_trigger, pretraining_names, read_task, triggered_copy)
 from models import (ARCHITECTURES, FAMILIES, USAGE_INFO_FAMILIES, CheckpointError, MLPProbe, ProbeGroup, SimCLR,
                     VisualEncoder, encoder_input_size, encoder_normalization, load_any_encoder, load_checkpoint,
                     save_atomic)
@@ -241,9 +241,7 @@ def load_probe_data(args: argparse.Namespace, image_size: int | None = None) -> 
     trigger = load_trigger(args.trigger_file, size)
     reference = None
     if args.reference_file:
-        reference = load_reference(args.reference_file, num_classes, None if image_size else info.image_size)
-        if image_size:
-            reference = Reference(resize_images(reference.x, image_size), reference.y, reference.info)
+        reference = load_reference(args.reference_file, num_classes, info.image_size, resize_to=image_size)
     args.reference_label = target_label(args.reference_label, reference, str(data_dir) if folder_task else info.name,
                                         num_classes)
     test_x = test[0]

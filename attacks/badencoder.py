@@ -32,7 +32,7 @@ from common.engine import train_steps
 from common.errors import DataError, UsageError
 from common.features import encode_images, knn_accuracies
 from datasets import (Reference, ShadowImages, Trigger, apply_trigger, get_info, load_images, load_reference,
-                      load_split, load_trigger, normalize_batch, resize_images, triggered_copy)
+                      load_split, load_trigger, normalize_batch, triggered_copy)
 from datasets.registry import split_path
 from models.losses import negative_cosine
 
@@ -111,10 +111,8 @@ def load_attack_files(args: argparse.Namespace, image_size: int, resize_referenc
     """The trigger (of the shadow images' size) and the references (of that size, or resized to it with
     `resize_references`, a real-world encoder's 224-px input)."""
     trigger = load_trigger(args.trigger_file, image_size)
-    reference = load_reference(args.reference_file, get_info(args.downstreamTask).num_classes,
-                               None if resize_references else image_size)
-    if resize_references:
-        reference = Reference(resize_images(reference.x, image_size), reference.y, reference.info)
+    reference = load_reference(args.reference_file, get_info(args.downstreamTask).num_classes, image_size,
+                               resize_to=image_size if resize_references else None)
     reference = first_references(reference, args.num_references, args.reference_file)
     if 1 < len(trigger) < len(reference):
         raise DataError(f'{args.trigger_file}: holds {len(trigger)} trigger patches but {args.reference_file} '

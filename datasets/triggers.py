@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .folders import resize_images
 from .npz import check_images, read_npz
 from .registry import DataError
 
@@ -109,14 +110,15 @@ def apply_trigger(images, trigger: Trigger, index: int = 0):
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def load_reference(path: str | Path, num_classes: int | None = None,
-                   image_size: int | None = None) -> Reference:
-    """Load and check a reference file against the downstream classes and the image size."""
+def load_reference(path: str | Path, num_classes: int | None = None, image_size: int | None = None,
+                   resize_to: int | None = None) -> Reference:
+    """Load and check a reference file against the downstream classes and the image size; with `resize_to`, a
+    real-world encoder's input size (224), the images of any size are resized to it (`datasets.resize_images`)."""
     arrays = read_npz(path, ('x', 'y'))
     x = arrays['x']
     if x.ndim == 3:
         x = x[None]
-    x = check_images(x, path, image_size)
+    x = check_images(x, path, None if resize_to else image_size)
     y = np.atleast_1d(arrays['y']).reshape(-1)
     if not np.issubdtype(y.dtype, np.integer) or len(y) == 0:
         raise DataError(f"{path}: 'y' must hold at least one integer label, found {y.dtype} {y.shape}")
@@ -126,4 +128,6 @@ def load_reference(path: str | Path, num_classes: int | None = None,
         raise DataError(f'{path}: reference label {int(y.max()) if y.max() >= num_classes else int(y.min())}'
                         f' is outside the downstream classes 0..{num_classes - 1}')
     info = tuple(str(s) for s in np.atleast_1d(arrays.get('info', np.array([]))))
+    if resize_to:
+        x = resize_images(x, resize_to)
     return Reference(x, y.astype(np.int64), info)

@@ -193,3 +193,16 @@ def test_papers_reference_files_load_unchanged():
         reference = load_reference(path, num_classes=num_classes, image_size=32)
         np.testing.assert_array_equal(reference.x, raw['x'])
         assert reference.x.dtype == np.uint8 and reference.target_label == target
+
+
+def test_load_reference_resized_to_a_real_world_encoders_input(tmp_path):
+    """resize_to: a 32-px reference becomes the encoder's 224 px (a plain colour stays that colour); without it the
+    size is checked against image_size."""
+    path = tmp_path / 'ref.npz'
+    np.savez(path, x=np.full((2, 32, 32, 3), (10, 200, 30), dtype=np.uint8), y=np.array([3, 3]))
+    reference = load_reference(path, num_classes=10, image_size=32, resize_to=224)
+    assert reference.x.shape == (2, 224, 224, 3) and reference.x.dtype == np.uint8
+    assert (reference.x == np.array([10, 200, 30], dtype=np.uint8)).all()
+    assert reference.y.tolist() == [3, 3]
+    with pytest.raises(DataError, match='224'):
+        load_reference(path, num_classes=10, image_size=224)
