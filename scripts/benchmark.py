@@ -170,7 +170,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'kNN queries timed, extrapolated linearly to the {CIFAR10_TEST} CIFAR10 test images '
                              f'(default: {CIFAR10_TEST}; --quick: {QUICK["knn_queries"]})')
     parser.add_argument('--defences', default=','.join(BASELINES), type=str,
-                        help='baseline defences to time, comma-separated, or none (default: all seven)')
+                        help='baseline defences to time, comma-separated, or none (default: all eight)')
     add_speed_arguments(parser)  # --augment and --compile, passed on to the stages
     return parser
 

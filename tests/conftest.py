@@ -200,3 +200,5 @@ def pytest_collection_modifyitems(config, items):
             cache[module.__name__] = _starts_processes(module)
         if item.function.__name__ in cache[module.__name__]:
             item.add_marker(pytest.mark.process)
+    # the process tests, the long ones, first: pytest-xdist's workers then finish together on the short ones
+    items.sort(key=lambda item: item.get_closest_marker('process') is None)

@@ -32,7 +32,7 @@ from common import distributed
 from common.cli import UsageError
 from common.fastpath import DevicePairBatches, DeviceShadowBatches
 from common.loaders import RankBatches, epoch_loader, epoch_permutation
-from conftest import REPO
+from conftest import REPO, run_in_process
 from models import SimCLR, load_checkpoint
 from models.losses import nt_xent, nt_xent_anchors
 
@@ -221,8 +221,8 @@ def test_stage1_two_processes_take_the_single_process_step(tmp_path, data_root, 
     if attack == 'drupe':  # every DRUPE term in the first epoch: no warm-up, the preserve phase at once
         reference = three_references
         extra += ['--attack', 'drupe', '--drupe_warmup_epochs', '0', '--drupe_preserve_from', '1']
-    single = one_process('train_badencoder.py', *stage1_args(data_root, reference, tiny_encoder, tmp_path / 'one',
-                                                             *extra))
+    single = run_in_process('train_badencoder.py', *stage1_args(data_root, reference, tiny_encoder,
+                                                                tmp_path / 'one', *extra))
     assert single.returncode == 0, single.stderr[-3000:]
     double = two_processes('train_badencoder.py', *stage1_args(data_root, reference, tiny_encoder, tmp_path / 'two',
                                                                *extra))
@@ -374,7 +374,7 @@ def test_a_failing_process_stops_the_run_and_one_process_resumes_it(tmp_path, da
     assert all('a collective failed' in line for line in lines if not line.startswith('[rank 1]'))
     assert {path.name for path in results.iterdir()} == {'args.json', 'log.csv', 'model_1.pth'}
 
-    resumed = one_process('train_clean_encoder.py', *args, '--resume')
+    resumed = run_in_process('train_clean_encoder.py', *args, '--resume')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {results / 'model_1.pth'} (epoch 1)" in resumed.stdout
     assert [int(row['epoch']) for row in log_rows(results / 'log.csv')] == [1, 2]

@@ -223,14 +223,14 @@ def test_resume_with_other_settings_is_refused(stage, flag, value, tmp_path, dat
 
 def test_stage3_resume_is_bit_identical(tmp_path, data_root, trigger_file, reference_file, tiny_encoder):
     command = stage_commands(data_root, trigger_file, reference_file, tiny_encoder, tmp_path / 'unused')['downstream']
-    straight = run_script(*with_flag(with_flag(command, '--nn_epochs', '2'), '--results_dir', str(tmp_path / 'a')),
-                          '--save_freq', '1')
+    straight = run_in_process(*with_flag(with_flag(command, '--nn_epochs', '2'), '--results_dir',
+                                         str(tmp_path / 'a')), '--save_freq', '1')
     assert straight.returncode == 0, straight.stderr[-2000:]
     split = with_flag(command, '--results_dir', str(tmp_path / 'b'))
-    assert run_script(*with_flag(split, '--nn_epochs', '1'), '--save_freq', '1').returncode == 0
-    again = run_script(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1')
+    assert run_in_process(*with_flag(split, '--nn_epochs', '1'), '--save_freq', '1').returncode == 0
+    again = run_in_process(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1')
     assert_clean_error(again, '--resume')  # an earlier run's probe is not silently replaced
-    resumed = run_script(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1', '--resume')
+    resumed = run_in_process(*with_flag(split, '--nn_epochs', '2'), '--save_freq', '1', '--resume')
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / 'a' / 'probe_2.pth')
     b = load_checkpoint(tmp_path / 'b' / 'probe_2.pth')
