@@ -2,12 +2,18 @@
 
 PIL-based, as the original, applied per image in DataLoader workers. Images that need no
 augmentation go through `normalize_batch` instead: one tensor operation per batch, on the device.
+torchvision is imported when a PIL transform is built, not with this module: its import costs a stage process
+seconds (models/resnet.py says why), and the tensor path never needs it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 from .tensor_augment import CROP_SCALE, to_float
 
@@ -15,6 +21,7 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def _color_augmentation() -> list:
+    from torchvision import transforms as T
     return [T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2)]
@@ -23,16 +30,19 @@ def _color_augmentation() -> list:
 def simclr_transform(normalization: Normalization, image_size: int = 32, crop_scale=CROP_SCALE) -> T.Compose:
     """SimCLR view: RandomResizedCrop (scale CROP_SCALE = 0.08-1 by default), flip, colour jitter (p 0.8),
     grayscale (p 0.2)."""
+    from torchvision import transforms as T
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale)), *_color_augmentation(),
                       T.ToTensor(), T.Normalize(*normalization)])
 
 
 def finetune_transform(normalization: Normalization) -> T.Compose:
     """BadEncoder's augmentation of the reference inputs: the SimCLR view without the crop."""
+    from torchvision import transforms as T
     return T.Compose([*_color_augmentation(), T.ToTensor(), T.Normalize(*normalization)])
 
 
 def test_transform(normalization: Normalization) -> T.Compose:
+    from torchvision import transforms as T
     return T.Compose([T.ToTensor(), T.Normalize(*normalization)])
 
 

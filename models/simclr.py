@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models import resnet as tv_resnet
+
+from . import resnet  # torchvision's ResNet, without importing torchvision
 
 ARCHITECTURES = {
     # name: (block, blocks per stage)
-    'resnet18': (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-    'resnet34': (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-    'resnet50': (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    'resnet18': (resnet.BasicBlock, [2, 2, 2, 2]),
+    'resnet34': (resnet.BasicBlock, [3, 4, 6, 3]),
+    'resnet50': (resnet.Bottleneck, [3, 4, 6, 3]),
 }
 PAPER_WIDTH = 64
 TAPPED_LAYERS = (3, 4, 5, 6)
@@ -43,7 +44,7 @@ def feature_dim_of(arch: str, width: int = PAPER_WIDTH) -> int:
 def _resnet_trunk(arch: str, width: int) -> nn.Module:
     """torchvision's ResNet, with every stage scaled to `width` base channels when width != 64."""
     block, blocks = ARCHITECTURES[arch]
-    net = tv_resnet.ResNet(block, blocks)
+    net = resnet.ResNet(block, blocks)
     if width == PAPER_WIDTH:
         return net  # exactly the original: same modules, same initialisation
     net.inplanes = width

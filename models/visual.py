@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models import resnet as tv_resnet
 
+from . import resnet  # torchvision's ResNet, without importing torchvision
 from .simclr import PROJECTION_HIDDEN, SimCLR, input_normalization
 
 CLIP_NORMALIZATION = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -166,13 +166,13 @@ class ModifiedResNet(nn.Module):
 # --- torchvision's ResNet, as the released code's ImageNetResNet().visual ---------------------------------------
 
 RESNETS = {
-    'resnet18': (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-    'resnet34': (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-    'resnet50': (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    'resnet18': (resnet.BasicBlock, [2, 2, 2, 2]),
+    'resnet34': (resnet.BasicBlock, [3, 4, 6, 3]),
+    'resnet50': (resnet.Bottleneck, [3, 4, 6, 3]),
 }
 
 
-class ResNetTower(tv_resnet.ResNet):
+class ResNetTower(resnet.ResNet):
     """torchvision's ImageNet-stem ResNet whose forward stops at the flattened pooled feature.
 
     `fc` (1000 classes) stays in the state_dict, as in the released code's `ImageNetResNet().visual` and in

@@ -1,4 +1,5 @@
-"""models.simclr: the original state_dict layout, normalised outputs, tapped layers, width multiplier."""
+"""models.simclr: the original state_dict layout, normalised outputs, tapped layers, width multiplier; models.resnet
+against torchvision's ResNet."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from conftest import run_script
 from models import ARCHITECTURES, PAPER_WIDTH, TAPPED_LAYERS, MLPProbe, SimCLR, SimCLRBase, feature_dim_of
 
 
@@ -194,3 +196,46 @@ def test_mlp_probe_layout():
     torch.testing.assert_close(probe(x), probe(x))  # dropout only in training
     expected = probe.fc3(F.relu(probe.fc2(F.relu(probe.fc1(x)))))
     torch.testing.assert_close(probe(x), expected)
+
+
+# --- models.resnet: torchvision's ResNet without torchvision -------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50'])
+def test_resnet_is_torchvisions_with_the_same_seed(arch):
+    """The same keys in the same order, the same initial weights from the same seed, the same outputs."""
+    from models import resnet
+    block, layers = ARCHITECTURES[arch]
+    torch.manual_seed(3)
+    theirs = getattr(torchvision.models, arch)()
+    torch.manual_seed(3)
+    ours = resnet.ResNet(block, layers)
+    reference, state = theirs.state_dict(), ours.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[key], reference[key]) for key in reference)
+    x = torch.randn(2, 3, 64, 64)
+    for train in (True, False):
+        theirs.train(train), ours.train(train)
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_narrow_encoder_draws_the_weights_it_drew_with_torchvisions_resnet(monkeypatch):
+    """Width 8 builds the paper's ResNet first and then rebuilds its stages: the same draws as when
+    models.simclr built it from torchvision, so a seed's run is the run it was."""
+    import models.simclr
+    torch.manual_seed(4)
+    ours = SimCLR(width=8).state_dict()
+    monkeypatch.setattr(models.simclr, 'resnet', torchvision.models.resnet)
+    monkeypatch.setitem(models.simclr.ARCHITECTURES, 'resnet18',
+                        (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]))
+    torch.manual_seed(4)
+    before = SimCLR(width=8).state_dict()
+    assert list(ours) == list(before) and all(torch.equal(ours[key], before[key]) for key in before)
+
+
+def test_a_stage_process_does_not_import_torchvision():
+    """torchvision's import costs every stage process seconds (models/resnet.py); the tensor path never needs it."""
+    code = ('import sys, train_clean_encoder, train_badencoder, MIMIC, baseline_defence, '
+            'training_downstream_classifier; print("torchvision" in sys.modules)')
+    result = run_script('-c', code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == 'False'
