@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole story on a CPU in about twelve minutes, offline:
+# The whole story on a CPU in 12-19 minutes (README section 1), offline:
 #   synthetic data -> clean SimCLR encoder -> BadEncoder backdoor -> MIMIC purification
 #   -> ACC / ASR of all three encoders on a synthetic downstream task (digits, target "one").
 #
