@@ -4,8 +4,8 @@ The modules, their names, their registration order (hence the state_dict keys an
 initialisation, including the order in which it draws random numbers, are those of
 `torchvision.models.resnet.ResNet`, so a seed gives the same weights and every checkpoint loads either way
 (tests/test_models.py compares the two). The reason for a copy: importing torchvision imports `torch._dynamo`
-(through `torchvision.ops`), about 2.6 s of every stage process's start-up on the 2-core CPU of the README, and
-the stages need only this class from it.
+(through `torchvision.ops`), about 2.6 s of a process's start-up on the 2-core CPU of the README, and the
+stages on the tensor path need only this class from it (their PIL transforms import it when first applied).
 
 Only what the encoders use: groups 1, base width 64, no dilation, BatchNorm, no zero-initialised residual.
 """

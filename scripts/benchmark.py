@@ -343,12 +343,18 @@ def bench_mi(images: np.ndarray, args: argparse.Namespace, device: torch.device,
             'mi_network_passes_per_image': passes['images'] / len(clean)}
 
 
-def bench_defences(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Each baseline's `purify`, as baseline_defence.py calls it, timed whole on images_needed(mimic batch) images."""
+def defence_names(args: argparse.Namespace) -> list[str]:
+    """The baselines --defences names (none: []), each checked."""
     names = [] if args.defences == 'none' else args.defences.split(',')
     unknown = set(names) - set(BASELINES)
     if unknown:
         raise UsageError(f"--defences: unknown {sorted(unknown)}, expected some of {', '.join(BASELINES)} or none")
+    return names
+
+
+def bench_defences(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
+    """Each baseline's `purify`, as baseline_defence.py calls it, timed whole on images_needed(mimic batch) images."""
+    names = defence_names(args)
     clean = images[:images_needed(args.mimic_batch_size, args)]
     iterations = str(args.warmup + args.steps)
     seconds, rates = {}, {}

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                          f'--arch {args.arch} --width {args.width} cannot be compared')
     original_dir = Path(args.original)
     check_original(original_dir)
+    benchmark.defence_names(args)  # before the original's side runs for minutes
     benchmark.resolve_counts(args)
     seed_everything(args.seed)
     device = resolve_device(args.device, args.gpu)

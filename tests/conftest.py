@@ -173,8 +173,9 @@ def ctrl_c_raises_keyboard_interrupt():
 
 # --- the `process` marker --------------------------------------------------------------------------------------
 
-# What a test calls when it starts a process: a new interpreter, torchrun, a shell script.
-PROCESS_CALLS = ('run_script(', 'subprocess.', 'Popen(', 'torchrun', "'bash'")
+# What a test calls when it starts a process: a new interpreter, torchrun, a shell script (a test that starts one
+# through a library function, such as scripts/sweep_shapes.py's, is marked by hand).
+PROCESS_CALLS = ('run_script(', 'subprocess.run(', 'subprocess.check_', 'Popen(', "'bash'")
 
 
 def _starts_processes(module) -> set[str]:
@@ -200,5 +201,3 @@ def pytest_collection_modifyitems(config, items):
             cache[module.__name__] = _starts_processes(module)
         if item.function.__name__ in cache[module.__name__]:
             item.add_marker(pytest.mark.process)
-    # the process tests, the long ones, first: pytest-xdist's workers then finish together on the short ones
-    items.sort(key=lambda item: item.get_closest_marker('process') is None)

@@ -271,6 +271,7 @@ def test_other_widths_cannot_be_compared(fake_original):
         compare_original.main(['--original', str(fake_original), *TINY, '--width', '8'])
 
 
+@pytest.mark.process  # the harness runs in a process of its own
 def test_failing_original_is_refused_after_its_own_messages(fake_original, capfd):
     (fake_original / 'MIMIC.py').write_text('raise ImportError("broken checkout")\n')
     with pytest.raises(UsageError, match='^the original implementation failed'):

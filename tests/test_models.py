@@ -232,10 +232,20 @@ def test_a_narrow_encoder_draws_the_weights_it_drew_with_torchvisions_resnet(mon
     assert list(ours) == list(before) and all(torch.equal(ours[key], before[key]) for key in before)
 
 
-def test_a_stage_process_does_not_import_torchvision():
-    """torchvision's import costs every stage process seconds (models/resnet.py); the tensor path never needs it."""
-    code = ('import sys, train_clean_encoder, train_badencoder, MIMIC, baseline_defence, '
-            'training_downstream_classifier; print("torchvision" in sys.modules)')
+def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path):
+    """torchvision's import costs every stage process seconds (models/resnet.py): stage 0 and MIMIC (whose training
+    loop the baselines share) on the tensor path run without it; their PIL transforms are made, never applied."""
+    common = ['--data_root', str(data_root), '--device', 'cpu', '--num_workers', '0', '--no_progress',
+              '--augment', 'tensor']
+    clean = ['--pretraining_dataset', 'synthetic_shapes', '--width', '8', '--batch_size', '64', '--epochs', '1',
+             '--results_dir', str(tmp_path / 'clean'), *common]
+    mimic = ['--pretraining_dataset', 'synthetic_shapes', '--teacher', str(tmp_path / 'clean' / 'model_1.pth'),
+             '--ratio', '0.25', '--batch_size', '32', '--epochs', '1', '--mi_epochs', '1',
+             '--results_dir', str(tmp_path / 'mimic'), *common]
+    code = ('import sys, train_clean_encoder, MIMIC\n'
+            f'train_clean_encoder.main({clean!r})\nMIMIC.main({mimic!r})\n'
+            'print("torchvision" in sys.modules)')
     result = run_script('-c', code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == 'False'
+    assert (tmp_path / 'mimic' / 'model1.pth').is_file()
+    assert result.stdout.strip().splitlines()[-1] == 'False'

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from scripts import sweep_shapes
 from scripts.sweep_shapes import Run, grid, outcome
 
@@ -46,6 +48,7 @@ def sweep(tmp_path, name, *argv):
     return status, json.loads((tmp_path / f'{name}.json').read_text())['results']
 
 
+@pytest.mark.process  # every run of a sweep is a process of its own
 def test_a_bounded_sweep_ends_no_run_by_a_signal(tmp_path):
     """Stage 1 at width 8 with two threads on the tensor path (the case that crashed), and a refused input."""
     status, results = sweep(tmp_path, 'crash', '--stages', 'badencoder', '--cases', 'uneven', '--threads', '2')
