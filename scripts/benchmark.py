@@ -108,7 +108,9 @@ VISUAL_FULL = {'visual_batch_size': 64}
 VISUAL_QUICK = {'visual_batch_size': 2, 'mimic_batch_size': 2}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(defences: str = ','.join(BASELINES),
+                    defences_help: str = 'default: all eight') -> argparse.ArgumentParser:
+    """The benchmark's flags; `defences` and `defences_help`: --defences's default and how its help names it."""
     parser = StageParser(description='Measure the throughput of every pipeline stage on this machine '
                                      '(synthetic CIFAR-scale data in memory); prints one JSON line.')
     parser.add_argument('--device', default='auto', type=str, metavar='auto|cpu|cuda|cuda:N',
@@ -169,8 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--knn_queries', default=None, type=int,
                         help=f'kNN queries timed, extrapolated linearly to the {CIFAR10_TEST} CIFAR10 test images '
                              f'(default: {CIFAR10_TEST}; --quick: {QUICK["knn_queries"]})')
-    parser.add_argument('--defences', default=','.join(BASELINES), type=str,
-                        help='baseline defences to time, comma-separated, or none (default: all eight)')
+    parser.add_argument('--defences', default=defences, type=str,
+                        help=f'baseline defences to time, comma-separated, or none ({defences_help})')
     add_speed_arguments(parser)  # --augment and --compile, passed on to the stages
     return parser
 

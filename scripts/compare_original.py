@@ -49,13 +49,10 @@ COMPARED = (*benchmark.FIGURES, 'simclr_forwards_per_step', 'badencoder_encoder_
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = benchmark.get_args_parser()
+    # the original has no baseline defences: ours are timed only when asked for
+    parser = benchmark.get_args_parser(defences='none', defences_help='default: none; the original has none')
     parser.description = ('Time this implementation and the original MIMIC code on this machine with the same '
                           'data and settings; prints one JSON line.')
-    # the original has no baseline defences: ours are timed only when asked for
-    parser.set_defaults(defences='none')
-    next(action for action in parser._actions if action.dest == 'defences').help = (
-        'our baseline defences to time as well, comma-separated (default: none; the original has none)')
     parser.add_argument('--original', required=True, metavar='DIR',
                         help='a checkout of the original implementation (https://github.com/wssun/MIMIC)')
     return parser
