@@ -37,7 +37,7 @@ from common import distributed
 from common.cli import (StageParser, UsageError, add_arch_argument, print_args, progress_disabled, require_positive,
                         resume_flags, run_main, SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile
-from common.runs import prepare_results_dir, write_json
+from common.runs import prepare_results_dir, write_args, write_json
 from datasets import pretraining_names
 from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
                             MI_DATA, load_clean_subset, load_mi_images,
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
-    write_json(results_dir / 'args.json', vars(args))
+    write_args(results_dir, args)
     source = f'{info.name}/{info.pretraining_split}' if layout is None else f'{args.data_dir or info.name} at {clean.shape[1]} px'
     print(f'clean subset: {len(clean)} images of {source} ({args.subset}); '
           f'teacher {teacher.config}{f" ({layout.format} layout)" if layout else ""} on {device}')

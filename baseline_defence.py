@@ -43,7 +43,7 @@ from common import distributed
 from common.cli import (StageParser, UsageError, add_arch_argument, print_args, require_positive, resume_flags,
                         run_main, SameOnResume, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
-from common.runs import checkpoint_epochs, write_json
+from common.runs import checkpoint_epochs, write_args, write_json
 from datasets import get_info, pretraining_names
 from defences import BASELINES, TRAINING_BASELINES, get_defence
 from defences.mimic import load_clean_subset, load_suspect_for
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_results_dir(args)
     results_dir = Path(args.results_dir)
     print_args(args)
-    write_json(results_dir / 'args.json', vars(args))
+    write_args(results_dir, args)
     data = f'{len(clean)} clean images of {info.name}/{info.pretraining_split} ({args.subset})' \
         if clean is not None else 'data-free, no image read'
     print(f'{args.defence} ({defence.PAPER}): {data}; suspect {suspect.config} on {device}')

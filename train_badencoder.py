@@ -67,7 +67,7 @@ from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument
                         progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
-from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_json
+from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_args
 from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
 from models import (ARCHITECTURES, USAGE_INFO_FAMILIES, VisualEncoder, encoder_input_size, encoder_normalization,
                     load_any_encoder)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     resume_from = prepare_results_dir(args, CHECKPOINT_PATTERN)
     results_dir = Path(args.results_dir)
     print_args(args)
-    write_json(results_dir / 'args.json', vars(args))
+    write_args(results_dir, args)
     model = to_channels_last(model.to(device), device)
     print(f'{args.attack}: shadow set: {len(shadow_images)} images of {args.shadow_dataset}; {len(reference)} '
           f'reference(s), target label {reference.target_label}; {len(trigger)} trigger patch(es); device {device}')

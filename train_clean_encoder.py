@@ -46,7 +46,7 @@ from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, pri
 from common.engine import Training, nt_xent_step, train_steps
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
-from common.runs import prepare_results_dir, write_json
+from common.runs import prepare_results_dir, write_args
 from datasets import ImagePairs, get_info, load_split, pretraining_names, simclr_transform
 from datasets.tensor_augment import CROP_SCALE
 from models import ARCHITECTURES, PAPER_WIDTH, RAW_INPUTS, SimCLR, load_encoder
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f'already trained for {training.start_epoch - 1} epochs (--epochs {args.epochs}); nothing to do')
         return
     results_dir = Path(args.results_dir)
-    write_json(results_dir / 'args.json', vars(args))
+    write_args(results_dir, args)
 
     train(args, training, data, device)
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')

@@ -42,7 +42,7 @@ from common.device import autocast, resolve_device
 from common.engine import Training, train_steps
 from common.features import encode_images
 from common.runs import (check_resumable, checked_checkpoints, checkpoint_epochs, prepare_results_dir,
-                         restore_optimizer, rng_state, write_json)
+                         restore_optimizer, rng_state, write_args, write_json)
 from datasets import (DATASETS, DataError, ImagesAtSize, Reference, get_info, is_image_folder, load_reference,
                       load_split, load_trigger, pretraining_names, read_task, triggered_copy)
 from models import (ARCHITECTURES, FAMILIES, USAGE_INFO_FAMILIES, CheckpointError, MLPProbe, ProbeGroup, SimCLR,
@@ -376,7 +376,7 @@ def probe_one(args: argparse.Namespace, must_match: dict, device: torch.device) 
     resume_from = None
     if args.results_dir:
         resume_from = prepare_results_dir(args, PROBE_PATTERN)
-        write_json(Path(args.results_dir) / 'args.json', vars(args))
+        write_args(args.results_dir, args)
     elif args.resume:
         raise UsageError('--resume needs --results_dir, the folder holding probe_<epoch>.pth')
 
@@ -471,7 +471,7 @@ def prepare_group_folders(args: argparse.Namespace, members: list[Member]) -> No
             member.resume_from = member.folder / PROBE_PATTERN.format(max(common))
     for member in members:
         member.folder.mkdir(parents=True, exist_ok=True)
-        write_json(member.folder / 'args.json', vars(member.args))
+        write_args(member.folder, member.args)
 
 
 def group_probes(members: list[Member], args: argparse.Namespace, num_classes: int,

@@ -29,6 +29,18 @@ def write_json(path: str | Path, obj) -> None:
         write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
 
 
+def run_environment() -> dict:
+    """What besides the flags decides a run's last digits: the torch version and the CPU threads. A seed repeats a
+    run digit for digit only on the same thread count (it sets the order of floating-point sums)."""
+    return {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
+            'world_size': distributed.world_size()}
+
+
+def write_args(results_dir: str | Path, args: argparse.Namespace) -> None:
+    """`results_dir/args.json`: every flag of the run (`vars(args)`) and, under 'environment', `run_environment()`."""
+    write_json(Path(results_dir) / 'args.json', {**vars(args), 'environment': run_environment()})
+
+
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     """The whole log, rewritten atomically (rows share the keys of the first)."""
     buffer = io.StringIO()

@@ -18,7 +18,7 @@ from common.cli import (NonFiniteLossError, UsageError, caused_by_interrupt, che
 from common.device import autocast, resolve_device
 from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from common.loaders import epoch_loader
-from common.runs import (checkpoint_epochs, prepare_results_dir, read_csv, restore_optimizer,
+from common.runs import (checkpoint_epochs, prepare_results_dir, read_csv, restore_optimizer, write_args,
                          rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, requires_cpu_fused_adam, run_script
 from datasets import DataError
@@ -178,6 +178,18 @@ def test_write_json(tmp_path):
     import json
     write_json(tmp_path / 'args.json', {'lr': 0.01, 'path': tmp_path})
     assert json.loads((tmp_path / 'args.json').read_text()) == {'lr': 0.01, 'path': str(tmp_path)}
+
+
+def test_write_args_records_the_flags_and_the_thread_count(tmp_path):
+    import json
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        write_args(tmp_path, argparse.Namespace(lr=0.01, seed=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / 'args.json').read_text()) == {
+        'lr': 0.01, 'seed': 3, 'environment': {'torch': torch.__version__, 'cpu_threads': 1, 'world_size': 1}}
 
 
 # --- epoch loader --------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def test_end_to_end_writes_args_log_and_checkpoint(finished_run):
     results, result = finished_run
     printed = json.loads(result.stdout.splitlines()[0])  # the resolved arguments come first
     assert printed['epochs'] == 1 and printed['width'] == 8
-    assert json.loads((results / 'args.json').read_text())['pretraining_dataset'] == 'synthetic_shapes'
+    recorded = json.loads((results / 'args.json').read_text())
+    assert recorded['pretraining_dataset'] == 'synthetic_shapes'
+    assert recorded['environment']['cpu_threads'] == 1  # run_script's OMP_NUM_THREADS=1
     with open(results / 'log.csv', newline='') as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ['epoch', 'train_loss', 'test_acc@1'] and len(rows) == 1
