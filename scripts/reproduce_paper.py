@@ -118,7 +118,7 @@ def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.env
             pretraining='synthetic_shapes', reference_dir=f'{runs}/reference',
             tasks=(('synthetic_digits', 'one', '1'),),
             width='8', clean_epochs='20', badencoder_epochs='5', drupe_epochs='15', ctrl_epochs='20',
-            mimic_epochs='40', mi_epochs='20', nn_epochs='400', ratio='0.25', mimic_lr='0.01',
+            mimic_epochs='120', mi_epochs='20', nn_epochs='400', ratio='0.25', mimic_lr='0.01',
             clean_args='--batch_size 256', badencoder_args='--batch_size 128 --lr 0.01',
             drupe_args='--batch_size 128 --shadow_fraction 1.0 --drupe_adapt_after 5 --drupe_select_after 8',
             ctrl_args='--batch_size 256', mimic_args='--batch_size 128', eval_args='--lr 0.001 --no_progress',

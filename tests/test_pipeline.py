@@ -544,12 +544,12 @@ def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, 
     base, student = Path(scale.base), runs / 'mi_model' / 'student'
     for run, mimic in [(base, base / 'mimic'), (student, student / 'mimic')]:
         mimic.mkdir(parents=True)
-        (mimic / 'model40.pth').write_bytes(b'')
+        (mimic / f'model{scale.mimic_epochs}.pth').write_bytes(b'')
     (base / 'backdoor').mkdir()
     (base / 'backdoor' / 'model_5.pth').write_bytes(b'')
     for run, name, encoder in [(base, 'clean', scale.clean_encoder), (base, 'backdoored', scale.base_backdoor),
-                               (base, 'mimic', f'{base}/mimic/model40.pth'),
-                               (student, 'mimic', f'{student}/mimic/model40.pth')]:
+                               (base, 'mimic', f'{base}/mimic/model{scale.mimic_epochs}.pth'),
+                               (student, 'mimic', f'{student}/mimic/model{scale.mimic_epochs}.pth')]:
         (run / f'eval_{name}').mkdir()
         (run / f'eval_{name}' / 'metrics.json').write_text(json.dumps(
             {'acc': 50.0, 'asr': 10.0, 'asr_excluding_target': 9.0, 'epoch': 400, 'encoder': encoder}))
