@@ -63,7 +63,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10, GTSRB, STL10, SVHN
 from tqdm import tqdm
 
 from .folders import resize_images
@@ -77,33 +76,58 @@ RESIZE_FILTER = Image.BILINEAR
 STL10_SIZE = 96
 GTSRB_URL = 'https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/'
 
-# Raw files torchvision reads, relative to --root, with the MD5 it insists on (None: not checked).
-RAW_FILES: dict[str, list[tuple[str, str | None]]] = {
-    'cifar10': [(f'{CIFAR10.base_folder}/{file}', md5) for file, md5 in CIFAR10.train_list + CIFAR10.test_list]
-    + [(f"{CIFAR10.base_folder}/{CIFAR10.meta['filename']}", CIFAR10.meta['md5'])],
-    'stl10': [(f'{STL10.base_folder}/{file}', md5) for file, md5 in STL10.train_list + STL10.test_list],
-    'gtsrb': [('gtsrb/GTSRB/Training', None), ('gtsrb/GTSRB/Final_Test/Images', None),
-              ('gtsrb/GT-final_test.csv', None)],
-    'svhn': [(SVHN.split_list[split][1], SVHN.split_list[split][2]) for split in ('train', 'test')],
-}
-HOW_TO_GET = {
-    'cifar10': f'unpack {CIFAR10.url} into the --root folder',
-    'stl10': f'unpack {STL10.url} into the --root folder',
-    'gtsrb': f'unzip GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip '
-             f'from {GTSRB_URL} into <root>/gtsrb/',
-    'svhn': 'put train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ '
-            'into the --root folder',
-}
 EXTRA_PACKAGES = {'svhn': 'scipy'}  # GTSRB needs only Pillow, which torchvision brings
 
-# split -> torchvision reader, called as reader(root, download=...)
-TORCHVISION_READERS: dict[str, dict[str, Callable]] = {
-    'cifar10': {'train': functools.partial(CIFAR10, train=True), 'test': functools.partial(CIFAR10, train=False)},
-    'stl10': {'train': functools.partial(STL10, split='train'), 'test': functools.partial(STL10, split='test'),
-              'train_unlabeled': functools.partial(STL10, split='unlabeled')},
-    'gtsrb': {'train': functools.partial(GTSRB, split='train'), 'test': functools.partial(GTSRB, split='test')},
-    'svhn': {'train': functools.partial(SVHN, split='train'), 'test': functools.partial(SVHN, split='test')},
-}
+
+@functools.cache
+def torchvision_datasets():
+    """torchvision.datasets, imported on first use: importing it costs 2-3 s (it pulls in torch._dynamo through
+    torchvision.ops), which the synthetic sets, the common case, do not need."""
+    import torchvision.datasets
+    return torchvision.datasets
+
+
+def raw_files(name: str) -> list[tuple[str, str | None]]:
+    """The raw files torchvision reads for a real set, relative to --root, with the MD5 it insists on (None: not
+    checked)."""
+    tv = torchvision_datasets()
+    if name == 'cifar10':
+        cifar10 = tv.CIFAR10
+        return ([(f'{cifar10.base_folder}/{file}', md5) for file, md5 in cifar10.train_list + cifar10.test_list]
+                + [(f"{cifar10.base_folder}/{cifar10.meta['filename']}", cifar10.meta['md5'])])
+    if name == 'stl10':
+        return [(f'{tv.STL10.base_folder}/{file}', md5) for file, md5 in tv.STL10.train_list + tv.STL10.test_list]
+    if name == 'gtsrb':
+        return [('gtsrb/GTSRB/Training', None), ('gtsrb/GTSRB/Final_Test/Images', None),
+                ('gtsrb/GT-final_test.csv', None)]
+    if name == 'svhn':
+        return [(tv.SVHN.split_list[split][1], tv.SVHN.split_list[split][2]) for split in ('train', 'test')]
+    raise KeyError(name)
+
+
+def how_to_get(name: str) -> str:
+    """Where a real set's raw files come from, for the message when they are missing."""
+    if name in ('cifar10', 'stl10'):
+        url = (torchvision_datasets().CIFAR10 if name == 'cifar10' else torchvision_datasets().STL10).url
+        return f'unpack {url} into the --root folder'
+    return {'gtsrb': 'unzip GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip '
+                     f'from {GTSRB_URL} into <root>/gtsrb/',
+            'svhn': 'put train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ '
+                    'into the --root folder'}[name]
+
+
+def torchvision_reader(name: str, split: str) -> Callable:
+    """The torchvision dataset class of a real set's split, called as reader(root, download=...)."""
+    tv = torchvision_datasets()
+    return {'cifar10': {'train': functools.partial(tv.CIFAR10, train=True),
+                        'test': functools.partial(tv.CIFAR10, train=False)},
+            'stl10': {'train': functools.partial(tv.STL10, split='train'),
+                      'test': functools.partial(tv.STL10, split='test'),
+                      'train_unlabeled': functools.partial(tv.STL10, split='unlabeled')},
+            'gtsrb': {'train': functools.partial(tv.GTSRB, split='train'),
+                      'test': functools.partial(tv.GTSRB, split='test')},
+            'svhn': {'train': functools.partial(tv.SVHN, split='train'),
+                     'test': functools.partial(tv.SVHN, split='test')}}[name][split]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,10 +261,11 @@ class ArrayUnpickler(pickle.Unpickler):
 
 
 def read_cifar10(root: Path, train: bool) -> ArrayImages:
-    files = [file for file, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    cifar10 = torchvision_datasets().CIFAR10  # its file list; the files are read below, not by torchvision
+    files = [file for file, _ in (cifar10.train_list if train else cifar10.test_list)]
     images, labels = [], []
     for file in files:
-        path = root / CIFAR10.base_folder / file
+        path = root / cifar10.base_folder / file
         with open(path, 'rb') as handle:
             try:
                 batch = ArrayUnpickler(handle, encoding='latin1').load()
@@ -258,7 +283,8 @@ def read_cifar10(root: Path, train: bool) -> ArrayImages:
 
 def read_stl10(root: Path, split: str) -> ArrayImages:
     prefix = {'train': 'train', 'test': 'test', 'train_unlabeled': 'unlabeled'}[split]
-    path = root / STL10.base_folder / f'{prefix}_X.bin'
+    folder = root / torchvision_datasets().STL10.base_folder
+    path = folder / f'{prefix}_X.bin'
     pixels = np.memmap(path, dtype=np.uint8, mode='r')  # the unlabelled file is 2.7 GB: read lazily
     if pixels.size % (3 * STL10_SIZE * STL10_SIZE):
         raise DataError(f'{path}: size {pixels.size} is not a whole number of 3x96x96 images')
@@ -266,13 +292,13 @@ def read_stl10(root: Path, split: str) -> ArrayImages:
     images = pixels.reshape(-1, 3, STL10_SIZE, STL10_SIZE).transpose(0, 3, 2, 1)
     if split == 'train_unlabeled':
         return ArrayImages(images, None)
-    labels = np.fromfile(root / STL10.base_folder / f'{prefix}_y.bin', dtype=np.uint8).astype(np.int64) - 1
+    labels = np.fromfile(folder / f'{prefix}_y.bin', dtype=np.uint8).astype(np.int64) - 1
     return ArrayImages(images, labels)  # the file counts classes from 1
 
 
 def read_svhn(root: Path, split: str) -> ArrayImages:
     import scipy.io
-    path = root / SVHN.split_list[split][1]
+    path = root / torchvision_datasets().SVHN.split_list[split][1]
     try:
         mat = scipy.io.loadmat(path)
     except (ValueError, OSError, TypeError) as error:
@@ -316,12 +342,12 @@ def check_raw_files(name: str, root: Path, skip_checksums: bool) -> bool:
 
     Raises a DataError saying what was looked for and how to get it, or which file fails its MD5.
     """
-    missing = [root / file for file, _ in RAW_FILES[name] if not (root / file).exists()]
+    missing = [root / file for file, _ in raw_files(name) if not (root / file).exists()]
     if missing:
         more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
         raise DataError(f'{name}: looked for {missing[0]}{more}, not found; rerun with --download '
-                        f'(online), or {HOW_TO_GET[name]} (--root {root})')
-    mismatched = [root / file for file, md5 in RAW_FILES[name] if md5 and md5_of(root / file) != md5]
+                        f'(online), or {how_to_get(name)} (--root {root})')
+    mismatched = [root / file for file, md5 in raw_files(name) if md5 and md5_of(root / file) != md5]
     if mismatched and not skip_checksums:
         more = f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''
         raise DataError(f"{mismatched[0]}{more}: MD5 differs from the official {name} release, so torchvision "
@@ -332,7 +358,7 @@ def check_raw_files(name: str, root: Path, skip_checksums: bool) -> bool:
 def check_gtsrb_classes(root: Path) -> None:
     """torchvision numbers GTSRB's training classes by folder order; that is the class only when all
     43 folders 00000..00042 are there."""
-    training = root / RAW_FILES['gtsrb'][0][0]
+    training = root / raw_files('gtsrb')[0][0]
     folders = sorted(entry.name for entry in training.iterdir() if entry.is_dir())
     expected = [f'{label:05d}' for label in range(get_info('gtsrb').num_classes)]
     if folders != expected:
@@ -353,7 +379,7 @@ def read_real(name: str, root: Path, download: bool, verified: bool, progress: b
     for split in get_info(name).splits:
         try:
             if verified:
-                images = TORCHVISION_READERS[name][split](str(root), download=download)
+                images = torchvision_reader(name, split)(str(root), download=download)
             else:
                 images = OWN_READERS[name][split](root)
             if name == 'gtsrb' and split == 'train':
@@ -364,7 +390,7 @@ def read_real(name: str, root: Path, download: bool, verified: bool, progress: b
         except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
             reason = ' '.join(str(error).split())
             what = 'downloading into' if download else 'reading the raw files under'
-            raise DataError(f'{name} {split}: {what} {root} failed ({reason}); {HOW_TO_GET[name]}') from None
+            raise DataError(f'{name} {split}: {what} {root} failed ({reason}); {how_to_get(name)}') from None
         splits[split] = (x, None if split in UNLABELED_SPLITS else y)
     return splits
 

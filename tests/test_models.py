@@ -234,7 +234,8 @@ def test_a_narrow_encoder_draws_the_weights_it_drew_with_torchvisions_resnet(mon
 
 def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path):
     """torchvision's import costs every stage process seconds (models/resnet.py): stage 0 and MIMIC (whose training
-    loop the baselines share) on the tensor path run without it; their PIL transforms are made, never applied."""
+    loop the baselines share) on the tensor path run without it; their PIL transforms are made, never applied. So
+    does `datasets.prepare` on a synthetic set (torchvision reads only the real sets' raw files)."""
     common = ['--data_root', str(data_root), '--device', 'cpu', '--num_workers', '0', '--no_progress',
               '--augment', 'tensor']
     clean = ['--pretraining_dataset', 'synthetic_shapes', '--width', '8', '--batch_size', '64', '--epochs', '1',
@@ -242,10 +243,11 @@ def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path)
     mimic = ['--pretraining_dataset', 'synthetic_shapes', '--teacher', str(tmp_path / 'clean' / 'model_1.pth'),
              '--ratio', '0.25', '--batch_size', '32', '--epochs', '1', '--mi_epochs', '1',
              '--results_dir', str(tmp_path / 'mimic'), *common]
-    code = ('import sys, train_clean_encoder, MIMIC\n'
-            f'train_clean_encoder.main({clean!r})\nMIMIC.main({mimic!r})\n'
+    prepare = ['synthetic_digits', '--out', str(tmp_path / 'prepared'), '--sizes', 'train=30,test=10']
+    code = ('import sys, train_clean_encoder, MIMIC\nfrom datasets import prepare\n'
+            f'prepare.main({prepare!r})\ntrain_clean_encoder.main({clean!r})\nMIMIC.main({mimic!r})\n'
             'print("torchvision" in sys.modules)')
     result = run_script('-c', code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / 'mimic' / 'model1.pth').is_file()
+    assert (tmp_path / 'mimic' / 'model1.pth').is_file() and (tmp_path / 'prepared' / 'synthetic_digits').is_dir()
     assert result.stdout.strip().splitlines()[-1] == 'False'
