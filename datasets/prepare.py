@@ -90,6 +90,9 @@ def torchvision_datasets():
 def raw_files(name: str) -> list[tuple[str, str | None]]:
     """The raw files torchvision reads for a real set, relative to --root, with the MD5 it insists on (None: not
     checked)."""
+    if name == 'gtsrb':  # read from its own folders and CSV file: nothing of torchvision's is needed
+        return [('gtsrb/GTSRB/Training', None), ('gtsrb/GTSRB/Final_Test/Images', None),
+                ('gtsrb/GT-final_test.csv', None)]
     tv = torchvision_datasets()
     if name == 'cifar10':
         cifar10 = tv.CIFAR10
@@ -97,9 +100,6 @@ def raw_files(name: str) -> list[tuple[str, str | None]]:
                 + [(f"{cifar10.base_folder}/{cifar10.meta['filename']}", cifar10.meta['md5'])])
     if name == 'stl10':
         return [(f'{tv.STL10.base_folder}/{file}', md5) for file, md5 in tv.STL10.train_list + tv.STL10.test_list]
-    if name == 'gtsrb':
-        return [('gtsrb/GTSRB/Training', None), ('gtsrb/GTSRB/Final_Test/Images', None),
-                ('gtsrb/GT-final_test.csv', None)]
     if name == 'svhn':
         return [(tv.SVHN.split_list[split][1], tv.SVHN.split_list[split][2]) for split in ('train', 'test')]
     raise KeyError(name)
@@ -108,7 +108,8 @@ def raw_files(name: str) -> list[tuple[str, str | None]]:
 def how_to_get(name: str) -> str:
     """Where a real set's raw files come from, for the message when they are missing."""
     if name in ('cifar10', 'stl10'):
-        url = (torchvision_datasets().CIFAR10 if name == 'cifar10' else torchvision_datasets().STL10).url
+        tv = torchvision_datasets()
+        url = (tv.CIFAR10 if name == 'cifar10' else tv.STL10).url
         return f'unpack {url} into the --root folder'
     return {'gtsrb': 'unzip GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip '
                      f'from {GTSRB_URL} into <root>/gtsrb/',

@@ -235,7 +235,8 @@ def test_a_narrow_encoder_draws_the_weights_it_drew_with_torchvisions_resnet(mon
 def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path):
     """torchvision's import costs every stage process seconds (models/resnet.py): stage 0 and MIMIC (whose training
     loop the baselines share) on the tensor path run without it; their PIL transforms are made, never applied. So
-    does `datasets.prepare` on a synthetic set (torchvision reads only the real sets' raw files)."""
+    does `datasets.prepare` on a synthetic set (torchvision reads only the real sets' raw files), and so does naming
+    GTSRB's raw files (read from its own folders)."""
     common = ['--data_root', str(data_root), '--device', 'cpu', '--num_workers', '0', '--no_progress',
               '--augment', 'tensor']
     clean = ['--pretraining_dataset', 'synthetic_shapes', '--width', '8', '--batch_size', '64', '--epochs', '1',
@@ -245,7 +246,8 @@ def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path)
              '--results_dir', str(tmp_path / 'mimic'), *common]
     prepare = ['synthetic_digits', '--out', str(tmp_path / 'prepared'), '--sizes', 'train=30,test=10']
     code = ('import sys, train_clean_encoder, MIMIC\nfrom datasets import prepare\n'
-            f'prepare.main({prepare!r})\ntrain_clean_encoder.main({clean!r})\nMIMIC.main({mimic!r})\n'
+            f'prepare.main({prepare!r})\nprepare.raw_files("gtsrb")\ntrain_clean_encoder.main({clean!r})\n'
+            f'MIMIC.main({mimic!r})\n'
             'print("torchvision" in sys.modules)')
     result = run_script('-c', code)
     assert result.returncode == 0, result.stderr[-2000:]
