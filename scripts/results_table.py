@@ -45,10 +45,6 @@ ENCODERS = ('clean', 'backdoored', 'mimic')
 METRICS = (('acc', 'ACC'), ('asr', 'ASR'), ('asr_excluding_target', 'ASR*'))
 
 
-# t_{0.975, df}, df = 1..30 (scipy.stats.t.ppf(0.975, df) to 4 decimals); larger df: t_975's expansion
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 Z_975 = 1.959963984540054  # the standard normal's 0.975 quantile, the limit of t_{0.975, df}
 
 
@@ -71,16 +67,44 @@ def sample_std(values: list[float]) -> float | None:
     return math.sqrt(sum((x - centre) ** 2 for x in values) / (len(values) - 1))
 
 
+def t_central_probability(t: float, df: int) -> float:
+    """A(t | ν) = P(|T| < t) for Student's T with ν = df degrees of freedom (t ≥ 0), in closed form
+    (Abramowitz & Stegun 26.7.3-4), with θ = atan(t / √ν) and c = cos θ:
+    ν = 1: A = 2θ/π;
+    ν odd > 1: A = (2/π)·(θ + sin θ·(c + (2/3)c³ + (2·4)/(3·5)c⁵ + ... + (2·4···(ν−3))/(3·5···(ν−2))·c^(ν−2)));
+    ν even: A = sin θ·(1 + (1/2)c² + (1·3)/(2·4)c⁴ + ... + (1·3···(ν−3))/(2·4···(ν−2))·c^(ν−2))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:
+        term, total = math.cos(theta), 0.0
+        for k in range(1, (df - 1) // 2 + 1):  # the k-th term, k = 1 .. (ν−1)/2, is c^(2k−1) times its ratio
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * total) if df > 1 else 2 * theta / math.pi
+    term, total = 1.0, 0.0
+    for k in range(1, df // 2 + 1):  # the k-th term, k = 1 .. ν/2, is c^(2k−2) times its ratio
+        total += term
+        term *= c2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * total
+
+
 def t_975(df: int) -> float:
-    """t_{0.975, df}, the 0.975 quantile of Student's t with df degrees of freedom: the table T_975 for df ≤ 30;
+    """t_{0.975, df}, the 0.975 quantile of Student's t with df degrees of freedom: the t ≥ 0 at which
+    `t_central_probability(t, df)` = 0.95, found by bisection to the last digit of a float for df ≤ 1000;
     beyond, the Cornish-Fisher expansion in 1/df around z = Z_975 (Abramowitz & Stegun 26.7.5),
     t = z + g1/df + g2/df² + g3/df³ + g4/df⁴ with g1 = (z³ + z)/4, g2 = (5z⁵ + 16z³ + 3z)/96,
     g3 = (3z⁷ + 19z⁵ + 17z³ - 15z)/384, g4 = (79z⁹ + 776z⁷ + 1482z⁵ - 1920z³ - 945z)/92160
-    (within 1e-7 of the exact quantile for df ≥ 30; Z_975 as df → ∞)."""
+    (within 1e-13 of the exact quantile there; Z_975 as df → ∞). t_975(1) = tan(0.475π) = 12.7062..., t_975(2) =
+    0.95·√(2/(1 − 0.95²)) = 4.3026...."""
     if df < 1:
         raise ValueError(f't_975: df must be at least 1, got {df}')
-    if df <= len(T_975):
-        return T_975[df - 1]
+    if df <= 1000:
+        low, high = Z_975, 13.0  # t_975 falls from 12.71 (df 1) towards Z_975
+        while True:
+            middle = (low + high) / 2
+            if middle in (low, high):
+                return middle
+            low, high = (middle, high) if t_central_probability(middle, df) < 0.95 else (low, middle)
     z = Z_975
     g = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
          (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,

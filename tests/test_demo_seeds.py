@@ -48,7 +48,7 @@ else:
     open(os.path.join(folder, final), 'wb').close()
 """
 STAGES = ('train_clean_encoder.py', 'train_badencoder.py', 'MIMIC.py', 'training_downstream_classifier.py')
-T_975 = {1: 12.7062, 2: 4.3027}  # t_{0.975, df}
+T_975 = {1: 12.706204736174707, 2: 4.302652729749464}  # t_{0.975, df}
 
 
 def stand_in_python(folder: Path) -> Path:
@@ -100,7 +100,7 @@ def test_demo_with_seeds_runs_each_seed_and_pools_the_summary(tmp_path):
         check_pooled(encoder, 2)
         assert set(encoder['per_seed']) == {'0', '1'}
     assert summary['mimic']['per_seed']['1'] == {'acc': 49.0, 'asr': 17.0, 'asr_excluding_target': 16.0}
-    assert summary['mimic']['asr'] == 14.5 and summary['mimic']['asr_ci95'] == pytest.approx(12.7062 * 2.5)
+    assert summary['mimic']['asr'] == 14.5 and summary['mimic']['asr_ci95'] == pytest.approx(T_975[1] * 2.5)
     assert '| synthetic_shapes | synthetic_digits | badencoder | 2 |' in (out / 'table.md').read_text()
 
     # without SEEDS: one run in OUT itself, and summary.json as before (the data and reference reused)

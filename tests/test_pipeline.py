@@ -377,7 +377,7 @@ def test_finished_runs_of_several_seeds_are_skipped_and_pooled(tmp_path, referen
     assert [json.loads((root / f'seed_{seed}' / 'run.json').read_text())['seed'] for seed in (0, 1)] == [0, 1]
     summary = json.loads((root / 'summary.json').read_text())
     assert (summary['mimic']['asr'], summary['mimic']['n'], summary['mimic']['asr_ci95']) == (
-        12.0, 2, pytest.approx(12.7062 * 2))  # values 10 and 14: s = 2√2, half-width t_{0.975,1}·s/√2
+        12.0, 2, pytest.approx(12.706204736174707 * 2))  # values 10 and 14: s = 2√2, half-width t_{0.975,1}·s/√2
     assert set(summary['mimic']['per_seed']) == {'0', '1'} and summary['defences']['clp']['n'] == 2
     assert json.loads((root / 'seed_1' / 'summary.json').read_text())['mimic']['asr'] == 14.0  # each seed's own
     assert len((root / 'table_seeds.csv').read_text().splitlines()) == 1 + 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -102,33 +103,45 @@ def test_no_baselines_keeps_the_summary_as_before(tmp_path):
 def test_mean_std_and_half_width_of_known_values():
     assert results_table.mean([1.0, 2.0, 3.0]) == 2.0
     assert results_table.sample_std([1.0, 2.0, 3.0]) == 1.0
-    assert results_table.ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.3027 / 3 ** 0.5)  # 2.484
+    assert results_table.ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.302652729749464 / 3 ** 0.5)  # 2.484
     assert results_table.sample_std([2.0, 4.0]) == pytest.approx(2 ** 0.5)
-    assert results_table.ci95_half_width([2.0, 4.0]) == pytest.approx(12.7062)  # t_{0.975,1} * sqrt(2) / sqrt(2)
+    assert results_table.ci95_half_width([2.0, 4.0]) == pytest.approx(12.706204736174707)  # t_{0.975,1}·√2/√2
     assert results_table.sample_std([7.0]) is None and results_table.ci95_half_width([7.0]) is None
     single = results_table.estimate([None, 7.0])
     assert single == results_table.Estimate(1, 7.0, None, None) and not single.excludes_zero
     assert results_table.estimate([None]) is None
 
 
-def test_t_quantile_table_and_its_expansion():
-    assert results_table.t_975(1) == 12.7062 and results_table.t_975(2) == 4.3027
-    assert results_table.t_975(30) == 2.0423
-    assert results_table.t_975(31) == pytest.approx(2.0395, abs=1e-4)
-    assert results_table.t_975(120) == pytest.approx(1.9799, abs=1e-4)
+def test_t_central_probability_of_known_values():
+    """A(t | ν) = P(|T| < t): ν = 1 is Cauchy (A(1) = 1/2); ν = 2 has A = t / √(t² + 2); ν = 3 at t = √3
+    (θ = π/4) is (2/π)(π/4 + 1/2) = 1/2 + 1/π; ν = 4 at t = 2 (c² = 1/2) is (1/√2)(1 + 1/4) = 5/(4√2)."""
+    assert results_table.t_central_probability(1.0, 1) == pytest.approx(0.5, abs=1e-15)
+    assert results_table.t_central_probability(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5, abs=1e-15)
+    assert results_table.t_central_probability(3 ** 0.5, 3) == pytest.approx(0.5 + 1 / math.pi, abs=1e-15)
+    assert results_table.t_central_probability(2.0, 4) == pytest.approx(5 / (4 * 2 ** 0.5), abs=1e-15)
+    assert results_table.t_central_probability(0.0, 7) == 0.0
+
+
+def test_t_quantile_exact_and_its_expansion():
+    assert results_table.t_975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-12)  # Cauchy: tan(π(p−½))
+    assert results_table.t_975(2) == pytest.approx(0.95 * (2 / (1 - 0.95 ** 2)) ** 0.5, abs=1e-12)
+    assert results_table.t_975(3) == pytest.approx(3.182446305284263, abs=1e-12)  # published quantiles, 15 digits
+    assert results_table.t_975(30) == pytest.approx(2.042272456301238, abs=1e-12)
+    assert results_table.t_975(120) == pytest.approx(1.979930405082422, abs=1e-12)
+    assert results_table.t_975(1000) == pytest.approx(results_table.t_975(1001), abs=1e-5)  # the two methods meet
     assert results_table.t_975(10 ** 7) == pytest.approx(results_table.Z_975, abs=1e-6)
     with pytest.raises(ValueError):
         results_table.t_975(0)
     stats = pytest.importorskip('scipy.stats')  # a check against scipy where it is installed (not a dependency)
-    for df in list(range(1, 80)) + [200, 1000]:
-        assert results_table.t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+    for df in list(range(1, 80)) + [200, 1000, 1001, 5000]:
+        assert results_table.t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-12), df
 
 
 def test_paired_differences_and_whether_the_interval_excludes_zero():
     baseline, mimic = {'0': 10.0, '1': 12.0, '2': None, '3': 5.0}, {'0': 8.0, '1': 9.0, '2': 1.0}
     assert results_table.paired_differences(baseline, mimic) == {'0': 2.0, '1': 3.0}  # the seeds both have
     wide = results_table.estimate([2.0, 3.0])
-    assert wide.mean == 2.5 and wide.ci95 == pytest.approx(12.7062 * 0.5) and not wide.excludes_zero
+    assert wide.mean == 2.5 and wide.ci95 == pytest.approx(results_table.t_975(1) * 0.5) and not wide.excludes_zero
     narrow = results_table.estimate(list(results_table.paired_differences({'0': 3, '1': 4, '2': 5},
                                                                          {'0': 1, '1': 1, '2': 1}).values()))
     assert (narrow.mean, narrow.std) == (3.0, 1.0) and narrow.ci95 == pytest.approx(2.4842, abs=1e-4)
@@ -208,7 +221,7 @@ def test_seeded_defences_table_compares_each_baseline_with_mimic_on_the_same_see
     assert list(rows) == ['mimic', 'ft', 'clp']
     clp, ft = rows['clp'], rows['ft']
     assert (clp['pairs'], clp['asr_vs_mimic'], clp['asr_vs_mimic_std'], clp['asr_vs_mimic_ci95'],
-            clp['asr_vs_mimic_excludes_zero']) == ('3', '21.0000', '1.0000', '2.4842', 'true')
+            clp['asr_vs_mimic_excludes_zero']) == ('3', '21.0000', '1.0000', '2.4841', 'true')  # 4.30265·1/√3
     assert (ft['pairs'], ft['acc_vs_mimic'], ft['acc_vs_mimic_excludes_zero']) == ('2', '0.5000', 'false')
     assert rows['mimic']['asr_vs_mimic'] == '' and rows['mimic']['pairs'] == '0'
 
@@ -222,7 +235,7 @@ def test_summary_over_seeds_holds_means_intervals_and_per_seed_values(tmp_path):
     mimic = summary['mimic']
     assert (mimic['acc'], mimic['n'], mimic['acc_std'], mimic['asr_std'], mimic['asr_ci95']) == (81.0, 2, 2 ** 0.5,
                                                                                                0.0, 0.0)
-    assert mimic['acc_ci95'] == pytest.approx(12.7062)
+    assert mimic['acc_ci95'] == pytest.approx(12.706204736174707)
     assert mimic['per_seed'] == {'0': {'acc': 80, 'asr': 10.0, 'asr_excluding_target': 9.0},
                                  '1': {'acc': 82, 'asr': 10.0, 'asr_excluding_target': 9.0}}
     clp = summary['defences']['clp']
