@@ -171,8 +171,10 @@ def run_main(main: Callable[[], None]) -> None:
     and torchrun's failure summary gets the error with its traceback.
     """
     distributed.quiet_unless_main()
+    joined = False
     try:
         main()
+        joined = distributed.is_distributed()
         distributed.teardown()
     except BaseException as error:
         # An interrupt first: an error raised while one was handled (a truncated read reported as an unreadable
@@ -184,10 +186,14 @@ def run_main(main: Callable[[], None]) -> None:
             if isinstance(error, kind):
                 distributed.record_for_torchrun(error)
                 distributed.report_error(f'error: {one_line(error)}', same_on_every_process=True)
+                if distributed.is_distributed():  # its threads would be torn down at finalisation (teardown)
+                    distributed.leave_process(status)
                 sys.exit(status)
         if torchrun and isinstance(error, Exception):
             leave_failed(error)
         raise
+    if joined:  # a torchrun process ends without finalisation, where gloo's leftover threads may abort it
+        distributed.leave_process(0)
 
 
 def leave_failed(error: Exception) -> None:
@@ -209,10 +215,7 @@ def leave_failed(error: Exception) -> None:
                              same_on_every_process=collateral)
     # Leave at once, as after an interrupt: a collective left unfinished would only add the process group's
     # warnings, and half-started DataLoader iterators their tracebacks, to the one line.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.__stderr__.flush()
-    os._exit(1)
+    distributed.leave_process(1)
 
 
 def leave_interrupted() -> None:
@@ -220,9 +223,7 @@ def leave_interrupted() -> None:
           '(stages that save checkpoints continue with --resume)', file=sys.stderr)
     # Leave at once: every file was written atomically, and the interpreter's teardown would only let
     # half-started DataLoader iterators print tracebacks from their destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    distributed.leave_process(130)
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

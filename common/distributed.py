@@ -157,9 +157,34 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Leave the process group (after the stage's last collective; rank 0 may still be writing its files)."""
+    """Leave the process group: a last barrier (every process has finished its collectives and rank 0 its files),
+    then destroy_process_group. Nothing in one process.
+
+    destroy_process_group does not end gloo's threads: the DistributedDataParallel reducer and the autograd
+    all-gather (C++ objects that Python's garbage collector cannot free) keep the backend alive, with its two
+    `pt_gloo_runloop` threads and its `gloo_tcp_loop` thread, until the interpreter finalises. Freeing it there,
+    among the interpreter's and C++'s static destructors, now and then aborts the process ("terminate called
+    without an active exception", SIGABRT) after a complete run (pytorch/pytorch issues 107298 and 109478: the
+    group outlives destroy_process_group; PR 179291: gloo's objects abort at finalisation). A process that
+    joined a group therefore ends through `leave_process`, which skips finalisation.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_process(status: int) -> None:
+    """End a process of a torchrun job with `status` at once (os._exit, after flushing its output): no interpreter
+    finalisation, so no destructor of the process group's leftover C++ objects runs (see `teardown`). Every file
+    of a stage is written and closed (atomically) before this point; DataLoader workers and compile workers
+    notice their parent is gone and end."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 # --------------------------------------------------------------------------------------- training

@@ -21,6 +21,9 @@ SHARED = REPO.parent / 'shared'
 COMPAT = SHARED / 'compat'
 
 os.environ.setdefault('TQDM_DISABLE', '1')
+# The wrappers (scripts/*.sh) start $PYTHON: the interpreter that runs the tests, not whatever `python` is first on
+# PATH (with a virtual environment that is not activated, that one may lack the project's packages).
+os.environ['PYTHON'] = sys.executable
 torch.set_num_threads(1)  # the CI machine has 2 cores, shared with DataLoader workers
 
 

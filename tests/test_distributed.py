@@ -212,9 +212,38 @@ def stage1_args(data_root, reference, encoder, results_dir, *extra: str) -> list
             '--num_workers', '0', '--no_progress', *extra]
 
 
+FINALISATION_PROBE = '''\
+"""train_badencoder.py as its own command line runs it, and an atexit handler that writes which threads are left
+when the interpreter finalises: a torchrun process must end before that (common.distributed.leave_process), since
+gloo's leftover threads may abort it there."""
+import atexit
+import os
+
+import train_badencoder as stage
+from common.cli import run_main
+
+
+def record() -> None:
+    names = []
+    if os.path.isdir('/proc/self/task'):
+        for task in os.listdir('/proc/self/task'):
+            try:
+                with open(f'/proc/self/task/{task}/comm') as handle:
+                    names.append(handle.read().strip())
+            except OSError:
+                pass
+    with open(os.environ['FINALISATION_RECORD'] + '.' + os.environ.get('RANK', '0'), 'w') as handle:
+        handle.write(' '.join(sorted(names)))
+
+
+atexit.register(record)
+run_main(stage.main)
+'''
+
+
 @pytest.mark.parametrize('attack', ['badencoder', 'drupe'])
 def test_stage1_two_processes_take_the_single_process_step(tmp_path, data_root, tiny_encoder, reference_file,
-                                                           three_references, attack):
+                                                           three_references, attack, monkeypatch):
     # One epoch of 2 steps of the global batch 64 (a quarter of the 256 shadow images is 64: one step; half, 2).
     extra = ['--epochs', '1', '--batch_size', '64', '--shadow_fraction', '0.5', '--augment', 'tensor', '--lr', '0.01']
     reference = reference_file
@@ -224,9 +253,13 @@ def test_stage1_two_processes_take_the_single_process_step(tmp_path, data_root, 
     single = run_in_process('train_badencoder.py', *stage1_args(data_root, reference, tiny_encoder,
                                                                 tmp_path / 'one', *extra))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = two_processes('train_badencoder.py', *stage1_args(data_root, reference, tiny_encoder, tmp_path / 'two',
-                                                               *extra))
+    probe = tmp_path / 'stage1_probe.py'
+    probe.write_text(FINALISATION_PROBE)
+    monkeypatch.setenv('FINALISATION_RECORD', str(tmp_path / 'finalised'))
+    double = two_processes(probe, *stage1_args(data_root, reference, tiny_encoder, tmp_path / 'two', *extra))
     assert double.returncode == 0, double.stderr[-3000:]
+    # neither process reached the interpreter's finalisation (with gloo's threads still running there)
+    assert sorted(path.read_text() for path in tmp_path.glob('finalised.*')) == []
     one, two = state(tmp_path / 'one' / 'model_1.pth'), state(tmp_path / 'two' / 'model_1.pth')
     assert max_difference(one, two) <= 1e-5
     assert max_difference(one, state(tiny_encoder)) > 1e-4  # the step moved the encoder

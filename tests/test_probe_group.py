@@ -1,7 +1,10 @@
 """Stage 3 with several encoders: their probes trained together as one stacked model (models/probe_group.py), each
-exactly as its single run on this CPU, within 0.5 points wherever the batched products round otherwise."""
+computing its single run's function. Only float32 rounding differs (the batched products round otherwise on some CPUs
+and on CUDA), so a probe of the group equals its single run within tolerances measured here: after one step, its
+weights within a few units of rounding; over a run, its metrics within 2 points (docs/DESIGN.md §7.1)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,6 +51,102 @@ def test_optimizer_states_split_and_stack_back():
     assert torch.equal(stacked[1]['exp_avg'], state['state'][1]['exp_avg'])
 
 
+# One training step of a group against each probe's single step: the same initial weights, batch and dropout masks, the
+# probes of this module's runs (its encoders' 128-d features, the default hidden sizes and batch), so that the products
+# take a real run's kernels.
+FEATURES, HIDDEN, CLASSES, BATCH, LR = 128, (512, 256), 10, 64, 1e-3
+CPU = torch.device('cpu')
+# Adam's first step moves a weight w by lr·m̂/(√v̂ + ε) = lr·g/(|g| + ε), ε = 1e-8: about ±lr whatever the rounding of
+# the gradient g, once |g| is far above ε. There two float32 computations of the step differ by the rounding of Adam's
+# own arithmetic and of w − step alone. Measured against the same step in float64 (2-core AMD EPYC, torch 2.14.1,
+# these shapes, 60 probes' steps): each within 5.6 units of 2^-24·(|w| + lr); with fc1's and fc2's products in
+# float64 cast back (another rounding of the batched layers), within 5.6 units of the float32 step; the gradients
+# themselves within 2e-8, which moves a step where |g| >= 1e-4 (slope lr·ε/(|g| + ε)² <= lr) by under 0.4 units.
+# ROUNDING, 32 units, allows two steps 16 each: about 3x the measured 5.6. Where 0 < |g| < 1e-4 (6-7% of these
+# weights) the step's slope reaches lr/ε and a rounding difference can even turn its sign, so only its size is
+# bounded: 2·lr more (measured: under 0.07·lr). A wrong member (another probe's initial weights or dropout masks) is
+# more than 10^7 units away.
+ROUNDING = 2.0 ** -19
+SENSITIVE = 1e-4
+
+
+def one_step_inputs(seeds):
+    """Probes initialised from `seeds`, their dropout generators' states, features (N, B, d) and labels (B,)."""
+    probes = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        probes.append(MLPProbe(FEATURES, HIDDEN, CLASSES))
+    dropout = [torch.Generator().manual_seed(100 + seed).get_state() for seed in seeds]
+    data = torch.Generator().manual_seed(7)
+    x = torch.randn(len(seeds), BATCH, FEATURES, generator=data)
+    return probes, dropout, x, torch.randint(CLASSES, (BATCH,), generator=data)
+
+
+def group_step(probes, dropout, x, y) -> list[dict]:
+    """One step of the group as stage 3 takes it (train_group: the sum of the probes' mean cross-entropies, the
+    probe's Adam); each probe's weights after it."""
+    group = ProbeGroup(probes, [torch.Generator().set_state(state) for state in dropout])
+    optimizer = stage3.probe_optimizer(group.parameters(), LR, CPU)
+    group.train()
+    losses = F.cross_entropy(group(x).flatten(0, 1), y.repeat(len(group)), reduction='none').view(len(group), -1)
+    optimizer.zero_grad(set_to_none=True)
+    losses.mean(dim=1).sum().backward()
+    optimizer.step()
+    return [group.probe_state(k) for k in range(len(group))]
+
+
+def single_step(probe, dropout, x, y) -> dict:
+    """One step of a single run (its epoch of one batch), its dropout drawn from the global generator."""
+    probe = copy.deepcopy(probe)
+    optimizer = stage3.probe_optimizer(probe.parameters(), LR, CPU)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(dropout)
+        stage3.train_one_epoch(probe, optimizer, x, y, BATCH, epoch=1)
+    return {name: tensor.clone() for name, tensor in probe.state_dict().items()}
+
+
+def reference_step(probe, dropout, x, y) -> tuple[dict, dict]:
+    """The same step in float64 (the same mask, drawn as the group draws it): the weights after it, the gradients."""
+    weights = {name: tensor.double().requires_grad_() for name, tensor in probe.state_dict().items()}
+    keep = torch.empty(BATCH, HIDDEN[0]).bernoulli_(0.5, generator=torch.Generator().set_state(dropout))
+    hidden = F.relu(F.linear(x.double(), weights['fc1.weight'], weights['fc1.bias'])) * keep.double() * 2
+    hidden = F.relu(F.linear(hidden, weights['fc2.weight'], weights['fc2.bias']))
+    F.cross_entropy(F.linear(hidden, weights['fc3.weight'], weights['fc3.bias']), y).backward()
+    gradients = {name: weight.grad.clone() for name, weight in weights.items()}
+    torch.optim.Adam(list(weights.values()), lr=LR, foreach=False).step()
+    return {name: weight.detach() for name, weight in weights.items()}, gradients
+
+
+def within_one_step(state: dict, expected: dict, gradients: dict, rounding: float = ROUNDING) -> bool:
+    """Whether every weight of `state` is within the tolerance of one step (above) of `expected`'s, given the step's
+    float64 gradients."""
+    for name, weight in expected.items():
+        sensitive = (gradients[name] != 0) & (gradients[name].abs() < SENSITIVE)
+        allowed = rounding * (weight.double().abs() + LR) + 2 * LR * sensitive
+        if not ((state[name].double() - weight.double()).abs() <= allowed).all():
+            return False
+    return True
+
+
+def test_one_step_of_a_group_is_each_probes_single_step():
+    seeds = (0, 1, 2)
+    probes, dropout, x, y = one_step_inputs(seeds)
+    grouped = group_step(probes, dropout, x, y)
+    for k in range(len(seeds)):
+        single = single_step(probes[k], dropout[k], x[k], y)
+        reference, gradients = reference_step(probes[k], dropout[k], x[k], y)
+        assert within_one_step(grouped[k], single, gradients), k
+        # the tolerance's premise: each float32 step within half of it of the float64 one, and loose only on a few
+        assert within_one_step(grouped[k], reference, gradients, ROUNDING / 2), k
+        assert within_one_step(single, reference, gradients, ROUNDING / 2), k
+        sensitive = sum(((g != 0) & (g.abs() < SENSITIVE)).sum().item() for g in gradients.values())
+        assert sensitive < 0.1 * sum(g.numel() for g in gradients.values())
+        # and it tells a wrong member: another probe's initial weights, or this probe with another's dropout masks
+        other = (k + 1) % len(seeds)
+        assert not within_one_step(single_step(probes[other], dropout[k], x[k], y), single, gradients)
+        assert not within_one_step(single_step(probes[k], dropout[other], x[k], y), single, gradients)
+
+
 @pytest.fixture(scope='module')
 def three_encoders(tmp_path_factory):
     folder = tmp_path_factory.mktemp('encoders')
@@ -72,47 +171,57 @@ def metric_values(stdout: str) -> dict:
     return {(line.get('encoder'), line['metric'], line['epoch']): line['value'] for line in lines}
 
 
-def batched_products_round_as_single_ones() -> bool:
-    """Whether this platform's batched matrix products give the single ones' bits (forward and weight gradient)."""
-    torch.manual_seed(0)
-    x, weight, grad = torch.randn(2, 64, 64), torch.randn(2, 512, 64, requires_grad=True), torch.randn(2, 64, 512)
-    batched = torch.baddbmm(torch.zeros(2, 1, 512), x, weight.transpose(1, 2))
-    batched.backward(grad)
-    single = weight[1].detach().clone().requires_grad_()
-    out = F.linear(x[1], single, torch.zeros(512))
-    out.backward(grad[1])
-    return torch.equal(out, batched[1]) and torch.equal(single.grad, weight.grad[1])
+# Over a whole run a probe of the group and its single run drift apart as any two float32 runs that round differently
+# do: Adam scales every step to about lr, so a weight whose gradient hovers near 0 steps either way on a rounding
+# difference, and the drift is chaotic. Measured on this module's data (2-core AMD EPYC, torch 2.14.1), a single run
+# perturbed at the level of rounding (initial weights x (1 + 2^-23); every product, or fc1's and fc2's alone, in
+# float64 cast back to float32) moved its 20 epochs' ACC, ASR and ASR* by at most 2 points (two of the 100 test
+# images): 108 perturbed runs (--seed 0-5 and 100-105, 3 encoders, 3 perturbations), 8 of them moved at all, none at
+# the default seed 100 used here. Its final weights moved by up to 0.04 (another seed: 0.27; 80 steps of lr 1e-3 move
+# a weight by at most 0.08), so the saved weights are not compared. Another --seed moved the metrics by 2 to 100
+# points (5 to 100 against seed 100): on this near-chance probe the whole run is a coarse check, the one step a tight
+# one.
+METRIC_POINTS = 2.0
+METRICS = ('acc', 'asr', 'asr_excluding_target')
 
 
-def test_each_probe_of_a_group_is_its_single_run(data_root, trigger_file, reference_file, three_encoders, tmp_path):
-    epochs = '20'
-    group = run_in_process('training_downstream_classifier.py',
-                           *group_args(data_root, trigger_file, reference_file, '--nn_epochs', epochs),
-                           '--encoder', *three_encoders, '--results_dir', str(tmp_path / 'group'))
+def metric_distance(grouped: dict, name: str, alone: dict) -> float:
+    """The largest difference, in points, between member `name`'s metric lines and those of its single run."""
+    return max(abs(grouped[(name, metric, epoch)] - value) for (_, metric, epoch), value in alone.items())
+
+
+def test_each_probe_of_a_group_follows_its_single_run(data_root, trigger_file, reference_file, three_encoders,
+                                                      tmp_path):
+    args = group_args(data_root, trigger_file, reference_file, '--nn_epochs', '20')
+    group = run_in_process('training_downstream_classifier.py', *args, '--encoder', *three_encoders,
+                           '--results_dir', str(tmp_path / 'group'))
     assert group.returncode == 0, group.stderr
     grouped = metric_values(group.stdout)
-    exact = batched_products_round_as_single_ones()
     for path, name in zip(three_encoders, ('clean', 'backdoored', 'mimic')):
-        single = run_in_process('training_downstream_classifier.py',
-                                *group_args(data_root, trigger_file, reference_file, '--nn_epochs', epochs),
-                                '--encoder', path, '--results_dir', str(tmp_path / f'single_{name}'))
+        single = run_in_process('training_downstream_classifier.py', *args, '--encoder', path,
+                                '--results_dir', str(tmp_path / f'single_{name}'))
         assert single.returncode == 0, single.stderr
         alone = metric_values(single.stdout)
         assert len(alone) == 3 * 20
-        for (_, metric, epoch), value in alone.items():
-            assert abs(grouped[(name, metric, epoch)] - value) <= 0.5
-            if exact:
-                assert grouped[(name, metric, epoch)] == value, (name, metric, epoch)
+        assert metric_distance(grouped, name, alone) <= METRIC_POINTS, name
         ours = json.loads((tmp_path / 'group' / name / 'metrics.json').read_text())
         theirs = json.loads((tmp_path / f'single_{name}' / 'metrics.json').read_text())
         assert ours.keys() == theirs.keys() and ours['encoder'] == path
+        for key, value in theirs.items():
+            if key in METRICS:
+                assert abs(ours[key] - value) <= METRIC_POINTS, (name, key)
+            else:
+                assert ours[key] == value, (name, key)
         assert set(json.loads((tmp_path / 'group' / name / 'args.json').read_text())) == \
             set(json.loads((tmp_path / f'single_{name}' / 'args.json').read_text()))
-        if exact:
-            assert ours == theirs
-            saved, alone_saved = (load_checkpoint(folder / 'probe_20.pth')['state_dict']
-                                  for folder in (tmp_path / 'group' / name, tmp_path / f'single_{name}'))
-            assert all(torch.equal(saved[key], alone_saved[key]) for key in alone_saved)
+        saved, alone_saved = (load_checkpoint(folder / 'probe_20.pth')['state_dict']
+                              for folder in (tmp_path / 'group' / name, tmp_path / f'single_{name}'))
+        assert {key: value.shape for key, value in saved.items()} == \
+            {key: value.shape for key, value in alone_saved.items()}
+    # the bound tells another run: the first encoder's probe with another seed
+    other = run_in_process('training_downstream_classifier.py', *args, '--encoder', three_encoders[0], '--seed', '101')
+    assert other.returncode == 0, other.stderr
+    assert metric_distance(grouped, 'clean', metric_values(other.stdout)) > METRIC_POINTS
 
 
 def test_a_resumed_group_equals_an_uninterrupted_one(data_root, trigger_file, reference_file, three_encoders,
@@ -166,4 +275,5 @@ def test_encoders_of_other_widths_are_probed_in_one_run(data_root, trigger_file,
                            '--results_dir', str(tmp_path / 'alone'))
     ours, theirs = (json.loads((tmp_path / run / 'metrics.json').read_text())
                     for run in ('both/wide', 'alone'))
-    assert abs(ours['acc'] - theirs['acc']) <= 0.5 and (tmp_path / 'both' / 'clean' / 'metrics.json').is_file()
+    assert abs(ours['acc'] - theirs['acc']) <= METRIC_POINTS
+    assert (tmp_path / 'both' / 'clean' / 'metrics.json').is_file()
