@@ -1,7 +1,8 @@
-"""Prepare datasets as `<out>/<name>/<split>.npz` (docs/DESIGN.md §2.1): real sets from their raw files, synthetic
-sets from a seed.
+"""Prepare datasets as `<out>/<name>/<split>.npz` (docs/DESIGN.md §2.1): real sets from their raw files (or, for
+sklearn_digits, from an installed package), synthetic sets from a seed.
 
     python -m datasets.prepare synthetic_shapes synthetic_digits                  # offline, seconds
+    python -m datasets.prepare sklearn_digits                                     # offline, needs scikit-learn
     python -m datasets.prepare cifar10 stl10 gtsrb svhn --root ~/raw --download   # real sets
     python -m datasets.prepare cifar10_224                                        # from <out>/cifar10/*.npz
 
@@ -29,6 +30,19 @@ Labels: int64 (N,) in the registry's class order: CIFAR10 and STL10 0..9, GTSRB 
 (the .mat files store digit zero as 10; torchvision and the own reader both map it to 0).
 STL10's `train_unlabeled.npz` holds `x` only (no `y`), which is what `datasets.load_split` reads;
 torchvision reads that split's 2.7 GB file whole, so STL10 needs about 4 GB of memory.
+
+`sklearn_digits`, real handwritten digits that need no download, is read from the package scikit-learn
+(`pip install -r requirements-digits.txt`; --root and --download do not apply to it, --sizes is refused as for
+every real set): `sklearn.datasets.load_digits()`, the 1797 8x8 images its wheel ships (a copy of the test set of
+UCI's Optical Recognition of Handwritten Digits), grey levels v in 0..16 with 0 the background, target the digit
+0..9. Each image becomes uint8 RGB as
+
+    grey = round(v * 255 / 16)   (halves rounded up: v = 8 -> 128; 0 -> 0, 16 -> 255: white ink on black)
+    x    = grey 8x8 resized to 32x32 with PIL's bilinear filter (RESIZE_FILTER, as STL10 and GTSRB),
+           copied into the 3 channels R = G = B
+
+and the splits are taken in load_digits()'s order: train = its first 1000 images, test = the remaining 797.
+Its labels run 0, 1, ..., 9, 0, 1, ... (not sorted by class), so both splits are written as read (see Order).
 
 Order: torchvision reads GTSRB's training images class folder by class folder, so they come sorted by class,
 and the probe of stage 3 iterates its training features in a fixed order (as the original): trained on a
@@ -77,6 +91,10 @@ STL10_SIZE = 96
 GTSRB_URL = 'https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/'
 
 EXTRA_PACKAGES = {'svhn': 'scipy'}  # GTSRB needs only Pillow, which torchvision brings
+# The package a `packaged` set (datasets/registry.py) is read from, by its pip name: (import name, the requirements
+# file of this optional extra)
+PACKAGES = {'scikit-learn': ('sklearn', 'requirements-digits.txt')}
+DIGITS_MAX = 16  # load_digits' grey levels run 0..16
 
 
 @functools.cache
@@ -396,6 +414,51 @@ def read_real(name: str, root: Path, download: bool, verified: bool, progress: b
     return splits
 
 
+def check_packaged(name: str) -> None:
+    """A set read from a package (registry `packaged`): that package must be installed."""
+    package = get_info(name).packaged
+    module, requirements = PACKAGES[package]
+    if importlib.util.find_spec(module) is None:
+        raise DataError(f'{name}: needs the package {package} (pip install -r {requirements})')
+
+
+def digits_to_images(images: np.ndarray, labels: np.ndarray, image_size: int = 32, desc: str = 'sklearn_digits',
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8 (N, S, S, 3), y int64 (N,)) of load_digits' images, float (N, 8, 8) grey levels v in 0..16: grey
+    round(v * 255 / 16) (halves up), resized to S x S with RESIZE_FILTER, in all 3 channels."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 3:
+        raise DataError(f'{desc}: expected grey images of shape (N, H, W), found {images.shape}')
+    if images.size and not (0 <= images.min() and images.max() <= DIGITS_MAX):
+        raise DataError(f'{desc}: expected grey levels 0..{DIGITS_MAX}, found {images.min():g}..{images.max():g}')
+    grey = np.floor(images * 255 / DIGITS_MAX + 0.5).astype(np.uint8)
+    return convert(ArrayImages(np.repeat(grey[..., None], 3, axis=-1), labels), image_size, desc, progress)
+
+
+def read_sklearn_digits(progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """sklearn_digits' splits: load_digits() converted by digits_to_images, train its first 1000 images, test the
+    rest, in the package's order."""
+    info = get_info('sklearn_digits')
+    try:
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+    except (ImportError, OSError, ValueError) as error:
+        reason = ' '.join(str(error).split())
+        raise DataError(f'sklearn_digits: scikit-learn failed to load its digits ({reason}); '
+                        f'reinstall it (pip install -r {PACKAGES[info.packaged][1]})') from None
+    total = sum(info.splits.values())
+    if len(digits.images) != total:
+        raise DataError(f'sklearn_digits: load_digits() gave {len(digits.images)} images, expected {total}')
+    x, y = digits_to_images(digits.images, digits.target, info.image_size, 'sklearn_digits', progress)
+    train = info.splits['train']
+    return {'train': (x[:train], y[:train]), 'test': (x[train:], y[train:])}
+
+
+PACKAGED_READERS: dict[str, Callable[[bool], dict[str, tuple[np.ndarray, np.ndarray]]]] = {
+    'sklearn_digits': read_sklearn_digits,
+}
+
+
 def resize_prepared(name: str, out: Path, progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Every split of a `resized_from` set: its source's prepared split under `out`, resized to the set's size."""
     info = get_info(name)
@@ -447,11 +510,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"datasets to prepare: {', '.join(DATASETS)}")
     parser.add_argument('--root', default=str(RAW_ROOT), metavar='DIR',
                         help='folder holding the raw files of the real sets, in torchvision\'s layout '
-                             f'(default: {RAW_ROOT})')
+                             f'(default: {RAW_ROOT}; sklearn_digits, read from a package, has none)')
     parser.add_argument('--out', '--data_root', dest='out', default='data', metavar='DATA_ROOT',
                         help='where to write <name>/<split>.npz (default: data)')
     parser.add_argument('--download', action='store_true',
-                        help='download missing raw files of the real sets into --root (needs a network)')
+                        help='download missing raw files of the real sets into --root (needs a network; '
+                             'sklearn_digits needs no download)')
     parser.add_argument('--skip_checksums', action='store_true',
                         help='read raw files whose MD5 differs from the official release with this '
                              "module's own readers (torchvision refuses them)")
@@ -484,15 +548,21 @@ def main(argv: list[str] | None = None) -> None:
     if existing and not args.force:
         more = f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''
         raise DataError(f'{existing[0]}{more} already exists; pass --force to overwrite')
+    raw = [name for name in real if not get_info(name).packaged]
     for name in real:
-        check_package(name)
-    verified = {name: args.download or check_raw_files(name, root, args.skip_checksums) for name in real}
+        if get_info(name).packaged:
+            check_packaged(name)
+        else:
+            check_package(name)
+    verified = {name: args.download or check_raw_files(name, root, args.skip_checksums) for name in raw}
 
     for name in names:
         if get_info(name).synthetic:
             splits = make_synthetic_splits(name, sizes, args.seed, progress)
         elif get_info(name).resized_from:
             splits = resize_prepared(name, out, progress)
+        elif get_info(name).packaged:
+            splits = PACKAGED_READERS[name](progress)
         else:
             splits = read_real(name, root, args.download, verified[name], progress)
         extra = {}

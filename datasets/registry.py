@@ -40,6 +40,7 @@ class DatasetInfo:
     synthetic: bool = False
     extra: dict = field(default_factory=dict)
     resized_from: str | None = None  # prepared from this set's npz splits, resized to image_size
+    packaged: str | None = None  # read from this installed Python package (its pip name), not from raw files
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +66,9 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
                 resized_from='cifar10'),
     DatasetInfo('gtsrb', GTSRB_CLASSES, {'train': 39209, 'test': 12630}),
     DatasetInfo('svhn', DIGITS, {'train': 73257, 'test': 26032}),
+    # Real handwritten digits that need no download: the 1797 8x8 images scikit-learn's wheel ships
+    # (sklearn.datasets.load_digits), upscaled to 32x32; train = the first 1000, test = the other 797.
+    DatasetInfo('sklearn_digits', DIGITS, {'train': 1000, 'test': 797}, packaged='scikit-learn'),
     # The project's own offline sets (datasets/synthetic.py). The normalisation of the synthetic
     # pre-training set is a nominal one: mid-grey mean, quarter-range spread.
     DatasetInfo('synthetic_shapes', SHAPES, {'train': 10000, 'test': 2000},

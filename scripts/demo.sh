@@ -15,6 +15,8 @@
 #                                         # <metric>_std, <metric>_ci95 (95% half-width) and per_seed beside it;
 #                                         # OUT/table.md: mean ± half-width (scripts/run_pipeline.sh --seeds)
 #
+# PYTHON=/path/to/venv/bin/python bash scripts/demo.sh   # another interpreter (default: the `python` first on PATH)
+#
 # The scale (image counts, encoder width, epochs, ratio, learning rates) is chosen to fit a 2-core CPU;
 # the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
 # Run it again and finished stages are skipped.

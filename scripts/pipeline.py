@@ -190,11 +190,35 @@ Step = Union[Note, WriteJson, Stage, ProbeGroup, Command]
 
 # --- the setting --------------------------------------------------------------------------------------------
 
+def wrapper_help(script: str) -> str:
+    """The help of a wrapper, scripts/<script>: its header comment, without the shebang and the '# ' marks."""
+    lines = []
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as handle:
+        for line in handle:
+            if line.startswith('#!'):
+                continue
+            if not line.startswith('#'):
+                break
+            lines.append(line[2:].rstrip('\n') if line.startswith('# ') else '')
+    return '\n'.join(lines)
+
+
+class HelpRequested(Exception):
+    """-h or --help was given: print the help and stop (exit status 0)."""
+
+
 def parse_args(argv: Iterable[str]) -> Setting:
-    """The flags, as scripts/run_pipeline.sh reads them: every one takes a value."""
+    """The flags, as scripts/run_pipeline.sh reads them: every one takes a value, but --dry_run, a switch (an
+    explicit 0 or 1 after it is still read as its value); -h / --help raise HelpRequested."""
     argv = list(argv)
     values = {}
     while argv:
+        if argv[0] in ('-h', '--help'):
+            raise HelpRequested
+        if argv[0] == '--dry_run' and (len(argv) < 2 or argv[1] not in ('0', '1')):
+            values['dry_run'] = '1'
+            del argv[:1]
+            continue
         if len(argv) < 2:
             raise PipelineError(f'option {argv[0]} needs a value')
         flag, value = argv[0], argv[1]
@@ -593,6 +617,9 @@ def report(error: PipelineError, prog: str = PROG) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     try:
         return execute(parse_args(sys.argv[1:] if argv is None else argv))
+    except HelpRequested:
+        print(wrapper_help('run_pipeline.sh'))
+        return 0
     except PipelineError as error:
         return report(error)
     except KeyboardInterrupt:

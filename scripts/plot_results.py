@@ -48,7 +48,6 @@ from pathlib import Path
 
 if __package__ in (None, ''):  # run as `python scripts/plot_results.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
@@ -56,7 +55,7 @@ from common.cli import data_dir_for  # noqa: E402
 from datasets import DATASETS, DataError, apply_trigger, get_info, load_split, load_trigger  # noqa: E402
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES  # noqa: E402
-from results_table import ENCODERS, TableError, estimate, read_json, seed_groups  # noqa: E402
+from scripts.results_table import ENCODERS, TableError, estimate, read_json, seed_groups  # noqa: E402
 from training_downstream_classifier import EXCLUDING_TARGET_NAME, metric_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,12 +30,14 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
-from scripts.pipeline import (Command, Note, PipelineError, Setting, execute, python_run, report, run, seed_run_dir,
-                              split_seeds)
+from scripts.pipeline import (Command, HelpRequested, Note, PipelineError, Setting, execute, python_run, report, run,
+                              seed_run_dir, split_seeds, wrapper_help)
 
 PROG = 'reproduce_paper.sh'
 EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers')
 PAPER_TRIGGER = 'trigger/trigger_pt_white_21_10_ap_replace.npz'
+PROPORTIONED_IMAGES = 10000  # the proportioned scale's pre-training set: D = 4% of it is 400 images, 6 batches of 64
+PROPORTIONED_CLEAN_EPOCHS = 50  # where the clean encoder's kNN accuracy stops rising (docs/PROPORTIONED.md)
 RATIOS = ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10')  # MIMIC's clean-data fractions
 ABLATIONS = {'uniform': '--layer_weights uniform', 'no_attention': '--no_attention', 'no_clone': '--no_clone',
              'no_contrastive': '--no_contrastive'}  # run name: MIMIC.py flags
@@ -77,6 +79,12 @@ class Scale:
     batch_for_ratio: str  # MIMIC's batch at the smallest ratios
     augment: str
     seed: str = ''  # the seed of every stage of its runs, each in <run>/seed_<seed>/; '' : the stages' default
+    attacks: tuple = ('badencoder', 'drupe', 'ctrl')  # main's attacks
+    shared_clean: bool = False  # one clean encoder (the stages' default seed) for every seed
+    clean_save_freq: str = '50'
+    save_freq: str = '50'  # the other stages' (--save_freq of the pipeline)
+    experiments: str = ','.join(EXPERIMENTS)  # what --experiments defaults to at this scale
+    data: tuple = ()  # (set, sizes, seed) made by datasets.prepare first; sizes '' : the set's own
 
     def seeded(self, run_dir: str) -> str:
         """A run folder of this scale: `run_dir` itself, or with a seed its seed_<seed>/ sub-folder."""
@@ -84,7 +92,8 @@ class Scale:
 
     @property
     def clean_encoder(self) -> str:
-        return f"{self.seeded(f'{self.runs}/clean')}/model_{self.clean_epochs}.pth"
+        folder = f'{self.runs}/clean' if self.shared_clean else self.seeded(f'{self.runs}/clean')
+        return f'{folder}/model_{self.clean_epochs}.pth'
 
     @property
     def base(self) -> str:
@@ -124,9 +133,32 @@ def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.env
             ctrl_args='--batch_size 256', mimic_args='--batch_size 128', eval_args='--lr 0.001 --no_progress',
             defence_args='--batch_size 128 --anp_iterations 2000',
             batch_for_ratio='--batch_size 32',  # 1% of 4000 images is 40: one batch needs fewer than 128
-            augment='tensor')
+            augment='tensor',
+            data=(('synthetic_shapes', 'train=4000,test=1000', '1'), ('synthetic_digits', 'train=2000,test=1000', '2')))
+    elif scale == 'proportioned':
+        # The paper's proportions on a CPU (docs/PROPORTIONED.md): pre-training P = N images x E epochs; D = 4% of
+        # the N images, in batches of 64; MIMIC and every baseline E epochs over D, 4% of P's image-passes (the
+        # paper: 1000 x 2000 against 1000 x 50,000); the backdoor E/5 epochs on the whole pre-training set as
+        # shadow set (BadEncoder's 200 against 1000); ANP's mask steps and DECREE's inversion capped at about 6.4%
+        # and 5.1% of P, so that no defence passes 10%. One clean encoder serves every seed.
+        runs = runs or 'runs/paper_proportioned'
+        images, epochs = PROPORTIONED_IMAGES, PROPORTIONED_CLEAN_EPOCHS
+        config = Scale(
+            name=scale, runs=runs, device=device or 'cpu', data_root=data_root or f'{runs}/data',
+            pretraining='synthetic_shapes', reference_dir=f'{runs}/reference',
+            tasks=(('synthetic_digits', 'one', '1'), ('sklearn_digits', 'sklearn_one', '1')),
+            width='8', clean_epochs=str(epochs), badencoder_epochs=str(epochs // 5), drupe_epochs='', ctrl_epochs='',
+            mimic_epochs=str(epochs), mi_epochs='20', nn_epochs='400', ratio='0.04', mimic_lr='0.01',
+            clean_args='--batch_size 256', badencoder_args='--batch_size 128 --lr 0.01', drupe_args='', ctrl_args='',
+            mimic_args='--batch_size 64', eval_args='--lr 0.001 --no_progress',
+            defence_args=f'--batch_size 64 --anp_iterations {images * epochs // 1000} '
+                         f'--invert_steps {images * epochs // 1250}',
+            batch_for_ratio='--batch_size 32', augment='tensor', attacks=('badencoder',), shared_clean=True,
+            clean_save_freq='10', save_freq='10', experiments='main',  # MIMIC's ASR over epochs: its checkpoints
+            data=((('synthetic_shapes', f'train={images},test=1000', '1'),
+                   ('synthetic_digits', 'train=2000,test=1000', '2'), ('sklearn_digits', '', '0'))))
     else:
-        raise PipelineError(f"--scale: expected paper or demo, got '{scale}'")
+        raise PipelineError(f"--scale: expected paper, demo or proportioned, got '{scale}'")
     extra = environ.get('EXTRA', '')
     if extra:  # extra flags for every stage
         config = dataclasses.replace(config, **{
@@ -158,7 +190,7 @@ def experiments(c: Scale, dry_run: bool) -> dict:
 
     def setting(run_dir: str, label: str, **flags) -> Setting:  # a pipeline run at this scale (and seed)
         return Setting(**{'run_dir': c.seeded(run_dir), 'label': label, 'dry_run': '1' if dry_run else '0',
-                          'seed': c.seed or Setting.seed,
+                          'seed': c.seed or Setting.seed, 'save_freq': c.save_freq,
                           'device': c.device, 'data_root': c.data_root, 'pretraining_dataset': pre,
                           'width': c.width, 'clean_epochs': c.clean_epochs, 'mimic_epochs': c.mimic_epochs,
                           'mi_epochs': c.mi_epochs, 'nn_epochs': c.nn_epochs, 'ratio': c.ratio,
@@ -186,15 +218,18 @@ def experiments(c: Scale, dry_run: bool) -> dict:
     for downstream, reference, _ in c.tasks:  # the first: c.base
         main_runs.append(badencoder(f'{runs}/main/{pre}_{downstream}_badencoder', '', downstream, reference,
                                     badencoder_args=c.badencoder_args, mimic_args=c.mimic_args, defences='all'))
-        main_runs.append(setting(f'{runs}/main/{pre}_{downstream}_drupe', '', attack='drupe',
-                                 downstream_dataset=downstream,
-                                 reference_file=f'{c.reference_dir}/{reference}_3.npz', trigger_file=PAPER_TRIGGER,
-                                 badencoder_epochs=c.drupe_epochs, badencoder_args=c.drupe_args,
-                                 mimic_args=c.mimic_args, defences='all'))
-    ctrl = setting(f'{runs}/main/{pre}_{pre}_ctrl', '', attack='ctrl', target_class='0', poison_rate='0.01',
-                   trigger_file=f'{runs}/trigger_files/ctrl.npz', badencoder_epochs=c.ctrl_epochs,
-                   badencoder_args=c.ctrl_args, mimic_args=c.mimic_args, defences='all')
-    main = [Variant(s) for s in main_runs] + [Variant(ctrl, trigger=('ctrl', '--kind ctrl'))]
+        if 'drupe' in c.attacks:
+            main_runs.append(setting(f'{runs}/main/{pre}_{downstream}_drupe', '', attack='drupe',
+                                     downstream_dataset=downstream,
+                                     reference_file=f'{c.reference_dir}/{reference}_3.npz',
+                                     trigger_file=PAPER_TRIGGER, badencoder_epochs=c.drupe_epochs,
+                                     badencoder_args=c.drupe_args, mimic_args=c.mimic_args, defences='all'))
+    main = [Variant(s) for s in main_runs]
+    if 'ctrl' in c.attacks:
+        ctrl = setting(f'{runs}/main/{pre}_{pre}_ctrl', '', attack='ctrl', target_class='0', poison_rate='0.01',
+                       trigger_file=f'{runs}/trigger_files/ctrl.npz', badencoder_epochs=c.ctrl_epochs,
+                       badencoder_args=c.ctrl_args, mimic_args=c.mimic_args, defences='all')
+        main.append(Variant(ctrl, trigger=('ctrl', '--kind ctrl')))
 
     ratio = tuple(on_base_backdoor(f'{runs}/ratio/ratio_{r}', f'ratio {r}', c.batch_for_ratio, ratio=r)
                   for r in RATIOS)
@@ -236,6 +271,81 @@ def dirname(path: str) -> str:
     return os.path.dirname(path) or '.'
 
 
+# baseline_defence.py's defaults that set how many images a defence passes (tests/test_pipeline.py checks them)
+DEFENCE_DEFAULTS = {'--batch_size': 128, '--anp_iterations': 2000, '--invert_steps': 2000}
+PRETRAINING_IMAGES = {'cifar10': 50000}  # the real pre-training sets' train split, at --scale paper
+
+
+def flag_value(args: str, flag: str, default: int) -> int:
+    """The integer value of `flag` in a string of flags (its last occurrence), `default` when absent."""
+    words, value = args.split(), default
+    for index, word in enumerate(words[:-1]):
+        if word == flag:
+            value = int(words[index + 1])
+    return value
+
+
+def budgets(c: Scale) -> dict:
+    """Images x epochs (image-passes: one image through the trained or inverted network, forward and backward)
+    of each training stage at scale `c`, for the first task's BadEncoder run:
+
+        pre-training  P = N · E0                      N: the pre-training set, E0: --clean_epochs
+        backdoor      N_shadow · E1                   the shadow set is the whole pre-training set (≤ 50,000)
+        MIMIC, ft, fp, kd   D · E2                    D = ⌊ratio · N⌋, E2: --mimic_epochs (fp's pruning passes,
+                                                      forward only, are not counted)
+        nad           D · (E2 + ⌊E2 / 2⌋)             its teacher's fine-tuning first
+        anp           iterations · batch              mask steps, batches drawn with replacement
+        invert, sslcleanse  steps · batch + D · E2    DECREE's inversion (at most --invert_steps), then training
+        clp           0                               data-free
+
+    Returns {'clean data': D, 'pre-training set': N, stage: image-passes}."""
+    if c.data:
+        sizes = dict(item.split('=') for item in dict((d[0], d[1]) for d in c.data)[c.pretraining].split(','))
+        images = int(sizes['train'])
+    else:
+        images = PRETRAINING_IMAGES[c.pretraining]
+    clean = int(float(c.ratio) * images)
+    epochs = int(c.mimic_epochs)
+    batch = flag_value(c.defence_args, '--batch_size', DEFENCE_DEFAULTS['--batch_size'])
+    inversion = flag_value(c.defence_args, '--invert_steps', DEFENCE_DEFAULTS['--invert_steps']) * batch
+    trained = clean * epochs
+    return {'pre-training set': images, 'clean data': clean,
+            'pre-training': images * int(c.clean_epochs), 'backdoor': min(images, 50000) * int(c.badencoder_epochs),
+            'mimic': trained, 'ft': trained, 'fp': trained, 'nad': clean * (epochs + epochs // 2), 'clp': 0,
+            'anp': flag_value(c.defence_args, '--anp_iterations', DEFENCE_DEFAULTS['--anp_iterations']) * batch,
+            'kd': trained, 'invert': inversion + trained, 'sslcleanse': inversion + trained}
+
+
+def proportions_table(rows: Iterable[tuple]) -> str:
+    """A Markdown table of `budgets` per (label, Scale): each stage's image-passes and its share of the
+    pre-training's, and D's share of the pre-training set."""
+    lines = ['| setting | pre-training (images × epochs) | D ÷ pre-training set | backdoor | MIMIC | ft, fp, kd | '
+             'nad | anp | invert, sslcleanse |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for label, scale in rows:
+        b = budgets(scale)
+        pre = b['pre-training']
+
+        def share(stage: str) -> str:
+            return f"{b[stage]:,} ({100 * b[stage] / pre:.1f}%)"
+        lines.append(f"| {label} | {b['pre-training set']:,} × {scale.clean_epochs} = {pre:,} | "
+                     f"{b['clean data']:,} ÷ {b['pre-training set']:,} = {100 * b['clean data'] / b['pre-training set']:.0f}% | "
+                     f"{share('backdoor')} | {share('mimic')} | {share('ft')} | {share('nad')} | {share('anp')} | "
+                     f"{share('invert')} |")
+    return '\n'.join(lines) + '\n'
+
+
+def standard_proportions() -> str:
+    """The table of docs/PROPORTIONED.md: the paper, the demo, README §6's comparison, the proportioned scale."""
+    demo = scale_config('demo', environ={})
+    return proportions_table([
+        ('paper (`--scale paper`)', scale_config('paper', environ={})),
+        ('demo (`scripts/demo.sh`, `--scale demo`)', demo),
+        ('seeded baseline comparison (BadEncoder 10, defences 80)',
+         dataclasses.replace(demo, badencoder_epochs='10', mimic_epochs='80')),
+        ('proportioned (`--scale proportioned`)', scale_config('proportioned', environ={}))])
+
+
 def has_matplotlib() -> bool:
     return subprocess.run([python_run(), '-c', 'import matplotlib'], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL).returncode == 0
@@ -263,39 +373,38 @@ def steps(c: Scale, wanted: str, dry_run: bool, seeds: tuple = ()) -> Iterator:
             yield Note(f'note: no figures for {dirname(path)} (pip install -r requirements-plot.txt, '
                        'then run scripts/plot_results.py)')
 
-    def variants(experiment: Experiment, scale: Scale) -> Iterator:
-        for variant in experiment.variants:
-            if variant.trigger:
-                name, flags = variant.trigger
-                yield from made(f'{c.runs}/trigger_files/{name}.npz', 'trigger/make_trigger.py', *flags.split(),
-                                '--out', f'{c.runs}/trigger_files/{name}.npz')
-            if variant.reuse_evals and not dry_run:
-                yield CopyEvals(scale.base, variant.setting.run_dir)
-            yield PipelineRun(variant.setting)
+    def one_variant(variant: Variant, scale: Scale) -> Iterator:
+        if variant.trigger:
+            name, flags = variant.trigger
+            yield from made(f'{c.runs}/trigger_files/{name}.npz', 'trigger/make_trigger.py', *flags.split(),
+                            '--out', f'{c.runs}/trigger_files/{name}.npz')
+        if variant.reuse_evals and not dry_run:
+            yield CopyEvals(scale.base, variant.setting.run_dir)
+        yield PipelineRun(variant.setting)
 
-    def experiment(name: str) -> Iterator:  # its runs, seed by seed, then its table over them all
-        for scale, plan in plans:
-            yield from variants(plan[name], scale)
+    def experiment(name: str) -> Iterator:  # each run over every seed in turn, then its table over them all
+        for index in range(len(plans[0][1][name].variants)):
+            for scale, plan in plans:
+                yield from one_variant(plan[name].variants[index], scale)
         yield from table(tuple(run for _, plan in plans for run in plan[name].table_runs), plans[0][1][name].table)
 
-    # data, references, the clean encoder (once; with seeds, once per seed)
-    if c.name == 'demo' and not os.path.isfile(f'{c.data_root}/synthetic_digits/test.npz'):
-        yield Command(('-m', 'datasets.prepare', 'synthetic_shapes', '--out', c.data_root,
-                       '--sizes', 'train=4000,test=1000', '--seed', '1'))
-        yield Command(('-m', 'datasets.prepare', 'synthetic_digits', '--out', c.data_root,
-                       '--sizes', 'train=2000,test=1000', '--seed', '2'))
+    # data, references, the clean encoder (once; with seeds, once per seed unless the scale shares one)
+    for dataset, sizes, seed in c.data:  # the offline sets of the CPU scales
+        yield from made(f'{c.data_root}/{dataset}/test.npz', '-m', 'datasets.prepare', dataset, '--out', c.data_root,
+                        *(('--sizes', sizes) if sizes else ()), '--seed', seed)
     for downstream, name, label in c.tasks:
-        for count in (1, 3):  # BadEncoder's single reference; DRUPE's three
+        for count in (1, 3) if 'drupe' in c.attacks else (1,):  # BadEncoder's single reference; DRUPE's three
             path = f"{c.reference_dir}/{name}{'' if count == 1 else f'_{count}'}.npz"
             yield from made(path, 'reference/make_reference.py', '--dataset', downstream, '--data_root', c.data_root,
                             '--class_id', label, '--first', str(count), '--out', path)
     for scale in scales:
-        if not os.path.isfile(scale.clean_encoder):
+        if not os.path.isfile(scale.clean_encoder) and scale.clean_encoder not in planned:
+            planned.add(scale.clean_encoder)
             folder = dirname(scale.clean_encoder)
             resume = ('--resume',) if glob.glob(f'{glob.escape(folder)}/model_*.pth') else ()
-            seed = ('--seed', scale.seed) if scale.seed else ()
+            seed = ('--seed', scale.seed) if scale.seed and not scale.shared_clean else ()
             yield Command(('-u', 'train_clean_encoder.py', '--pretraining_dataset', c.pretraining, '--width', c.width,
-                           '--epochs', c.clean_epochs, '--save_freq', '50', '--results_dir', folder,
+                           '--epochs', c.clean_epochs, '--save_freq', c.clean_save_freq, '--results_dir', folder,
                            '--device', c.device, '--data_root', c.data_root, '--augment', c.augment, *seed,
                            *c.clean_args.split(), *resume))
 
@@ -341,11 +450,14 @@ def copy_evals(step: CopyEvals) -> None:
 
 
 def parse_args(argv: Iterable[str]) -> tuple:
-    """(experiments, scale, dry_run, runs_dir, seeds) from the command line; PipelineError when it is wrong."""
+    """(experiments, scale, dry_run, runs_dir, seeds) from the command line ('' experiments: the scale's default);
+    PipelineError when it is wrong."""
     argv = list(argv)
-    wanted, scale, dry_run, runs, seeds = ','.join(EXPERIMENTS), 'paper', False, '', ()
+    wanted, scale, dry_run, runs, seeds = '', 'paper', False, '', ()  # wanted '': the scale's default
     while argv:
         arg = argv.pop(0)
+        if arg in ('-h', '--help'):
+            raise HelpRequested
         if arg in ('--experiments', '--scale', '--seeds'):
             if not argv:
                 raise PipelineError(f'{arg} needs a value')
@@ -377,6 +489,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         wanted, scale, dry_run, runs, seeds = parse_args(sys.argv[1:] if argv is None else argv)
         config = scale_config(scale, runs)
+        wanted = wanted or config.experiments
+    except HelpRequested:
+        print(wrapper_help('reproduce_paper.sh'))
+        return 0
     except PipelineError as error:
         return report(error, PROG)
     try:

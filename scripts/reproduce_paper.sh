@@ -2,9 +2,11 @@
 # The paper's experiments, each as one table (Markdown and CSV), from one command.
 #
 #   python -m datasets.prepare cifar10 stl10 gtsrb svhn --download        # once, for --scale paper
-#   bash scripts/reproduce_paper.sh [--experiments LIST] [--scale paper|demo] [--seeds LIST] [--dry_run] [RUNS_DIR]
+#   bash scripts/reproduce_paper.sh [--experiments LIST] [--scale paper|demo|proportioned] [--seeds LIST] [--dry_run]
+#                                   [RUNS_DIR]
 #
-#   --experiments  comma-separated, default all = main,ratio,trigger_size,ablation,mi_model,triggers
+#   --experiments  comma-separated, default all = main,ratio,trigger_size,ablation,mi_model,triggers (proportioned:
+#                  main)
 #     main          CIFAR10 pre-training; GTSRB "priority road" (12), SVHN "one" (1), STL10 "truck" (9); attacks
 #                   BadEncoder and DRUPE on each target task, and CTRL (data poisoning: CIFAR10's own classes,
 #                   target 0); MIMIC and the seven baseline defences on every backdoored encoder
@@ -18,6 +20,12 @@
 #                   CTRL's SimCLR recipe (SGD lr 0.06, cosine, 800 epochs), MIMIC 1000 with ratio 0.04 and
 #                   lr 1e-2, MI 200, probe 1000; on a GPU machine (days for the whole list)
 #   --scale demo    the same list on the offline synthetic sets at the demo's scale (scripts/demo.sh), on a CPU
+#   --scale proportioned  the paper's proportions on a CPU (docs/PROPORTIONED.md): a clean encoder pre-trained on
+#                   10,000 synthetic shapes until its kNN accuracy stops rising, shared by every seed; D = 4% of
+#                   them; MIMIC and the eight baselines each 4% of the pre-training's image-passes (ANP's masks
+#                   6.4%, DECREE's inversion 5.1% + 4%); BadEncoder a fifth of the pre-training's epochs; targets:
+#                   the synthetic digits and scikit-learn's real digits (pip install -r requirements-digits.txt).
+#                   Its default --experiments is main (BadEncoder only, every defence)
 #   --seeds LIST    comma-separated seeds (e.g. 0,1,2): every run once per seed, in <run folder>/seed_<seed>/,
 #                   every stage with --seed <seed>: a clean encoder per seed (RUNS_DIR/clean/seed_<seed>/) and
 #                   each seed's own shared backdoor; each table pools the seeds of a run (mean ± 95% interval,
@@ -25,7 +33,7 @@
 #                   each, the stages' default seed, the folders below
 #   --dry_run       print every command in order and run nothing (needs no data, creates nothing)
 #
-# RUNS_DIR (default runs/paper, or runs/paper_demo with --scale demo) holds clean/ (the clean encoder, trained
+# RUNS_DIR (default runs/paper, runs/paper_demo or runs/paper_proportioned) holds clean/ (the clean encoder, trained
 # once for everything), trigger_files/ (the generated trigger files) and one folder per experiment with one
 # pipeline run per variant, the experiment's table.md / table.csv (+ table_defences.csv) and, when matplotlib
 # is installed (requirements-plot.txt), its figures/ (scripts/plot_results.py). Shared stages are
@@ -33,7 +41,8 @@
 # again skips what is finished and resumes what was interrupted. Extra flags for every stage: EXTRA="--amp".
 #
 # The work is done by scripts/reproduce_paper.py (python -m scripts.reproduce_paper); this wrapper runs it from the
-# repository root with $PYTHON (default: python).
+# repository root with $PYTHON (default: the `python` first on PATH): PYTHON=/path/to/venv/bin/python runs a
+# virtual environment's interpreter without activating it. -h / --help prints this header.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python}" -m scripts.reproduce_paper "$@"

@@ -45,7 +45,7 @@
 #   --backdoored_encoder PATH  use this backdoored encoder instead of stage 1 (e.g. one trained by another
 #                          run, to compare defences or MIMIC settings on the same backdoor)
 #   --label TEXT           a name for the run, kept in run.json and shown by results_table.py
-#   --dry_run 1            print every stage's command in order and run nothing (no file is read or written)
+#   --dry_run              print every stage's command in order and run nothing (no file is read or written)
 #   --defences LIST        baseline defences run beside MIMIC on the backdoored encoder, comma-separated
 #                          (ft,fp,nad,clp,anp,kd,invert or all; default: none); the ones that train get
 #                          --epochs = --mimic_epochs, MIMIC's budget, and MIMIC's --ratio
@@ -53,7 +53,8 @@
 #                          extra flags per stage (--defence_args goes to every baseline defence)
 #
 # The work is done by scripts/pipeline.py (python -m scripts.pipeline); this wrapper runs it from the
-# repository root with $PYTHON (default: python).
+# repository root with $PYTHON (default: the `python` first on PATH): PYTHON=/path/to/venv/bin/python runs a
+# virtual environment's interpreter without activating it. -h / --help prints this header.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python}" -m scripts.pipeline "$@"

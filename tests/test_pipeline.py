@@ -107,8 +107,12 @@ def test_pipeline_bad_arguments(args, message):
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(['bash', 'scripts/reproduce_paper.sh', '--dry_run', *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    """reproduce_paper.sh --dry_run; its commands show $PYTHON (this interpreter, conftest), here as `python`."""
+    result = subprocess.run(['bash', 'scripts/reproduce_paper.sh', '--dry_run', *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    result.stdout = '\n'.join(line.replace(f'{sys.executable} ', 'python ', 1) if line.startswith(sys.executable)
+                               else line for line in result.stdout.splitlines())
+    return result
 
 
 def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_path):
@@ -178,7 +182,7 @@ def test_reproduce_paper_dry_run_with_seeds_runs_everything_once_per_seed(tmp_pa
 
 @pytest.mark.parametrize('args, message', [
     (['--experiments', 'main,bogus'], "unknown experiment 'bogus'"),
-    (['--scale', 'huge'], "--scale: expected paper or demo"),
+    (['--scale', 'huge'], "--scale: expected paper, demo or proportioned"),
     (['--frobnicate'], 'unknown option --frobnicate'),
     (['--seeds', '1,x'], "--seeds: expected comma-separated non-negative integers, got '1,x'"),
 ])
@@ -517,7 +521,7 @@ def test_reproduce_experiments_are_data_over_the_pipeline_settings():
     for variants in experiments.values():  # every run is one the pipeline can plan
         for variant in variants.variants:
             assert driver.plan(variant.setting)[-1].argv[0] == 'scripts/results_table.py'
-    with pytest.raises(driver.PipelineError, match="--scale: expected paper or demo, got 'x'"):
+    with pytest.raises(driver.PipelineError, match="--scale: expected paper, demo or proportioned, got 'x'"):
         reproduce_paper.scale_config('x')
     seeded = reproduce_paper.experiments(dataclasses.replace(scale, seed='3'), dry_run=True)
     ratio = [v.setting for v in seeded['ratio'].variants]
@@ -570,3 +574,66 @@ def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, 
     assert 'train_' not in out and 'MIMIC.py' not in out  # nothing trained
     assert json.loads((student / 'run.json').read_text())['label'] == 'MI on the initial student'
     assert (runs / 'mi_model' / 'table.md').is_file() and f'tables: {runs}/mi_model/table.md ' in out
+
+
+def test_the_wrappers_run_the_python_of_the_tests_not_the_first_on_path(tmp_path):
+    # a `python` first on PATH that is not this interpreter (a venv that is not activated): the wrappers must not
+    # start it, since conftest hands them this one as $PYTHON
+    bogus = tmp_path / 'bin' / 'python'
+    bogus.parent.mkdir()
+    bogus.write_text('#!/bin/sh\necho "the wrong python" >&2\nexit 97\n')
+    bogus.chmod(0o755)
+    env = dict(os.environ, PATH=f'{bogus.parent}{os.pathsep}{os.environ["PATH"]}')
+    assert env['PYTHON'] == sys.executable
+    for wrapper in ('run_pipeline.sh', 'reproduce_paper.sh'):
+        result = subprocess.run(['bash', f'scripts/{wrapper}', '--help'], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert 'the wrong python' not in result.stderr, wrapper
+    without = dict(env)
+    del without['PYTHON']  # the wrapper's default is `python` on PATH, as its header says
+    result = subprocess.run(['bash', 'scripts/reproduce_paper.sh', '--dry_run'], cwd=REPO, env=without,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 97 and 'the wrong python' in result.stderr
+
+
+def test_proportioned_scale_keeps_the_papers_proportions():
+    scale = reproduce_paper.scale_config('proportioned', 'P', environ={})
+    budget = reproduce_paper.budgets(scale)
+    pre, clean = budget['pre-training'], budget['clean data']
+    assert clean <= 0.05 * budget['pre-training set'] and clean >= 4 * 64  # D: at most 5%, several batches of 64
+    assert budget['backdoor'] == pre // 5  # BadEncoder's 200 epochs against 1000 of pre-training
+    for defence in ('mimic',) + driver.ALL_DEFENCES:
+        assert budget[defence] <= 0.10 * pre, defence
+    assert budget['mimic'] == budget['ft'] == 0.04 * pre and budget['clp'] == 0
+    paper = reproduce_paper.budgets(reproduce_paper.scale_config('paper', environ={}))
+    assert paper['mimic'] == 0.04 * paper['pre-training'] and paper['backdoor'] == paper['pre-training'] // 5
+
+
+def test_budgets_read_the_defences_own_defaults():
+    import baseline_defence
+    parsed = baseline_defence.get_args_parser().parse_args(['--defence', 'ft', '--teacher', 'x.pth'])
+    assert {flag: getattr(parsed, flag[2:]) for flag in reproduce_paper.DEFENCE_DEFAULTS} == \
+        reproduce_paper.DEFENCE_DEFAULTS
+    assert reproduce_paper.flag_value('--batch_size 64 --lr 1 --batch_size 32', '--batch_size', 128) == 32
+    assert reproduce_paper.flag_value('', '--anp_iterations', 2000) == 2000
+
+
+def test_the_proportions_table_in_the_docs_follows_from_the_flags():
+    text = (REPO / 'docs' / 'PROPORTIONED.md').read_text()
+    assert reproduce_paper.standard_proportions() in text
+
+
+def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_its_seeds(tmp_path):
+    runs = tmp_path / 'prop'
+    result = dry_run('--scale', 'proportioned', '--seeds', '0,1', str(runs))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    clean = [line for line in lines if 'train_clean_encoder.py' in line]
+    assert len(clean) == 1 and ' --seed ' not in clean[0] and f'--results_dir {runs}/clean ' in clean[0]
+    assert 'python -m datasets.prepare sklearn_digits --out' in result.stdout
+    main = f'{runs}/main/synthetic_shapes'
+    assert [line for line in lines if line.startswith('== run ')] == [
+        f'== run {main}_synthetic_digits_badencoder/seed_0', f'== run {main}_synthetic_digits_badencoder/seed_1',
+        f'== run {main}_sklearn_digits_badencoder/seed_0', f'== run {main}_sklearn_digits_badencoder/seed_1']
+    assert 'train_badencoder.py --attack drupe' not in result.stdout and 'datasets.poison' not in result.stdout
+    assert not runs.exists()

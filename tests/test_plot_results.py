@@ -19,8 +19,7 @@ from datasets import load_trigger
 from datasets.synthetic import make_synthetic
 from training_downstream_classifier import EXCLUDING_TARGET_NAME, metric_line, metric_names
 
-sys.path.insert(0, str(REPO / 'scripts'))
-import plot_results  # noqa: E402
+from scripts import plot_results  # noqa: E402
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 LAYERS = {'layer3': 'f.f.3 (ResNet layer1)', 'layer4': 'f.f.4 (ResNet layer2)', 'layer5': 'f.f.5 (ResNet layer3)',

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
-import results_table  # noqa: E402
+from scripts import results_table  # noqa: E402
 
 
 def make_run(root: Path, pretraining: str, downstream: str, metrics: dict) -> Path:
