@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole story on a CPU in 12-19 minutes (README section 1), offline:
+# The whole story on a CPU in 12-19 minutes (README.md, "The demo"), offline:
 #   synthetic data -> clean SimCLR encoder -> BadEncoder backdoor -> MIMIC purification
 #   -> ACC / ASR of all three encoders on a synthetic downstream task (digits, target "one").
 #
@@ -21,6 +21,7 @@
 # the methods and metrics are exactly those of the full pipeline (scripts/run_pipeline.sh).
 # Run it again and finished stages are skipped.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${1:-runs/demo}
@@ -40,7 +41,7 @@ case "${ATTACK:-badencoder}" in
   *) BAD_EPOCHS=${BAD_EPOCHS:-5} ;;
 esac
 # 120: MIMIC brings the backdoor under ASR* 20 on every seed measured; 40 and 80 leave it on some
-# (README section 1, docs/DEMO_EXPERIMENTS.md section 6)
+# (docs/RESULTS.md, docs/DEMO_EXPERIMENTS.md section 6)
 MIMIC_EPOCHS=${MIMIC_EPOCHS:-120}
 # DRUPE's adaptive costs and output choice within the demo's 15 epochs (docs/DEMO_EXPERIMENTS.md section 2)
 DRUPE_DEMO_SCHEDULE=${DRUPE_DEMO_SCHEDULE:---drupe_adapt_after 5 --drupe_select_after 8}

@@ -19,8 +19,10 @@
 # Without CUDA it says so in one line and exits 0. Exit status 1 when a check failed. Data are the offline
 # synthetic sets, made in OUT_DIR. GPU_CHECK_DEVICE=cpu runs the same checks on the CPU (torchrun with gloo on 2
 # processes, --amp ignored, no --compile), which is how the script itself is checked on a machine without a
-# GPU (by hand: the test suite does not run it, for its minutes).
+# GPU (by hand: the test suite does not run it, for its minutes). Every Python command starts $PYTHON (default: the
+# `python` first on PATH; PYTHON=/path/to/venv/bin/python for a virtual environment that is not activated).
 set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}

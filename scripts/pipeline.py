@@ -97,6 +97,7 @@ class Setting:
     label: str = ''
     dry_run: str = '0'  # anything but 0 lists the commands instead of running them
     defences: str = ''
+    mimic_curve: str = '0'  # 1: also probe every checkpoint MIMIC saved (each --save_freq epochs), RUN/mimic_curve/
     clean_args: str = ''
     badencoder_args: str = ''
     mimic_args: str = ''
@@ -418,6 +419,17 @@ def plan(setting: Setting) -> list:
                  '--overwrite', *common, *s.eval_args.split()),
         tuple(Probe(f'eval_{name}', encoder, checkpoint_from) for name, encoder, checkpoint_from in encoders),
         run, s.nn_epochs, f'{run}/eval.log', f'{run}/eval_seconds.txt'))
+
+    if s.mimic_curve not in ('', '0'):  # MIMIC's ACC and ASR over its epochs: each checkpoint's own probe
+        curve = f'{run}/mimic_curve'
+        steps.append(ProbeGroup(
+            'mimic_curve', ('training_downstream_classifier.py', '--dataset', s.downstream_dataset,
+                            '--encoder_usage_info', s.pretraining_dataset, '--trigger_file', s.trigger_file,
+                            *reference_flags, '--reference_label', target_label, '--nn_epochs', s.nn_epochs,
+                            '--results_dir', curve, '--overwrite', *common, *s.eval_args.split()),
+            tuple(Probe(f'mimic_{epoch}', f'{run}/mimic/model{epoch}.pth')
+                  for epoch in range(int(s.save_freq), int(s.mimic_epochs), int(s.save_freq))),
+            curve, s.nn_epochs, f'{run}/mimic_curve.log', f'{run}/mimic_curve_seconds.txt'))
 
     steps.append(Command(('scripts/results_table.py', run, '--out', f'{run}/table',
                           '--summary', f'{run}/summary.json')))

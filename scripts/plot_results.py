@@ -15,6 +15,9 @@ Per run directory (file names start with the run folder's name, RUN below):
                     earlier per-encoder logs, RUN/eval_<name>.log, are read too)
   RUN_defences.png  ACC, ASR and ASR* of each encoder (clean, backdoored, MIMIC and the baseline defences present),
                     from RUN/eval_<name>/metrics.json
+  RUN_mimic_curve.png  MIMIC over its epochs (run_pipeline.sh --mimic_curve 1): its training loss per epoch
+                    (RUN/mimic/log.csv) and the ACC, ASR and ASR* of each checkpoint's own probe
+                    (RUN/mimic_curve/mimic_<epoch>/metrics.json, the last epoch's from RUN/eval_mimic)
 Across the run directories:
   SETTING_defences_mean.png
                     for runs that differ only in their seed (run_pipeline.sh --seeds: RUN/seed_<seed>/): the mean
@@ -100,6 +103,8 @@ class Run:
     metrics: dict[str, dict] = field(default_factory=dict)  # encoder -> eval_<encoder>/metrics.json
     curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)  # encoder -> key -> {epoch: value}
     mi: dict | None = None  # mimic/mi.json
+    mimic_curve: dict[int, dict] = field(default_factory=dict)  # MIMIC epoch -> its checkpoint's metrics.json
+    mimic_log: dict[str, dict[int, float]] = field(default_factory=dict)  # mimic/log.csv: column -> {epoch: value}
 
     @property
     def title(self) -> str:
@@ -235,7 +240,42 @@ def read_run(path: Path, tag: str) -> Run:
     mi_path = path / 'mimic' / 'mi.json'
     if mi_path.is_file():
         run.mi = check_mi_report(json_file(mi_path), mi_path)
+    run.mimic_curve = read_mimic_curve(path, run)
+    if run.mimic_curve and (path / 'mimic' / 'log.csv').is_file():
+        run.mimic_log = read_csv_columns(path / 'mimic' / 'log.csv')
     return run
+
+
+def read_mimic_curve(path: Path, run: Run) -> dict[int, dict]:
+    """{MIMIC epoch: the metrics of its checkpoint's probe}: RUN/mimic_curve/mimic_<epoch>/metrics.json, and the
+    final encoder's (run.json's mimic_epochs) from RUN/eval_mimic; {} without a mimic_curve folder."""
+    curve = {}
+    for folder in (path / 'mimic_curve').glob('mimic_*'):
+        epoch = folder.name[len('mimic_'):]
+        if epoch.isdigit() and (folder / 'metrics.json').is_file():
+            metrics = json_file(folder / 'metrics.json')
+            for key, _ in METRICS:
+                number(metrics.get(key), folder / 'metrics.json', key)
+            curve[int(epoch)] = metrics
+    final = run.setting.get('mimic_epochs')
+    if curve and 'mimic' in run.metrics and isinstance(final, int):
+        curve[final] = run.metrics['mimic']
+    return dict(sorted(curve.items()))
+
+
+def read_csv_columns(path: Path) -> dict[str, dict[int, float]]:
+    """A stage's log.csv as {column: {epoch: value}} (blank and non-numeric cells left out)."""
+    import csv
+    columns: dict[str, dict[int, float]] = {}
+    with open(path, newline='') as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                try:
+                    columns.setdefault(key, {})[int(row['epoch'])] = float(value)
+                except (TypeError, ValueError, KeyError):
+                    continue
+    columns.pop('epoch', None)
+    return columns
 
 
 def resolve(path_text: str) -> Path | None:
@@ -368,6 +408,22 @@ def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
     figure.legend(handles=handles, loc='outside right center', fontsize=8)
     save(plt, figure, out / f'{run.tag}_probe.png', f'{run.title}: downstream probe, ACC and ASR after each epoch '
          '(ASR* dashed: target-class images excluded)', written)
+
+
+def plot_mimic_curve(plt, run: Run, out: Path, written: list[Path]) -> None:
+    """MIMIC's training loss per epoch (left) and its checkpoints' ACC, ASR and ASR* (right)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    loss = sorted(run.mimic_log.get('loss', {}).items())
+    if loss:
+        axes[0].plot(*zip(*loss), color='tab:purple')
+    axes[0].set(title='MIMIC: training loss per epoch', xlabel='MIMIC epoch', ylabel='loss')
+    epochs = list(run.mimic_curve)
+    for key, name in METRICS:
+        axes[1].plot(epochs, [run.mimic_curve[epoch][key] for epoch in epochs], '--' if key != 'acc' else '-',
+                     marker='o', label=name)
+    axes[1].set(title="each checkpoint's probe", xlabel='MIMIC epoch', ylabel='%', ylim=(-2, 102))
+    axes[1].legend(fontsize=8)
+    save(plt, figure, out / f'{run.tag}_mimic_curve.png', f'{run.title}: MIMIC over its epochs', written)
 
 
 def grouped_bars(axis, groups: list[str], values: dict[str, list[float | None]],
@@ -572,6 +628,8 @@ def make_figures(plt, runs: list[Run], out: Path, x: str) -> list[Path]:
         elif run.metrics:
             print(f'note: {run.path}: no per-epoch probe values (the pipeline keeps them in eval.log; an '
                   'evaluation run by hand prints them only), no probe figure')
+        if run.mimic_curve:
+            plot_mimic_curve(plt, run, out, written)
         if run.metrics:
             plot_defences(plt, run, out, written)
         else:

@@ -85,6 +85,7 @@ class Scale:
     save_freq: str = '50'  # the other stages' (--save_freq of the pipeline)
     experiments: str = ','.join(EXPERIMENTS)  # what --experiments defaults to at this scale
     data: tuple = ()  # (set, sizes, seed) made by datasets.prepare first; sizes '' : the set's own
+    mimic_curve: str = '0'  # 1: main's runs also probe each MIMIC checkpoint (pipeline --mimic_curve)
 
     def seeded(self, run_dir: str) -> str:
         """A run folder of this scale: `run_dir` itself, or with a seed its seed_<seed>/ sub-folder."""
@@ -154,7 +155,7 @@ def scale_config(scale: str, runs: str = '', environ: Mapping[str, str] = os.env
             defence_args=f'--batch_size 64 --anp_iterations {images * epochs // 1000} '
                          f'--invert_steps {images * epochs // 1250}',
             batch_for_ratio='--batch_size 32', augment='tensor', attacks=('badencoder',), shared_clean=True,
-            clean_save_freq='10', save_freq='10', experiments='main',  # MIMIC's ASR over epochs: its checkpoints
+            clean_save_freq='10', save_freq='10', mimic_curve='1', experiments='main',  # MIMIC's ASR over epochs
             data=((('synthetic_shapes', f'train={images},test=1000', '1'),
                    ('synthetic_digits', 'train=2000,test=1000', '2'), ('sklearn_digits', '', '0'))))
     else:
@@ -217,7 +218,8 @@ def experiments(c: Scale, dry_run: bool) -> dict:
     main_runs = []
     for downstream, reference, _ in c.tasks:  # the first: c.base
         main_runs.append(badencoder(f'{runs}/main/{pre}_{downstream}_badencoder', '', downstream, reference,
-                                    badencoder_args=c.badencoder_args, mimic_args=c.mimic_args, defences='all'))
+                                    badencoder_args=c.badencoder_args, mimic_args=c.mimic_args, defences='all',
+                                    mimic_curve=c.mimic_curve))
         if 'drupe' in c.attacks:
             main_runs.append(setting(f'{runs}/main/{pre}_{downstream}_drupe', '', attack='drupe',
                                      downstream_dataset=downstream,
@@ -336,7 +338,7 @@ def proportions_table(rows: Iterable[tuple]) -> str:
 
 
 def standard_proportions() -> str:
-    """The table of docs/PROPORTIONED.md: the paper, the demo, README §6's comparison, the proportioned scale."""
+    """The table of docs/PROPORTIONED.md: the paper, the demo, the seeded baseline comparison (docs/RESULTS.md §4), the proportioned scale."""
     demo = scale_config('demo', environ={})
     return proportions_table([
         ('paper (`--scale paper`)', scale_config('paper', environ={})),

@@ -9,7 +9,7 @@
 #                  main)
 #     main          CIFAR10 pre-training; GTSRB "priority road" (12), SVHN "one" (1), STL10 "truck" (9); attacks
 #                   BadEncoder and DRUPE on each target task, and CTRL (data poisoning: CIFAR10's own classes,
-#                   target 0); MIMIC and the seven baseline defences on every backdoored encoder
+#                   target 0); MIMIC and the eight baseline defences on every backdoored encoder
 #     ratio         MIMIC at clean-data fractions 0.01, 0.02, 0.04, 0.06, 0.08, 0.10 (the first task's BadEncoder)
 #     trigger_size  BadEncoder with white square patches of 5, 10, 15, 20 pixels at the bottom right, then MIMIC
 #     ablation      MIMIC without MI guidance (uniform weights), without attention, clone or contrastive loss

@@ -47,8 +47,10 @@
 #   --label TEXT           a name for the run, kept in run.json and shown by results_table.py
 #   --dry_run              print every stage's command in order and run nothing (no file is read or written)
 #   --defences LIST        baseline defences run beside MIMIC on the backdoored encoder, comma-separated
-#                          (ft,fp,nad,clp,anp,kd,invert or all; default: none); the ones that train get
+#                          (ft,fp,nad,clp,anp,kd,invert,sslcleanse or all; default: none); the ones that train get
 #                          --epochs = --mimic_epochs, MIMIC's budget, and MIMIC's --ratio
+#   --mimic_curve 1        also probe every checkpoint MIMIC saved (each --save_freq epochs before the last), each
+#                          in RUN/mimic_curve/mimic_<epoch>/: MIMIC's ACC and ASR over its epochs
 #   --clean_args "..." --badencoder_args "..." --mimic_args "..." --defence_args "..." --eval_args "..."
 #                          extra flags per stage (--defence_args goes to every baseline defence)
 #

@@ -636,4 +636,25 @@ def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_i
         f'== run {main}_synthetic_digits_badencoder/seed_0', f'== run {main}_synthetic_digits_badencoder/seed_1',
         f'== run {main}_sklearn_digits_badencoder/seed_0', f'== run {main}_sklearn_digits_badencoder/seed_1']
     assert 'train_badencoder.py --attack drupe' not in result.stdout and 'datasets.poison' not in result.stdout
+    epochs = int(reproduce_paper.scale_config('proportioned', environ={}).mimic_epochs)
+    curve = ' '.join(f'mimic_{epoch}' for epoch in range(10, epochs, 10))  # MIMIC's checkpoints, each probed
+    assert result.stdout.count(f'--results_dir {main}_synthetic_digits_badencoder/seed_0/mimic_curve ') == 1
+    assert result.stdout.count(f'--names {curve}\n') == 4
     assert not runs.exists()
+
+
+TOOLS = ('benchmark', 'compare_original', 'original_harness', 'pipeline', 'plot_results', 'repeat_tests',
+         'reproduce_paper', 'results_table', 'sweep_shapes')  # scripts/bench_tools.py is benchmark's library
+
+
+def test_every_tool_and_wrapper_answers_help():
+    assert sorted(TOOLS + ('bench_tools',)) == sorted(path.stem for path in (REPO / 'scripts').glob('*.py'))
+    for tool in TOOLS:
+        result = subprocess.run([sys.executable, '-m', f'scripts.{tool}', '--help'], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and len(result.stdout.splitlines()) > 3, (tool, result.stderr[-500:])
+    for wrapper in sorted((REPO / 'scripts').glob('*.sh')):
+        result = subprocess.run(['bash', str(wrapper), '--help'], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and len(result.stdout.splitlines()) > 3, (wrapper.name, result.stderr[-500:])
+        assert not (REPO / '--help').exists()  # demo.sh's OUT_DIR is not '--help'

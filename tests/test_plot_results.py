@@ -344,3 +344,22 @@ def test_as_a_user(tmp_path, trigger10):
     bad = run_script('scripts/plot_results.py', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'x'))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f'error: {tmp_path / "nowhere"}: no such '
                                                                       'run directory']
+
+
+def test_mimic_curve_reads_each_checkpoints_probe_and_the_loss(tmp_path, trigger10):
+    run = make_run(tmp_path, 'run', trigger10)
+    setting = json.loads((run / 'run.json').read_text())
+    (run / 'run.json').write_text(json.dumps({**setting, 'mimic_epochs': 30}))
+    for epoch, asr in ((10, 80.0), (20, 40.0)):
+        (run / 'mimic_curve' / f'mimic_{epoch}').mkdir(parents=True)
+        (run / 'mimic_curve' / f'mimic_{epoch}' / 'metrics.json').write_text(json.dumps(
+            {'acc': 30.0 + epoch, 'asr': asr, 'asr_excluding_target': asr - 1, 'epoch': 3}))
+    (run / 'mimic' / 'log.csv').write_text('epoch,loss,con\n1,5.5,2.0\n2,4.5,1.5\n3,,1.0\n')
+    read = plot_results.read_run(run, 'run')
+    assert {epoch: metrics['asr'] for epoch, metrics in read.mimic_curve.items()} == {10: 80.0, 20: 40.0, 30: 7.0}
+    assert read.mimic_log == {'loss': {1: 5.5, 2: 4.5}, 'con': {1: 2.0, 2: 1.5, 3: 1.0}}
+    assert plot_results.main([str(run), '--out', str(tmp_path / 'figures')]) == 0
+    assert png_title(tmp_path / 'figures' / 'run_mimic_curve.png').endswith('MIMIC over its epochs')
+    (run / 'mimic_curve' / 'mimic_20' / 'metrics.json').write_text('{"acc": "x"}')
+    with pytest.raises(plot_results.PlotError):
+        plot_results.read_run(run, 'run')
