@@ -34,13 +34,14 @@ from scripts.pipeline import (Command, HelpRequested, Note, PipelineError, Setti
                               seed_run_dir, split_seeds, wrapper_help)
 
 PROG = 'reproduce_paper.sh'
-EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers')
+EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers', 'budget')
 PAPER_TRIGGER = 'trigger/trigger_pt_white_21_10_ap_replace.npz'
 PROPORTIONED_IMAGES = 10000  # the proportioned scale's pre-training set: D = 4% of it is 400 images, 6 batches of 64
 PROPORTIONED_CLEAN_EPOCHS = 50  # where the clean encoder's kNN accuracy stops rising (docs/PROPORTIONED.md)
 RATIOS = ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10')  # MIMIC's clean-data fractions
 ABLATIONS = {'uniform': '--layer_weights uniform', 'no_attention': '--no_attention', 'no_clone': '--no_clone',
              'no_contrastive': '--no_contrastive'}  # run name: MIMIC.py flags
+BUDGET_FACTOR = 2.5  # experiment budget: MIMIC and ft with 2.5x the scale's defence epochs (proportioned: 10% of P)
 MI_MODEL = ('student', 'MI on the initial student', '--mi_model student')  # run name, label, MIMIC.py flags
 TRIGGER_SIZES = {'white_5': '--size 5 --row 26 --col 26', 'white_10': '--size 10 --row 21 --col 21',
                  'white_15': '--size 15 --row 16 --col 16', 'white_20': '--size 20 --row 11 --col 11'}
@@ -238,12 +239,16 @@ def experiments(c: Scale, dry_run: bool) -> dict:
     ablation = tuple(on_base_backdoor(f'{runs}/ablation/{name}', name, flags) for name, flags in ABLATIONS.items())
     mi_name, mi_label, mi_flags = MI_MODEL
     mi_model = (on_base_backdoor(f'{runs}/mi_model/{mi_name}', mi_label, mi_flags),)
+    longer = str(int(int(c.mimic_epochs) * BUDGET_FACTOR))
+    budget = (on_base_backdoor(f'{runs}/budget/epochs_{longer}', f'MIMIC and ft, {longer} epochs', '',
+                               mimic_epochs=longer, defences='ft', mimic_curve=c.mimic_curve),)
     return {
         'main': Experiment(tuple(main), tuple(v.setting.run_dir for v in main), f'{runs}/main/table'),
         'ratio': Experiment(ratio, tuple(v.setting.run_dir for v in ratio), f'{runs}/ratio/table'),
         'ablation': Experiment(ablation, (c.base,) + tuple(v.setting.run_dir for v in ablation),
                                f'{runs}/ablation/table'),
         'mi_model': Experiment(mi_model, (c.base, mi_model[0].setting.run_dir), f'{runs}/mi_model/table'),
+        'budget': Experiment(budget, (c.base, budget[0].setting.run_dir), f'{runs}/budget/table'),
         'trigger_size': with_triggers('trigger_size', TRIGGER_SIZES),
         'triggers': with_triggers('triggers', TRIGGERS),
     }
@@ -413,11 +418,11 @@ def steps(c: Scale, wanted: str, dry_run: bool, seeds: tuple = ()) -> Iterator:
     plans = [(scale, experiments(scale, dry_run)) for scale in scales]
     if wants('main'):
         yield from experiment('main')
-    if wants('ratio') or wants('ablation') or wants('mi_model'):
+    if wants('ratio') or wants('ablation') or wants('mi_model') or wants('budget'):
         for scale in scales:
             if not (os.path.isfile(scale.base_backdoor) and not dry_run):
                 yield PipelineRun(base_run(scale, dry_run))  # the shared backdoored encoder (done stages skipped)
-    for name in ('ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers'):
+    for name in ('ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers', 'budget'):
         if wants(name):
             yield from experiment(name)
     if not dry_run:
@@ -483,7 +488,7 @@ def parse_args(argv: Iterable[str]) -> tuple:
     for name in wanted.replace(',', ' ').split():
         if name not in EXPERIMENTS:
             raise PipelineError(f"--experiments: unknown experiment '{name}' (expected main, ratio, trigger_size, "
-                                'ablation, mi_model, triggers)')
+                                'ablation, mi_model, triggers, budget)')
     return wanted, scale, dry_run, runs, seeds
 
 

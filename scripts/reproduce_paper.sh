@@ -5,8 +5,8 @@
 #   bash scripts/reproduce_paper.sh [--experiments LIST] [--scale paper|demo|proportioned] [--seeds LIST] [--dry_run]
 #                                   [RUNS_DIR]
 #
-#   --experiments  comma-separated, default all = main,ratio,trigger_size,ablation,mi_model,triggers (proportioned:
-#                  main)
+#   --experiments  comma-separated, default all = main,ratio,trigger_size,ablation,mi_model,triggers,budget
+#                  (proportioned: main)
 #     main          CIFAR10 pre-training; GTSRB "priority road" (12), SVHN "one" (1), STL10 "truck" (9); attacks
 #                   BadEncoder and DRUPE on each target task, and CTRL (data poisoning: CIFAR10's own classes,
 #                   target 0); MIMIC and the eight baseline defences on every backdoored encoder
@@ -16,6 +16,9 @@
 #     mi_model      MI measured on the teacher (the paper, our default) against the initial student (the
 #                   released code's choice)
 #     triggers      BadEncoder and MIMIC with the paper's 10x10 patch at other positions and in other colours
+#     budget        MIMIC and ft with 2.5x the scale's defence epochs on the first task's backdoor (at
+#                   --scale proportioned: 10% of the pre-training's image-passes instead of 4%): is MIMIC's
+#                   result limited by its budget?
 #   --scale paper   the paper's settings: ResNet18, SimCLR 1000 epochs, BadEncoder 200, DRUPE 120,
 #                   CTRL's SimCLR recipe (SGD lr 0.06, cosine, 800 epochs), MIMIC 1000 with ratio 0.04 and
 #                   lr 1e-2, MI 200, probe 1000; on a GPU machine (days for the whole list)

@@ -133,7 +133,9 @@ def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_
     assert sum(ctrl_teacher in l for l in lines) == 1 + len(driver.ALL_DEFENCES)  # CTRL's encoder: MIMIC and each baseline
     purifiers = [l for l in lines if 'MIMIC.py' in l or 'baseline_defence.py' in l]
     assert purifiers and all(re.search(r'--teacher \S+\.pth', l) for l in purifiers)
-    assert sum('baseline_defence.py' in l for l in lines) == 7 * len(driver.ALL_DEFENCES)  # every defence on every main run
+    # every defence on every main run, and the budget experiment's ft at 2.5x the epochs
+    assert sum('baseline_defence.py' in l for l in lines) == 7 * len(driver.ALL_DEFENCES) + 1
+    assert f'{runs}/budget/epochs_2500 (MIMIC and ft, 2500 epochs)' in out
     for ratio in ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10'):
         assert f'{runs}/ratio/ratio_{ratio} (ratio {ratio})' in out
     for size in (5, 10, 15, 20):
@@ -508,7 +510,7 @@ def test_stage_resumes_logs_times_and_fails_like_the_bash(tmp_path, capfd):
 def test_reproduce_experiments_are_data_over_the_pipeline_settings():
     scale = reproduce_paper.scale_config('paper', 'P', environ={'EXTRA': '--amp'})
     experiments = reproduce_paper.experiments(scale, dry_run=True)
-    assert list(experiments) == ['main', 'ratio', 'ablation', 'mi_model', 'trigger_size', 'triggers']
+    assert list(experiments) == ['main', 'ratio', 'ablation', 'mi_model', 'budget', 'trigger_size', 'triggers']
     main = [v.setting for v in experiments['main'].variants]
     assert [s.attack for s in main] == ['badencoder', 'drupe'] * 3 + ['ctrl']
     assert all(s.defences == 'all' and s.clean_encoder == 'P/clean/model_1000.pth' for s in main)
