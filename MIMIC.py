@@ -34,16 +34,14 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (StageParser, UsageError, add_arch_argument, print_args, progress_disabled, require_positive,
-                        resume_flags, run_main, SameOnResume, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, print_args,
+                        progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments, maybe_compile
 from common.runs import prepare_results_dir, write_args, write_json
 from datasets import pretraining_names
-from defences.mimic import (LAYER_NAMES, RESNET_STAGES, build_student, clean_subset, distillation_losses,  # noqa: F401
-                            MI_DATA, load_clean_subset, load_mi_images,
-                            distillation_modes, distillation_step, estimate_mi, load_suspect_for, load_teacher,
-                            locate_benign_knowledge, report_weights, tapped_representations, train_one_epoch,
-                            uniform_layer_weights)
+from defences.mimic import (LAYER_NAMES, MI_DATA, RESNET_STAGES, build_student, distillation_modes, distillation_step,
+                            load_clean_subset, load_mi_images, load_suspect_for, locate_benign_knowledge,
+                            report_weights, uniform_layer_weights)
 from defences.training import DefenceRun, Phase
 from models import USAGE_INFO_FAMILIES, SimCLR, encoder_input_size, encoder_normalization
 
@@ -126,8 +124,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError('--results_dir is required: the folder where the student and logs are written')
     require_positive('--epochs', args.epochs)
     require_positive('--mi_epochs', args.mi_epochs)
-    if args.save_freq < 0:
-        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    check_save_freq(args.save_freq)
     if args.no_attention and args.no_clone and args.no_contrastive:
         raise UsageError('--no_attention, --no_clone and --no_contrastive together leave no loss to train on')
     if args.batch_size < 2:

@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 from common import distributed
-from common.cli import (StageParser, UsageError, add_arch_argument, print_args, require_positive, resume_flags,
-                        run_main, SameOnResume, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, print_args,
+                        require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.fastpath import add_speed_arguments
 from common.runs import checkpoint_epochs, write_args, write_json
 from datasets import get_info, pretraining_names
@@ -113,8 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--batch_size must be at least 2 (contrastive loss, BatchNorm), got {args.batch_size}')
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f'--lr must be positive, got {args.lr}')
-    if args.save_freq < 0:
-        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    check_save_freq(args.save_freq)
     for name in BASELINES:
         module = get_defence(name)
         if hasattr(module, 'check'):

@@ -63,8 +63,9 @@ from attacks.badencoder import (SHADOW_SIZE, BadEncoder, IndexedShadow, clean_en
                                 fix_readme_typo, freeze_batchnorm, load_attack_files, load_monitor_data,
                                 load_shadow_images, train_one_epoch)
 from common import distributed
-from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, encoder_family, print_args,
-                        progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, encoder_family,
+                        print_args, progress_disabled, require_positive, resume_flags, run_main, seed_everything,
+                        shared_parser)
 from common.engine import Training
 from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_args
@@ -149,8 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
     require_positive('--epochs', args.epochs)
     require_positive('--batch_size', args.batch_size)
     require_positive('--knn-k', args.knn_k)
-    if args.save_freq < 0:
-        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    check_save_freq(args.save_freq)
     if not 0 < args.shadow_fraction <= 1:
         raise UsageError(f'--shadow_fraction must be in (0, 1], got {args.shadow_fraction}')
     if args.num_references is not None:

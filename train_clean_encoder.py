@@ -41,8 +41,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import distributed
-from common.cli import (SameOnResume, StageParser, UsageError, data_dir_for, print_args, progress_disabled,
-                        require_positive, resume_flags, run_main, seed_everything, shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, check_save_freq, data_dir_for, print_args,
+                        progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
 from common.engine import Training, nt_xent_step, train_steps
 from common.fastpath import add_speed_arguments, device_copy, maybe_compile, pair_batches, to_channels_last
 from common.features import knn_monitor
@@ -109,8 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--lr must be positive, got {args.lr}')
     if not args.knn_t > 0:
         raise UsageError(f'--knn-t must be positive, got {args.knn_t}')
-    if args.save_freq < 0:
-        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    check_save_freq(args.save_freq)
     if not 0 <= args.momentum < 1:
         raise UsageError(f'--momentum must lie in [0, 1), got {args.momentum}')
     if not args.weight_decay >= 0:

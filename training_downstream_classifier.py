@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, data_dir_for, encoder_family,
-                        print_args, progress_disabled, require_positive, resume_flags, run_main, seed_everything,
-                        shared_parser)
+from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, data_dir_for,
+                        encoder_family, print_args, progress_disabled, require_positive, resume_flags, run_main,
+                        seed_everything, shared_parser)
 from common.device import autocast, resolve_device
 from common.engine import Training, train_steps
 from common.features import encode_images
@@ -146,8 +146,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.encoder_usage_info and args.encoder_usage_info not in (*pretraining_names(), *USAGE_INFO_FAMILIES):
         raise UsageError(f"--encoder_usage_info '{args.encoder_usage_info}': not a pre-training set, expected "
                          f'one of {pretraining_names() + list(USAGE_INFO_FAMILIES)}')
-    if args.save_freq < 0:
-        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {args.save_freq}')
+    check_save_freq(args.save_freq)
     if args.results_dir and Path(args.results_dir).exists() and not Path(args.results_dir).is_dir():
         raise UsageError(f'--results_dir {args.results_dir}: exists and is not a folder')
 

@@ -136,6 +136,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def check_save_freq(save_freq: int) -> None:
+    """--save_freq: 0 (a checkpoint at the end only) or a positive number of epochs."""
+    if save_freq < 0:
+        raise UsageError(f'--save_freq must be 0 (only at the end) or positive, got {save_freq}')
+
+
 def require_positive(name: str, value: float) -> None:
     if value < 1:
         raise UsageError(f'{name} must be at least 1, got {value}')

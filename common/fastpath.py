@@ -24,7 +24,7 @@ from datasets.tensor_augment import CROP_SCALE, finetune_views, simclr_views
 
 from . import distributed
 from .cli import same_on_resume
-from .loaders import epoch_loader, rank_epoch_loader
+from .loaders import epoch_loader, epoch_seed, rank_epoch_loader
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, backend: str = 'inducto
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 100003 + epoch)
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
 
 
 def rank_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -32,11 +32,17 @@ class InterruptSafeLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s data order and augmentation draws: seed · 100003 + epoch (a prime stride, so that
+    no two (seed, epoch) pairs of a run's range share one)."""
+    return seed * 100003 + epoch
+
+
 def epoch_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last: bool,
                  num_workers: int, seed: int, epoch: int, device: torch.device) -> DataLoader:
     """A DataLoader whose order (and worker seeds) depend only on (seed, epoch), so resumed runs
     see exactly the batches an uninterrupted run would."""
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return InterruptSafeLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                                num_workers=num_workers, generator=generator,
                                worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
@@ -50,7 +56,7 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     RandomSampler draws the permutation from the same generator (tests/test_distributed.py checks this against
     the loader itself).
     """
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base seed
     return torch.randperm(size, generator=generator)
 

@@ -78,6 +78,7 @@ from datasets import (ImagePairs, Reference, Trigger, finetune_transform, get_in
                       simclr_transform, test_transform)
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES, TRAINING_BASELINES, get_defence  # noqa: E402
+from defences import mimic as mimic_steps  # noqa: E402
 from defences.training import DefenceRun  # noqa: E402
 from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, ProbeGroup, SimCLR, feature_dim_of  # noqa: E402
 from models.visual import FAMILIES, VisualEncoder  # noqa: E402
@@ -289,14 +290,14 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
 
 
 def mimic_models(args: argparse.Namespace, device: torch.device) -> tuple[SimCLR, SimCLR]:
-    """A frozen teacher (eval mode, no gradients, as MIMIC.load_teacher) and a fresh student."""
+    """A frozen teacher (eval mode, no gradients, as defences.mimic.load_teacher) and a fresh student."""
     teacher = SimCLR(arch=args.arch, width=args.width).eval().requires_grad_(False)
     teacher = to_channels_last(teacher.to(device), device)
     return teacher, MIMIC.build_student(teacher, '', device)
 
 
 def bench_mimic(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 2 distillation: MIMIC.train_one_epoch (distillation_losses, Adam) on the stage's view pairs."""
+    """Stage 2 distillation: defences.mimic.train_one_epoch (distillation_losses, Adam) on the stage's view pairs."""
     run_args = stage_args(MIMIC, args, args.mimic_batch_size, device)
     teacher, student = mimic_models(args, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=run_args.lr, weight_decay=1e-6)
@@ -306,7 +307,7 @@ def bench_mimic(images: np.ndarray, args: argparse.Namespace, device: torch.devi
     teacher_forward = maybe_compile(teacher, run_args.compile)
     loader = pair_loader(images[:images_needed(args.mimic_batch_size, args)], run_args, args.warmup, device)
     with counting_forwards(student_forward) as student_forwards, counting_forwards(teacher_forward) as teacher_forwards:
-        MIMIC.train_one_epoch(student_forward, teacher_forward, loader, optimizer, opt_weights, run_args.opt5,
+        mimic_steps.train_one_epoch(student_forward, teacher_forward, loader, optimizer, opt_weights, run_args.opt5,
                               run_args.knn_t, epoch=1, epochs=1, device=device, amp=args.amp,
                               disable_progress=disable)
     return {'mimic_img_per_s': args.mimic_batch_size * loader.timed_steps / loader.seconds,
@@ -326,7 +327,7 @@ def bench_mi(images: np.ndarray, args: argparse.Namespace, device: torch.device,
     with counting_forwards(teacher) as passes:
         synchronize(device)
         start = time.perf_counter()
-        taps, z = MIMIC.tapped_representations(teacher, clean, NORMALIZATION, args.mi_batch_size, device, disable)
+        taps, z = mimic_steps.tapped_representations(teacher, clean, NORMALIZATION, args.mi_batch_size, device, disable)
         synchronize(device)
         cache_seconds = time.perf_counter() - start
         generator = torch.Generator().manual_seed(args.seed)
@@ -464,7 +465,7 @@ def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: b
 
 def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
     """A real-world family at its input size (random weights): the tower's feature pass, as stage 3 encodes a
-    downstream set, and one MIMIC distillation step (MIMIC.distillation_losses, backward, Adam), each timed over
+    downstream set, and one MIMIC distillation step (defences.mimic.distillation_losses, backward, Adam), each timed over
     --steps steps after --warmup, on random normalised 224-pixel views."""
     teacher = to_channels_last(VisualEncoder(args.arch).to(device), device).eval().requires_grad_(False)
     student = to_channels_last(VisualEncoder(args.arch).to(device), device).train()
@@ -498,7 +499,7 @@ def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
     x1, x2 = views(args.mimic_batch_size), views(args.mimic_batch_size)
 
     def distil() -> None:
-        loss, _ = MIMIC.distillation_losses(student, teacher, x1, x2, opt_weights, run_args.opt5, run_args.knn_t,
+        loss, _ = mimic_steps.distillation_losses(student, teacher, x1, x2, opt_weights, run_args.opt5, run_args.knn_t,
                                             precision=lambda: autocast(device, args.amp))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -57,7 +57,7 @@ class CountCalls:
 
 @pytest.fixture()
 def teacher(tiny_encoder):
-    return MIMIC.load_teacher(str(tiny_encoder), torch.device('cpu'))
+    return defences.mimic.load_teacher(str(tiny_encoder), torch.device('cpu'))
 
 
 def test_parser_keeps_every_original_flag_and_default():
@@ -100,7 +100,7 @@ def test_one_teacher_and_two_student_forwards_per_step(teacher):
                'student_trunk': student.f.f[0]}.items()}
     batches = [views(8, seed) for seed in range(3)]
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    MIMIC.train_one_epoch(student, teacher, batches, optimizer, [1000.0] * 4, 1.0, 0.5, epoch=1, epochs=1,
+    defences.mimic.train_one_epoch(student, teacher, batches, optimizer, [1000.0] * 4, 1.0, 0.5, epoch=1, epochs=1,
                           device=torch.device('cpu'), disable_progress=True)
     steps = len(batches)
     assert counts['teacher'].calls == counts['teacher_trunk'].calls == steps  # no hidden second pass
@@ -115,7 +115,7 @@ def test_distillation_leaves_the_teacher_untouched(teacher):
     student = SimCLR(width=8)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
     student_before = snapshot(student)
-    MIMIC.train_one_epoch(student, teacher, [views(8, seed) for seed in range(2)], optimizer, [1000.0] * 4,
+    defences.mimic.train_one_epoch(student, teacher, [views(8, seed) for seed in range(2)], optimizer, [1000.0] * 4,
                           1.0, 0.5, epoch=1, epochs=1, device=torch.device('cpu'), disable_progress=True)
     assert same_state(snapshot(teacher), before)
     assert all(p.grad is None for p in teacher.parameters())
@@ -130,7 +130,7 @@ def test_distillation_loss_falls_on_a_fixed_batch(teacher):
     x1, x2 = views(16)
     losses = []
     for _ in range(12):
-        loss, terms = MIMIC.distillation_losses(student, teacher, x1, x2, [2000.0, 3000.0, 4000.0, 5000.0],
+        loss, terms = defences.mimic.distillation_losses(student, teacher, x1, x2, [2000.0, 3000.0, 4000.0, 5000.0],
                                                 1.0, 0.5)
         assert set(terms) == {'loss_con', 'loss_at1', 'loss_at2', 'loss_at3', 'loss_at4', 'loss_clone'}
         optimizer.zero_grad()
@@ -147,7 +147,7 @@ def test_tapped_representations_are_cached_in_eval_mode(teacher):
     torch.manual_seed(0)
     student = SimCLR(width=8)  # in train mode, as during distillation
     before = snapshot(student)
-    taps, z = MIMIC.tapped_representations(student, images(20), NORMALIZATION, batch_size=8,
+    taps, z = defences.mimic.tapped_representations(student, images(20), NORMALIZATION, batch_size=8,
                                            device=torch.device('cpu'), disable_progress=True)
     assert same_state(snapshot(student), before) and student.training  # BN stats untouched, mode restored
     assert [t.shape for t in taps] == [(20, 8 * 32 * 32), (20, 16 * 16 * 16), (20, 32 * 8 * 8), (20, 64 * 4 * 4)]
@@ -175,16 +175,16 @@ def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, 
 
 def test_clean_subset_first_and_random():
     data = images(100)
-    assert np.array_equal(MIMIC.clean_subset(data, 0.3, 'first', 0, 16, 'x'), data[:30])
-    random_a = MIMIC.clean_subset(data, 0.3, 'random', 5, 16, 'x')
-    random_b = MIMIC.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    assert np.array_equal(defences.mimic.clean_subset(data, 0.3, 'first', 0, 16, 'x'), data[:30])
+    random_a = defences.mimic.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    random_b = defences.mimic.clean_subset(data, 0.3, 'random', 5, 16, 'x')
     assert len(random_a) == 30 and np.array_equal(random_a, random_b)
     assert not np.array_equal(random_a, data[:30])
     # the selection alone: any count, even under one batch (the --mi_data labelled images)
     assert np.array_equal(defences.mimic.select_images(data, 3, 'first', 0), data[:3])
     assert np.array_equal(defences.mimic.select_images(data, 30, 'random', 5), random_a)
     with pytest.raises(UsageError, match='fewer than one batch of 16'):
-        MIMIC.clean_subset(data, 0.1, 'first', 0, 16, 'x')
+        defences.mimic.clean_subset(data, 0.1, 'first', 0, 16, 'x')
 
 
 def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
