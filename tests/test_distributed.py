@@ -412,3 +412,38 @@ def test_a_failing_process_stops_the_run_and_one_process_resumes_it(tmp_path, da
     assert f"resuming from {results / 'model_1.pth'} (epoch 1)" in resumed.stdout
     assert [int(row['epoch']) for row in log_rows(results / 'log.csv')] == [1, 2]
     assert load_checkpoint(results / 'model_2.pth')['epoch'] == 2
+
+
+class Left(Exception):
+    """What the patched leave_process raises instead of ending the test process."""
+
+
+@pytest.mark.parametrize('raised, status', [(None, 0), (UsageError('bad flag'), 2), (RuntimeError('crash'), 1)])
+def test_a_process_that_joined_a_group_leaves_with_its_status_without_finalising(monkeypatch, capfd, raised, status):
+    from common import cli
+    left = []
+
+    def leave(code):
+        left.append(code)
+        raise Left
+
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setattr(distributed, 'is_distributed', lambda: True)
+    monkeypatch.setattr(distributed, 'teardown', lambda: None)
+    monkeypatch.setattr(distributed, 'leave_process', leave)
+    monkeypatch.setattr(cli.time, 'sleep', lambda seconds: None)
+
+    def main():
+        if raised is not None:
+            raise raised
+    with pytest.raises(Left):
+        cli.run_main(main)
+    assert left == [status]
+    monkeypatch.setattr(distributed, 'is_distributed', lambda: False)  # one process: the usual exit, no os._exit
+    if raised is None:
+        cli.run_main(main)
+    else:
+        with pytest.raises(SystemExit if status == 2 else Left):
+            cli.run_main(main)
+    capfd.readouterr()
