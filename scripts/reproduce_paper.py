@@ -37,7 +37,7 @@ PROG = 'reproduce_paper.sh'
 EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers', 'budget')
 PAPER_TRIGGER = 'trigger/trigger_pt_white_21_10_ap_replace.npz'
 PROPORTIONED_IMAGES = 10000  # the proportioned scale's pre-training set: D = 4% of it is 400 images, 6 batches of 64
-PROPORTIONED_CLEAN_EPOCHS = 50  # where the clean encoder's kNN accuracy stops rising (docs/PROPORTIONED.md)
+PROPORTIONED_CLEAN_EPOCHS = 60  # where the clean encoder's kNN accuracy stops rising (docs/PROPORTIONED.md)
 RATIOS = ('0.01', '0.02', '0.04', '0.06', '0.08', '0.10')  # MIMIC's clean-data fractions
 ABLATIONS = {'uniform': '--layer_weights uniform', 'no_attention': '--no_attention', 'no_clone': '--no_clone',
              'no_contrastive': '--no_contrastive'}  # run name: MIMIC.py flags
