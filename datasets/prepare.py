@@ -351,6 +351,14 @@ def md5_of(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def check_package(name: str) -> None:
+    """The optional package a real set needs is installed: a `packaged` set's source (registry), or the reader of
+    its raw files (EXTRA_PACKAGES)."""
+    packaged = get_info(name).packaged
+    if packaged:
+        module, requirements = PACKAGES[packaged]
+        if importlib.util.find_spec(module) is None:
+            raise DataError(f'{name}: needs the package {packaged} (pip install -r {requirements})')
+        return
     package = EXTRA_PACKAGES.get(name)
     if package and importlib.util.find_spec(package) is None:
         raise DataError(f'{name}: reading its raw files needs the package {package} (pip install {package})')
@@ -412,14 +420,6 @@ def read_real(name: str, root: Path, download: bool, verified: bool, progress: b
             raise DataError(f'{name} {split}: {what} {root} failed ({reason}); {how_to_get(name)}') from None
         splits[split] = (x, None if split in UNLABELED_SPLITS else y)
     return splits
-
-
-def check_packaged(name: str) -> None:
-    """A set read from a package (registry `packaged`): that package must be installed."""
-    package = get_info(name).packaged
-    module, requirements = PACKAGES[package]
-    if importlib.util.find_spec(module) is None:
-        raise DataError(f'{name}: needs the package {package} (pip install -r {requirements})')
 
 
 def digits_to_images(images: np.ndarray, labels: np.ndarray, image_size: int = 32, desc: str = 'sklearn_digits',
@@ -550,10 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f'{existing[0]}{more} already exists; pass --force to overwrite')
     raw = [name for name in real if not get_info(name).packaged]
     for name in real:
-        if get_info(name).packaged:
-            check_packaged(name)
-        else:
-            check_package(name)
+        check_package(name)
     verified = {name: args.download or check_raw_files(name, root, args.skip_checksums) for name in raw}
 
     for name in names:

@@ -465,8 +465,8 @@ def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: b
 
 def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
     """A real-world family at its input size (random weights): the tower's feature pass, as stage 3 encodes a
-    downstream set, and one MIMIC distillation step (defences.mimic.distillation_losses, backward, Adam), each timed over
-    --steps steps after --warmup, on random normalised 224-pixel views."""
+    downstream set, and one MIMIC distillation step (defences.mimic.distillation_losses, backward, Adam), each timed
+    over --steps steps after --warmup, on random normalised 224-pixel views."""
     teacher = to_channels_last(VisualEncoder(args.arch).to(device), device).eval().requires_grad_(False)
     student = to_channels_last(VisualEncoder(args.arch).to(device), device).train()
     size, generator = teacher.input_size, torch.Generator().manual_seed(args.seed)

@@ -412,21 +412,21 @@ def plan(setting: Setting) -> list:
     # one probe per encoder, trained together (stage 3's group run), each in RUN/eval_<name> as a single run's;
     # an evaluation is redone from scratch (the cheapest stage, whose encoder may have been retrained) when its
     # metrics.json is missing or was made for another encoder file or probe length
+    def probe_command(results_dir: str) -> tuple:  # stage 3 on this run's task, its members in results_dir/<name>
+        return ('training_downstream_classifier.py', '--dataset', s.downstream_dataset,
+                '--encoder_usage_info', s.pretraining_dataset, '--trigger_file', s.trigger_file, *reference_flags,
+                '--reference_label', target_label, '--nn_epochs', s.nn_epochs, '--results_dir', results_dir,
+                '--overwrite', *common, *s.eval_args.split())
+
     steps.append(ProbeGroup(
-        'eval', ('training_downstream_classifier.py', '--dataset', s.downstream_dataset,
-                 '--encoder_usage_info', s.pretraining_dataset, '--trigger_file', s.trigger_file, *reference_flags,
-                 '--reference_label', target_label, '--nn_epochs', s.nn_epochs, '--results_dir', run,
-                 '--overwrite', *common, *s.eval_args.split()),
+        'eval', probe_command(run),
         tuple(Probe(f'eval_{name}', encoder, checkpoint_from) for name, encoder, checkpoint_from in encoders),
         run, s.nn_epochs, f'{run}/eval.log', f'{run}/eval_seconds.txt'))
 
     if s.mimic_curve not in ('', '0'):  # MIMIC's ACC and ASR over its epochs: each checkpoint's own probe
         curve = f'{run}/mimic_curve'
         steps.append(ProbeGroup(
-            'mimic_curve', ('training_downstream_classifier.py', '--dataset', s.downstream_dataset,
-                            '--encoder_usage_info', s.pretraining_dataset, '--trigger_file', s.trigger_file,
-                            *reference_flags, '--reference_label', target_label, '--nn_epochs', s.nn_epochs,
-                            '--results_dir', curve, '--overwrite', *common, *s.eval_args.split()),
+            'mimic_curve', probe_command(curve),
             tuple(Probe(f'mimic_{epoch}', f'{run}/mimic/model{epoch}.pth')
                   for epoch in range(int(s.save_freq), int(s.mimic_epochs), int(s.save_freq))),
             curve, s.nn_epochs, f'{run}/mimic_curve.log', f'{run}/mimic_curve_seconds.txt'))

@@ -40,6 +40,7 @@ line and exits with status 2, as it does for a run directory it cannot read.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
 import math
@@ -265,7 +266,6 @@ def read_mimic_curve(path: Path, run: Run) -> dict[int, dict]:
 
 def read_csv_columns(path: Path) -> dict[str, dict[int, float]]:
     """A stage's log.csv as {column: {epoch: value}} (blank and non-numeric cells left out)."""
-    import csv
     columns: dict[str, dict[int, float]] = {}
     with open(path, newline='') as handle:
         for row in csv.DictReader(handle):

@@ -307,8 +307,8 @@ def budgets(c: Scale) -> dict:
 
     Returns {'clean data': D, 'pre-training set': N, stage: image-passes}."""
     if c.data:
-        sizes = dict(item.split('=') for item in dict((d[0], d[1]) for d in c.data)[c.pretraining].split(','))
-        images = int(sizes['train'])
+        from datasets.prepare import parse_sizes  # numpy and PIL: only where a table is made
+        images = parse_sizes(next(sizes for name, sizes, _ in c.data if name == c.pretraining))['train']
     else:
         images = PRETRAINING_IMAGES[c.pretraining]
     clean = int(float(c.ratio) * images)
@@ -335,15 +335,17 @@ def proportions_table(rows: Iterable[tuple]) -> str:
 
         def share(stage: str) -> str:
             return f"{b[stage]:,} ({100 * b[stage] / pre:.1f}%)"
-        lines.append(f"| {label} | {b['pre-training set']:,} × {scale.clean_epochs} = {pre:,} | "
-                     f"{b['clean data']:,} ÷ {b['pre-training set']:,} = {100 * b['clean data'] / b['pre-training set']:.0f}% | "
+        images, clean = b['pre-training set'], b['clean data']
+        lines.append(f"| {label} | {images:,} × {scale.clean_epochs} = {pre:,} | "
+                     f"{clean:,} ÷ {images:,} = {100 * clean / images:.0f}% | "
                      f"{share('backdoor')} | {share('mimic')} | {share('ft')} | {share('nad')} | {share('anp')} | "
                      f"{share('invert')} |")
     return '\n'.join(lines) + '\n'
 
 
 def standard_proportions() -> str:
-    """The table of docs/PROPORTIONED.md: the paper, the demo, the seeded baseline comparison (docs/RESULTS.md §4), the proportioned scale."""
+    """The table of docs/PROPORTIONED.md: the paper, the demo, the seeded baseline comparison (docs/RESULTS.md §4),
+    the proportioned scale."""
     demo = scale_config('demo', environ={})
     return proportions_table([
         ('paper (`--scale paper`)', scale_config('paper', environ={})),
