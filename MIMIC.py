@@ -34,84 +34,18 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, print_args,
-                        progress_disabled, require_positive, resume_flags, run_main, seed_everything, shared_parser)
-from common.fastpath import add_speed_arguments, maybe_compile
+from common.cli import check_save_freq, print_args, progress_disabled, require_positive, seed_everything
 from common.runs import prepare_results_dir, write_args, write_json
-from datasets import pretraining_names
-from defences.mimic import (LAYER_NAMES, MI_DATA, RESNET_STAGES, build_student, distillation_modes, distillation_step,
-                            load_clean_subset, load_mi_images, load_suspect_for, locate_benign_knowledge,
-                            report_weights, uniform_layer_weights)
+from core.cli import resume_flags, run_main
+from core.errors import UsageError
+from datasets.fastpath import maybe_compile
+from defences.mimic import (build_student, distillation_modes, distillation_step, get_args_parser, load_clean_subset,
+                            load_mi_images, load_suspect_for, locate_benign_knowledge, report_weights,
+                            uniform_layer_weights)
 from defences.training import DefenceRun, Phase
-from models import USAGE_INFO_FAMILIES, SimCLR, encoder_input_size, encoder_normalization
+from models import SimCLR, encoder_input_size, encoder_normalization
 
 CHECKPOINT_PATTERN = 'model{}.pth'
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = StageParser(description='MIMIC: distil a clean student from a suspect encoder '
-                                                 '(stage 2 of the pipeline).', parents=[shared_parser()])
-    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
-    same.add_argument('--lr', default=0.001, type=float,
-                      help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')
-    same.add_argument('--batch_size', default=128, type=int,
-                      help='images per distillation step, also the MI estimator batch (default: 128)')
-    parser.add_argument('--epochs', default=1000, type=int,
-                        help='distillation epochs over the clean subset (default: 1000)')
-    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
-                      help="the teacher's pre-training set: the clean subset comes from its pre-training "
-                           'split, and it fixes the normalisation (default: cifar10)')
-    for index, name in enumerate(LAYER_NAMES, start=1):
-        parser.add_argument(f'--opt{index}', default=1000, type=float,
-                            help=f'base attention-loss weight of {RESNET_STAGES[name]}; the MI adds up to '
-                                 '10000 to it (default: 1000)')
-    same.add_argument('--opt5', default=1, type=float, help='weight of the clone (feature cosine) loss (default: 1)')
-    same.add_argument('--knn-t', default=0.5, type=float,
-                      help='temperature of the NT-Xent loss, named as in the original (default: 0.5)')
-    parser.add_argument('--knn-k', default=200, type=int,
-                        help='kept from the original command line; MIMIC has no kNN monitor (default: 200)')
-    same.add_argument('--teacher', default='', type=str, metavar='PATH',
-                      help='the suspect (backdoored) encoder checkpoint (required)')
-    same.add_argument('--encoder_usage_info', default='', choices=('', *USAGE_INFO_FAMILIES),
-                      help="a real-world teacher, as the released code names it: CLIP (CLIP's RN50 image encoder) or "
-                           "imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px input replace "
-                           "--pretraining_dataset's (default: read off the teacher's file)")
-    add_arch_argument(parser)
-    same.add_argument('--student', default='', type=str, metavar='PATH',
-                      help='start the student from this checkpoint (same architecture as the teacher) '
-                           '(default: fresh random initialisation, as the paper)')
-    same.add_argument('--ratio', default=0.04, type=float,
-                      help='fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)')
-    same.add_argument('--subset', default='first', choices=['first', 'random'],
-                      help='first: the first ratio*N images, as the original; random: drawn with --seed '
-                           '(default: first)')
-    same.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
-                      help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
-                           'paper) or the freshly initialised student (the released code) (default: teacher)')
-    same.add_argument('--mi_data', default='subset', choices=MI_DATA,
-                      help='images the MI is measured on: subset, the clean subset D the student is distilled '
-                           'on (the paper), or labelled, --ratio of the pre-training set\'s labelled train '
-                           'split (the released code: for STL10 its 5000 labelled images instead of the '
-                           'unlabeled ones; the same images for CIFAR10) (default: subset)')
-    parser.add_argument('--mi_epochs', default=200, type=int,
-                        help='training epochs of each layer\'s MI estimator (default: 200)')
-    ablation = SameOnResume(parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)'))
-    ablation.add_argument('--layer_weights', default='mi', choices=['mi', 'uniform'],
-                          help='mi: attention weights from the per-layer MI (the paper); uniform: no MI step, '
-                               'every layer gets the same weight, base + 10000/4 ("without MI guidance") '
-                               '(default: mi)')
-    ablation.add_argument('--no_attention', action='store_true',
-                          help='drop the attention-transfer loss (every opt_l = 0) ("without attention loss")')
-    ablation.add_argument('--no_clone', action='store_true',
-                          help='drop the clone (feature cosine) loss, as --opt5 0 ("without clone loss")')
-    ablation.add_argument('--no_contrastive', action='store_true',
-                          help='drop the NT-Xent loss of the student\'s two views ("without contrastive loss")')
-    parser.add_argument('--save_freq', default=1000, type=int,
-                        help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
-                             '(default: 1000)')
-    add_speed_arguments(parser)
-    distributed.add_distributed_arguments(parser)
-    return parser
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -59,77 +59,23 @@ from pathlib import Path
 import torch
 
 from attacks import drupe
-from attacks.badencoder import (SHADOW_SIZE, BadEncoder, IndexedShadow, clean_encoder_features, evaluate_backdoor,
-                                fix_readme_typo, freeze_batchnorm, load_attack_files, load_monitor_data,
-                                load_shadow_images, train_one_epoch)
+from attacks.badencoder import (IndexedShadow, clean_encoder_features, evaluate_backdoor, fix_readme_typo,
+                                freeze_batchnorm, load_attack_files, load_monitor_data, load_shadow_images,
+                                train_one_epoch)
+from attacks.flags import ATTACKS, get_args_parser
 from common import distributed
-from common.cli import (SameOnResume, StageParser, UsageError, add_arch_argument, check_save_freq, encoder_family,
-                        print_args, progress_disabled, require_positive, resume_flags, run_main, seed_everything,
-                        shared_parser)
+from common.cli import check_save_freq, encoder_family, print_args, progress_disabled, require_positive, seed_everything
 from common.engine import Training
-from common.fastpath import add_speed_arguments, maybe_compile, shadow_batches, to_channels_last
 from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_args
-from datasets import DATASETS, finetune_transform, get_info, normalize_batch, pretraining_names, test_transform
-from models import (ARCHITECTURES, USAGE_INFO_FAMILIES, VisualEncoder, encoder_input_size, encoder_normalization,
-                    load_any_encoder)
+from core import processes
+from core.cli import resume_flags, run_main
+from core.errors import UsageError
+from datasets import finetune_transform, get_info, normalize_batch, test_transform
+from datasets.fastpath import maybe_compile, shadow_batches, to_channels_last
+from models import ARCHITECTURES, VisualEncoder, encoder_input_size, encoder_normalization, load_any_encoder
 from models.visual_checkpoint import RESUME_WEIGHTS
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
-ATTACKS = {'badencoder': BadEncoder, 'drupe': drupe.Drupe}  # the attack interface: attacks/badencoder.py
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = StageParser(description='Plant a BadEncoder backdoor in a pre-trained SimCLR encoder (stage 1).',
-                         parents=[shared_parser()])
-    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
-    same.add_argument('--batch_size', default=256, type=int, help='shadow images per step (default: 256)')
-    same.add_argument('--lr', default=0.001, type=float, help='SGD learning rate (default: 0.001)')
-    same.add_argument('--lambda1', default=1.0, type=float,
-                      help='weight of L1, the reference-stays-put loss (default: 1.0)')
-    same.add_argument('--lambda2', default=1.0, type=float,
-                      help='weight of L2, the clean-features-stay-put loss (default: 1.0)')
-    parser.add_argument('--epochs', default=200, type=int, help='passes over the shadow set (default: 200)')
-    same.add_argument('--reference_file', default='', type=str, metavar='PATH',
-                      help='npz with the reference inputs x and their target labels y; y[0] is the target')
-    same.add_argument('--trigger_file', default='', type=str, metavar='PATH',
-                      help='npz with the trigger patches t and masks tm')
-    parser.add_argument('--pretraining_dataset', default='cifar10', choices=pretraining_names(),
-                        help='the set the clean encoder was pre-trained on; recorded in args.json only, the '
-                             'normalisation comes from --encoder_usage_info (default: cifar10)')
-    same.add_argument('--shadow_dataset', default='cifar10', choices=sorted(DATASETS),
-                      help="the attacker's shadow data: that set's pre-training split, at most "
-                           f'{SHADOW_SIZE} images (default: cifar10)')
-    parser.add_argument('--downstreamTask', default='cifar10', choices=sorted(DATASETS),
-                        help="the target downstream task: the reference labels must be among its classes; "
-                             'when prepared, its kNN accuracy and attack success are monitored (default: cifar10)')
-    same.add_argument('--pretrained_encoder', default='', type=str, metavar='PATH',
-                      help='the clean encoder checkpoint to backdoor (loaded with weights_only=True)')
-    same.add_argument('--encoder_usage_info', default='cifar10', choices=(*pretraining_names(), *USAGE_INFO_FAMILIES),
-                      help="the encoder's pre-training set, which fixes the normalisation (default: cifar10); or, as "
-                           f"the released code, {' or '.join(USAGE_INFO_FAMILIES)}: CLIP's RN50 image encoder or the "
-                           'ImageNet SimCLR ResNet-50, with their own normalisation and 224-px input (shadow set '
-                           'cifar10_224, a 224-px trigger)')
-    add_arch_argument(parser)
-    parser.add_argument('--knn-k', dest='knn_k', default=200, type=int,
-                        help='neighbours of the kNN monitor (default: 200)')
-    parser.add_argument('--knn-t', dest='knn_t', default=0.5, type=float,
-                        help='temperature of the kNN monitor (default: 0.5)')
-    parser.add_argument('--save_freq', default=20, type=int,
-                        help='write model_<epoch>.pth every this many epochs, and at the end '
-                             '(0: only at the end) (default: 20)')
-    same.add_argument('--attack', default='badencoder', choices=tuple(ATTACKS),
-                      help='badencoder (Jia et al., S&P 2022), or drupe (Tao et al., S&P 2024: attacks/drupe.py), '
-                           "whose values fill every flag not given (default: badencoder)")
-    same.add_argument('--shadow_fraction', default=1.0, type=float,
-                      help='use this fraction of the shadow set, a fixed random subset '
-                           f"(default: 1.0; DRUPE: {drupe.RECIPE['shadow_fraction']})")
-    same.add_argument('--num_references', default=None, type=int, metavar='N',
-                      help='use the first N references of --reference_file '
-                           f"(default: all of them; DRUPE: {drupe.RECIPE['num_references']})")
-    drupe.add_arguments(parser.add_argument_group(drupe.TITLE))
-    add_speed_arguments(parser)
-    distributed.add_distributed_arguments(parser)
-    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -252,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             return
     else:
         attack.start(results_dir)
-        if monitor is not None and distributed.is_main():  # the state before training, as the original
+        if monitor is not None and processes.is_main():  # the state before training, as the original
             training.log({'epoch': 0, **evaluate_backdoor(model.f, monitor, normalization, args, device)})
 
     def train_epoch(epoch: int) -> dict:
@@ -263,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def after_epoch(epoch: int, losses: dict) -> dict:
         row = attack.after_epoch(epoch, losses, model, optimizer, results_dir, reference.target_label)
-        if monitor and distributed.is_main():  # the monitor runs once, in rank 0 (which alone logs)
+        if monitor and processes.is_main():  # the monitor runs once, in rank 0 (which alone logs)
             row = {**row, **evaluate_backdoor(model.f, monitor, normalization, args, device)}
         return row
 

@@ -27,13 +27,14 @@ import torch.nn as nn
 
 from common import distributed
 from common.cli import data_dir_for, progress_disabled
-from common.device import autocast
 from common.engine import train_steps
-from common.errors import DataError, UsageError
-from common.features import encode_images, knn_accuracies
+from core import processes
+from core.device import autocast
+from core.errors import DataError, UsageError
 from datasets import (Reference, ShadowImages, Trigger, apply_trigger, get_info, load_images, load_reference,
                       load_split, load_trigger, normalize_batch, triggered_copy)
 from datasets.registry import split_path
+from evaluation.features import encode_images, knn_accuracies
 from models.losses import negative_cosine
 
 # BadEncoder's shadow set: all of CIFAR10's train split; for STL10 the *first* 50000 of its 100000 unlabeled images
@@ -230,7 +231,7 @@ def global_batch(features: StepFeatures) -> StepFeatures:
     same in every process). Every process then evaluates the objective of the global batch: the backward pass of
     the gather sums each process's W identical losses back to its own samples, and DistributedDataParallel's
     average over the W processes leaves the gradient of one process on the whole batch."""
-    if distributed.world_size() == 1:
+    if processes.world_size() == 1:
         return features
     return StepFeatures(clean=distributed.gather(features.clean),
                         triggered=distributed.gather(features.triggered, dim=1),

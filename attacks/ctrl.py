@@ -3,8 +3,8 @@ trigger, and the poisoning of a few pre-training images of the target class with
 
 CTRL poisons the data, not the model: `trigger/make_trigger.py --kind ctrl` writes the trigger file (its flags and
 checks; the construction is `ctrl_delta` here), `python -m datasets.poison` writes the poisoned copy of a
-pre-training split (its flags and files; the choice and the poisoning are `choose_poisoned` and `poison_images`
-here), and stage 0 on that copy yields the backdoored encoder.
+pre-training split (its flags and files, the choice of the images and the poisoning: `choose_poisoned` and
+`poison_images` there), and stage 0 on that copy yields the backdoored encoder.
 
 The trigger: RGB -> YUV, orthonormal 2-D DCT-II of every non-overlapping window x window block of the chosen
 channels, + m at the chosen frequencies (u, v) of every block, inverse DCT, YUV -> RGB. Every step is linear, so
@@ -13,12 +13,7 @@ how it compares with CTRL's code).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-from common.errors import DataError
-from datasets import Trigger, apply_trigger
 
 YUV_CHANNELS = 'YUV'
 # kornia 0.6.5 (CTRL's requirements.txt), kornia/color/yuv.py: rgb_to_yuv and yuv_to_rgb.
@@ -61,27 +56,3 @@ def ctrl_delta(image_size: int, window: int, frequencies: list[tuple[int, int]],
     delta_yuv = np.zeros((image_size, image_size, 3))
     delta_yuv[..., channels] = tiled[..., None]
     return delta_yuv @ yuv_to_rgb.T  # (S, S, 3): per pixel N · Δ_yuv
-
-
-# ----------------------------------------------------------------------------------------------- the poisoning
-
-def poison_count(rate: float, split_size: int) -> int:
-    """n = round(rate · N), halves rounded up: ⌊rate · N + 1/2⌋."""
-    return int(math.floor(rate * split_size + 0.5))
-
-
-def choose_poisoned(labels: np.ndarray, target_class: int, count: int, seed: int) -> np.ndarray:
-    """`count` indices i with labels[i] == target_class, drawn without replacement with
-    numpy.random.default_rng(seed), ascending. DataError when the class has fewer images."""
-    candidates = np.flatnonzero(labels == target_class)
-    if len(candidates) < count:
-        raise DataError(f'class {target_class} has {len(candidates)} images in the split, fewer than the '
-                        f'{count} to poison (lower --poison_rate or choose another --target_class)')
-    return np.sort(np.random.default_rng(seed).choice(candidates, size=count, replace=False))
-
-
-def poison_images(images: np.ndarray, indices: np.ndarray, trigger: Trigger) -> np.ndarray:
-    """A copy of `images` (N, H, W, 3) uint8 with trigger 0 applied to images[indices]; the rest unchanged."""
-    poisoned = images.copy()
-    poisoned[indices] = apply_trigger(images[indices], trigger, 0)
-    return poisoned

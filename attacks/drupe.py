@@ -73,10 +73,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import distributed
-from common.cli import SameOnResume, require_positive
-from common.errors import UsageError
+from common.cli import require_positive
 from common.runs import save_run_checkpoint
+from core import processes
+from core.cli import SameOnResume
+from core.errors import UsageError
 
 from .badencoder import LOG_COLUMNS as BADENCODER_COLUMNS
 from .badencoder import BadEncoder, StepFeatures, utility_terms
@@ -410,7 +411,7 @@ class Drupe(BadEncoder):
                        num_projections=self.args.drupe_projections)
 
     def start(self, results_dir: Path) -> None:
-        if distributed.is_main():  # an earlier run's, left by --overwrite
+        if processes.is_main():  # an earlier run's, left by --overwrite
             (results_dir / BEST_CHECKPOINT).unlink(missing_ok=True)
 
     def after_epoch(self, epoch: int, losses: dict[str, float], model: nn.Module,

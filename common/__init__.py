@@ -1,1 +1,2 @@
-"""What the four stage scripts share: the parent parser, device and seed set-up, run directories."""
+"""What the stage scripts share: the parent parser and seed set-up, run directories, the training engine,
+multi-process training, and stage 0's flags and epoch."""

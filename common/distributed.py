@@ -11,7 +11,7 @@ so a plain run is the one it always was. Under torchrun:
   that the processes cannot share evenly: --batch_size is the global batch.
 - Rank r trains on rows r·b .. (r+1)·b − 1 (b = batch / world size) of each global batch that one process would
   draw: the same (seed, epoch) permutation and, on the tensor path, the same augmentation draws
-  (`common.fastpath`).
+  (`datasets.fastpath`).
 - `data_parallel(model)` wraps the trained network in DistributedDataParallel (gradients averaged over the
   processes) and, on CUDA, turns its BatchNorm layers into torch.nn.SyncBatchNorm, so that they normalise with
   the statistics of the global batch. SyncBatchNorm does not run on the CPU: there (gloo) every process
@@ -19,17 +19,19 @@ so a plain run is the one it always was. Under torchrun:
   the batch. Frozen networks (BadEncoder's eval-mode BN, f0's cached features, MIMIC's teacher) need nothing.
 - `nt_xent` takes its negatives from the global batch (an all-gather that keeps gradients); `gather` does the
   same for any per-sample tensor (stage 1 gathers its features and evaluates its objective on the global batch).
-- Rank 0 alone prints (`quiet_unless_main` sends the others' stdout and stderr to /dev/null), writes files
-  (`common.runs` checks `is_main`), runs the kNN monitors and MIMIC's MI step (`on_main` shares its result).
+- Rank 0 alone prints (`core.processes.quiet_unless_main` sends the others' stdout and stderr to /dev/null),
+  writes files (`common.runs` checks `core.processes.is_main`), runs the kNN monitors and MIMIC's MI step
+  (`on_main` shares its result).
+
+Which process this is (`core.processes.rank`, `world_size`, `is_main`) and how a process of a torchrun job ends
+(`core.processes.teardown`, `leave_process`) sit in the bottom layer, where the data path and the entry wrapper
+`core.cli.run_main` read them.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
-import re
-import sys
-import traceback
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -37,14 +39,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from core import processes
+from core.device import resolve_device
+from core.errors import UsageError
 from models.losses import nt_xent as nt_xent_one_process
 from models.losses import nt_xent_anchors
 
-from .device import resolve_device
-from .errors import UsageError
-
 DEFAULT_TIMEOUT_S = 1800.0
-INTERRUPT_GRACE_S = 1.0  # how long a process whose collective failed waits for a Ctrl-C torchrun may be forwarding
 T = TypeVar('T')
 
 
@@ -61,45 +62,7 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                             f'step) (default: {DEFAULT_TIMEOUT_S:g})')
 
 
-# ------------------------------------------------------------------------------------------ who am I
-
-def launched_world_size() -> int:
-    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
-    return int(os.environ.get('WORLD_SIZE', '1'))
-
-
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (RANK), 0 without torchrun: known before the group is joined."""
-    return int(os.environ.get('RANK', '0')) if launched_world_size() > 1 else 0
-
-
-def is_distributed() -> bool:
-    """True once this process has joined a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else launched_rank()
-
-
-def is_main() -> bool:
-    """Rank 0, the process that prints and writes (the only process without torchrun)."""
-    return rank() == 0
-
-
 # ---------------------------------------------------------------------------------------- set-up
-
-def quiet_unless_main() -> None:
-    """Send the stdout and stderr of every process but rank 0 to /dev/null (progress bars, notes, JSON lines);
-    their errors still reach the terminal through `report_error`."""
-    if launched_rank() != 0:
-        devnull = open(os.devnull, 'w')
-        sys.stdout = sys.stderr = devnull
-
 
 def rank_device(device: str) -> torch.device:
     """Under torchrun: cuda:<LOCAL_RANK> for --device auto (with CUDA) or cuda, the CPU for cpu (or auto without)."""
@@ -120,13 +83,13 @@ def rank_device(device: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """The run's device. Without torchrun: `common.device.resolve_device(--device, --gpu)`, nothing else.
+    """The run's device. Without torchrun: `core.device.resolve_device(--device, --gpu)`, nothing else.
 
     Under torchrun: this process's device (`rank_device`), and it joins the process group (env://, NCCL on CUDA,
     gloo on the CPU) with --dist_timeout on its collectives; a --batch_size the processes cannot share evenly
     is refused first.
     """
-    world = launched_world_size()
+    world = processes.launched_world_size()
     if world == 1:
         return resolve_device(args.device, args.gpu)
     timeout = getattr(args, 'dist_timeout', DEFAULT_TIMEOUT_S)
@@ -152,39 +115,8 @@ def barrier() -> None:
     """Every process waits here for the others; nothing in one process. The epoch loops call it once rank 0 has
     written the epoch's log and checkpoint, so that a process that fails later cannot have torchrun stop rank 0
     before the epoch is on disk."""
-    if is_distributed():
+    if processes.is_distributed():
         dist.barrier()
-
-
-def teardown() -> None:
-    """Leave the process group: a last barrier (every process has finished its collectives and rank 0 its files),
-    then destroy_process_group. Nothing in one process.
-
-    destroy_process_group does not end gloo's threads: the DistributedDataParallel reducer and the autograd
-    all-gather (C++ objects that Python's garbage collector cannot free) keep the backend alive, with its two
-    `pt_gloo_runloop` threads and its `gloo_tcp_loop` thread, until the interpreter finalises. Freeing it there,
-    among the interpreter's and C++'s static destructors, now and then aborts the process ("terminate called
-    without an active exception", SIGABRT) after a complete run (pytorch/pytorch issues 107298 and 109478: the
-    group outlives destroy_process_group; PR 179291: gloo's objects abort at finalisation). A process that
-    joined a group therefore ends through `leave_process`, which skips finalisation.
-    """
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def leave_process(status: int) -> None:
-    """End a process of a torchrun job with `status` at once (os._exit, after flushing its output): no interpreter
-    finalisation, so no destructor of the process group's leftover C++ objects runs (see `teardown`). Every file
-    of a stage is written and closed (atomically) before this point; DataLoader workers and compile workers
-    notice their parent is gone and end."""
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-    os._exit(status)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -201,7 +133,7 @@ def data_parallel(model: torch.nn.Module, device: torch.device, *, sync_batchnor
     `find_unused_parameters`: some trained parameters get no gradient in a step (a projection head whose output
     no loss uses).
     """
-    if not is_distributed():
+    if not processes.is_distributed():
         return model
     compiled_from = getattr(model, '_orig_mod', None)
     module = model if compiled_from is None else compiled_from
@@ -219,7 +151,7 @@ def data_parallel(model: torch.nn.Module, device: torch.device, *, sync_batchnor
 def gather(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The tensors of every process concatenated along `dim` in rank order, gradients kept (the backward pass
     sums each process's share back to it); `tensor` itself in one process."""
-    if not is_distributed():
+    if not processes.is_distributed():
         return tensor
     moved = tensor.movedim(dim, 0).contiguous()
     return all_gather_with_grad(moved).movedim(0, dim)
@@ -247,10 +179,10 @@ def nt_xent(out_1: torch.Tensor, out_2: torch.Tensor, temperature: float) -> tor
     DistributedDataParallel's average over the W processes is (1/W) Σ_r' ∂L_r'/∂θ = ∂L/∂θ, the gradient of one
     process on the whole batch.
     """
-    if not is_distributed():
+    if not processes.is_distributed():
         return nt_xent_one_process(out_1, out_2, temperature)
     local = out_1.shape[0]
-    start = rank() * local
+    start = processes.rank() * local
     return nt_xent_anchors(gather(out_1), gather(out_2), temperature, slice(start, start + local))
 
 
@@ -261,53 +193,18 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     loss is the one a single process would log, and every process sees the same value (one non-finite loss
     stops every process at the same step).
     """
-    if not is_distributed():
+    if not processes.is_distributed():
         return values
     stacked = torch.stack([value.detach().to(torch.float64) for value in values.values()])  # (T,)
     dist.all_reduce(stacked)
-    return dict(zip(values, (stacked / world_size()).unbind()))
+    return dict(zip(values, (stacked / processes.world_size()).unbind()))
 
 
 def on_main(compute: Callable[[], T]) -> T:
     """`compute()` on rank 0 alone, its (picklable) result handed to every process; `compute()` in one process.
     For the steps that run once: MIMIC's MI estimation, a defence's trigger inversion."""
-    if not is_distributed():
+    if not processes.is_distributed():
         return compute()
-    box = [compute() if is_main() else None]
+    box = [compute() if processes.is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# ----------------------------------------------------------------------------------------- errors
-
-COLLECTIVE_FAILURE = re.compile(r'gloo|nccl|connection closed by peer|connection reset|timed out', re.IGNORECASE)
-
-
-def collective_failed(error: BaseException) -> bool:
-    """Whether the error looks like a failed collective (gloo or NCCL): another process stopped, or the timeout.
-    gloo reports a peer that went away as a plain RuntimeError, raised from torch.distributed or, inside
-    DistributedDataParallel's backward, from the autograd engine; its message names the transport."""
-    if isinstance(error, getattr(dist, 'DistError', ())):
-        return True
-    in_collectives = any(f'{os.sep}torch{os.sep}distributed{os.sep}' in frame.filename
-                         for frame in traceback.extract_tb(error.__traceback__))
-    return in_collectives or bool(COLLECTIVE_FAILURE.search(str(error)))
-
-
-def record_for_torchrun(error: BaseException) -> None:
-    """Hand the error, with its traceback, to torchrun's failure summary (its per-process error file)."""
-    if os.environ.get('TORCHELASTIC_ERROR_FILE'):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(error)
-
-
-def report_error(line: str, same_on_every_process: bool) -> None:
-    """Print a failure's one line (as is in one process). Under torchrun: from rank 0 alone for what fails alike
-    on every process (bad flags and files, a non-finite loss: the loss is averaged over the processes first) and
-    for a collective that failed because another process stopped; from each process that raised it otherwise,
-    prefixed with its rank."""
-    current = launched_rank()
-    if current == 0:
-        print(line, file=sys.stderr)
-    elif not same_on_every_process:
-        print(f'[rank {current}] {line}', file=sys.__stderr__)

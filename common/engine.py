@@ -27,13 +27,13 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from core.device import autocast
+from core.errors import NonFiniteLossError
 from models import load_checkpoint
 from models.checkpoint import load_state_into
 
 from . import distributed
 from .cli import check_finite, progress_disabled
-from .errors import NonFiniteLossError
-from .device import autocast
 from .runs import (check_resumable, is_save_epoch, read_csv, restore_optimizer, save_run_checkpoint, set_rng_state,
                    write_csv)
 
@@ -47,7 +47,8 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     """One pass over `batches` (tuples of tensors, moved to `device`): loss, backward, optimiser step.
 
     Returns the epoch's mean of the loss and of each term, over the steps, or with `per_image` over the images
-    (each step's value weighted by its batch size B_s: Σ_s B_s·v_s / Σ_s B_s, for a last partial batch); a term
+    (each step's value weighted by its batch size B_s, the length of the batch's last tensor, its labels:
+    Σ_s B_s·v_s / Σ_s B_s, for a last partial batch); a term
     may be a vector (one loss per probe of a group). Under torchrun each step's loss and terms are first averaged
     over the processes (the global batch's). A non-finite loss stops the run, naming the epoch and the step
     (counted from 1). `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after
@@ -79,7 +80,7 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
         optimizer.step()
         if after_step is not None:
             after_step()
-        weight = len(batch[0]) if per_image else 1
+        weight = len(batch[-1]) if per_image else 1  # the batch's labels: B_s, also for stacked (N, B, d) inputs
         count += weight
         for name, value in reported.items():
             value = value.detach().double() * weight
@@ -152,7 +153,7 @@ class Training:
     def resume(self, path: Path, must_match: dict[str, object], *, weights: str = 'state_dict') -> dict:
         """Continue the run that wrote checkpoint `path`; returns the checkpoint, for the stage's own keys.
 
-        `must_match` is {flag: default} of the flags that shape the run (`common.cli.resume_flags`): a checkpoint
+        `must_match` is {flag: default} of the flags that shape the run (`core.cli.resume_flags`): a checkpoint
         recording other values is refused (one recording none for a flag ran with its default). The weights come
         from `checkpoint[weights]` (DRUPE's last epoch: `last_state_dict`), else its `state_dict`; the log from the
         checkpoint, else the CSV, up to its epoch; the RNG states are restored last, after everything that
@@ -166,9 +167,13 @@ class Training:
                                          if self.log_name and self.results_dir else [])
         self.rows = [row for row in rows if int(row['epoch']) <= epoch]
         set_rng_state(checkpoint['rng'])
-        self.resumed_at, self.start_epoch = epoch, epoch + 1
+        self.continue_after(epoch)
         print(f'resuming {self.label + " " if self.label else ""}from {path} (epoch {epoch})')
         return checkpoint
+
+    def continue_after(self, epoch: int) -> None:
+        """The epochs still to run are those after `epoch`, the one the restored state was saved at."""
+        self.resumed_at, self.start_epoch = epoch, epoch + 1
 
     @property
     def finished(self) -> bool:

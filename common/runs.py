@@ -1,6 +1,6 @@
 """Run directories: args.json, the CSV log, RNG states, guards against overwriting and resuming.
 
-Under torchrun only rank 0 writes: the writers here do nothing in the other processes (common.distributed).
+Under torchrun only rank 0 writes: the writers here do nothing in the other processes (core.processes).
 """
 from __future__ import annotations
 
@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import processes
+from core.errors import UsageError
+from core.files import write_text_atomic
 from models import CheckpointError, Layout, save_atomic, save_in_layout
 from models.checkpoint import encoder_checkpoint
 
-from . import distributed
-from .errors import UsageError
-from .files import write_text_atomic
-
 
 def write_json(path: str | Path, obj) -> None:
-    """`obj` as indented JSON, written atomically (`common.files`; rank 0 only under torchrun)."""
-    if distributed.is_main():
+    """`obj` as indented JSON, written atomically (`core.files`; rank 0 only under torchrun)."""
+    if processes.is_main():
         write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
 
 
@@ -33,7 +32,7 @@ def run_environment() -> dict:
     """What besides the flags decides a run's last digits: the torch version and the CPU threads. A seed repeats a
     run digit for digit only on the same thread count (it sets the order of floating-point sums)."""
     return {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
-            'world_size': distributed.world_size()}
+            'world_size': processes.world_size()}
 
 
 def write_args(results_dir: str | Path, args: argparse.Namespace) -> None:
@@ -48,7 +47,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator='\n')
         writer.writeheader()
         writer.writerows(rows)
-    if distributed.is_main():
+    if processes.is_main():
         write_text_atomic(path, buffer.getvalue())
 
 
@@ -124,7 +123,7 @@ def set_rng_state(state: dict) -> None:
 
 def check_resumable(checkpoint: dict, args: argparse.Namespace, path: Path, must_match: dict[str, object]) -> None:
     """A resumed run must continue the same run: a checkpoint of this project whose recorded values of the flags
-    in `must_match` ({flag: default}, the flags marked `common.cli.same_on_resume`) equal the current ones. A flag
+    in `must_match` ({flag: default}, the flags marked `core.cli.same_on_resume`) equal the current ones. A flag
     the checkpoint does not record did not exist when it was written: that run had the flag's default."""
     recorded = checkpoint.get('args')
     if not isinstance(recorded, dict) or 'rng' not in checkpoint:
@@ -179,7 +178,7 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opt
     `model` is the trained module itself, never its DistributedDataParallel or torch.compile wrapper, so the keys
     are the plain SimCLR ones; no state of one process is recorded, so a run resumes with any number of them.
     """
-    if not distributed.is_main():
+    if not processes.is_main():
         return
     save_atomic(encoder_checkpoint(model, optimizer, epoch, args=vars(args), rng=rng_state(), **extra), path)
 
@@ -192,7 +191,7 @@ def save_layout_checkpoint(path: Path, model: torch.nn.Module, layout: Layout, o
     """`save_run_checkpoint` for a real-world encoder: written in the layout of the file it was loaded from
     (models.save_in_layout), the file the released code loads strictly, with the run's state beside it in the
     released layouts (the TENSOR_LAYOUTS hold the tower alone); by rank 0 alone under torchrun."""
-    if not distributed.is_main():
+    if not processes.is_main():
         return
     save_in_layout(model, layout, path, epoch=epoch, optimizer=optimizer, resumable=True, args=vars(args),
                    rng=rng_state(), **extra)

@@ -1,7 +1,9 @@
-"""Datasets of the MIMIC pipeline: registry, npz loading, transforms, triggers, torch Datasets.
+"""Datasets of the MIMIC pipeline: registry, npz loading, transforms, triggers, torch Datasets, and the training
+data path (`datasets.fastpath`: the tensor path's device batches, or the per-image path's DataLoaders of
+`datasets.loaders`; imported by name, not here).
 
 Command-line tools: `python -m datasets.prepare` (prepared npz sets), `python -m datasets.poison` (a poisoned
-copy of a pre-training split; not imported here, it builds on common.cli).
+copy of a pre-training split; not imported here, it builds on core.cli).
 """
 from .folders import ImagesAtSize, ImageTask, is_image_folder, read_task, resize_images
 from .npz import load_images, load_split, read_npz

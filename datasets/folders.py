@@ -102,7 +102,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 class ImagesAtSize:
     """uint8 images (N, H, W, 3) seen at size S: a slice is resized (`resize_images`) when it is taken, so a large
     set is never held at 224 px whole. `transform(batch)` (a trigger) is applied after the resize. Read by
-    `len()`, `.shape` and slicing, as `common.features.encode_images` reads an array."""
+    `len()`, `.shape` and slicing, as `evaluation.features.encode_images` reads an array."""
 
     def __init__(self, images: np.ndarray, size: int, transform=None):
         self.images, self.size, self.transform = images, size, transform

@@ -23,17 +23,42 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from pathlib import Path
 
-from attacks.ctrl import choose_poisoned, poison_count, poison_images
-from common.cli import StageParser, UsageError, run_main
-from common.files import copy_atomic, save_npz_atomic, write_text_atomic
+import numpy as np
+
+from core.cli import StageParser, run_main
+from core.errors import UsageError
+from core.files import copy_atomic, save_npz_atomic, write_text_atomic
 
 from .npz import check_images, check_labels, load_split, read_npz
 from .registry import UNLABELED_SPLITS, DataError, DatasetInfo, get_info, split_path
-from .triggers import load_trigger
+from .triggers import Trigger, apply_trigger, load_trigger
 
 RECORD = 'poison.json'
+
+
+def poison_count(rate: float, split_size: int) -> int:
+    """n = round(rate · N), halves rounded up: ⌊rate · N + 1/2⌋."""
+    return int(math.floor(rate * split_size + 0.5))
+
+
+def choose_poisoned(labels: np.ndarray, target_class: int, count: int, seed: int) -> np.ndarray:
+    """`count` indices i with labels[i] == target_class, drawn without replacement with
+    numpy.random.default_rng(seed), ascending. DataError when the class has fewer images."""
+    candidates = np.flatnonzero(labels == target_class)
+    if len(candidates) < count:
+        raise DataError(f'class {target_class} has {len(candidates)} images in the split, fewer than the '
+                        f'{count} to poison (lower --poison_rate or choose another --target_class)')
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=count, replace=False))
+
+
+def poison_images(images: np.ndarray, indices: np.ndarray, trigger: Trigger) -> np.ndarray:
+    """A copy of `images` (N, H, W, 3) uint8 with trigger 0 applied to images[indices]; the rest unchanged."""
+    poisoned = images.copy()
+    poisoned[indices] = apply_trigger(images[indices], trigger, 0)
+    return poisoned
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

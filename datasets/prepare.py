@@ -571,5 +571,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    from common.cli import run_main
+    from core.cli import run_main
     run_main(main)

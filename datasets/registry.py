@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import DataError
+from core.errors import DataError
 
 DATA_ROOT = Path('data')
 

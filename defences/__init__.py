@@ -2,8 +2,9 @@
 encoder and a small clean, unlabelled subset D of its pre-training set, nothing else (no labels, no poisoned
 data, no trigger).
 
-`mimic` holds MIMIC's own steps (used by MIMIC.py); the baselines of `baseline_defence.py` are one module
-each, and each exposes `purify(suspect, clean, run) -> (purified encoder, report)`:
+`mimic` holds MIMIC's own steps and flags (used by MIMIC.py); the baselines of `baseline_defence.py` are one
+module each (`baselines` holds that script's flags), and each exposes `purify(suspect, clean, run) -> (purified
+encoder, report)`:
 
 | name | module | method |
 |---|---|---|

@@ -54,8 +54,9 @@ import torch.nn as nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from common.cli import require_positive, same_on_resume
-from common.errors import UsageError
+from common.cli import require_positive
+from core.cli import same_on_resume
+from core.errors import UsageError
 from datasets.tensor_augment import simclr_views
 from models import SimCLR
 from models.losses import nt_xent

@@ -33,7 +33,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from common.errors import UsageError
+from core.errors import UsageError
 from models import SimCLR, VisualEncoder
 
 

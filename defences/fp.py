@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.cli import same_on_resume
-from common.errors import UsageError
+from core.cli import same_on_resume
+from core.errors import UsageError
 from datasets import normalize_batch
 from models import SimCLR
 

@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import torch
 
-from common.fastpath import maybe_compile
+from datasets.fastpath import maybe_compile
 from models import SimCLR
 
 from .training import DefenceRun, Phase, contrastive_step

@@ -66,9 +66,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import require_positive, same_on_resume
-from common.errors import UsageError
-from common.files import save_npz_atomic
+from common.cli import require_positive
+from core.cli import same_on_resume
+from core.errors import UsageError
+from core.files import save_npz_atomic
 from datasets import normalize_batch
 from models import SimCLR
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.fastpath import maybe_compile
+from datasets.fastpath import maybe_compile
 from models import SimCLR
 
 from .mimic import build_student, distillation_modes, distillation_step

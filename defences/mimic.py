@@ -1,5 +1,5 @@
 """MIMIC (Han et al., "Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders", IEEE TIFS
-2025): the defence's steps, used by `MIMIC.py` (docs/DESIGN.md §6).
+2025): the defence's steps and its flags, used by `MIMIC.py` (docs/DESIGN.md §6).
 
 1. Locate benign knowledge: the mutual information between each tapped layer of the teacher and its
    representation, estimated with MINE on the clean subset D (§6.1), turned into attention weights
@@ -18,6 +18,7 @@ the attention and clone terms, means over the samples, average over the processe
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import sys
@@ -29,14 +30,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import UsageError, data_dir_for, encoder_family
-from common.device import autocast
+from common.cli import add_arch_argument, data_dir_for, encoder_family, shared_parser
 from common.engine import train_steps
 from common.runs import check_layout_resumable
-from common.fastpath import to_channels_last
-from datasets import get_info, load_images, normalize_batch
-from models import (ARCHITECTURES, TAPPED_LAYERS, CheckpointError, Layout, SimCLR, VisualEncoder, build_encoder,
-                    load_any_encoder)
+from core.cli import SameOnResume, StageParser
+from core.device import autocast
+from core.errors import UsageError
+from datasets import get_info, load_images, normalize_batch, pretraining_names
+from datasets.fastpath import add_speed_arguments, to_channels_last
+from models import (ARCHITECTURES, TAPPED_LAYERS, USAGE_INFO_FAMILIES, CheckpointError, Layout, SimCLR, VisualEncoder,
+                    build_encoder, load_any_encoder)
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
@@ -329,3 +332,70 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
     step_loss = distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp, contrastive_weight)
     return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device, set_modes=distillation_modes(student, teacher),
                        desc=f'Distill epoch {epoch}/{epochs}', disable_progress=disable_progress)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags of `MIMIC.py`, which the stage script and the throughput benchmark (scripts/benchmark.py) share."""
+    parser = StageParser(description='MIMIC: distil a clean student from a suspect encoder '
+                                     '(stage 2 of the pipeline).', parents=[shared_parser()])
+    same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
+    same.add_argument('--lr', default=0.001, type=float,
+                      help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')
+    same.add_argument('--batch_size', default=128, type=int,
+                      help='images per distillation step, also the MI estimator batch (default: 128)')
+    parser.add_argument('--epochs', default=1000, type=int,
+                        help='distillation epochs over the clean subset (default: 1000)')
+    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
+                      help="the teacher's pre-training set: the clean subset comes from its pre-training "
+                           'split, and it fixes the normalisation (default: cifar10)')
+    for index, name in enumerate(LAYER_NAMES, start=1):
+        parser.add_argument(f'--opt{index}', default=1000, type=float,
+                            help=f'base attention-loss weight of {RESNET_STAGES[name]}; the MI adds up to '
+                                 '10000 to it (default: 1000)')
+    same.add_argument('--opt5', default=1, type=float, help='weight of the clone (feature cosine) loss (default: 1)')
+    same.add_argument('--knn-t', default=0.5, type=float,
+                      help='temperature of the NT-Xent loss, named as in the original (default: 0.5)')
+    parser.add_argument('--knn-k', default=200, type=int,
+                        help='kept from the original command line; MIMIC has no kNN monitor (default: 200)')
+    same.add_argument('--teacher', default='', type=str, metavar='PATH',
+                      help='the suspect (backdoored) encoder checkpoint (required)')
+    same.add_argument('--encoder_usage_info', default='', choices=('', *USAGE_INFO_FAMILIES),
+                      help="a real-world teacher, as the released code names it: CLIP (CLIP's RN50 image encoder) or "
+                           "imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px input replace "
+                           "--pretraining_dataset's (default: read off the teacher's file)")
+    add_arch_argument(parser)
+    same.add_argument('--student', default='', type=str, metavar='PATH',
+                      help='start the student from this checkpoint (same architecture as the teacher) '
+                           '(default: fresh random initialisation, as the paper)')
+    same.add_argument('--ratio', default=0.04, type=float,
+                      help='fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)')
+    same.add_argument('--subset', default='first', choices=['first', 'random'],
+                      help='first: the first ratio*N images, as the original; random: drawn with --seed '
+                           '(default: first)')
+    same.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
+                      help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
+                           'paper) or the freshly initialised student (the released code) (default: teacher)')
+    same.add_argument('--mi_data', default='subset', choices=MI_DATA,
+                      help='images the MI is measured on: subset, the clean subset D the student is distilled '
+                           'on (the paper), or labelled, --ratio of the pre-training set\'s labelled train '
+                           'split (the released code: for STL10 its 5000 labelled images instead of the '
+                           'unlabeled ones; the same images for CIFAR10) (default: subset)')
+    parser.add_argument('--mi_epochs', default=200, type=int,
+                        help='training epochs of each layer\'s MI estimator (default: 200)')
+    ablation = SameOnResume(parser.add_argument_group('ablations (the paper\'s; each switches one part of MIMIC off)'))
+    ablation.add_argument('--layer_weights', default='mi', choices=['mi', 'uniform'],
+                          help='mi: attention weights from the per-layer MI (the paper); uniform: no MI step, '
+                               'every layer gets the same weight, base + 10000/4 ("without MI guidance") '
+                               '(default: mi)')
+    ablation.add_argument('--no_attention', action='store_true',
+                          help='drop the attention-transfer loss (every opt_l = 0) ("without attention loss")')
+    ablation.add_argument('--no_clone', action='store_true',
+                          help='drop the clone (feature cosine) loss, as --opt5 0 ("without clone loss")')
+    ablation.add_argument('--no_contrastive', action='store_true',
+                          help='drop the NT-Xent loss of the student\'s two views ("without contrastive loss")')
+    parser.add_argument('--save_freq', default=1000, type=int,
+                        help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
+                             '(default: 1000)')
+    add_speed_arguments(parser)
+    distributed.add_distributed_arguments(parser)
+    return parser

@@ -22,8 +22,8 @@ import argparse
 import numpy as np
 import torch
 
-from common.cli import same_on_resume
-from common.errors import UsageError
+from core.cli import same_on_resume
+from core.errors import UsageError
 from models import SimCLR
 from models.losses import attention_transfer
 

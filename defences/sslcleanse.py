@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed
-from common.cli import same_on_resume
-from common.device import autocast
-from common.errors import UsageError
+from core.cli import same_on_resume
+from core.device import autocast
+from core.errors import UsageError
 from models import SimCLR
 
 from .ft import ADAM_WEIGHT_DECAY, trainable_copy

@@ -2,7 +2,7 @@
 
 A defence describes one training phase by a `step_loss(x1, x2) -> (loss, terms)` on a batch of two augmented views
 of the clean subset D, the optimiser, and the network that is saved. The project's one training engine
-(`common.engine`) runs it: the views come through the stages' data path (`common.fastpath.pair_batches`: PIL
+(`common.engine`) runs it: the views come through the stages' data path (`datasets.fastpath.pair_batches`: PIL
 workers on the CPU, on-device tensor augmentation on CUDA, an order and augmentation that depend only on (seed,
 epoch), so that `--resume` continues bit for bit), a non-finite loss stops the run, one JSON line and one CSV row
 per epoch, and a resumable checkpoint every `--save_freq` epochs and after the last.
@@ -25,9 +25,10 @@ import torch
 from common import distributed
 from common.cli import progress_disabled
 from common.engine import StepLoss, Training, nt_xent_step, train_steps
-from common.fastpath import device_copy, pair_batches
 from common.runs import checkpoint_epochs, save_layout_checkpoint, save_run_checkpoint
+from core import processes
 from datasets import ImagePairs, simclr_transform
+from datasets.fastpath import device_copy, pair_batches
 from models import CheckpointError, Layout, load_checkpoint, save_in_layout
 from models.visual_checkpoint import RESUME_WEIGHTS
 
@@ -61,7 +62,7 @@ class DefenceRun:
     normalization: tuple
     device: torch.device
     results_dir: Path
-    must_match: dict[str, object] = field(default_factory=dict)  # {flag: default}: common.cli.resume_flags
+    must_match: dict[str, object] = field(default_factory=dict)  # {flag: default}: core.cli.resume_flags
     layout: Layout | None = None  # a real-world suspect's file layout: every checkpoint is written in it (§3.1)
 
     @property
@@ -124,7 +125,7 @@ class DefenceRun:
         checkpoint, or a real-world encoder in its suspect's layout (by rank 0 alone)."""
         if self.layout is None:
             save_run_checkpoint(path, model, None, 0, self.args, **extra)
-        elif distributed.is_main():
+        elif processes.is_main():
             save_in_layout(model, self.layout, path, args=vars(self.args), **extra)
 
     def write_in_layout(self, training: Training, phase: Phase, epoch: int) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.errors import CheckpointError
-from common.files import write_atomic
+from core.errors import CheckpointError
+from core.files import write_atomic
 
 from .simclr import ARCHITECTURES, PAPER_WIDTH, SimCLR
 

@@ -1,10 +1,12 @@
-"""N downstream probes of one shape trained as one module (docs/DESIGN.md §7.1).
+"""N downstream probes of one shape trained as one module (docs/DESIGN.md §7.1); one probe is `OneProbe`.
 
 The probes of one downstream task differ only in their input features. `ProbeGroup` stacks their weights along a
 first axis of size N and runs each layer as one batched matrix product (`torch.baddbmm`), so N probes cost about
 the kernel launches of one; Adam is element-wise, so one Adam over the stacked tensors is N Adams. Probe k computes
 MLPProbe's function with its own weights and its own dropout generator, and `probe_state` / `load_probe_state`
 move between the stacked tensors and MLPProbe's state_dict, so each probe's checkpoint is a single run's.
+`OneProbe` is the group of one: MLPProbe itself behind the same interface, so that one encoder's probe computes
+exactly what MLPProbe computes (a batched product of one takes other kernels, equal only within float rounding).
 """
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ class ProbeGroup(nn.Module):
             for name in PARAMETERS:
                 getattr(self, name.replace('.', '_'))[k].copy_(stored(name, state[name]))
 
+    @staticmethod
+    def split_optimizer_state(state: dict, k: int) -> dict:
+        return split_optimizer_state(state, k)
+
+    @staticmethod
+    def stack_optimizer_states(states: list[dict]) -> dict:
+        return stack_optimizer_states(states)
+
 
 def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """MLPProbe's tensor `name` in the group's layout, or back (the transpose is its own inverse): Wᵀ for the
@@ -98,3 +108,41 @@ def stack_optimizer_states(states: list[dict]) -> dict:
                 if torch.is_tensor(value) and value.dim() > 0 else value for key, value in slots[0].items()}
     return {'state': {index: stacked(index) for index in states[0]['state']},
             'param_groups': states[0]['param_groups']}
+
+
+class OneProbe(nn.Module):
+    """A group of one probe: MLPProbe on inputs (1, B, d), its dropout drawn from the global generator of its
+    device, as F.dropout draws; the interface of ProbeGroup, the arithmetic of MLPProbe."""
+
+    def __init__(self, probe: MLPProbe):
+        super().__init__()
+        self.probe = probe
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The generator F.dropout draws from: the global one of the probe's device."""
+        device = self.probe.fc1.weight.device
+        if device.type == 'cpu':
+            return [torch.default_generator]
+        return [torch.cuda.default_generators[device.index if device.index is not None
+                                              else torch.cuda.current_device()]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probe(x[0]).unsqueeze(0)
+
+    def probe_state(self, k: int) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in self.probe.state_dict().items()}
+
+    def load_probe_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        self.probe.load_state_dict(state)
+
+    @staticmethod
+    def split_optimizer_state(state: dict, k: int) -> dict:
+        return state
+
+    @staticmethod
+    def stack_optimizer_states(states: list[dict]) -> dict:
+        return states[0]

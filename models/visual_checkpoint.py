@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import CheckpointError
+from core.errors import CheckpointError
 
 from .checkpoint import _strip_prefix, describe_mismatch, load_encoder, read_checkpoint, save_atomic
 from .visual import FAMILIES, VisualEncoder, family_of

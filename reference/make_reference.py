@@ -21,10 +21,11 @@ import numpy as np
 if __package__ in (None, ''):  # run as `python reference/make_reference.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import UsageError, run_main  # noqa: E402
+from core.cli import run_main  # noqa: E402
+from core.errors import UsageError  # noqa: E402
+from core.files import save_npz_atomic  # noqa: E402
 from datasets import DATASETS, DataError, get_info, load_reference, load_split  # noqa: E402
 from datasets.folders import is_image_folder, read_labelled, resize_images  # noqa: E402
-from common.files import save_npz_atomic  # noqa: E402
 
 
 def parse_indices(text: str) -> list[int]:

@@ -2,7 +2,7 @@
 """Throughput of every pipeline stage on this machine, at CIFAR scale, on synthetic data held in memory.
 
 Each figure runs the stage's own training function on the stage's own data path (the scripts'
-`train_one_epoch` fed by `common.fastpath` as the scripts feed it, `train_probe`, MIMIC's
+`train_one_epoch` fed by `datasets.fastpath` as the scripts feed it, the probe's `common.probes.train_one_epoch` and evaluation, MIMIC's
 `tapped_representations` and `estimate_mi`), with the paper's architecture (ResNet18, width 64) and batch
 sizes, on 32x32 RGB images from `datasets.synthetic`; --augment and --compile are passed on as given:
 
@@ -62,27 +62,27 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import MIMIC  # noqa: E402
-import baseline_defence  # noqa: E402
-import train_badencoder  # noqa: E402
-import train_clean_encoder  # noqa: E402
-import training_downstream_classifier as downstream  # noqa: E402
 from attacks import badencoder  # noqa: E402
-from common.cli import StageParser, UsageError, require_positive, run_main, seed_everything  # noqa: E402
-from common.device import autocast, resolve_device  # noqa: E402
-from common.engine import Training  # noqa: E402
-from common.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
-                             to_channels_last, use_tensor_augment)
-from common.features import knn_classify  # noqa: E402
+from attacks import flags as attack_flags  # noqa: E402
+from common import pretraining, probes  # noqa: E402
+from common.cli import require_positive, seed_everything  # noqa: E402
+from core.cli import StageParser, run_main  # noqa: E402
+from core.device import autocast, resolve_device  # noqa: E402
+from core.errors import UsageError  # noqa: E402
 from datasets import (ImagePairs, Reference, Trigger, finetune_transform, get_info, normalize_batch,  # noqa: E402
                       simclr_transform, test_transform)
+from datasets.fastpath import (add_speed_arguments, maybe_compile, pair_batches, shadow_batches,  # noqa: E402
+                               to_channels_last, use_tensor_augment)
 from datasets.synthetic import make_synthetic  # noqa: E402
-from defences import BASELINES, TRAINING_BASELINES, get_defence  # noqa: E402
+from defences import BASELINES, TRAINING_BASELINES, baselines, get_defence  # noqa: E402
 from defences import mimic as mimic_steps  # noqa: E402
 from defences.training import DefenceRun  # noqa: E402
+from evaluation.features import knn_classify  # noqa: E402
+from evaluation.probe import evaluate  # noqa: E402
 from models import ARCHITECTURES, PAPER_WIDTH, MLPProbe, ProbeGroup, SimCLR, feature_dim_of  # noqa: E402
 from models.visual import FAMILIES, VisualEncoder  # noqa: E402
 from models.mutual_info import estimate_mi, layer_weights  # noqa: E402
+from models.probe_group import OneProbe  # noqa: E402
 from trigger.make_trigger import make_trigger  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -206,7 +206,8 @@ def resolve_counts(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------- measurement tools
 
 def stage_args(stage, args: argparse.Namespace, batch_size: int, device: torch.device) -> argparse.Namespace:
-    """The stage script's own flag defaults, with the benchmark's batch, device, seed, workers and speed flags."""
+    """The stage's own flag defaults (`stage.get_args_parser()`, the parser its script uses), with the benchmark's
+    batch, device, seed, workers and speed flags."""
     return stage.get_args_parser().parse_args(
         ['--batch_size', str(batch_size), '--epochs', '1', '--device', str(device), '--seed', str(args.seed),
          '--num_workers', str(args.num_workers), '--augment', args.augment]
@@ -219,7 +220,7 @@ def images_needed(batch_size: int, args: argparse.Namespace) -> int:
 
 
 def pair_loader(images: np.ndarray, run_args: argparse.Namespace, warmup: int, device: torch.device) -> TimedLoader:
-    """The view pairs of stages 0 and 2 through the stages' data path, timed: common.fastpath.pair_batches,
+    """The view pairs of stages 0 and 2 through the stages' data path, timed: datasets.fastpath.pair_batches,
     PIL transforms in DataLoader workers or batched tensor augmentation on the device (--augment)."""
     pairs = ImagePairs(images, simclr_transform(NORMALIZATION, IMAGE_SIZE))
     return TimedLoader(pair_batches(pairs, run_args, NORMALIZATION, 1, device), warmup, device)
@@ -228,16 +229,15 @@ def pair_loader(images: np.ndarray, run_args: argparse.Namespace, warmup: int, d
 # ------------------------------------------------------------------------------------------------ stages
 
 def bench_simclr(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 0: train_clean_encoder.train_one_epoch (Adam, NT-Xent) on the stage's view pairs."""
-    run_args = stage_args(train_clean_encoder, args, args.batch_size, device)
+    """Stage 0: common.pretraining.train_one_epoch (Adam, NT-Xent) on the stage's view pairs."""
+    run_args = stage_args(pretraining, args, args.batch_size, device)
     model = to_channels_last(SimCLR(arch=args.arch, width=args.width).to(device), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=run_args.lr,
-                                 weight_decay=train_clean_encoder.ADAM_WEIGHT_DECAY)
+                                 weight_decay=pretraining.ADAM_WEIGHT_DECAY)
     forward_model = maybe_compile(model, run_args.compile)
     loader = pair_loader(images[:images_needed(args.batch_size, args)], run_args, args.warmup, device)
     with counting_forwards(forward_model) as forwards:
-        train_clean_encoder.train_one_epoch(forward_model, loader, optimizer, run_args.knn_t, 1, device, args.amp,
-                                            disable)
+        pretraining.train_one_epoch(forward_model, loader, optimizer, run_args.knn_t, 1, device, args.amp, disable)
     return {'simclr_img_per_s': args.batch_size * loader.timed_steps / loader.seconds,
             'simclr_forwards_per_step': forwards['calls'] / len(loader)}
 
@@ -253,7 +253,7 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
     the one-off pass of the frozen clean encoder f0 over the shadow set (encode_img_per_s), after an untimed
     pass when --warmup > 0: a real run spreads cuDNN's algorithm search over its whole set, not these few batches."""
     batch = args.badencoder_batch_size
-    run_args = stage_args(train_badencoder, args, batch, device)
+    run_args = stage_args(attack_flags, args, batch, device)
     shadow_images = images[:images_needed(batch, args)]
     reference = Reference(images[-1:], np.array([GTSRB_PRIORITY]))
     trigger = paper_trigger()
@@ -293,12 +293,12 @@ def mimic_models(args: argparse.Namespace, device: torch.device) -> tuple[SimCLR
     """A frozen teacher (eval mode, no gradients, as defences.mimic.load_teacher) and a fresh student."""
     teacher = SimCLR(arch=args.arch, width=args.width).eval().requires_grad_(False)
     teacher = to_channels_last(teacher.to(device), device)
-    return teacher, MIMIC.build_student(teacher, '', device)
+    return teacher, mimic_steps.build_student(teacher, '', device)
 
 
 def bench_mimic(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
     """Stage 2 distillation: defences.mimic.train_one_epoch (distillation_losses, Adam) on the stage's view pairs."""
-    run_args = stage_args(MIMIC, args, args.mimic_batch_size, device)
+    run_args = stage_args(mimic_steps, args, args.mimic_batch_size, device)
     teacher, student = mimic_models(args, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=run_args.lr, weight_decay=1e-6)
     base = [run_args.opt1, run_args.opt2, run_args.opt3, run_args.opt4]
@@ -316,7 +316,7 @@ def bench_mimic(images: np.ndarray, args: argparse.Namespace, device: torch.devi
 
 
 def bench_mi(images: np.ndarray, args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 2 MI estimation, as MIMIC.locate_benign_knowledge runs it: one cached pass of the network over
+    """Stage 2 MI estimation, as defences.mimic.locate_benign_knowledge runs it: one cached pass of the network over
     the clean images (tapped_representations), then estimate_mi per tapped layer on the cached tensors.
 
     The cached pass is timed once; the estimator's epochs are timed per layer and scaled linearly from
@@ -332,7 +332,7 @@ def bench_mi(images: np.ndarray, args: argparse.Namespace, device: torch.device,
         cache_seconds = time.perf_counter() - start
         generator = torch.Generator().manual_seed(args.seed)
         layer_seconds = {}
-        for name, h in zip(MIMIC.LAYER_NAMES, taps):
+        for name, h in zip(mimic_steps.LAYER_NAMES, taps):
             with tqdm(total=args.mi_measure_epochs, desc=f'MI {name} ({h.shape[1]}-d)', disable=disable) as bar:
                 start = time.perf_counter()
                 estimate_mi(h, z, epochs=args.mi_measure_epochs, batch_size=args.mi_batch_size,
@@ -362,12 +362,12 @@ def bench_defences(images: np.ndarray, args: argparse.Namespace, device: torch.d
     iterations = str(args.warmup + args.steps)
     seconds, rates = {}, {}
     for name in names:
-        run_args = baseline_defence.get_args_parser().parse_args(
+        run_args = baselines.get_args_parser().parse_args(
             ['--defence', name, '--teacher', 'benchmark', '--results_dir', 'benchmark', '--epochs', '1',
              '--batch_size', str(args.mimic_batch_size), '--seed', str(args.seed), '--num_workers', str(args.num_workers),
              '--augment', args.augment, '--anp_iterations', iterations, '--invert_steps', iterations]
             + ['--amp'] * args.amp + ['--compile'] * args.compile + ['--no_progress'] * disable)
-        run_args.lr = baseline_defence.DEFAULT_LR.get(name, 1e-3)
+        run_args.lr = baselines.DEFAULT_LR.get(name, 1e-3)
         suspect, _ = mimic_models(args, device)  # a frozen teacher of the paper's architecture
         with tempfile.TemporaryDirectory() as folder:
             run = DefenceRun(run_args, NORMALIZATION, device, Path(folder))
@@ -386,7 +386,7 @@ def random_features(count: int, dim: int, generator: torch.Generator, device: to
 
 
 def bench_probe(args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 3: training_downstream_classifier.train_probe (train + ACC/ASR evaluation every epoch) on
+    """Stage 3: the probe's epochs (common.probes.train_one_epoch, then the ACC/ASR evaluation every epoch) on
     device-resident random features of the encoder's dimension; one untimed warm-up epoch first."""
     dim = feature_dim_of(args.arch, args.width)
     generator = torch.Generator().manual_seed(args.seed)
@@ -394,42 +394,46 @@ def bench_probe(args: argparse.Namespace, device: torch.device, disable: bool) -
     def labels(count: int) -> torch.Tensor:
         return torch.randint(args.probe_classes, (count,), generator=generator).to(device)
 
-    features = downstream.Features(
-        train=random_features(args.probe_features, dim, generator, device), train_labels=labels(args.probe_features),
-        test=random_features(args.probe_test_features, dim, generator, device),
-        test_labels=labels(args.probe_test_features),
-        triggered=random_features(args.probe_test_features, dim, generator, device), reference=None)
-    probe = MLPProbe(dim, (512, 256), args.probe_classes).to(device)
-    optimizer = downstream.probe_optimizer(probe.parameters(), 1e-4, device)  # the stage's own Adam
+    features, test, triggered = (random_features(count, dim, generator, device)[None] for count in
+                                 (args.probe_features, args.probe_test_features, args.probe_test_features))
+    train_labels, test_labels = labels(args.probe_features), labels(args.probe_test_features)
+    group = OneProbe(MLPProbe(dim, (512, 256), args.probe_classes)).to(device)
+    optimizer = probes.probe_optimizer(group.parameters(), 1e-4, device)  # the stage's own Adam
     target = min(GTSRB_PRIORITY, args.probe_classes - 1)
-    names = downstream.metric_names('benchmark')
 
-    # train_probe prints the original's per-epoch metric lines: probe_figures drops them
-    def train(epochs: int) -> dict:
-        training = Training(probe, optimizer, argparse.Namespace(save_freq=0, no_progress=disable), epochs, None,
-                            log_name=None)
-        return downstream.train_probe(training, features, target, args.probe_batch_size, names)
+    def train(epochs: int) -> list[dict]:
+        return probe_epochs(group, optimizer, (features, train_labels), (test, triggered, test_labels), target,
+                            args.probe_batch_size, epochs)
     return probe_figures(train, args, device)
+
+
+def probe_epochs(group, optimizer: torch.optim.Optimizer, train: tuple, test: tuple, target: int, batch_size: int,
+                 epochs: int) -> list[dict]:
+    """Stage 3's work per epoch, `epochs` times: one epoch of the probes (common.probes.train_one_epoch) and their
+    ACC/ASR evaluation (evaluation.probe.evaluate), without the stage's files and lines; the last metrics."""
+    metrics = []
+    for epoch in range(1, epochs + 1):
+        probes.train_one_epoch(group, optimizer, *train, batch_size, epoch)
+        metrics = evaluate(group, *test, target)
+    return metrics
 
 
 GROUP_SIZES = (3, 10)  # encoders per stage-3 run, as the pipeline's settings have them (3 + the baselines)
 
 
 def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: bool) -> dict:
-    """Stage 3 with several encoders: N probes trained as one group (`train_group`, one stacked model) against the
-    same N probes trained one after the other (`train_probe`), side by side on the same random features, for
+    """Stage 3 with several encoders: N probes trained as one group (one stacked model, ProbeGroup) against the
+    same N probes trained one after the other (each a group of one, OneProbe), side by side on the same random features, for
     N in GROUP_SIZES. `probe_group_speedup[N]` is the ratio of their times over --probe_measure_epochs epochs
     (each side after one untimed warm-up epoch when --warmup is set)."""
     dim = feature_dim_of(args.arch, args.width)
     generator = torch.Generator().manual_seed(args.seed)
-    target, run_args = min(GTSRB_PRIORITY, args.probe_classes - 1), argparse.Namespace(save_freq=0, no_progress=True)
+    target = min(GTSRB_PRIORITY, args.probe_classes - 1)
 
-    def features() -> downstream.Features:
-        return downstream.Features(
-            random_features(args.probe_features, dim, generator, device), labels,
-            random_features(args.probe_test_features, dim, generator, device), test_labels,
-            random_features(args.probe_test_features, dim, generator, device), None)
+    def features() -> torch.Tensor:
+        return random_features(args.probe_features, dim, generator, device)
     labels = torch.randint(args.probe_classes, (args.probe_features,), generator=generator).to(device)
+    test, triggered = (random_features(args.probe_test_features, dim, generator, device) for _ in range(2))
     test_labels = torch.randint(args.probe_classes, (args.probe_test_features,), generator=generator).to(device)
 
     def timed(train: Callable[[int], object]) -> float:
@@ -444,20 +448,20 @@ def bench_probe_group(args: argparse.Namespace, device: torch.device, disable: b
 
     speedup, group_epoch = {}, {}
     for size in GROUP_SIZES:
-        members = [downstream.Member(f'encoder{k}', argparse.Namespace(encoder=f'encoder{k}'), None,
-                                     features=features()) for k in range(size)]
-        probes = [MLPProbe(dim, (512, 256), args.probe_classes) for _ in members]
+        train = torch.stack([features() for _ in range(size)])  # (N, T, d)
+        stacked = (torch.stack([test] * size), torch.stack([triggered] * size), test_labels)
+        members = [MLPProbe(dim, (512, 256), args.probe_classes) for _ in range(size)]
         singles = 0.0
-        for probe, member in zip(probes, members):
-            single = copy.deepcopy(probe).to(device)
-            optimizer = downstream.probe_optimizer(single.parameters(), 1e-4, device)
-            singles += timed(lambda epochs: downstream.train_probe(
-                Training(single, optimizer, run_args, epochs, None, log_name=None), member.features, target,
-                args.probe_batch_size, downstream.metric_names('benchmark')))
-        group = ProbeGroup(probes, [torch.Generator(device).manual_seed(k) for k in range(size)]).to(device)
-        optimizer = downstream.probe_optimizer(group.parameters(), 1e-4, device)
-        together = timed(lambda epochs: downstream.train_group(
-            Training(group, optimizer, run_args, epochs, None, log_name=None), members, target, args.probe_batch_size))
+        for k, probe in enumerate(members):
+            single = OneProbe(copy.deepcopy(probe)).to(device)
+            optimizer = probes.probe_optimizer(single.parameters(), 1e-4, device)
+            singles += timed(lambda epochs: probe_epochs(single, optimizer, (train[k:k + 1], labels),
+                                                         (test[None], triggered[None], test_labels), target,
+                                                         args.probe_batch_size, epochs))
+        group = ProbeGroup(members, [torch.Generator(device).manual_seed(k) for k in range(size)]).to(device)
+        optimizer = probes.probe_optimizer(group.parameters(), 1e-4, device)
+        together = timed(lambda epochs: probe_epochs(group, optimizer, (train, labels), stacked, target,
+                                                     args.probe_batch_size, epochs))
         speedup[str(size)] = singles / together
         group_epoch[str(size)] = together / args.probe_measure_epochs
     return {'probe_group_speedup': speedup, 'probe_group_epoch_s': group_epoch}
@@ -493,7 +497,7 @@ def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
             teacher.f(x)
     feature_s = timed(encode)
 
-    run_args = stage_args(MIMIC, args, args.mimic_batch_size, device)
+    run_args = stage_args(mimic_steps, args, args.mimic_batch_size, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=run_args.lr, weight_decay=1e-6)
     opt_weights, _, _ = layer_weights([1.0] * 4, [run_args.opt1, run_args.opt2, run_args.opt3, run_args.opt4])
     x1, x2 = views(args.mimic_batch_size), views(args.mimic_batch_size)
@@ -512,7 +516,7 @@ def bench_visual(args: argparse.Namespace, device: torch.device) -> dict:
 
 @torch.no_grad()
 def bench_knn(args: argparse.Namespace, device: torch.device, encode_img_per_s: float) -> dict:
-    """The stage-0 kNN monitor (common.features.knn_monitor): encoding the CIFAR10 train and test images, at
+    """The stage-0 kNN monitor (evaluation.features.knn_monitor): encoding the CIFAR10 train and test images, at
     the measured encode throughput, plus knn_classify of --knn_queries random features against a bank of
     --knn_bank, scaled linearly to the 10000 test images."""
     dim = feature_dim_of(args.arch, args.width)

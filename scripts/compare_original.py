@@ -35,8 +35,10 @@ import original_harness  # noqa: E402  (imports nothing of the original until it
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.cli import UsageError, run_main, seed_everything  # noqa: E402
-from common.device import resolve_device  # noqa: E402
+from common.cli import seed_everything  # noqa: E402
+from core.cli import run_main  # noqa: E402
+from core.device import resolve_device  # noqa: E402
+from core.errors import UsageError  # noqa: E402
 from models import PAPER_WIDTH  # noqa: E402
 
 HARNESS = Path(__file__).resolve().parent / 'original_harness.py'

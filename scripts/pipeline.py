@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
-from common.files import write_text_atomic
+from core.files import write_text_atomic
 from defences import BASELINES
 
 PROG = 'run_pipeline.sh'  # the name errors are reported under (the wrapper users call)

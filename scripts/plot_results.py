@@ -10,9 +10,9 @@ Per run directory (file names start with the run folder's name, RUN below):
   RUN_mi.png        mimic/mi.json: the MI estimate of each tapped layer per estimation epoch, MI_l (the mean of
                     the last 10), and the layer weights w_l with opt_l = base_l + 10000·w_l that MIMIC distils with
                     (uniform weights alone under --layer_weights uniform)
-  RUN_probe.png     ACC and ASR (ASR* dashed) after every probe epoch of each evaluated encoder, from the JSON lines
-                    the pipeline keeps in RUN/eval.log (those naming "encoder": "eval_<name>"; the pipeline's
-                    earlier per-encoder logs, RUN/eval_<name>.log, are read too)
+  RUN_probe.png     ACC and ASR (ASR* dashed) after every probe epoch of each evaluated encoder, from its probe's
+                    RUN/eval_<name>/log.csv (for runs of earlier versions, which kept them only in the stage-3 log:
+                    the JSON lines of RUN/eval.log naming "encoder": "eval_<name>", or RUN/eval_<name>.log)
   RUN_defences.png  ACC, ASR and ASR* of each encoder (clean, backdoored, MIMIC and the baseline defences present),
                     from RUN/eval_<name>/metrics.json
   RUN_mimic_curve.png  MIMIC over its epochs (run_pipeline.sh --mimic_curve 1): its training loss per epoch
@@ -60,7 +60,7 @@ from datasets import DATASETS, DataError, apply_trigger, get_info, load_split, l
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES  # noqa: E402
 from scripts.results_table import ENCODERS, TableError, estimate, read_json, seed_groups  # noqa: E402
-from training_downstream_classifier import EXCLUDING_TARGET_NAME, metric_names  # noqa: E402
+from evaluation.metrics import EXCLUDING_TARGET_NAME, metric_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MATPLOTLIB_MISSING = 'error: plotting needs matplotlib: pip install -r requirements-plot.txt'
@@ -222,8 +222,8 @@ def read_run(path: Path, tag: str) -> Run:
     names = [name for name in ENCODER_ORDER if (path / f'eval_{name}').is_dir()]
     names += sorted(p.name[len('eval_'):] for p in path.glob('eval_*')
                     if p.is_dir() and p.name[len('eval_'):] not in names)
-    group_log = path / 'eval.log'  # the pipeline's one stage-3 run for all encoders
-    group_curves = read_probe_logs(group_log) if group_log.is_file() else {}
+    group_log = path / 'eval.log'  # runs of earlier versions: their per-epoch values only in the stage-3 log
+    group_curves = None
     for name in names:
         metrics_path = path / f'eval_{name}' / 'metrics.json'
         if metrics_path.is_file():
@@ -231,10 +231,16 @@ def read_run(path: Path, tag: str) -> Run:
             for key, _ in METRICS:
                 number(metrics.get(key), metrics_path, key)
             run.metrics[name] = metrics
-        curves = group_curves.get(f'eval_{name}')
-        log = path / f'eval_{name}.log'  # the pipeline's per-encoder evaluations, before the group
-        if not curves and log.is_file():
-            curves = read_probe_log(log)
+        log_csv = path / f'eval_{name}' / 'log.csv'  # the probe's own per-epoch values
+        if log_csv.is_file():
+            curves = read_csv_columns(log_csv)
+        else:
+            if group_curves is None:
+                group_curves = read_probe_logs(group_log) if group_log.is_file() else {}
+            curves = group_curves.get(f'eval_{name}')
+            log = path / f'eval_{name}.log'  # one encoder evaluated at a time
+            if not curves and log.is_file():
+                curves = read_probe_log(log)
         curves = curves or {}
         if curves.get('acc') or curves.get('asr'):
             run.curves[name] = curves
@@ -626,8 +632,8 @@ def make_figures(plt, runs: list[Run], out: Path, x: str) -> list[Path]:
         if run.curves:
             plot_probe(plt, run, out, written)
         elif run.metrics:
-            print(f'note: {run.path}: no per-epoch probe values (the pipeline keeps them in eval.log; an '
-                  'evaluation run by hand prints them only), no probe figure')
+            print(f'note: {run.path}: no per-epoch probe values (eval_<name>/log.csv, written by a probe run '
+                  'with --results_dir), no probe figure')
         if run.mimic_curve:
             plot_mimic_curve(plt, run, out, written)
         if run.metrics:

@@ -144,10 +144,10 @@ ENTRY_POINTS = {'train_clean_encoder.py': 'train_clean_encoder', 'train_badencod
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
-    """A stage run as `run_script` runs it, but inside this process: its `main(argv)` through `common.cli.run_main`
+    """A stage run as `run_script` runs it, but inside this process: its `main(argv)` through `core.cli.run_main`
     (so the exit status and the one-line error are the script's), stdout and stderr captured. Seconds faster than
     a new interpreter; the tests of the process itself (signals, torchrun, the command line) keep `run_script`."""
-    from common.cli import run_main
+    from core.cli import run_main
     module = importlib.import_module(ENTRY_POINTS[args[0]])
     out, err = io.StringIO(), io.StringIO()
     status = 0

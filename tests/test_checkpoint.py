@@ -10,8 +10,8 @@ import stat
 import pytest
 import torch
 
+from core.files import default_file_mode, write_atomic
 from models import CheckpointError, SimCLR, load_checkpoint, load_encoder, save_atomic
-from common.files import default_file_mode, write_atomic
 from models.checkpoint import describe_mismatch, encoder_checkpoint, encoder_config, infer_config, load_state_into
 
 

@@ -1,5 +1,5 @@
-"""common: device resolution, RNG states through checkpoints, run directories, CSV logs, kNN monitor,
-error handling of the stage scripts."""
+"""common, core and evaluation.features: device resolution, RNG states through checkpoints, run directories, CSV
+logs, kNN monitor, error handling of the stage scripts."""
 from __future__ import annotations
 
 import argparse
@@ -13,17 +13,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.cli import (NonFiniteLossError, UsageError, caused_by_interrupt, check_finite, data_dir_for, one_line,
-                        progress_disabled, require_positive, run_main, seed_everything, shared_parser)
-from common.device import autocast, resolve_device
-from common.features import encode_images, knn_accuracies, knn_classify, knn_monitor
-from common.loaders import epoch_loader
+from common.cli import check_finite, data_dir_for, progress_disabled, require_positive, seed_everything, shared_parser
 from common.runs import (checkpoint_epochs, prepare_results_dir, read_csv, restore_optimizer, write_args,
                          rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, requires_cpu_fused_adam, run_script
+from core.cli import caused_by_interrupt, one_line, run_main
+from core.device import autocast, resolve_device
+from core.errors import NonFiniteLossError, UsageError
+from core.files import default_file_mode
 from datasets import DataError
+from datasets.loaders import epoch_loader
+from evaluation.features import encode_images, knn_accuracies, knn_classify, knn_monitor
 from models import CheckpointError, load_checkpoint, save_atomic
-from common.files import default_file_mode
 
 sys.path.insert(0, str(REPO / 'scripts'))
 from bench_tools import counting_forwards  # noqa: E402
@@ -347,7 +348,7 @@ def test_run_main_lets_bugs_through():
 
 def test_run_main_as_a_user_sees_it(tmp_path):
     script = tmp_path / 'stage.py'
-    script.write_text('from common.cli import run_main\n'
+    script.write_text('from core.cli import run_main\n'
                       'from datasets import load_split\n'
                       f'run_main(lambda: load_split("cifar10", "train", {str(tmp_path)!r}))\n')
     result = run_script(str(script), timeout=120)
@@ -389,7 +390,7 @@ def test_caused_by_interrupt_follows_the_exception_chain():
 def test_an_error_raised_by_an_interrupt_is_the_interrupt(tmp_path, failing_main):
     """One line and exit 130, not the error the interrupt caused."""
     script = tmp_path / 'stage.py'
-    script.write_text('from common.cli import run_main\n' + failing_main + 'run_main(main)\n')
+    script.write_text('from core.cli import run_main\n' + failing_main + 'run_main(main)\n')
     result = run_script(str(script), timeout=120)
     assert result.returncode == 130
     assert result.stderr.startswith('interrupted: ') and result.stderr.count('\n') == 1

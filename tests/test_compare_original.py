@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.cli import UsageError
 from conftest import run_script
+from core.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import compare_original  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 import baseline_defence
 import MIMIC
 import defences.mimic
-from common.cli import UsageError
+from core.errors import UsageError
 from defences import BASELINES, fp, nad
 from defences.mimic import distillation_losses
 from models import SimCLR, load_encoder
@@ -164,7 +164,7 @@ def test_help_lists_every_baseline():
 
 
 def test_trajectory_flags_are_marked_same_on_resume():
-    from common.cli import resume_flags
+    from core.cli import resume_flags
     marked = resume_flags(baseline_defence.get_args_parser())
     for flag in ('prune_ratio', 'fp_min_cosine', 'fp_step', 'nad_betas', 'nad_teacher_epochs', 'anp_eps', 'anp_steps',
                  'anp_perturbation', 'anp_bn_stats', 'anp_alpha', 'anp_lr', 'anp_iterations', 'anp_threshold',

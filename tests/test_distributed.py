@@ -29,10 +29,11 @@ import pytest
 import torch
 
 from common import distributed
-from common.cli import UsageError
-from common.fastpath import DevicePairBatches, DeviceShadowBatches
-from common.loaders import RankBatches, epoch_loader, epoch_permutation
 from conftest import REPO, run_in_process
+from core import processes
+from core.errors import UsageError
+from datasets.fastpath import DevicePairBatches, DeviceShadowBatches
+from datasets.loaders import RankBatches, epoch_loader, epoch_permutation
 from models import SimCLR, load_checkpoint
 from models.losses import nt_xent, nt_xent_anchors
 
@@ -96,8 +97,8 @@ def test_tensor_path_ranks_take_their_rows_of_one_global_draw():
 def test_without_torchrun_everything_is_the_single_process_path(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     args = argparse.Namespace(device='cpu', gpu='0', batch_size=3, dist_timeout=10.0)
-    assert distributed.setup(args) == torch.device('cpu') and not distributed.is_distributed()
-    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.setup(args) == torch.device('cpu') and not processes.is_distributed()
+    assert (processes.rank(), processes.world_size(), processes.is_main()) == (0, 1, True)
     model = SimCLR(width=4)
     assert distributed.data_parallel(model, torch.device('cpu')) is model
     x, y = torch.randn(6, 5), torch.randn(6, 5)
@@ -118,19 +119,19 @@ def test_torchrun_flags_that_cannot_work_are_refused_before_joining(monkeypatch)
         distributed.setup(argparse.Namespace(device='cuda:1', gpu='0', batch_size=64, dist_timeout=10.0))
     with pytest.raises(UsageError, match='--dist_timeout must be positive'):
         distributed.setup(argparse.Namespace(device='cpu', gpu='0', batch_size=64, dist_timeout=0.0))
-    assert distributed.launched_rank() == 1 and not distributed.is_distributed()
+    assert processes.launched_rank() == 1 and not processes.is_distributed()
 
 
 def test_errors_under_torchrun_are_one_line_from_the_right_process(monkeypatch, capfd):
     gloo = RuntimeError('[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234. This is '
                         'typically caused by a remote worker crashing.')
-    assert distributed.collective_failed(gloo) and not distributed.collective_failed(RuntimeError('simulated'))
+    assert processes.collective_failed(gloo) and not processes.collective_failed(RuntimeError('simulated'))
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '1')
-    distributed.report_error('error: bad flag', same_on_every_process=True)  # rank 0 says it for everyone
-    distributed.report_error('error: RuntimeError: out of memory', same_on_every_process=False)
+    processes.report_error('error: bad flag', same_on_every_process=True)  # rank 0 says it for everyone
+    processes.report_error('error: RuntimeError: out of memory', same_on_every_process=False)
     monkeypatch.setenv('RANK', '0')
-    distributed.report_error('error: bad flag', same_on_every_process=True)
+    processes.report_error('error: bad flag', same_on_every_process=True)
     assert capfd.readouterr().err.splitlines() == ['[rank 1] error: RuntimeError: out of memory', 'error: bad flag']
 
 
@@ -214,13 +215,13 @@ def stage1_args(data_root, reference, encoder, results_dir, *extra: str) -> list
 
 FINALISATION_PROBE = '''\
 """train_badencoder.py as its own command line runs it, and an atexit handler that writes which threads are left
-when the interpreter finalises: a torchrun process must end before that (common.distributed.leave_process), since
+when the interpreter finalises: a torchrun process must end before that (core.processes.leave_process), since
 gloo's leftover threads may abort it there."""
 import atexit
 import os
 
 import train_badencoder as stage
-from common.cli import run_main
+from core.cli import run_main
 
 
 def record() -> None:
@@ -277,7 +278,7 @@ BATCHNORM_FREE_STAGE0 = '''\
 import torch
 
 import train_clean_encoder as stage0
-from common.cli import run_main
+from core.cli import run_main
 
 
 def without_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -373,7 +374,7 @@ FAILING_STAGE0 = '''\
 import os
 
 import train_clean_encoder as stage0
-from common.cli import run_main
+from core.cli import run_main
 
 train_one_epoch = stage0.train_one_epoch
 
@@ -420,7 +421,7 @@ class Left(Exception):
 
 @pytest.mark.parametrize('raised, status', [(None, 0), (UsageError('bad flag'), 2), (RuntimeError('crash'), 1)])
 def test_a_process_that_joined_a_group_leaves_with_its_status_without_finalising(monkeypatch, capfd, raised, status):
-    from common import cli
+    from core import cli
     left = []
 
     def leave(code):
@@ -429,9 +430,9 @@ def test_a_process_that_joined_a_group_leaves_with_its_status_without_finalising
 
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '0')
-    monkeypatch.setattr(distributed, 'is_distributed', lambda: True)
-    monkeypatch.setattr(distributed, 'teardown', lambda: None)
-    monkeypatch.setattr(distributed, 'leave_process', leave)
+    monkeypatch.setattr(processes, 'is_distributed', lambda: True)
+    monkeypatch.setattr(processes, 'teardown', lambda: None)
+    monkeypatch.setattr(processes, 'leave_process', leave)
     monkeypatch.setattr(cli.time, 'sleep', lambda seconds: None)
 
     def main():
@@ -440,7 +441,7 @@ def test_a_process_that_joined_a_group_leaves_with_its_status_without_finalising
     with pytest.raises(Left):
         cli.run_main(main)
     assert left == [status]
-    monkeypatch.setattr(distributed, 'is_distributed', lambda: False)  # one process: the usual exit, no os._exit
+    monkeypatch.setattr(processes, 'is_distributed', lambda: False)  # one process: the usual exit, no os._exit
     if raised is None:
         cli.run_main(main)
     else:

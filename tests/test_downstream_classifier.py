@@ -1,18 +1,22 @@
 """Stage 3 (training_downstream_classifier.py): flags, ACC/ASR, the original's output lines, errors."""
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import re
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import training_downstream_classifier as stage3
+from common import probes
+from evaluation import metrics
+from evaluation.probe import evaluate
+from models.probe_group import OneProbe
 from common.cli import UsageError
-from common.engine import Training
-from models import SimCLR, save_atomic
+from models import MLPProbe, SimCLR, save_atomic
 from models.checkpoint import encoder_checkpoint
 
 from conftest import requires_cpu_fused_adam, run_in_process, run_script
@@ -53,21 +57,21 @@ def test_parser_has_the_original_flags_and_defaults():
 def test_accuracy_and_attack_success_rate_on_a_hand_built_case():
     pred = torch.tensor([1, 1, 1, 0])
     true = torch.tensor([0, 2, 1, 1])
-    assert stage3.accuracy(pred, true) == 25.0  # only image 2 is right
+    assert metrics.accuracy(pred, true) == 25.0  # only image 2 is right
     # target 1: three of the four triggered images go to it (the original's count) ...
-    assert stage3.attack_success_rate(pred, true, target=1) == 75.0
+    assert metrics.attack_success_rate(pred, true, target=1) == 75.0
     # ... and both images whose true label is not 1 do
-    assert stage3.attack_success_rate(pred, true, target=1, exclude_target=True) == 100.0
-    assert stage3.attack_success_rate(pred, true, target=0, exclude_target=True) == pytest.approx(100 / 3)
-    assert stage3.attack_success_rate(torch.tensor([2, 2]), torch.tensor([0, 1]), target=0) == 0.0
+    assert metrics.attack_success_rate(pred, true, target=1, exclude_target=True) == 100.0
+    assert metrics.attack_success_rate(pred, true, target=0, exclude_target=True) == pytest.approx(100 / 3)
+    assert metrics.attack_success_rate(torch.tensor([2, 2]), torch.tensor([0, 1]), target=0) == 0.0
 
 
 def test_metric_names_follow_the_encoder_path():
-    assert stage3.metric_names('out/clean_encoder/model_1000.pth') == ('Clean Accuracy (CA)',
+    assert metrics.metric_names('out/clean_encoder/model_1000.pth') == ('Clean Accuracy (CA)',
                                                                        'Attack Success Rate-Baseline (ASR-B)')
-    assert stage3.metric_names('out/backdoor/model_200.pth') == ('Backdoored Accuracy (BA)',
+    assert metrics.metric_names('out/backdoor/model_200.pth') == ('Backdoored Accuracy (BA)',
                                                                  'Attack Success Rate (ASR)')
-    assert stage3.metric_line('Attack Success Rate (ASR)', 98.5, 3) == \
+    assert metrics.metric_line('Attack Success Rate (ASR)', 98.5, 3) == \
         '{"metric": "Eval - Attack Success Rate (ASR)", "value": 98.5, "epoch": 3}'
 
 
@@ -77,32 +81,57 @@ def test_probe_learns_separable_features():
     centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
     labels = torch.arange(3).repeat(40)
     train = torch.nn.functional.normalize(centres[labels] + 0.05 * torch.randn(120, 16), dim=1)
-    features = stage3.Features(train, labels, train[:30], labels[:30], centres[[2] * 30], None)
-    probe = stage3.MLPProbe(16, (32, 16), 3)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
-    first = stage3.evaluate(probe, features, target=2)
-    training = Training(probe, optimizer, argparse.Namespace(save_freq=0, no_progress=True), 20, None, log_name=None)
-    metrics = stage3.train_probe(training, features, target=2, batch_size=16, names=stage3.metric_names('model.pth'))
-    assert first['acc'] < 100 and metrics['acc'] == 100.0
-    assert metrics['asr'] == 100.0 and metrics['asr_excluding_target'] == 100.0 and metrics['epoch'] == 20
+    test, triggered = train[None, :30], centres[None, [2] * 30]
+    group = OneProbe(MLPProbe(16, (32, 16), 3))
+    optimizer = torch.optim.Adam(group.parameters(), lr=1e-2)
+    [first] = evaluate(group, test, triggered, labels[:30], target=2)
+    for epoch in range(1, 21):
+        probes.train_one_epoch(group, optimizer, train[None], labels, batch_size=16, epoch=epoch)
+    [last] = evaluate(group, test, triggered, labels[:30], target=2)
+    assert first['acc'] < 100 and last['acc'] == 100.0
+    assert last['asr'] == 100.0 and last['asr_excluding_target'] == 100.0
+
+
+def test_one_probe_trains_as_mlp_probe_with_the_original_loss():
+    """A group of one is MLPProbe's arithmetic: two epochs of train_one_epoch equal the original's loop (mean
+    cross-entropy per batch, dropout from the global generator) bit for bit, and the loss is the mean per image."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(100, 16), torch.randint(0, 4, (100,))
+    probe = MLPProbe(16, (32, 16), 4)
+    reference = copy.deepcopy(probe)
+    ours, theirs = (torch.optim.Adam(model.parameters(), lr=1e-3) for model in (probe, reference))
+    torch.manual_seed(1)
+    losses = [probes.train_one_epoch(OneProbe(probe), ours, features[None], labels, 16, epoch) for epoch in (1, 2)]
+    torch.manual_seed(1)
+    reference.train()
+    for _ in (1, 2):
+        total = 0.
+        for start in range(0, 100, 16):
+            loss = F.cross_entropy(reference(features[start:start + 16]), labels[start:start + 16])
+            theirs.zero_grad()
+            loss.backward()
+            theirs.step()
+            total += loss.item() * len(labels[start:start + 16])
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in probe.state_dict().items())
+    assert losses[1][0] == pytest.approx(total / 100, rel=1e-6)
 
 
 def probe_weights_after_two_epochs(make_optimizer) -> dict:
     torch.manual_seed(0)
     features, labels = torch.randn(100, 16), torch.randint(0, 4, (100,))
-    probe = stage3.MLPProbe(16, (32, 16), 4)
+    probe = MLPProbe(16, (32, 16), 4)
     optimizer = make_optimizer(probe.parameters())
     for epoch in (1, 2):
-        stage3.train_one_epoch(probe, optimizer, features, labels, batch_size=16, epoch=epoch)
+        probes.train_one_epoch(OneProbe(probe), optimizer, features[None], labels, batch_size=16, epoch=epoch)
     return probe.state_dict()
 
 
 def test_probe_optimizer_on_the_cpu_trains_the_probe_bit_for_bit_as_the_default_adam():
     """The script's CPU Adam (foreach) is a speed choice only: the same weights as the per-parameter loop."""
-    optimizer = stage3.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cpu'))
+    optimizer = probes.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cpu'))
     assert optimizer.defaults['foreach'] is True and not optimizer.defaults['fused']
     default = probe_weights_after_two_epochs(lambda parameters: torch.optim.Adam(parameters, lr=1e-3, foreach=False))
-    ours = probe_weights_after_two_epochs(lambda parameters: stage3.probe_optimizer(parameters, 1e-3, 'cpu'))
+    ours = probe_weights_after_two_epochs(lambda parameters: probes.probe_optimizer(parameters, 1e-3, 'cpu'))
     assert all(torch.equal(default[key], ours[key]) for key in default)
 
 
@@ -110,10 +139,10 @@ def test_probe_optimizer_on_the_cpu_trains_the_probe_bit_for_bit_as_the_default_
 def test_probe_optimizer_is_fused_on_cuda_and_fused_adam_is_the_same_update_within_rounding():
     """On CUDA the probe's Adam is fused (its steps are launch-bound there); checked with the CPU's fused kernel,
     which torch has from 2.4: the weights equal the default Adam's within float rounding, not bit for bit."""
-    optimizer = stage3.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cuda'))
+    optimizer = probes.probe_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, torch.device('cuda'))
     assert optimizer.defaults['fused'] is True and not optimizer.defaults['foreach']
     default = probe_weights_after_two_epochs(lambda parameters: torch.optim.Adam(parameters, lr=1e-3))
-    fused = probe_weights_after_two_epochs(lambda parameters: stage3.probe_optimizer(parameters, 1e-3, 'cuda'))
+    fused = probe_weights_after_two_epochs(lambda parameters: probes.probe_optimizer(parameters, 1e-3, 'cuda'))
     assert all(torch.allclose(default[key], fused[key], rtol=0, atol=1e-6) for key in default)
 
 
@@ -188,9 +217,9 @@ def test_missing_reference_label_without_reference_file_is_refused(monkeypatch, 
 def test_encoder_usage_info_prefers_the_flag_and_warns_on_a_recorded_mismatch(capsys):
     recorded = {'args': {'encoder_usage_info': 'stl10', 'pretraining_dataset': 'cifar10'}}
     args = stage3.get_args_parser().parse_args(['--encoder', 'm.pth'])
-    assert stage3.encoder_usage_info(args, recorded) == 'stl10'  # BadEncoder's own flag comes first
-    assert stage3.encoder_usage_info(args, {'args': {'pretraining_dataset': 'cifar10'}}) == 'cifar10'
+    assert probes.encoder_usage_info(args, recorded) == 'stl10'  # BadEncoder's own flag comes first
+    assert probes.encoder_usage_info(args, {'args': {'pretraining_dataset': 'cifar10'}}) == 'cifar10'
     capsys.readouterr()
     args.encoder_usage_info = 'cifar10'
-    assert stage3.encoder_usage_info(args, recorded) == 'cifar10'
+    assert probes.encoder_usage_info(args, recorded) == 'cifar10'
     assert "records the pre-training set 'stl10'" in capsys.readouterr().err

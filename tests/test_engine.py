@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from common.cli import NonFiniteLossError, SameOnResume, StageParser, UsageError, resume_flags, same_on_resume, \
-    seed_everything
+from common.cli import seed_everything
 from common.engine import Training, train_steps
 from common.runs import check_resumable, read_csv
+from core.cli import SameOnResume, StageParser, resume_flags, same_on_resume
+from core.errors import NonFiniteLossError, UsageError
 from models import CheckpointError, load_checkpoint
 
 CPU = torch.device('cpu')

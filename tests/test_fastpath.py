@@ -7,9 +7,9 @@ import argparse
 import numpy as np
 import torch
 
-from common.fastpath import DevicePairBatches, pair_batches, use_tensor_augment
 from conftest import run_in_process
 from datasets import ImagePairs, simclr_transform
+from datasets.fastpath import DevicePairBatches, pair_batches, use_tensor_augment
 from models import load_checkpoint
 
 NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -67,7 +67,7 @@ def test_stage0_and_stage2_on_the_tensor_path_resume_bit_identically(tmp_path, d
 
 def test_badencoder_on_the_tensor_path_plants_the_backdoor(tmp_path, data_root, trigger_file, reference_file,
                                                            tiny_encoder):
-    from common.fastpath import DeviceShadowBatches
+    from datasets.fastpath import DeviceShadowBatches
     references = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     indices, views = next(iter(DeviceShadowBatches(50, references, NORM, 16, seed=0, epoch=1)))
     assert indices.shape == (16,) and views.shape == (16, 2, 3, 32, 32)
@@ -87,7 +87,7 @@ def test_badencoder_on_the_tensor_path_plants_the_backdoor(tmp_path, data_root, 
 
 
 def test_compiled_forward_shares_weights_and_keeps_checkpoint_keys():
-    from common.fastpath import maybe_compile
+    from datasets.fastpath import maybe_compile
     from models import SimCLR
     torch.manual_seed(0)
     model = SimCLR(width=8).eval()

@@ -1,9 +1,19 @@
-"""The package layers have no circles: no module imports, directly or through others, a module that imports it.
+"""The packages are strict layers, and have no circles.
 
-Every import statement counts, also one inside a function (such an import hides a circle, it does not remove
-it). The layers, bottom up: `common.errors` and `common.files` (no project import), `common.device`, `models`,
-`datasets`, `common.distributed`, `common.cli`, the rest of `common`, `attacks` and `defences`, the scripts (and
-the entry points kept inside packages, `python -m datasets.prepare` and `python -m datasets.poison`).
+Every import statement counts, also one inside a function (such an import hides a dependency, it does not remove
+it). The layers, bottom to top (docs/DESIGN.md §2.5):
+
+    0  core        errors, atomic files, device, processes, the entry wrapper: no module of another package
+    1  models
+    2  datasets    also the training data path and the entry points `python -m datasets.prepare` / `.poison`
+    3  evaluation
+    4  common      the stages' shared flags, runs, engine, distributed training
+    5  attacks, defences (neither imports the other)
+    6  the stage scripts (a module at the repository root)
+    7  the tools: scripts/, reference/, trigger/, docs/ (they may import one another, never a stage script)
+
+A module imports modules of its own package or of lower layers only; no module imports, directly or through
+others, a module that imports it.
 """
 from __future__ import annotations
 
@@ -57,6 +67,56 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return found
 
 
+PACKAGE_LAYERS = {'core': 0, 'models': 1, 'datasets': 2, 'evaluation': 3, 'common': 4, 'attacks': 5, 'defences': 5}
+STAGE_LAYER = 6  # a module at the repository root: a stage script
+TOOLS = ('scripts', 'reference', 'trigger', 'docs')
+TOOL_LAYER = 7
+# Imports that name one of our modules but load another. scripts/original_harness.py runs the ORIGINAL released
+# code, in a child process of scripts/compare_original.py: it puts the original's folder first on sys.path and
+# imports the original's stage scripts, which share our scripts' names; it imports none of ours.
+FOREIGN_IMPORTS = {'scripts.original_harness': {'MIMIC', 'train_badencoder', 'train_clean_encoder'}}
+
+
+def layer(name: str) -> tuple[int, str]:
+    """(layer, unit) of a module: its package and the package's layer, a stage script (a module at the root) and
+    the stage layer, or its tool folder and the tools' layer."""
+    top = name.partition('.')[0]
+    if top in PACKAGE_LAYERS:
+        return PACKAGE_LAYERS[top], top
+    if top in TOOLS:
+        return TOOL_LAYER, top
+    if '.' not in name:
+        return STAGE_LAYER, name
+    raise ValueError(f'{name}: its package has no layer (add it to PACKAGE_LAYERS, or to TOOLS)')
+
+
+def layer_violations(graph: dict[str, set[str]], foreign: dict[str, set[str]] | None = None) -> list[str]:
+    """One line per import that breaks the layers: a module importing a higher layer, or a sibling of its own layer
+    (another package of it, another stage script); a tool importing a stage script. `foreign`: {module: imports
+    that load code not ours} (FOREIGN_IMPORTS), left out."""
+    found = []
+    for name in sorted(graph):
+        level, unit = layer(name)
+        for target in sorted(graph[name] - (foreign or {}).get(name, set())):
+            target_level, target_unit = layer(target)
+            if target_unit == unit:
+                continue
+            if level == TOOL_LAYER:
+                if target_level == STAGE_LAYER:
+                    found.append(f'{name} imports {target}: a tool imports a stage script')
+            elif target_level > level:
+                found.append(f'{name} imports {target}: {unit} (layer {level}) is below {target_unit} (layer '
+                             f'{target_level})')
+            elif target_level == level:
+                found.append(f'{name} imports {target}: {unit} and {target_unit} are siblings (layer {level})')
+    return found
+
+
+def import_graph() -> tuple[dict[str, Path], dict[str, set[str]]]:
+    modules = project_modules()
+    return modules, {name: imported_modules(name, path, modules) for name, path in modules.items()}
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted."""
     index, low, stack, on_stack, components, counter = {}, {}, [], set(), [], [0]
@@ -105,15 +165,58 @@ def test_relative_and_function_level_imports_are_found(tmp_path):
     assert imported_modules('pkg', modules['pkg'], modules) == {'pkg.low'}
 
 
+def test_layer_violations_finds_upward_sibling_and_tool_imports():
+    graph = {'models.simclr': {'core.errors', 'common.cli', 'models.resnet'},
+             'attacks.ctrl': {'datasets', 'defences.ft', 'attacks.badencoder'},
+             'MIMIC': {'defences.mimic', 'train_badencoder'},
+             'scripts.benchmark': {'MIMIC', 'trigger.make_trigger', 'scripts.bench_tools', 'common.cli'},
+             'scripts.original_harness': {'MIMIC'}, 'core.cli': {'core.errors'}}
+    assert layer_violations(graph, FOREIGN_IMPORTS) == [
+        'MIMIC imports train_badencoder: MIMIC and train_badencoder are siblings (layer 6)',
+        'attacks.ctrl imports defences.ft: attacks and defences are siblings (layer 5)',
+        'models.simclr imports common.cli: models (layer 1) is below common (layer 4)',
+        'scripts.benchmark imports MIMIC: a tool imports a stage script']
+    assert layer_violations({'scripts.original_harness': {'MIMIC'}}) == [
+        'scripts.original_harness imports MIMIC: a tool imports a stage script']
+    with pytest.raises(ValueError, match='has no layer'):
+        layer('newpackage.module')
+
+
 def test_no_import_cycle():
-    modules = project_modules()
-    graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
-    assert 'common.cli' in graph and 'common.errors' in graph
+    modules, graph = import_graph()
+    assert 'core.cli' in graph and 'core.errors' in graph
     assert cycles(graph) == []
 
 
-@pytest.mark.parametrize('name', ['common.errors', 'common.files'])
-def test_the_bottom_layer_imports_no_project_module(name):
+def test_every_module_has_a_layer():
+    modules = project_modules()
+    for name, path in modules.items():
+        if layer(name)[0] == STAGE_LAYER:
+            assert path.parent == REPO and path.name != '__init__.py', f'{name}: a package without a layer'
+
+
+def test_no_module_imports_a_higher_layer_or_a_sibling():
+    modules, graph = import_graph()
+    assert layer_violations(graph, FOREIGN_IMPORTS) == []
+
+
+def test_the_foreign_imports_are_still_there():
+    """The allowance for the original's modules names imports the harness still makes, no more."""
+    modules, graph = import_graph()
+    for name, targets in FOREIGN_IMPORTS.items():
+        assert targets <= graph[name], name
+
+
+def test_core_imports_nothing_outside_core():
+    modules, graph = import_graph()
+    core = [name for name in graph if layer(name)[1] == 'core']
+    assert 'core.cli' in core
+    for name in core:
+        assert all(layer(target)[1] == 'core' for target in graph[name]), (name, graph[name])
+
+
+@pytest.mark.parametrize('name', ['core.errors', 'core.files'])
+def test_the_bottom_modules_import_no_project_module(name):
     modules = project_modules()
     assert imported_modules(name, modules[name], modules) == set()
 

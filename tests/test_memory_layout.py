@@ -21,8 +21,8 @@ import MIMIC
 import train_badencoder
 import train_clean_encoder
 import training_downstream_classifier
-from common.fastpath import DevicePairBatches, DeviceShadowBatches
 from datasets import normalize_batch
+from datasets.fastpath import DevicePairBatches, DeviceShadowBatches
 from datasets.tensor_augment import finetune_views, model_layout, simclr_views, to_float
 from defences import BASELINES
 from conftest import REPO

@@ -8,7 +8,8 @@ import torch
 
 import MIMIC
 import defences.mimic
-from common.cli import UsageError, run_main
+from core.cli import run_main
+from core.errors import UsageError
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
 from conftest import run_in_process, run_script

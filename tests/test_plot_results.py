@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, run_script, write_split
 from datasets import load_trigger
 from datasets.synthetic import make_synthetic
-from training_downstream_classifier import EXCLUDING_TARGET_NAME, metric_line, metric_names
+from evaluation.metrics import EXCLUDING_TARGET_NAME, metric_line, metric_names
 
 from scripts import plot_results  # noqa: E402
 

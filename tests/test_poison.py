@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import train_clean_encoder as stage0
-from common.cli import UsageError
 from conftest import run_script
+from core.errors import UsageError
 from datasets import DataError, apply_trigger, load_split, load_trigger
 from datasets import poison
 from models import load_encoder

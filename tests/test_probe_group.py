@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training_downstream_classifier as stage3
+from common.probes import probe_optimizer, train_one_epoch
 from conftest import run_in_process
 from models import MLPProbe, ProbeGroup, SimCLR, load_checkpoint, save_atomic
 from models.checkpoint import encoder_checkpoint
-from models.probe_group import split_optimizer_state, stack_optimizer_states
+from models.probe_group import OneProbe, split_optimizer_state, stack_optimizer_states
 
 
 def test_a_group_of_probes_computes_each_probe_and_its_dropout():
@@ -83,10 +83,10 @@ def one_step_inputs(seeds):
 
 
 def group_step(probes, dropout, x, y) -> list[dict]:
-    """One step of the group as stage 3 takes it (train_group: the sum of the probes' mean cross-entropies, the
+    """One step of the group as stage 3 takes it (train_one_epoch: the sum of the probes' mean cross-entropies, the
     probe's Adam); each probe's weights after it."""
     group = ProbeGroup(probes, [torch.Generator().set_state(state) for state in dropout])
-    optimizer = stage3.probe_optimizer(group.parameters(), LR, CPU)
+    optimizer = probe_optimizer(group.parameters(), LR, CPU)
     group.train()
     losses = F.cross_entropy(group(x).flatten(0, 1), y.repeat(len(group)), reduction='none').view(len(group), -1)
     optimizer.zero_grad(set_to_none=True)
@@ -98,10 +98,10 @@ def group_step(probes, dropout, x, y) -> list[dict]:
 def single_step(probe, dropout, x, y) -> dict:
     """One step of a single run (its epoch of one batch), its dropout drawn from the global generator."""
     probe = copy.deepcopy(probe)
-    optimizer = stage3.probe_optimizer(probe.parameters(), LR, CPU)
+    optimizer = probe_optimizer(probe.parameters(), LR, CPU)
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(dropout)
-        stage3.train_one_epoch(probe, optimizer, x, y, BATCH, epoch=1)
+        train_one_epoch(OneProbe(probe), optimizer, x[None], y, BATCH, epoch=1)
     return {name: tensor.clone() for name, tensor in probe.state_dict().items()}
 
 

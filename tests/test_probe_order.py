@@ -18,7 +18,9 @@ import torch
 
 from datasets.prepare import class_sorted, fixed_order
 from models import MLPProbe
-from training_downstream_classifier import predict, train_one_epoch
+from evaluation.probe import predict
+from models.probe_group import OneProbe
+from common.probes import train_one_epoch
 
 CLASSES, PER_CLASS, DIM, NOISE = 10, 1280, 32, 0.8
 EPOCHS, LR, BATCH = 10, 1e-4, 64  # the probe's learning rate and batch size (docs/DESIGN.md §7)
@@ -38,8 +40,8 @@ def trained_probe_predictions(features: np.ndarray, labels: np.ndarray, test: np
     optimizer = torch.optim.Adam(probe.parameters(), lr=LR)
     x, y = torch.from_numpy(features), torch.from_numpy(labels)
     for epoch in range(1, EPOCHS + 1):
-        train_one_epoch(probe, optimizer, x, y, BATCH, epoch)
-    return predict(probe, torch.from_numpy(test)).numpy()
+        train_one_epoch(OneProbe(probe), optimizer, x[None], y, BATCH, epoch)
+    return predict(OneProbe(probe), torch.from_numpy(test)[None])[0].numpy()
 
 
 def test_a_class_sorted_training_file_biases_the_fixed_order_probe_towards_later_classes():

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 import train_badencoder
 from attacks import badencoder, drupe
-from common.cli import NonFiniteLossError, UsageError
-from common.features import encode_images
 from common.runs import read_csv
+from core.errors import NonFiniteLossError, UsageError
 from datasets import (DataError, Reference, ShadowImages, finetune_transform, get_info, load_reference,
                       load_trigger, normalize_batch, triggered_copy)
 from datasets import test_transform as eval_transform
+from evaluation.features import encode_images
 from models import load_checkpoint, load_encoder
 from conftest import run_in_process, run_script
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import train_clean_encoder as stage0
-from common.cli import NonFiniteLossError, UsageError, resume_flags
-from common.loaders import epoch_loader
 from common.runs import check_resumable
+from core.cli import resume_flags
+from core.errors import NonFiniteLossError, UsageError
 from datasets import ImagePairs, load_split, simclr_transform
+from datasets.loaders import epoch_loader
 from models import SimCLR, load_checkpoint, load_encoder
 
 from conftest import run_in_process, run_script

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from attacks import ctrl
-from common.cli import UsageError
 from conftest import run_script
+from core.errors import UsageError
 from datasets import DataError, Trigger, apply_trigger, load_trigger
 from trigger import make_trigger
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import UsageError
 from conftest import COMPAT, REPO, requires_compat, run_script
+from core.errors import UsageError
 from datasets import DataError, apply_trigger, load_reference, load_split, load_trigger
 from reference import make_reference
 from trigger import make_trigger

@@ -57,10 +57,11 @@ import numpy as np
 if __package__ in (None, ''):  # run as `python trigger/make_trigger.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import UsageError, run_main  # noqa: E402
-from datasets import DataError, load_trigger, read_npz  # noqa: E402
-from common.files import save_npz_atomic  # noqa: E402
 from attacks.ctrl import YUV_CHANNELS, YUV_INVERSES, ctrl_delta  # noqa: E402
+from core.cli import run_main  # noqa: E402
+from core.errors import UsageError  # noqa: E402
+from core.files import save_npz_atomic  # noqa: E402
+from datasets import DataError, load_trigger, read_npz  # noqa: E402
 from datasets.triggers import MAX_ADDITIVE  # noqa: E402
 
 KINDS = ('patch', 'blend', 'ctrl')

@@ -1,6 +1,6 @@
 """The per-image (PIL) data path's loaders: DataLoaders whose order depends only on (seed, epoch), so that a
 resumed run sees exactly the batches of an uninterrupted one, and their torchrun form (this rank's rows of the
-same global batches). `common.fastpath` chooses between them and the tensor path's device batches.
+same global batches). `datasets.fastpath` chooses between them and the tensor path's device batches.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The errors every layer raises, defined at the bottom of the package so that any module can import them.
+"""The errors every layer raises, defined in the bottom layer so that any module can import them.
 
 Expected mistakes (a bad flag, file or dataset) end a run with one line on stderr and exit status 2
-(`common.cli.run_main`); a non-finite loss with exit status 3. Nothing here imports another module of the project.
+(`core.cli.run_main`); a non-finite loss with exit status 3. Nothing here imports another module of the project.
 """
 from __future__ import annotations
 

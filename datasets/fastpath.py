@@ -19,12 +19,12 @@ import argparse
 import torch
 from torch.utils.data import Dataset
 
-from datasets import ImagePairs
-from datasets.tensor_augment import CROP_SCALE, finetune_views, simclr_views
+from core import processes
+from core.cli import same_on_resume
 
-from . import distributed
-from .cli import same_on_resume
 from .loaders import epoch_loader, epoch_seed, rank_epoch_loader
+from .tensor_augment import CROP_SCALE, finetune_views, simclr_views
+from .torch_datasets import ImagePairs
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +102,7 @@ def pair_batches(pairs: ImagePairs, args: argparse.Namespace, normalization, epo
     which the caller builds with the same value (`datasets.simclr_transform(..., crop_scale)`).
     Under torchrun, this process's share of each global batch of --batch_size (module docstring).
     """
-    rank, world_size = distributed.rank(), distributed.world_size()
+    rank, world_size = processes.rank(), processes.world_size()
     if use_tensor_augment(args, device):
         if device_images is None:
             device_images = torch.from_numpy(pairs.images).to(device)
@@ -154,7 +154,7 @@ def shadow_batches(dataset: Dataset, args: argparse.Namespace, normalization, ep
                    device_references: torch.Tensor):
     """The epoch's BadEncoder batches through the chosen augmentation path (see module docstring); under
     torchrun, this process's share of each global batch."""
-    rank, world_size = distributed.rank(), distributed.world_size()
+    rank, world_size = processes.rank(), processes.world_size()
     if use_tensor_augment(args, device):
         return DeviceShadowBatches(len(dataset), device_references, normalization, args.batch_size, args.seed,
                                    epoch, rank, world_size)

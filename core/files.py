@@ -1,7 +1,7 @@
 """Atomic file writing, the project's one way to put a file on disk (checkpoints, npz sets, JSON, CSV, copies).
 
 A reader, or a run killed mid-write, sees either the old file or the complete new one. This module imports no
-other module of the project, so `datasets/`, `models/` and `common/` all build on it.
+other module of the project, so every package builds on it.
 """
 from __future__ import annotations
 
