@@ -2,8 +2,8 @@
 """Throughput of every pipeline stage on this machine, at CIFAR scale, on synthetic data held in memory.
 
 Each figure runs the stage's own training function on the stage's own data path (the scripts'
-`train_one_epoch` fed by `datasets.fastpath` as the scripts feed it, the probe's `common.probes.train_one_epoch` and evaluation, MIMIC's
-`tapped_representations` and `estimate_mi`), with the paper's architecture (ResNet18, width 64) and batch
+`train_one_epoch` fed by `datasets.fastpath` as the scripts feed it, the probe's `common.probes.train_one_epoch`
+and evaluation, MIMIC's `tapped_representations` and `estimate_mi`), with the paper's architecture (ResNet18, width 64) and batch
 sizes, on 32x32 RGB images from `datasets.synthetic`; --augment and --compile are passed on as given:
 
     simclr_img_per_s       stage 0: SimCLR training, images per second (one image = its two views), batch 256
