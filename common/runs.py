@@ -69,29 +69,40 @@ def checkpoint_epochs(results_dir: str | Path, pattern: str) -> list[tuple[int, 
     return sorted(found)
 
 
-def checked_checkpoints(results_dir: Path, pattern: str, resume: bool, overwrite: bool) -> list[tuple[int, Path]]:
-    """The checkpoints named like `pattern` in `results_dir`, oldest first, once the folder is known to be usable:
-    not a file; with `resume`, holding at least one; else holding none unless `overwrite`. Creates nothing."""
+def checked_checkpoints(results_dir: Path, pattern: str | tuple[str, ...], resume: bool, overwrite: bool,
+                        outputs: tuple[str, ...] = ()) -> list[tuple[int, Path]]:
+    """The checkpoints named like `pattern` (or any of several patterns) in `results_dir`, oldest first, once the
+    folder is known to be usable: not a file; with `resume`, holding at least one; else holding none, nor any of
+    the files `outputs` a finished run leaves there, unless `overwrite`. Creates nothing."""
+    patterns = (pattern,) if isinstance(pattern, str) else pattern
     if results_dir.exists() and not results_dir.is_dir():
         raise UsageError(f'--results_dir {results_dir}: exists and is not a folder')
-    existing = checkpoint_epochs(results_dir, pattern) if results_dir.is_dir() else []
+    existing = sorted(found for each in patterns for found in checkpoint_epochs(results_dir, each)) \
+        if results_dir.is_dir() else []
     if resume and not existing:
-        raise UsageError(f'--resume: no checkpoint named {pattern.format("<epoch>")} in {results_dir}')
+        raise UsageError(f'--resume: no checkpoint named {" or ".join(each.format("<epoch>") for each in patterns)} '
+                         f'in {results_dir}')
     if existing and not (resume or overwrite):
         raise UsageError(f'--results_dir {results_dir}: already holds {existing[-1][1].name} from an earlier '
                          'run; pass --resume to continue it or --overwrite to replace it')
+    for name in outputs:
+        if (results_dir / name).exists() and not (resume or overwrite):
+            raise UsageError(f'--results_dir {results_dir}: already holds {name} from an earlier run; pass '
+                             '--overwrite to replace it')
     return existing
 
 
-def prepare_results_dir(args: argparse.Namespace, pattern: str) -> Path | None:
-    """Create --results_dir and refuse to clobber an earlier run's checkpoints (`checked_checkpoints`).
+def prepare_results_dir(args: argparse.Namespace, pattern: str | tuple[str, ...],
+                        outputs: tuple[str, ...] = ()) -> Path | None:
+    """Create --results_dir and refuse to clobber an earlier run's checkpoints or `outputs`
+    (`checked_checkpoints`).
 
     Returns the latest checkpoint to resume from (with --resume), else None.
     """
     if not args.results_dir:
         raise UsageError('--results_dir is required: the folder where this stage writes its outputs')
     results_dir = Path(args.results_dir)
-    existing = checked_checkpoints(results_dir, pattern, args.resume, args.overwrite)
+    existing = checked_checkpoints(results_dir, pattern, args.resume, args.overwrite, outputs)
     if args.resume:
         return existing[-1][1]
     results_dir.mkdir(parents=True, exist_ok=True)

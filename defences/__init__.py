@@ -2,12 +2,13 @@
 encoder and a small clean, unlabelled subset D of its pre-training set, nothing else (no labels, no poisoned
 data, no trigger).
 
-`mimic` holds MIMIC's own steps and flags (used by MIMIC.py); the baselines of `baseline_defence.py` are one
-module each (`baselines` holds that script's flags), and each exposes `purify(suspect, clean, run) -> (purified
-encoder, report)`:
+MIMIC (`defences.mimic`) and the eight baselines are each one module with one interface, `purify(suspect, clean,
+run) -> (purified encoder, report)` and the attributes the stage-2 driver (`defences.stage`) reads; `MIMIC.py` and
+`baseline_defence.py` are the two command lines over that driver (`baselines` holds the latter's flags):
 
 | name | module | method |
 |---|---|---|
+| mimic | `defences.mimic` | MIMIC (Han et al., IEEE TIFS 2025): MI-guided distillation into a fresh student |
 | ft | `defences.ft` | fine-tuning: SimCLR (NT-Xent) training of the suspect on D |
 | fp | `defences.fp` | Fine-Pruning (Liu et al., RAID 2018), label-free stopping rule |
 | nad | `defences.nad` | Neural Attention Distillation (Li et al., ICLR 2021) |

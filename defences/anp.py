@@ -225,7 +225,9 @@ def anp(model: SimCLR, images: np.ndarray, normalization, device: torch.device, 
 
 PAPER = 'Wu & Wang, Adversarial Neuron Pruning, NeurIPS 2021 (label-free objective: NT-Xent on D)'
 READS = 'the suspect and D: SimCLR views of D, drawn with replacement'
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = False  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 # why baseline_defence.py refuses it for a real-world encoder (docs/DESIGN.md §13)
 CIFAR_ONLY = ("it masks the BatchNorm neurons through torch.func.functional_call by the CIFAR SimCLR's parameter "
               'names (f.f.*), which a real-world tower (visual.*) does not have')

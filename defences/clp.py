@@ -107,7 +107,9 @@ def clp(model: SimCLR, u: float = 3.0) -> dict:
 
 PAPER = 'Zheng et al., Channel Lipschitzness-based Pruning, ECCV 2022'
 READS = "the suspect's weights alone (data-free: no image is read, --ratio and --batch_size are unused)"
-READS_IMAGES = False  # whether baseline_defence.py loads D for it
+READS_IMAGES = False  # whether the stage loads D for it
+TRAINS = False  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 TITLE = 'clp (Channel Lipschitzness-based Pruning, data-free)'  # of its argument group in baseline_defence.py's help
 
 

@@ -51,7 +51,9 @@ from .training import DefenceRun
 
 PAPER = 'Liu et al., Fine-Pruning, RAID 2018'
 READS = "the suspect and D: its last stage's activations and features on D, then SimCLR views of D"
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 # why baseline_defence.py refuses it for a real-world encoder (docs/DESIGN.md §13)
 CIFAR_ONLY = ("it prunes the CIFAR SimCLR's last stage through its layout (the Sequential f.f: layer4 at index 6, "
               'the pool at 7)')

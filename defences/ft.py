@@ -23,7 +23,9 @@ from .training import DefenceRun, Phase, contrastive_step
 ADAM_WEIGHT_DECAY = 1e-6  # stage 0's (docs/DESIGN.md §4.3)
 PAPER = 'fine-tuning baseline (e.g. Liu et al., RAID 2018), continued SimCLR training'
 READS = 'the suspect and D (--ratio of its pre-training split, no label): SimCLR views of D'
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 
 
 def trainable_copy(suspect: SimCLR) -> SimCLR:

@@ -271,7 +271,9 @@ def detection(mask_l1: float, height: int, width: int, threshold: float = DECREE
 
 PAPER = 'DECREE (Feng et al., CVPR 2023) trigger inversion, then trigger-augmented fine-tuning'
 READS = 'the suspect and D: D for the inversion, then SimCLR views of D for the fine-tuning'
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 TITLE = ('invert and sslcleanse (DECREE trigger inversion and verdict; batch: --batch_size); invert then fine-tunes '
          'with the trigger on every second view')  # of its argument group in baseline_defence.py's help
 TRIGGER_FILE = 'inverted_trigger.npz'

@@ -26,7 +26,9 @@ from .training import DefenceRun, Phase
 
 PAPER = 'Saha et al., Backdoor Attacks on Self-Supervised Learning, CVPR 2022 (distillation defence)'
 READS = 'the suspect and D: SimCLR views of D, distilled into a fresh student'
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 NO_ATTENTION = [0.0, 0.0, 0.0, 0.0]
 
 

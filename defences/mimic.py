@@ -1,5 +1,6 @@
 """MIMIC (Han et al., "Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders", IEEE TIFS
-2025): the defence's steps and its flags, used by `MIMIC.py` (docs/DESIGN.md §6).
+2025) as a defence of stage 2 (`purify`, as every baseline), its steps and the flags of `MIMIC.py` (docs/DESIGN.md
+§6).
 
 1. Locate benign knowledge: the mutual information between each tapped layer of the teacher and its
    representation, estimated with MINE on the clean subset D (§6.1), turned into attention weights
@@ -12,7 +13,7 @@
 
 Plain knowledge distillation (the `kd` baseline) is the same loss with only the clone term left.
 
-Under torchrun (common/distributed.py) the MI step runs once, in rank 0 (MIMIC.py), and the distillation step
+Under torchrun (common/distributed.py) the MI step runs once, in rank 0 (`layer_weights_once`), and the distillation step
 trains the student through DistributedDataParallel: the NT-Xent takes its negatives from the global batch, and
 the attention and clone terms, means over the samples, average over the processes to the global batch's.
 """
@@ -30,54 +31,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed
-from common.cli import add_arch_argument, data_dir_for, encoder_family, shared_parser
+from common.cli import data_dir_for, require_positive, shared_parser
 from common.engine import train_steps
-from common.runs import check_layout_resumable
+from common.runs import write_json
 from core.cli import SameOnResume, StageParser
 from core.device import autocast
 from core.errors import UsageError
-from datasets import get_info, load_images, normalize_batch, pretraining_names
-from datasets.fastpath import add_speed_arguments, to_channels_last
-from models import (ARCHITECTURES, TAPPED_LAYERS, USAGE_INFO_FAMILIES, CheckpointError, Layout, SimCLR, VisualEncoder,
-                    build_encoder, load_any_encoder)
+from datasets import get_info, load_images, normalize_batch
+from datasets.fastpath import add_speed_arguments, maybe_compile, to_channels_last
+from models import (TAPPED_LAYERS, CheckpointError, SimCLR, VisualEncoder, build_encoder, encoder_input_size,
+                    load_any_encoder)
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
+
+from .stage import add_defence_arguments, load_suspect, select_images
+from .training import DefenceRun, Phase
 
 
 LAYER_NAMES = tuple(f'layer{index}' for index in TAPPED_LAYERS)  # keyed by the index in f.f (docs/DESIGN.md §3)
 RESNET_STAGES = {f'layer{index}': f'f.f.{index} (ResNet layer{stage})'
                  for stage, index in enumerate(TAPPED_LAYERS, start=1)}
-
-
-def clean_subset(images: np.ndarray, ratio: float, subset: str, seed: int, batch_size: int,
-                 source: str) -> np.ndarray:
-    """D: the first ⌊ratio·N⌋ images (the original), or as many drawn at random with `seed`; at least one batch
-    of them (docs/DESIGN.md §6)."""
-    count = int(ratio * len(images))
-    if count < batch_size:
-        raise UsageError(f'--ratio {ratio} gives {count} of the {len(images)} images of {source}, fewer '
-                         f'than one batch of {batch_size}; raise --ratio or lower --batch_size')
-    return select_images(images, count, subset, seed)
-
-
-def select_images(images: np.ndarray, count: int, subset: str, seed: int) -> np.ndarray:
-    """The first `count` images (subset `first`), or `count` drawn without replacement with `seed`, in file order."""
-    if subset == 'first':
-        return images[:count]
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(images), generator=generator)[:count].sort().values.numpy()
-    return images[indices]
-
-
-def load_clean_subset(args, image_size: int | None = None) -> tuple:
-    """(the pre-training set's DatasetInfo, D): --ratio/--subset of its pre-training split under --data_dir or
-    --data_root (npz files, or an image folder), the clean subset MIMIC.py and every baseline defence take; at
-    `image_size` when given (a real-world encoder's input: D alone is resized, docs/DESIGN.md §2.6)."""
-    info = get_info(args.pretraining_dataset)
-    data_dir = data_dir_for(args, info.name)
-    images = load_images(info.name, info.pretraining_split, data_dir, image_size)
-    return info, clean_subset(images, args.ratio, args.subset, args.seed, args.batch_size,
-                              f'{info.name}/{info.pretraining_split}')
 
 
 MI_DATA = ('subset', 'labelled')
@@ -106,36 +79,8 @@ def load_mi_images(args, info, clean: np.ndarray, image_size: int | None = None)
     return select_images(images, count, args.subset, args.seed), source
 
 
-def load_suspect(path: str, device: torch.device, pretraining_dataset: str | None = None, *,
-                 family: str | None = None, arch: str | None = None, resume: bool = False,
-                 ) -> tuple[torch.nn.Module, Layout | None]:
-    """(the suspect encoder at `path`, loaded safely, in eval mode and frozen, and for a real-world encoder the
-    `Layout` of its file, in which its purified copies are written; None for a CIFAR SimCLR).
-
-    `family` (from --encoder_usage_info CLIP|imagenet or --arch: `common.cli.encoder_family`) and `arch` as
-    `models.load_any_encoder`; None: read off the file. A bare or openai file holds tensors only, so the
-    checkpoints written in its layout carry no run state: `resume` is refused for it.
-    """
-    teacher, checkpoint = load_any_encoder(path, family, arch)
-    layout = checkpoint.get('layout') if isinstance(teacher, VisualEncoder) else None
-    check_layout_resumable(layout, path, resume, 'purified')
-    recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
-        (checkpoint.get('args') or {}).get('pretraining_dataset')
-    if layout is None and pretraining_dataset and recorded and recorded != pretraining_dataset:
-        print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
-              f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
-    teacher.eval().requires_grad_(False)
-    return to_channels_last(teacher.to(device), device), layout
-
-
-def load_suspect_for(args, device: torch.device) -> tuple[torch.nn.Module, Layout | None]:
-    """`load_suspect` of --teacher with the flags of MIMIC.py and baseline_defence.py."""
-    return load_suspect(args.teacher, device, args.pretraining_dataset, family=encoder_family(args),
-                        arch=args.arch if args.arch in ARCHITECTURES else None, resume=args.resume)
-
-
 def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> torch.nn.Module:
-    """The suspect encoder at `path`, its family read off the file (`load_suspect`)."""
+    """The suspect encoder at `path`, its family read off the file (`stage.load_suspect`)."""
     return load_suspect(path, device, pretraining_dataset)[0]
 
 
@@ -335,43 +280,38 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The flags of `MIMIC.py`, which the stage script and the throughput benchmark (scripts/benchmark.py) share."""
+    """The flags of `MIMIC.py` (the original's command line, every flag and default), which the stage script and the
+    throughput benchmark (scripts/benchmark.py) share."""
     parser = StageParser(description='MIMIC: distil a clean student from a suspect encoder '
                                      '(stage 2 of the pipeline).', parents=[shared_parser()])
     same = SameOnResume(parser)  # the flags that shape the run: --resume refuses other values
-    same.add_argument('--lr', default=0.001, type=float,
-                      help='Adam learning rate of the student (default: 0.001; the README runs 1e-2)')
-    same.add_argument('--batch_size', default=128, type=int,
-                      help='images per distillation step, also the MI estimator batch (default: 128)')
-    parser.add_argument('--epochs', default=1000, type=int,
-                        help='distillation epochs over the clean subset (default: 1000)')
-    same.add_argument('--pretraining_dataset', default='cifar10', type=str, choices=pretraining_names(),
-                      help="the teacher's pre-training set: the clean subset comes from its pre-training "
-                           'split, and it fixes the normalisation (default: cifar10)')
+    add_defence_arguments(  # the shared flags in the original's order, with its help
+        parser, ('--lr', '--batch_size', '--epochs', '--pretraining_dataset'),
+        lr={'help': 'Adam learning rate of the student (default: 0.001; the README runs 1e-2)'},
+        batch_size={'help': 'images per distillation step, also the MI estimator batch (default: 128)'},
+        epochs={'help': 'distillation epochs over the clean subset (default: 1000)'},
+        pretraining_dataset={'help': "the teacher's pre-training set: the clean subset comes from its pre-training "
+                                     'split, and it fixes the normalisation (default: cifar10)'})
     for index, name in enumerate(LAYER_NAMES, start=1):
         parser.add_argument(f'--opt{index}', default=1000, type=float,
                             help=f'base attention-loss weight of {RESNET_STAGES[name]}; the MI adds up to '
                                  '10000 to it (default: 1000)')
     same.add_argument('--opt5', default=1, type=float, help='weight of the clone (feature cosine) loss (default: 1)')
-    same.add_argument('--knn-t', default=0.5, type=float,
-                      help='temperature of the NT-Xent loss, named as in the original (default: 0.5)')
+    add_defence_arguments(parser, ('--knn-t',))
     parser.add_argument('--knn-k', default=200, type=int,
                         help='kept from the original command line; MIMIC has no kNN monitor (default: 200)')
-    same.add_argument('--teacher', default='', type=str, metavar='PATH',
-                      help='the suspect (backdoored) encoder checkpoint (required)')
-    same.add_argument('--encoder_usage_info', default='', choices=('', *USAGE_INFO_FAMILIES),
-                      help="a real-world teacher, as the released code names it: CLIP (CLIP's RN50 image encoder) or "
-                           "imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px input replace "
-                           "--pretraining_dataset's (default: read off the teacher's file)")
-    add_arch_argument(parser)
+    add_defence_arguments(
+        parser, ('--teacher', '--encoder_usage_info'),
+        teacher={'help': 'the suspect (backdoored) encoder checkpoint (required)'},
+        encoder_usage_info={'help': "a real-world teacher, as the released code names it: CLIP (CLIP's RN50 image "
+                                    "encoder) or imagenet (the ImageNet SimCLR ResNet-50); its normalisation and 224-px "
+                                    "input replace --pretraining_dataset's (default: read off the teacher's file)"})
     same.add_argument('--student', default='', type=str, metavar='PATH',
                       help='start the student from this checkpoint (same architecture as the teacher) '
                            '(default: fresh random initialisation, as the paper)')
-    same.add_argument('--ratio', default=0.04, type=float,
-                      help='fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)')
-    same.add_argument('--subset', default='first', choices=['first', 'random'],
-                      help='first: the first ratio*N images, as the original; random: drawn with --seed '
-                           '(default: first)')
+    add_defence_arguments(
+        parser, ('--ratio', '--subset'),
+        ratio={'help': 'fraction of the pre-training split used as the clean subset, in (0, 1] (default: 0.04)'})
     same.add_argument('--mi_model', default='teacher', choices=['teacher', 'student'],
                       help='network whose layers the MI is measured on: teacher, the suspect encoder (the '
                            'paper) or the freshly initialised student (the released code) (default: teacher)')
@@ -393,9 +333,81 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help='drop the clone (feature cosine) loss, as --opt5 0 ("without clone loss")')
     ablation.add_argument('--no_contrastive', action='store_true',
                           help='drop the NT-Xent loss of the student\'s two views ("without contrastive loss")')
-    parser.add_argument('--save_freq', default=1000, type=int,
-                        help='save model<epoch>.pth every this many epochs (0: only at the end), and at the end '
-                             '(default: 1000)')
+    add_defence_arguments(parser, ('--save_freq',),
+                          save_freq={'default': 1000, 'help': 'save model<epoch>.pth every this many epochs (0: only '
+                                                              'at the end), and at the end (default: 1000)'})
     add_speed_arguments(parser)
     distributed.add_distributed_arguments(parser)
     return parser
+
+
+# ----------------------------------------------------------------------------------------- MIMIC as a defence
+PAPER = 'Han et al., Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders, IEEE TIFS 2025'
+READS = 'the suspect and D: D for the MI of each tapped layer, then SimCLR views of D distilled into a fresh student'
+READS_IMAGES = True
+TRAINS = True
+CHECKPOINTS = ('model{}.pth',)  # no underscore, as the original
+
+
+def check(args: argparse.Namespace) -> None:
+    require_positive('--mi_epochs', args.mi_epochs)
+    if args.no_attention and args.no_clone and args.no_contrastive:
+        raise UsageError('--no_attention, --no_clone and --no_contrastive together leave no loss to train on')
+
+
+def layer_weights_once(run: DefenceRun, teacher: SimCLR, student: SimCLR, clean: np.ndarray) -> dict:
+    """{'opt': attention weights per layer, 'mi': MI per layer} from the MI of each tapped layer (docs/DESIGN.md
+    §6.1-6.2), or uniform with --layer_weights uniform: computed once before distillation (writing mi.json), in
+    rank 0 under torchrun; a resumed run takes those its checkpoint recorded."""
+    args = run.args
+    base = [args.opt1, args.opt2, args.opt3, args.opt4]
+
+    def compute() -> dict:
+        if args.layer_weights == 'uniform':
+            report = uniform_layer_weights(base)
+            report_weights(report, args.mi_model)
+            write_json(run.results_dir / 'mi.json', {'mi_model': None, 'layer_weights': 'uniform', **report})
+            return {'opt': report['opt'], 'mi': {}}
+        measured = teacher if args.mi_model == 'teacher' else student
+        mi_images, mi_source = load_mi_images(args, get_info(args.pretraining_dataset), clean,
+                                              encoder_input_size(measured))
+        if args.mi_data != 'subset':
+            print(f'MI step on {len(mi_images)} images of {mi_source} (--mi_data {args.mi_data})')
+        report = locate_benign_knowledge(measured, mi_images, run.normalization, base=base, mi_epochs=args.mi_epochs,
+                                         batch_size=args.batch_size, seed=args.seed, device=run.device,
+                                         disable_progress=run.disable_progress)
+        report_weights(report, args.mi_model)
+        write_json(run.results_dir / 'mi.json', {'mi_model': args.mi_model, 'layer_weights': 'mi',
+                                                 'mi_data': {'source': mi_source, 'images': len(mi_images)}, **report})
+        return {'opt': report['opt'], 'mi': report['mi']}
+    weights = run.once(('opt', 'mi'), compute, CHECKPOINTS[0])
+    return {'opt': list(weights['opt']), 'mi': weights['mi']}
+
+
+def distillation_phase(run: DefenceRun, student: SimCLR, teacher: SimCLR, weights: dict) -> Phase:
+    """The distillation as a training phase: L = L_con + Σ_l opt_l · AT_l + opt5 · L_clone (docs/DESIGN.md §6.3),
+    with the terms the ablation flags switch off at weight 0; Adam (weight decay 1e-6, as the original); its
+    checkpoints record the layer weights."""
+    args = run.args
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-6)
+    student_forward, teacher_forward = maybe_compile(student, args.compile), maybe_compile(teacher, args.compile)
+    attention_weights = [0.0] * len(weights['opt']) if args.no_attention else weights['opt']
+    opt5 = 0.0 if args.no_clone else args.opt5
+    step_loss = distillation_step(student_forward, teacher_forward, attention_weights, opt5, args.knn_t, run.device,
+                                  args.amp, contrastive_weight=0.0 if args.no_contrastive else 1.0)
+    return Phase('Distill', student, optimizer, step_loss, distillation_modes(student, teacher),
+                 checkpoint_pattern=CHECKPOINTS[0], checkpoint_extra=weights)
+
+
+def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR, dict]:
+    """MIMIC: the layer weights from the MI of the suspect's tapped layers (once), then a fresh student (or
+    --student) distilled from the frozen suspect on D for --epochs."""
+    args = run.args
+    student = build_student(suspect, args.student, run.device)
+    weights = layer_weights_once(run, suspect, student, clean)
+    if args.resume:
+        print(f"layer weights of the interrupted run: opt {weights['opt']}")
+    training = run.train(distillation_phase(run, student, suspect, weights), clean, args.epochs)
+    if training.resumed_at >= args.epochs:
+        print(f'nothing to do: the run is already at epoch {training.resumed_at} of --epochs {args.epochs}')
+    return student, {'epochs': args.epochs, 'layer_weights': args.layer_weights, 'opt': weights['opt']}

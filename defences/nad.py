@@ -32,7 +32,9 @@ from .training import DefenceRun
 
 PAPER = 'Li et al., Neural Attention Distillation, ICLR 2021'
 READS = "the suspect and D: SimCLR views of D for the teacher's fine-tuning and the distillation"
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth', 'teacher_{}.pth')  # the purified encoder's, then its fine-tuned teacher's
 TITLE = 'nad (Neural Attention Distillation)'  # of its argument group in baseline_defence.py's help
 NAD_BETAS = (0.0, 500.0, 1000.0, 1000.0)  # layer1..layer4; the released code's CIFAR β on the last three
 

@@ -44,7 +44,9 @@ from .training import DefenceRun, Phase
 
 PAPER = 'SSL-Cleanse (Zheng et al., ECCV 2024) mitigation after DECREE (Feng et al., CVPR 2023) inversion'
 READS = 'the suspect and D: D for the inversion, then SimCLR views of D, distilled from a frozen copy of the suspect'
-READS_IMAGES = True  # whether baseline_defence.py loads D for it
+READS_IMAGES = True  # whether the stage loads D for it
+TRAINS = True  # whether it trains weights for --epochs (else its encoder is saved as epoch 0)
+CHECKPOINTS = ('model_{}.pth',)
 TITLE = 'sslcleanse (SSL-Cleanse mitigation after DECREE inversion; the inversion flags are invert\'s)'
 SSLCLEANSE_SETTINGS = {'clean_weight': 1.0, 'trigger_weight': 1.0, 'warmup_steps': 500, 'drops': (50, 25),
                        'drop_factor': 0.2, 'pairs': 6}  # the released code's (pairs: of its 4 views)

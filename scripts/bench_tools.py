@@ -1,4 +1,4 @@
-"""Timing tools shared by scripts/benchmark.py and scripts/original_harness.py.
+"""Timing tools shared by scripts/benchmark.py and scripts/investigate/original_harness.py.
 
 This module imports nothing from the project: the harness that times the original implementation runs
 with the original's `models` and `datasets` packages on its path, which share our packages' names.

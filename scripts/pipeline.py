@@ -3,7 +3,7 @@
     python -m scripts.pipeline --run_dir runs/cifar10_gtsrb --reference_file reference/cifar10/priority.npz ...
     bash scripts/run_pipeline.sh ...          # the same, from any folder (it changes to the repository root)
 
-The flags, their defaults and the folders a run makes are listed in the header of scripts/run_pipeline.sh.
+The flags, their defaults and the folders a run makes: `--help`, from `get_args_parser()`, where they are defined.
 Run from the repository root: the stages are the repository's scripts, named by relative paths.
 
 The work is split in two:
@@ -30,6 +30,7 @@ the same `Setting` and runs them through `execute`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import json
@@ -104,9 +105,6 @@ class Setting:
     defence_args: str = ''
     eval_args: str = ''
     target_label: str = ''
-
-
-FLAGS = tuple(f'--{field.name}' for field in dataclasses.fields(Setting) if field.name != 'target_label')
 
 
 @dataclass(frozen=True)
@@ -189,48 +187,156 @@ class Command:
 Step = Union[Note, WriteJson, Stage, ProbeGroup, Command]
 
 
-# --- the setting --------------------------------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------------------------
 
-def wrapper_help(script: str) -> str:
-    """The help of a wrapper, scripts/<script>: its header comment, without the shebang and the '# ' marks."""
-    lines = []
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as handle:
-        for line in handle:
-            if line.startswith('#!'):
-                continue
-            if not line.startswith('#'):
-                break
-            lines.append(line[2:].rstrip('\n') if line.startswith('# ') else '')
-    return '\n'.join(lines)
+DESCRIPTION = """\
+Chain the four stages for one setting, each stage in its own folder under one run directory:
+
+  RUN/clean/       stage 0  train_clean_encoder.py          -> model_<E0>.pth
+  RUN/backdoor/    stage 1  train_badencoder.py [--attack drupe] -> model_<E1>.pth
+                   (--attack ctrl: RUN/poisoned_data/ = python -m datasets.poison, then stage 0 on it
+                    -> model_<E0>.pth; the clean row keeps its own stage 0)
+  RUN/mimic/       stage 2  MIMIC.py                        -> model<E2>.pth (+ mi.json)
+  RUN/defence_<d>/ stage 2  baseline_defence.py --defence d -> model_<E>.pth, defence.json  (--defences)
+  RUN/eval_clean/, RUN/eval_backdoored/, RUN/eval_mimic/, RUN/eval_<d>/
+                   stage 3  training_downstream_classifier.py -> metrics.json, one run for all the encoders
+                   (--encoder ... --names eval_clean ...: their probes trained together, each as its own run)
+  RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed (RUN/eval.log: stage 3's run);
+  <stage folder>/stage_seconds.txt  the stage's wall time (summed over the runs that resumed it);
+  RUN/eval_seconds.txt  stage 3's (summed over its runs)
+
+Run it again and a finished stage is skipped; an interrupted one continues with --resume from its
+latest checkpoint; stage 3 probes only the encoders whose metrics.json is missing or was made for another
+encoder file or probe length."""
+
+EPILOG = """\
+Every option but --dry_run takes the word after it as its value, also one that starts with '-'
+(--eval_args --no_progress). Example (the paper's CIFAR10 -> GTSRB setting, on a GPU machine):
+
+  bash scripts/run_pipeline.sh --run_dir runs/cifar10_gtsrb --pretraining_dataset cifar10 \\
+      --downstream_dataset gtsrb --reference_file reference/cifar10/priority.npz \\
+      --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz"""
+
+# the flags that take a value: a field of Setting each (tests/test_pipeline.py checks the parser has them all)
+VALUE_FLAGS = frozenset(f'--{field.name}' for field in dataclasses.fields(Setting)
+                        if field.name not in ('target_label', 'dry_run'))
 
 
-class HelpRequested(Exception):
-    """-h or --help was given: print the help and stop (exit status 0)."""
+class PipelineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are PipelineErrors: one line under the wrapper's name and status 2, as the
+    pipeline's other errors, instead of the usage and the message."""
+
+    def error(self, message: str):
+        raise PipelineError(f'{message} (see --help)')
+
+
+def get_args_parser() -> PipelineParser:
+    """The flags of scripts/run_pipeline.sh with their help (its --help). A flag not given is left out of the
+    namespace, so that Setting's default applies (the one place the defaults live) and parse_args can tell
+    which were given."""
+    defaults = Setting()
+    parser = PipelineParser(
+        prog=PROG, usage='%(prog)s --run_dir DIR [--reference_file FILE] [--OPTION VALUE ...] [--dry_run]',
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False, argument_default=argparse.SUPPRESS)
+
+    def add(group, name: str, metavar: str, text: str) -> None:  # its help ends with Setting's default, if any
+        default = getattr(defaults, name)
+        group.add_argument(f'--{name}', metavar=metavar, help=f'{text} (default: {default})' if default else text)
+
+    run = parser.add_argument_group('the run')
+    add(run, 'run_dir', 'DIR', 'the run folder (required)')
+    add(run, 'label', 'TEXT', 'a name for the run, kept in run.json and shown by results_table.py')
+    run.add_argument('--dry_run', nargs='?', const='1', choices=('0', '1'), metavar='0|1',
+                     help="print every stage's command in order and run nothing (no file is read or written); "
+                          'an explicit 0 after it runs them after all')
+    add(run, 'seed', 'N', 'the seed of every stage')
+    add(run, 'seeds', 'LIST',
+        'comma-separated seeds (e.g. 0,1,2), instead of --seed: the setting once per seed, each a whole run (the '
+        'layout above) in RUN/seed_<seed>/ whose every stage gets --seed <seed> (the clean encoder too, unless '
+        '--clean_encoder is given) and whose run.json holds it; then one table of them: RUN/table.md (a cell: mean '
+        '± half-width of its 95%% confidence interval over the seeds; each baseline against MIMIC on the same '
+        'seeds), RUN/table.csv, RUN/table_seeds.csv (one row per seed), RUN/summary.json (+ RUN/table_defences.csv)')
+    add(run, 'device', 'DEVICE', 'the device of every stage')
+    add(run, 'data_root', 'DIR', 'the data sets\' folder')
+    add(run, 'num_workers', 'N', 'DataLoader worker processes of every stage')
+    add(run, 'save_freq', 'N', 'stages 0 and 2 and the defences save a checkpoint every N epochs, for resuming')
+
+    setting = parser.add_argument_group('the setting')
+    add(setting, 'pretraining_dataset', 'NAME', 'the pre-training set')
+    add(setting, 'downstream_dataset', 'NAME', 'the downstream task (--attack ctrl: the pre-training set itself)')
+    add(setting, 'reference_file', 'FILE', "the target's reference inputs, whose first label is the target label "
+        '(required but with --attack ctrl; e.g. reference/cifar10/priority.npz)')
+    add(setting, 'trigger_file', 'FILE', 'the trigger')
+    add(setting, 'attack', 'badencoder|drupe|ctrl', 'the attack of stage 1')
+    add(setting, 'target_class', 'N', '--attack ctrl: the poisoned class of the pre-training set; the downstream '
+        'task becomes the pre-training set itself, with that class as the target, as CTRL evaluates')
+    add(setting, 'poison_rate', 'FRACTION', '--attack ctrl: the share of the pre-training set poisoned')
+    add(setting, 'arch', 'NAME', 'the encoder architecture')
+    add(setting, 'width', 'N', 'the encoder width')
+    add(setting, 'augment', 'auto|pil|tensor',
+        "the augmentation path of stages 0-2 and the defences: pil, the original's per-image PIL transforms in "
+        'worker processes; tensor, whole batches on the device with the same distributions (about 1.8x faster on a '
+        '2-core CPU); auto, tensor on CUDA only')
+
+    lengths = parser.add_argument_group('lengths')
+    add(lengths, 'clean_epochs', 'N', 'stage 0')
+    add(lengths, 'badencoder_epochs', 'N', "stage 1 (default: the attack's own: "
+        + ', '.join(f'{attack} {epochs}' for attack, epochs in ATTACK_EPOCHS.items()) + ', ctrl --clean_epochs)')
+    add(lengths, 'mimic_epochs', 'N', 'MIMIC, and every baseline defence that trains')
+    add(lengths, 'mi_epochs', 'N', "MIMIC's MI estimation")
+    add(lengths, 'nn_epochs', 'N', "stage 3's probe")
+    add(lengths, 'ratio', 'FRACTION', 'the clean data of MIMIC and the defences, a fraction of the pre-training set')
+    add(lengths, 'mimic_lr', 'LR', "MIMIC's learning rate")
+
+    given = parser.add_argument_group('encoders given instead of trained')
+    add(given, 'clean_encoder', 'PATH', 'use this encoder instead of training stage 0')
+    add(given, 'backdoored_encoder', 'PATH', 'use this backdoored encoder instead of stage 1 (e.g. one trained by '
+        'another run, to compare defences or MIMIC settings on the same backdoor)')
+
+    compared = parser.add_argument_group('what is compared')
+    add(compared, 'defences', 'LIST', 'baseline defences run beside MIMIC on the backdoored encoder, '
+        f"comma-separated ({','.join(ALL_DEFENCES)} or all; default: none); the ones that train get "
+        "--epochs = --mimic_epochs, MIMIC's budget, and MIMIC's --ratio")
+    add(compared, 'mimic_curve', '0|1', 'with 1, also probe every checkpoint MIMIC saved (each --save_freq epochs '
+        "before the last), each in RUN/mimic_curve/mimic_<epoch>/: MIMIC's ACC and ASR over its epochs")
+
+    extra = parser.add_argument_group('extra flags of a stage, one string each (e.g. --mimic_args "--amp")')
+    add(extra, 'clean_args', 'FLAGS', 'stage 0 (also the backdoor of --attack ctrl, which is stage 0 on the '
+        'poisoned data)')
+    add(extra, 'badencoder_args', 'FLAGS', 'stage 1')
+    add(extra, 'mimic_args', 'FLAGS', 'MIMIC')
+    add(extra, 'defence_args', 'FLAGS', 'every baseline defence')
+    add(extra, 'eval_args', 'FLAGS', 'stage 3')
+    return parser
+
+
+def attach_values(argv: Iterable[str]) -> list:
+    """`argv` with each flag that takes a value joined to the word after it (--eval_args --no_progress ->
+    --eval_args=--no_progress): that word is its value even when it starts with '-', which argparse would read as
+    an option."""
+    words, rest = [], list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word in VALUE_FLAGS and rest:
+            word = f'{word}={rest.pop(0)}'
+        words.append(word)
+    return words
 
 
 def parse_args(argv: Iterable[str]) -> Setting:
-    """The flags, as scripts/run_pipeline.sh reads them: every one takes a value, but --dry_run, a switch (an
-    explicit 0 or 1 after it is still read as its value); -h / --help raise HelpRequested."""
-    argv = list(argv)
-    values = {}
-    while argv:
-        if argv[0] in ('-h', '--help'):
-            raise HelpRequested
-        if argv[0] == '--dry_run' and (len(argv) < 2 or argv[1] not in ('0', '1')):
-            values['dry_run'] = '1'
-            del argv[:1]
-            continue
-        if len(argv) < 2:
-            raise PipelineError(f'option {argv[0]} needs a value')
-        flag, value = argv[0], argv[1]
-        if flag not in FLAGS:
-            raise PipelineError(f'unknown option {flag} (see the header of scripts/run_pipeline.sh)')
-        values[flag[2:]] = value
-        del argv[:2]
-    if 'seed' in values and 'seeds' in values:
+    """The setting of a command line of scripts/run_pipeline.sh, every flag not given at Setting's default;
+    PipelineError when the line is wrong. -h / --help print the help and exit."""
+    args, unknown = get_args_parser().parse_known_args(attach_values(argv))
+    if unknown:
+        raise PipelineError(f'unknown option {unknown[0]} (see --help)')
+    given = vars(args)
+    if 'seed' in given and 'seeds' in given:
         raise PipelineError('--seed and --seeds: give one (--seeds runs the setting once per seed)')
-    return Setting(**values)
+    return Setting(**given)
 
+
+# --- the setting --------------------------------------------------------------------------------------------
 
 def split_defences(text: str) -> list:
     """--defences split at its commas (one trailing comma is ignored, as bash's `read -a` does)."""
@@ -629,9 +735,6 @@ def report(error: PipelineError, prog: str = PROG) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     try:
         return execute(parse_args(sys.argv[1:] if argv is None else argv))
-    except HelpRequested:
-        print(wrapper_help('run_pipeline.sh'))
-        return 0
     except PipelineError as error:
         return report(error)
     except KeyboardInterrupt:

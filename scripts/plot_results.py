@@ -40,14 +40,11 @@ line and exits with status 2, as it does for a run directory it cannot read.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import json
 import math
 import sys
 import textwrap
 from argparse import Namespace
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ''):  # run as `python scripts/plot_results.py`: make the repository importable
@@ -59,23 +56,20 @@ from common.cli import data_dir_for  # noqa: E402
 from datasets import DATASETS, DataError, apply_trigger, get_info, load_split, load_trigger  # noqa: E402
 from datasets.synthetic import make_synthetic  # noqa: E402
 from defences import BASELINES  # noqa: E402
-from scripts.results_table import ENCODERS, TableError, estimate, read_json, seed_groups  # noqa: E402
-from evaluation.metrics import EXCLUDING_TARGET_NAME, metric_names  # noqa: E402
+from scripts.results.runs import (ENCODER_ORDER, METRICS, Run, RunError, number, read_json, read_run,  # noqa: E402
+                                  seed_groups)
+from scripts.results.stats import estimate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MATPLOTLIB_MISSING = 'error: plotting needs matplotlib: pip install -r requirements-plot.txt'
-ENCODER_ORDER = ENCODERS + BASELINES
 LABELS = {'clean': 'clean', 'backdoored': 'backdoored', 'mimic': 'MIMIC'}
-METRICS = (('acc', 'ACC'), ('asr', 'ASR'), ('asr_excluding_target', 'ASR*'))
-# the probe's metric names (clean encoders print CA / ASR-B, the others BA / ASR) -> metrics.json keys
-LOG_METRICS = {**dict(zip(metric_names('clean'), ('acc', 'asr'))), **dict(zip(metric_names(''), ('acc', 'asr'))),
-               EXCLUDING_TARGET_NAME: 'asr_excluding_target'}
 AXES = {'ratio': 'clean-data fraction (--ratio)', 'trigger_size': 'trigger size (side of a square of its area, px)'}
 MAX_TRIGGERS_SHOWN = 4
 
 
-class PlotError(ValueError):
-    """A run directory (or a file in it) that cannot be plotted; one line for the user."""
+class PlotError(RunError):
+    """Run directories that cannot be plotted (not found, their trigger file not found, no sweep along --x); one
+    line for the user. A file in a run directory that cannot be read is the reader's RunError."""
 
 
 class MatplotlibMissing(ImportError):
@@ -94,29 +88,16 @@ def pyplot():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading run directories
+# Run directories (read by scripts/results/runs.py)
 
-@dataclass
-class Run:
-    path: Path
-    tag: str  # the run's name in file names
-    setting: dict  # run.json
-    metrics: dict[str, dict] = field(default_factory=dict)  # encoder -> eval_<encoder>/metrics.json
-    curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)  # encoder -> key -> {epoch: value}
-    mi: dict | None = None  # mimic/mi.json
-    mimic_curve: dict[int, dict] = field(default_factory=dict)  # MIMIC epoch -> its checkpoint's metrics.json
-    mimic_log: dict[str, dict[int, float]] = field(default_factory=dict)  # mimic/log.csv: column -> {epoch: value}
+def named(run: Run, name: str) -> str:
+    """`name` and the run's setting, for figure titles."""
+    return f'{name} ({run.pretraining} → {run.downstream}, {run.attack})'
 
-    @property
-    def title(self) -> str:
-        """The run's name (run_pipeline.sh --label, else its file-name tag) and setting, for figure titles."""
-        return self.named(self.setting.get('label') or self.tag)
 
-    def named(self, name: str) -> str:
-        """`name` and the run's setting, for figure titles."""
-        s = self.setting
-        return (f"{name} ({s.get('pretraining_dataset', '?')} → "
-                f"{s.get('downstream_dataset', '?')}, {s.get('attack', 'badencoder')})")
+def run_title(run: Run) -> str:
+    """The run's name (run_pipeline.sh --label, else its name in file names) and setting, for figure titles."""
+    return named(run, run.label or run.name)
 
 
 def run_dirs(paths: list[Path]) -> list[Path]:
@@ -141,147 +122,6 @@ def unique_tags(paths: list[Path]) -> list[str]:
     tags = [path.name for path in paths]
     tags = ['_'.join(path.parts[-2:]) if tags.count(tag) > 1 else tag for path, tag in zip(paths, tags)]
     return [f'{tag}_{index}' if tags.count(tag) > 1 else tag for index, tag in enumerate(tags, start=1)]
-
-
-def json_file(path: Path) -> dict:
-    try:
-        value = read_json(path)
-    except TableError as error:
-        raise PlotError(str(error)) from None
-    if not isinstance(value, dict):
-        raise PlotError(f'{path}: expected a JSON object, found {type(value).__name__}')
-    return value
-
-
-def number(value, path: Path, key: str) -> float | None:
-    """A number read from a JSON file (None stays None), or a one-line error naming the file and key."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlotError(f'{path}: {key} must be a number, found {value!r}')
-    return float(value)
-
-
-def read_probe_logs(path: Path) -> dict[str | None, dict[str, dict[int, float]]]:
-    """{encoder: {'acc' | 'asr' | 'asr_excluding_target': {epoch: value}}} from the probe's JSON lines in a stage
-    log: a group's lines name their encoder (`"encoder": "eval_<name>"`), a single run's name none (key None).
-
-    The pipeline appends to the log: an evaluation that resumed repeats the epochs after its checkpoint (the
-    later line wins), one redone from scratch starts again at epoch 1 (only the last evaluation is kept).
-    """
-    curves: dict[str | None, dict[str, dict[int, float]]] = {}
-    for line in path.read_text(errors='replace').splitlines():
-        start = line.find('{"metric"')
-        if start < 0:
-            continue
-        try:
-            record = json.loads(line[start:])
-            name = str(record['metric']).removeprefix('Eval - ')
-            epoch, value = int(record['epoch']), float(record['value'])
-            encoder = record.get('encoder')
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a line cut short by a killed run
-        key = LOG_METRICS.get(name)
-        if key is None or not (encoder is None or isinstance(encoder, str)):
-            continue
-        own = curves.setdefault(encoder, {})
-        if epoch == 1 and key == 'acc' and own:
-            own.clear()
-        own.setdefault(key, {})[epoch] = value
-    return curves
-
-
-def read_probe_log(path: Path, encoder: str | None = None) -> dict[str, dict[int, float]]:
-    """The curves of one encoder in a stage log (`encoder` None: the lines that name none, a single run's)."""
-    return read_probe_logs(path).get(encoder, {})
-
-
-def check_mi_report(report: dict, path: Path) -> dict:
-    """mi.json as MIMIC.py writes it: 'weights' and 'opt' (one per layer), 'mi' {layer: MI} or null."""
-    weights, opt = report.get('weights'), report.get('opt')
-    if not isinstance(weights, list) or not isinstance(opt, list) or len(weights) != len(opt) or not weights:
-        raise PlotError(f"{path}: expected 'weights' and 'opt', lists of one value per tapped layer")
-    for key in ('weights', 'opt'):
-        for value in report[key]:
-            number(value, path, key)
-    mi = report.get('mi')
-    if mi is not None and (not isinstance(mi, dict) or len(mi) != len(weights)):
-        raise PlotError(f"{path}: 'mi' must map each of the {len(weights)} tapped layers to its estimate, or be null")
-    for layer, value in (mi or {}).items():
-        number(value, path, f'mi {layer}')
-    history = report.get('history')
-    if history is not None and not (isinstance(history, dict)
-                                    and all(isinstance(values, list) for values in history.values())):
-        raise PlotError(f"{path}: 'history' must map each layer to its per-epoch estimates, or be null")
-    return report
-
-
-def read_run(path: Path, tag: str) -> Run:
-    """Everything a run directory holds for the figures; a file that is there but malformed is a PlotError."""
-    run = Run(path, tag, json_file(path / 'run.json'))
-    names = [name for name in ENCODER_ORDER if (path / f'eval_{name}').is_dir()]
-    names += sorted(p.name[len('eval_'):] for p in path.glob('eval_*')
-                    if p.is_dir() and p.name[len('eval_'):] not in names)
-    group_log = path / 'eval.log'  # runs of earlier versions: their per-epoch values only in the stage-3 log
-    group_curves = None
-    for name in names:
-        metrics_path = path / f'eval_{name}' / 'metrics.json'
-        if metrics_path.is_file():
-            metrics = json_file(metrics_path)
-            for key, _ in METRICS:
-                number(metrics.get(key), metrics_path, key)
-            run.metrics[name] = metrics
-        log_csv = path / f'eval_{name}' / 'log.csv'  # the probe's own per-epoch values
-        if log_csv.is_file():
-            curves = read_csv_columns(log_csv)
-        else:
-            if group_curves is None:
-                group_curves = read_probe_logs(group_log) if group_log.is_file() else {}
-            curves = group_curves.get(f'eval_{name}')
-            log = path / f'eval_{name}.log'  # one encoder evaluated at a time
-            if not curves and log.is_file():
-                curves = read_probe_log(log)
-        curves = curves or {}
-        if curves.get('acc') or curves.get('asr'):
-            run.curves[name] = curves
-    mi_path = path / 'mimic' / 'mi.json'
-    if mi_path.is_file():
-        run.mi = check_mi_report(json_file(mi_path), mi_path)
-    run.mimic_curve = read_mimic_curve(path, run)
-    if run.mimic_curve and (path / 'mimic' / 'log.csv').is_file():
-        run.mimic_log = read_csv_columns(path / 'mimic' / 'log.csv')
-    return run
-
-
-def read_mimic_curve(path: Path, run: Run) -> dict[int, dict]:
-    """{MIMIC epoch: the metrics of its checkpoint's probe}: RUN/mimic_curve/mimic_<epoch>/metrics.json, and the
-    final encoder's (run.json's mimic_epochs) from RUN/eval_mimic; {} without a mimic_curve folder."""
-    curve = {}
-    for folder in (path / 'mimic_curve').glob('mimic_*'):
-        epoch = folder.name[len('mimic_'):]
-        if epoch.isdigit() and (folder / 'metrics.json').is_file():
-            metrics = json_file(folder / 'metrics.json')
-            for key, _ in METRICS:
-                number(metrics.get(key), folder / 'metrics.json', key)
-            curve[int(epoch)] = metrics
-    final = run.setting.get('mimic_epochs')
-    if curve and 'mimic' in run.metrics and isinstance(final, int):
-        curve[final] = run.metrics['mimic']
-    return dict(sorted(curve.items()))
-
-
-def read_csv_columns(path: Path) -> dict[str, dict[int, float]]:
-    """A stage's log.csv as {column: {epoch: value}} (blank and non-numeric cells left out)."""
-    columns: dict[str, dict[int, float]] = {}
-    with open(path, newline='') as handle:
-        for row in csv.DictReader(handle):
-            for key, value in row.items():
-                try:
-                    columns.setdefault(key, {})[int(row['epoch'])] = float(value)
-                except (TypeError, ValueError, KeyError):
-                    continue
-    columns.pop('epoch', None)
-    return columns
 
 
 def resolve(path_text: str) -> Path | None:
@@ -357,7 +197,7 @@ def plot_mi(plt, run: Run, out: Path, written: list[Path]) -> None:
     if report['mi'] is None:
         figure, axes = plt.subplots(1, 1, figsize=(5, 3.8), constrained_layout=True)
         weight_axis = axes
-        title = f'{run.title}: MIMIC layer weights, uniform (--layer_weights uniform, no MI step)'
+        title = f'{run_title(run)}: MIMIC layer weights, uniform (--layer_weights uniform, no MI step)'
     else:
         figure, (history_axis, mi_axis, weight_axis) = plt.subplots(1, 3, figsize=(16, 4.2),
                                                                      constrained_layout=True)
@@ -379,8 +219,8 @@ def plot_mi(plt, run: Run, out: Path, written: list[Path]) -> None:
         mi_axis.set(title='MI of each tapped layer with the feature', ylabel='MI (nats)')
         mi_axis.margins(y=0.2)
         fell_back = ' - every MI was 0: weights fell back to uniform' if report.get('fell_back') else ''
-        title = (f"{run.title}: MIMIC's mutual information per tapped layer ({report.get('mi_model', '?')}) and the "
-                 f'layer weights it gives{fell_back}')
+        title = (f"{run_title(run)}: MIMIC's mutual information per tapped layer ({report.get('mi_model', '?')}) "
+                 f'and the layer weights it gives{fell_back}')
     bars = weight_axis.bar(names, report['weights'], color='tab:green')
     for axis in figure.axes:
         axis.tick_params(axis='x', labelsize=8)
@@ -388,7 +228,7 @@ def plot_mi(plt, run: Run, out: Path, written: list[Path]) -> None:
                           fontsize=8)
     weight_axis.set(title='layer weights w (opt = base + 10000·w)', ylabel='w',
                     ylim=(0, (max(report['weights']) or 1) * 1.35))
-    save(plt, figure, out / f'{run.tag}_mi.png', title, written)
+    save(plt, figure, out / f'{run.name}_mi.png', title, written)
 
 
 def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
@@ -412,8 +252,8 @@ def plot_probe(plt, run: Run, out: Path, written: list[Path]) -> None:
     for axis, name in zip(axes, ('ACC: clean test accuracy', 'ASR (solid) and ASR* (dashed): triggered → target')):
         axis.set(title=name, xlabel='probe epoch', ylabel='%', ylim=(-2, 102))
     figure.legend(handles=handles, loc='outside right center', fontsize=8)
-    save(plt, figure, out / f'{run.tag}_probe.png', f'{run.title}: downstream probe, ACC and ASR after each epoch '
-         '(ASR* dashed: target-class images excluded)', written)
+    save(plt, figure, out / f'{run.name}_probe.png', f'{run_title(run)}: downstream probe, ACC and ASR after each '
+         'epoch (ASR* dashed: target-class images excluded)', written)
 
 
 def plot_mimic_curve(plt, run: Run, out: Path, written: list[Path]) -> None:
@@ -429,7 +269,7 @@ def plot_mimic_curve(plt, run: Run, out: Path, written: list[Path]) -> None:
                      marker='o', label=name)
     axes[1].set(title="each checkpoint's probe", xlabel='MIMIC epoch', ylabel='%', ylim=(-2, 102))
     axes[1].legend(fontsize=8)
-    save(plt, figure, out / f'{run.tag}_mimic_curve.png', f'{run.title}: MIMIC over its epochs', written)
+    save(plt, figure, out / f'{run.name}_mimic_curve.png', f'{run_title(run)}: MIMIC over its epochs', written)
 
 
 def grouped_bars(axis, groups: list[str], values: dict[str, list[float | None]],
@@ -461,14 +301,13 @@ def plot_defences(plt, run: Run, out: Path, written: list[Path]) -> None:
     axis.legend(fontsize=8, ncol=3, loc='upper center')
     epochs = {run.metrics[name].get('epoch') for name in names} - {None}
     probe = f", {'/'.join(str(e) for e in sorted(epochs))}-epoch probe" if epochs else ''
-    save(plt, figure, out / f'{run.tag}_defences.png',
-         f'{run.title}: ACC, ASR and ASR* per encoder and defence{probe}', written)
+    save(plt, figure, out / f'{run.name}_defences.png',
+         f'{run_title(run)}: ACC, ASR and ASR* per encoder and defence{probe}', written)
 
 
 def same_setting_but_seed(runs: list[Run]) -> list[list[Run]]:
-    """The groups of several runs that differ only in their seed (results_table.seed_groups)."""
-    rows = [{'setting': run.setting, 'seed': run.setting.get('seed'), 'of': run} for run in runs]
-    return [[row['of'] for row in group] for group in seed_groups(rows) if len(group) > 1]
+    """The groups of several runs that differ only in their seed."""
+    return [group for group in seed_groups(runs) if len(group) > 1]
 
 
 def group_tags(groups: list[list[Run]]) -> list[str]:
@@ -477,7 +316,7 @@ def group_tags(groups: list[list[Run]]) -> list[str]:
     tags = []
     for members in groups:
         parents = {run.path.resolve().parent for run in members}
-        tags.append(parents.pop().name if len(parents) == 1 else f'{members[0].tag}_seeds')
+        tags.append(parents.pop().name if len(parents) == 1 else f'{members[0].name}_seeds')
     return [f'{tag}_{index}' if tags.count(tag) > 1 else tag for index, tag in enumerate(tags, start=1)]
 
 
@@ -496,7 +335,7 @@ def plot_seed_means(plt, members: list[Run], tag: str, out: Path, written: list[
     axis.set(ylabel='%', ylim=(0, 118))
     axis.legend(fontsize=8, ncol=3, loc='upper center')
     seeds = ', '.join(str(run.setting.get('seed')) for run in members)
-    title = members[0].named(members[0].setting.get('label') or tag)
+    title = named(members[0], members[0].label or tag)
     save(plt, figure, out / f'{tag}_defences_mean.png',
          f'{title}: ACC, ASR and ASR* per encoder and defence, mean and 95% interval over {len(members)} seeds '
          f'({seeds}; dots: each seed)', written)
@@ -509,12 +348,12 @@ def sample_image(runs: list[Run], image_size: int) -> tuple[np.ndarray, str]:
         dataset = run.setting.get('downstream_dataset', '')
         for args_path in sorted(run.path.glob('eval_*/args.json')):
             try:
-                args = Namespace(**json_file(args_path))
+                args = Namespace(**read_json(args_path))
                 data_dir = resolve(str(data_dir_for(args, dataset)))
                 if data_dir is None:
                     continue
                 x, _ = load_split(dataset, 'test', data_dir)
-            except (PlotError, DataError, TypeError):
+            except (RunError, DataError, TypeError):
                 continue
             if len(x) and x.shape[1] == image_size:
                 return x[0], f'{dataset} test image 0'
@@ -579,7 +418,7 @@ def sweeps(runs: list[Run], requested: str) -> list[tuple[tuple[str, str, str], 
             try:
                 if varies(members, axis):
                     varying.append(axis)
-            except PlotError:
+            except RunError:
                 continue  # e.g. a trigger file not found: that axis cannot be the automatic one
         if len(varying) > 1:
             raise PlotError(f"the {' → '.join(key[:2])} ({key[2]}) runs differ in both ratio and trigger size: "
@@ -692,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     except MatplotlibMissing:
         print(MATPLOTLIB_MISSING, file=sys.stderr)
         return 2
-    except PlotError as error:
+    except RunError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     if not written:

@@ -1,10 +1,10 @@
 """The paper's experiments as data over the pipeline's plan (scripts/pipeline.py), from one command.
 
-    python -m scripts.reproduce_paper [--experiments LIST] [--scale paper|demo] [--seeds LIST] [--dry_run] [RUNS_DIR]
+    python -m scripts.reproduce_paper [--experiments LIST] [--scale paper|demo|proportioned] [--seeds LIST] [--dry_run]
+                                      [RUNS_DIR]
     bash scripts/reproduce_paper.sh ...       # the same, from any folder
 
-The flags, the experiments and the folders they fill are described in the header of
-scripts/reproduce_paper.sh. Here:
+The flags, the experiments, the scales and the folders they fill: `--help`, from `get_args_parser()`. Here:
 
 * `scale_config(scale, runs, environ)` -> `Scale`: the sizes, lengths and extra flags of a scale (with the
   DEVICE, DATA_ROOT and EXTRA environment variables applied);
@@ -20,6 +20,7 @@ scripts/reproduce_paper.sh. Here:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import json
@@ -30,8 +31,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
-from scripts.pipeline import (Command, HelpRequested, Note, PipelineError, Setting, execute, python_run, report, run,
-                              seed_run_dir, split_seeds, wrapper_help)
+from scripts.pipeline import (Command, Note, PipelineError, PipelineParser, Setting, execute, python_run, report, run,
+                              seed_run_dir, split_seeds)
 
 PROG = 'reproduce_paper.sh'
 EXPERIMENTS = ('main', 'ratio', 'trigger_size', 'ablation', 'mi_model', 'triggers', 'budget')
@@ -458,40 +459,87 @@ def copy_evals(step: CopyEvals) -> None:
         print(f'== eval_{name}: the same encoder, trigger and probe as {step.source}; its result copied', flush=True)
 
 
+DESCRIPTION = """\
+The paper's experiments, each as one table (Markdown and CSV), from one command.
+
+RUNS_DIR (default runs/paper, runs/paper_demo or runs/paper_proportioned) holds clean/ (the clean encoder, trained
+once for everything), trigger_files/ (the generated trigger files) and one folder per experiment with one
+pipeline run per variant (scripts/run_pipeline.sh), the experiment's table.md / table.csv (+ table_defences.csv)
+and, when matplotlib is installed (requirements-plot.txt), its figures/ (scripts/plot_results.py). Shared stages
+are trained once: each backdoored encoder of main is reused by ratio, ablation and mi_model. Running the script
+again skips what is finished and resumes what was interrupted."""
+
+EPILOG = """\
+experiments:
+  main          CIFAR10 pre-training; GTSRB "priority road" (12), SVHN "one" (1), STL10 "truck" (9); attacks
+                BadEncoder and DRUPE on each target task, and CTRL (data poisoning: CIFAR10's own classes,
+                target 0); MIMIC and the eight baseline defences on every backdoored encoder
+  ratio         MIMIC at clean-data fractions 0.01, 0.02, 0.04, 0.06, 0.08, 0.10 (the first task's BadEncoder)
+  trigger_size  BadEncoder with white square patches of 5, 10, 15, 20 pixels at the bottom right, then MIMIC
+  ablation      MIMIC without MI guidance (uniform weights), without attention, clone or contrastive loss
+  mi_model      MI measured on the teacher (the paper, our default) against the initial student (the
+                released code's choice)
+  triggers      BadEncoder and MIMIC with the paper's 10x10 patch at other positions and in other colours
+  budget        MIMIC and ft with 2.5x the scale's defence epochs on the first task's backdoor (at
+                --scale proportioned: 10% of the pre-training's image-passes instead of 4%): is MIMIC's
+                result limited by its budget?
+
+scales:
+  paper         the paper's settings: ResNet18, SimCLR 1000 epochs, BadEncoder 200, DRUPE 120,
+                CTRL's SimCLR recipe (SGD lr 0.06, cosine, 800 epochs), MIMIC 1000 with ratio 0.04 and
+                lr 1e-2, MI 200, probe 1000; on a GPU machine (days for the whole list). Its data, once:
+                python -m datasets.prepare cifar10 stl10 gtsrb svhn --download
+  demo          the same list on the offline synthetic sets at the demo's scale (scripts/demo.sh), on a CPU
+  proportioned  the paper's proportions on a CPU (docs/PROPORTIONED.md): a clean encoder pre-trained on
+                10,000 synthetic shapes until its kNN accuracy stops rising, shared by every seed; D = 4% of
+                them; MIMIC and the eight baselines each 4% of the pre-training's image-passes (ANP's masks
+                6.4%, DECREE's inversion 5.1% + 4%); BadEncoder a fifth of the pre-training's epochs; targets:
+                the synthetic digits and scikit-learn's real digits (pip install -r requirements-digits.txt).
+                Its default --experiments is main (BadEncoder only, every defence)
+
+environment: EXTRA adds flags to every stage (EXTRA="--amp"); DEVICE and DATA_ROOT replace the scale's
+device and data folder."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags of scripts/reproduce_paper.sh with their help (its --help); usage errors are PipelineErrors."""
+    parser = PipelineParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument('--experiments', default='', metavar='LIST',
+                        help=f"comma-separated, of {', '.join(EXPERIMENTS)}, or all (default: the scale's: all; "
+                             'proportioned: main)')
+    parser.add_argument('--scale', default='paper', metavar='paper|demo|proportioned',
+                        help='the settings of every run, below (default: paper)')
+    parser.add_argument('--seeds', metavar='LIST',
+                        help='comma-separated seeds (e.g. 0,1,2): every run once per seed, in <run '
+                             'folder>/seed_<seed>/, every stage with --seed <seed>: a clean encoder per seed '
+                             "(RUNS_DIR/clean/seed_<seed>/; proportioned: one for all) and each seed's own shared "
+                             'backdoor; each table pools the seeds of a run (mean ± 95%% interval, the baselines '
+                             "against MIMIC on the same seeds; scripts/results_table.py). Without it: one run each, "
+                             "the stages' default seed")
+    parser.add_argument('--dry_run', action='store_true',
+                        help='print every command in order and run nothing (needs no data, creates nothing)')
+    parser.add_argument('runs_dir', nargs='?', default='', metavar='RUNS_DIR',
+                        help='the folder of every run (default: runs/paper, runs/paper_demo or '
+                             'runs/paper_proportioned, by --scale)')
+    return parser
+
+
 def parse_args(argv: Iterable[str]) -> tuple:
     """(experiments, scale, dry_run, runs_dir, seeds) from the command line ('' experiments: the scale's default);
-    PipelineError when it is wrong."""
-    argv = list(argv)
-    wanted, scale, dry_run, runs, seeds = '', 'paper', False, '', ()  # wanted '': the scale's default
-    while argv:
-        arg = argv.pop(0)
-        if arg in ('-h', '--help'):
-            raise HelpRequested
-        if arg in ('--experiments', '--scale', '--seeds'):
-            if not argv:
-                raise PipelineError(f'{arg} needs a value')
-            value = argv.pop(0)
-            if arg == '--experiments':
-                wanted = value
-            elif arg == '--seeds':
-                seeds = tuple(split_seeds(value))
-            else:
-                scale = value
-        elif arg == '--dry_run':
-            dry_run = True
-        elif arg.startswith('-'):
-            raise PipelineError(f'unknown option {arg} (see the header of scripts/reproduce_paper.sh)')
-        elif runs:
-            raise PipelineError(f"one RUNS_DIR only, got '{runs}' and '{arg}'")
-        else:
-            runs = arg
-    if wanted == 'all':
-        wanted = ','.join(EXPERIMENTS)
+    PipelineError when it is wrong. -h / --help print the help and exit."""
+    args, unknown = get_args_parser().parse_known_args(list(argv))
+    if unknown:  # an option argparse does not know, or a second RUNS_DIR
+        word = unknown[0]
+        raise PipelineError(f'unknown option {word} (see --help)' if word.startswith('-') else
+                            f"one RUNS_DIR only, got '{args.runs_dir}' and '{word}'")
+    seeds = tuple(split_seeds(args.seeds)) if args.seeds is not None else ()
+    wanted = ','.join(EXPERIMENTS) if args.experiments == 'all' else args.experiments
     for name in wanted.replace(',', ' ').split():
         if name not in EXPERIMENTS:
             raise PipelineError(f"--experiments: unknown experiment '{name}' (expected main, ratio, trigger_size, "
                                 'ablation, mi_model, triggers, budget)')
-    return wanted, scale, dry_run, runs, seeds
+    return wanted, args.scale, args.dry_run, args.runs_dir, seeds
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -499,9 +547,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         wanted, scale, dry_run, runs, seeds = parse_args(sys.argv[1:] if argv is None else argv)
         config = scale_config(scale, runs)
         wanted = wanted or config.experiments
-    except HelpRequested:
-        print(wrapper_help('reproduce_paper.sh'))
-        return 0
     except PipelineError as error:
         return report(error, PROG)
     try:

@@ -1,4 +1,4 @@
-"""scripts/compare_original.py and scripts/original_harness.py, on a stand-in for the original checkout.
+"""scripts/investigate/compare_original.py and original_harness.py, on a stand-in for the original checkout.
 
 The original code cannot be part of this repository, so the checkout here is a small fake with the
 original's module layout and function signatures (and, like the public original, without the modules
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import run_script
 from core.errors import UsageError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
-import compare_original  # noqa: E402
+from scripts.investigate import compare_original
 
 FAKE_ORIGINAL = {
     'models/__init__.py': '''
@@ -208,7 +204,7 @@ def fake_original(tmp_path):
 
 
 def test_comparison_times_both_sides_and_prints_one_json_line(fake_original):
-    result = run_script('scripts/compare_original.py', '--original', str(fake_original), *TINY, timeout=300)
+    result = run_script('-m', 'scripts.investigate.compare_original', '--original', str(fake_original), *TINY, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
@@ -274,7 +270,7 @@ def test_other_widths_cannot_be_compared(fake_original):
 @pytest.mark.process  # the script as a user runs it: the exit status and the last line are what is tested
 def test_failing_original_is_refused_after_its_own_messages(fake_original):
     (fake_original / 'MIMIC.py').write_text('raise ImportError("broken checkout")\n')
-    result = run_script('scripts/compare_original.py', '--original', str(fake_original), *TINY, timeout=120)
+    result = run_script('-m', 'scripts.investigate.compare_original', '--original', str(fake_original), *TINY, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith('error: the original implementation failed')
     assert 'broken checkout' in result.stderr  # the child's own traceback, above the one-line error

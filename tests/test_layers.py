@@ -71,10 +71,10 @@ PACKAGE_LAYERS = {'core': 0, 'models': 1, 'datasets': 2, 'evaluation': 3, 'commo
 STAGE_LAYER = 6  # a module at the repository root: a stage script
 TOOLS = ('scripts', 'reference', 'trigger', 'docs')
 TOOL_LAYER = 7
-# Imports that name one of our modules but load another. scripts/original_harness.py runs the ORIGINAL released
-# code, in a child process of scripts/compare_original.py: it puts the original's folder first on sys.path and
-# imports the original's stage scripts, which share our scripts' names; it imports none of ours.
-FOREIGN_IMPORTS = {'scripts.original_harness': {'MIMIC', 'train_badencoder', 'train_clean_encoder'}}
+# Imports that name one of our modules but load another. scripts/investigate/original_harness.py runs the ORIGINAL
+# released code, in a child process of scripts/investigate/compare_original.py: it puts the original's folder first
+# on sys.path and imports the original's stage scripts, which share our scripts' names; it imports none of ours.
+FOREIGN_IMPORTS = {'scripts.investigate.original_harness': {'MIMIC', 'train_badencoder', 'train_clean_encoder'}}
 
 
 def layer(name: str) -> tuple[int, str]:
@@ -170,14 +170,14 @@ def test_layer_violations_finds_upward_sibling_and_tool_imports():
              'attacks.ctrl': {'datasets', 'defences.ft', 'attacks.badencoder'},
              'MIMIC': {'defences.mimic', 'train_badencoder'},
              'scripts.benchmark': {'MIMIC', 'trigger.make_trigger', 'scripts.bench_tools', 'common.cli'},
-             'scripts.original_harness': {'MIMIC'}, 'core.cli': {'core.errors'}}
+             'scripts.investigate.original_harness': {'MIMIC'}, 'core.cli': {'core.errors'}}
     assert layer_violations(graph, FOREIGN_IMPORTS) == [
         'MIMIC imports train_badencoder: MIMIC and train_badencoder are siblings (layer 6)',
         'attacks.ctrl imports defences.ft: attacks and defences are siblings (layer 5)',
         'models.simclr imports common.cli: models (layer 1) is below common (layer 4)',
         'scripts.benchmark imports MIMIC: a tool imports a stage script']
-    assert layer_violations({'scripts.original_harness': {'MIMIC'}}) == [
-        'scripts.original_harness imports MIMIC: a tool imports a stage script']
+    assert layer_violations({'scripts.investigate.original_harness': {'MIMIC'}}) == [
+        'scripts.investigate.original_harness imports MIMIC: a tool imports a stage script']
     with pytest.raises(ValueError, match='has no layer'):
         layer('newpackage.module')
 

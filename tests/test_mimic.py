@@ -8,6 +8,7 @@ import torch
 
 import MIMIC
 import defences.mimic
+import defences.stage
 from core.cli import run_main
 from core.errors import UsageError
 from models import SimCLR, load_encoder
@@ -62,7 +63,7 @@ def teacher(tiny_encoder):
 
 
 def test_parser_keeps_every_original_flag_and_default():
-    args = MIMIC.get_args_parser().parse_args([])
+    args = defences.mimic.get_args_parser().parse_args([])
     expected = {'lr': 0.001, 'batch_size': 128, 'epochs': 1000, 'pretraining_dataset': 'cifar10',
                 'opt1': 1000, 'opt2': 1000, 'opt3': 1000, 'opt4': 1000, 'opt5': 1, 'knn_t': 0.5,
                 'knn_k': 200, 'teacher': '', 'student': '', 'ratio': 0.04, 'results_dir': '', 'seed': 100,
@@ -74,13 +75,13 @@ def test_teacher_is_frozen_and_student_is_fresh(teacher, tiny_encoder):
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     torch.manual_seed(1)
-    student = MIMIC.build_student(teacher, '', torch.device('cpu'))
+    student = defences.mimic.build_student(teacher, '', torch.device('cpu'))
     assert student.config == teacher.config == {'arch': 'resnet18', 'width': 8, 'feature_dim': 128}
     assert all(p.requires_grad for p in student.parameters())
     for key, value in teacher.state_dict().items():
         if value.is_floating_point() and 'weight' in key and 'bn' not in key and value.dim() > 1:
             assert not torch.equal(student.state_dict()[key], value), key  # nothing inherited
-    from_file = MIMIC.build_student(teacher, str(tiny_encoder), torch.device('cpu'))
+    from_file = defences.mimic.build_student(teacher, str(tiny_encoder), torch.device('cpu'))
     assert same_state(from_file.state_dict(), teacher.state_dict())  # --student PATH loads the file
 
 
@@ -90,7 +91,7 @@ def test_student_of_another_architecture_is_refused(teacher, tmp_path):
     path = tmp_path / 'wide.pth'
     save_atomic(encoder_checkpoint(SimCLR(width=4), None, 1), path)
     with pytest.raises(CheckpointError, match='same architecture'):
-        MIMIC.build_student(teacher, str(path), torch.device('cpu'))
+        defences.mimic.build_student(teacher, str(path), torch.device('cpu'))
 
 
 def test_one_teacher_and_two_student_forwards_per_step(teacher):
@@ -159,16 +160,16 @@ def test_tapped_representations_are_cached_in_eval_mode(teacher):
 def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, capsys):
     estimates = iter([0.1, 0.2, 0.3, 0.4])
     monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (next(estimates), [0.0]))
-    report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+    report = defences.mimic.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)
     assert report['mi'] == {'layer3': 0.1, 'layer4': 0.2, 'layer5': 0.3, 'layer6': 0.4}
     assert report['opt'] == pytest.approx([2000, 3000, 4000, 5000]) and not report['fell_back']
     monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (0.0, [0.0]))
-    report = MIMIC.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+    report = defences.mimic.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)
-    MIMIC.report_weights(report, 'teacher')
+    defences.mimic.report_weights(report, 'teacher')
     assert report['fell_back'] and report['weights'] == [0.25] * 4
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'warning' in err and 'uniform' in err
@@ -176,16 +177,16 @@ def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, 
 
 def test_clean_subset_first_and_random():
     data = images(100)
-    assert np.array_equal(defences.mimic.clean_subset(data, 0.3, 'first', 0, 16, 'x'), data[:30])
-    random_a = defences.mimic.clean_subset(data, 0.3, 'random', 5, 16, 'x')
-    random_b = defences.mimic.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    assert np.array_equal(defences.stage.clean_subset(data, 0.3, 'first', 0, 16, 'x'), data[:30])
+    random_a = defences.stage.clean_subset(data, 0.3, 'random', 5, 16, 'x')
+    random_b = defences.stage.clean_subset(data, 0.3, 'random', 5, 16, 'x')
     assert len(random_a) == 30 and np.array_equal(random_a, random_b)
     assert not np.array_equal(random_a, data[:30])
     # the selection alone: any count, even under one batch (the --mi_data labelled images)
-    assert np.array_equal(defences.mimic.select_images(data, 3, 'first', 0), data[:3])
-    assert np.array_equal(defences.mimic.select_images(data, 30, 'random', 5), random_a)
+    assert np.array_equal(defences.stage.select_images(data, 3, 'first', 0), data[:3])
+    assert np.array_equal(defences.stage.select_images(data, 30, 'random', 5), random_a)
     with pytest.raises(UsageError, match='fewer than one batch of 16'):
-        defences.mimic.clean_subset(data, 0.1, 'first', 0, 16, 'x')
+        defences.stage.clean_subset(data, 0.1, 'first', 0, 16, 'x')
 
 
 def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
@@ -264,15 +265,15 @@ def test_nan_layer_is_recorded_and_warned(monkeypatch, capsys):
     taps[2][5, 0] = float('nan')  # layer5: one NaN in the first batch
     z = torch.randn(32, 4, generator=generator)
     monkeypatch.setattr(defences.mimic, 'tapped_representations', lambda *a, **k: (taps, z))
-    report = MIMIC.locate_benign_knowledge(None, images(32), NORMALIZATION, base=[1000] * 4, mi_epochs=2,
+    report = defences.mimic.locate_benign_knowledge(None, images(32), NORMALIZATION, base=[1000] * 4, mi_epochs=2,
                                            batch_size=16, seed=0, device=torch.device('cpu'), disable_progress=True)
     assert report['nonfinite'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
     assert report['nonfinite_losses'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
     json.dumps(report)
-    MIMIC.report_weights(report, 'teacher')
+    defences.mimic.report_weights(report, 'teacher')
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: MI of layer5: 4 batch'), err
-    MIMIC.report_weights(defences.mimic.uniform_layer_weights([1000] * 4), 'teacher')
+    defences.mimic.report_weights(defences.mimic.uniform_layer_weights([1000] * 4), 'teacher')
     assert capsys.readouterr().err == ''
 
 
@@ -294,7 +295,7 @@ def test_mi_data_subset_or_the_released_labelled_split(stl10_root, data_root):
     root, unlabeled, labelled = stl10_root
     args = Namespace(pretraining_dataset='stl10', data_root=str(root), data_dir=None, ratio=0.25, subset='first',
                      seed=0, batch_size=16, mi_data='subset')
-    info, clean = defences.mimic.load_clean_subset(args)
+    info, clean = defences.stage.load_clean_subset(args)
     assert np.array_equal(clean, unlabeled[:32])
     chosen, source = defences.mimic.load_mi_images(args, info, clean)
     assert chosen is clean and source == 'stl10/train_unlabeled'
@@ -306,7 +307,7 @@ def test_mi_data_subset_or_the_released_labelled_split(stl10_root, data_root):
         defences.mimic.load_mi_images(args, info, clean)
     shapes = Namespace(pretraining_dataset='synthetic_shapes', data_root=str(data_root), data_dir=None, ratio=0.25,
                        subset='first', seed=0, batch_size=16, mi_data='labelled')
-    info, clean = defences.mimic.load_clean_subset(shapes)
+    info, clean = defences.stage.load_clean_subset(shapes)
     assert defences.mimic.load_mi_images(shapes, info, clean) == (clean, 'synthetic_shapes/train')
 
 
@@ -315,7 +316,7 @@ def test_mi_data_labelled_through_the_script(stl10_root, tiny_encoder, tmp_path,
     root, unlabeled, labelled = stl10_root
     seen = []
     measure = defences.mimic.locate_benign_knowledge
-    monkeypatch.setattr(MIMIC, 'locate_benign_knowledge',
+    monkeypatch.setattr(defences.mimic, 'locate_benign_knowledge',
                         lambda model, images, *a, **k: seen.append(images) or measure(model, images, *a, **k))
     out = tmp_path / 'mimic'
     argv = ['--pretraining_dataset', 'stl10', '--data_root', str(root), '--teacher', str(tiny_encoder),

@@ -318,8 +318,10 @@ def test_dry_run_in_process_prints_the_plan(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--run_dir'], 'option --run_dir needs a value'),
+    (['--run_dir'], 'argument --run_dir: expected one argument'),
     (['--run_dir', 'x', '--nope', '1'], 'unknown option --nope'),
+    (['--run_dir', 'x', 'stray'], 'unknown option stray'),
+    (['--run_dir', 'x', '--dry_run', 'yes'], "argument --dry_run: invalid choice: 'yes'"),
     (['--run_dir', 'x', '--reference_file', 'README.md', '--trigger_file', 'nowhere.npz'],
      '--trigger_file nowhere.npz: no such file'),
     (['--run_dir', 'x', '--reference_file', 'README.md'], '--reference_file README.md: not a readable .npz'),
@@ -332,6 +334,42 @@ def test_main_errors_are_one_line_and_status_2(argv, message, capsys):
     assert driver.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'run_pipeline.sh: {message}') and err.count('\n') == 1
+
+
+def test_the_parser_has_one_flag_per_setting_field():
+    fields = {f'--{field.name}' for field in dataclasses.fields(driver.Setting)} - {'--target_label'}
+    options = set(re.findall(r'^  (?:-h, )?(--\w+)', driver.get_args_parser().format_help(), flags=re.M))
+    assert options == fields | {'--help'}
+    assert driver.VALUE_FLAGS == fields - {'--dry_run'}
+    for flag in driver.VALUE_FLAGS:  # the word after a flag is its value, also one that starts with '-'
+        assert getattr(driver.parse_args([flag, '--no_progress']), flag[2:]) == '--no_progress', flag
+    assert driver.parse_args([]) == driver.Setting()  # a flag not given: Setting's default
+
+
+@pytest.mark.parametrize('argv, dry_run', [
+    ([], '0'), (['--dry_run'], '1'), (['--dry_run', '0'], '0'), (['--dry_run', '1'], '1'),
+    (['--dry_run', '--label', 'x'], '1'), (['--label', '--dry_run'], '0'),
+])
+def test_dry_run_is_a_switch_that_still_reads_an_explicit_0_or_1(argv, dry_run):
+    assert driver.parse_args(['--run_dir', 'R', *argv]).dry_run == dry_run
+
+
+def test_reproduce_paper_reads_its_options_anywhere_on_the_line():
+    assert reproduce_paper.parse_args([]) == ('', 'paper', False, '', ())
+    assert reproduce_paper.parse_args(['R', '--dry_run', '--experiments', 'all', '--seeds', '2,01']) == (
+        ','.join(reproduce_paper.EXPERIMENTS), 'paper', True, 'R', ('2', '1'))
+    with pytest.raises(driver.PipelineError, match="one RUNS_DIR only, got 'a' and 'b'"):
+        reproduce_paper.parse_args(['a', '--scale', 'demo', 'b'])
+    with pytest.raises(driver.PipelineError, match='argument --scale: expected one argument'):
+        reproduce_paper.parse_args(['--scale'])
+
+
+def test_the_wrappers_help_is_their_parsers(monkeypatch):
+    monkeypatch.setenv('COLUMNS', '100')  # argparse wraps the help to the terminal's width
+    for wrapper, module in (('run_pipeline.sh', driver), ('reproduce_paper.sh', reproduce_paper)):
+        result = subprocess.run(['bash', f'scripts/{wrapper}', '--help'], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0 and result.stdout == module.get_args_parser().format_help(), wrapper
 
 
 def finished_run(run: Path, reference: Path, trigger: Path, label: str) -> list:
@@ -645,12 +683,14 @@ def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_i
     assert not runs.exists()
 
 
-TOOLS = ('benchmark', 'compare_original', 'original_harness', 'pipeline', 'plot_results', 'repeat_tests',
-         'reproduce_paper', 'results_table', 'sweep_shapes')  # scripts/bench_tools.py is benchmark's library
+TOOLS = ('benchmark', 'pipeline', 'plot_results', 'repeat_tests', 'reproduce_paper', 'results_table',
+         'investigate.compare_original', 'investigate.original_harness', 'investigate.sweep_shapes')
+LIBRARIES = ('__init__', 'bench_tools', 'investigate.__init__')  # bench_tools: benchmark's and the harness's
 
 
 def test_every_tool_and_wrapper_answers_help():
-    assert sorted(TOOLS + ('bench_tools',)) == sorted(path.stem for path in (REPO / 'scripts').glob('*.py'))
+    modules = [path.relative_to(REPO / 'scripts').with_suffix('') for path in (REPO / 'scripts').rglob('*.py')]
+    assert sorted(TOOLS + LIBRARIES) == sorted('.'.join(module.parts) for module in modules)
     for tool in TOOLS:
         result = subprocess.run([sys.executable, '-m', f'scripts.{tool}', '--help'], cwd=REPO, capture_output=True,
                                 text=True, timeout=120)

@@ -19,7 +19,8 @@ from datasets import load_trigger
 from datasets.synthetic import make_synthetic
 from evaluation.metrics import EXCLUDING_TARGET_NAME, metric_line, metric_names
 
-from scripts import plot_results  # noqa: E402
+from scripts import plot_results
+from scripts.results.runs import RunError, read_probe_log, read_probe_logs, read_run
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 LAYERS = {'layer3': 'f.f.3 (ResNet layer1)', 'layer4': 'f.f.4 (ResNet layer2)', 'layer5': 'f.f.5 (ResNet layer3)',
@@ -123,11 +124,11 @@ def test_probe_log_keeps_the_last_evaluation_and_the_latest_value_of_each_epoch(
     text += probe_log('runs/x/mimic/model2.pth', [(25, 60, 59), (35, 50, 49)], start=2)  # resumed from epoch 1
     text += '{"metric": "Eval - Backdoored Accuracy (BA)", "value": 4'  # cut short by a kill
     log.write_text(text)
-    assert plot_results.read_probe_log(log) == {'acc': {1: 10, 2: 25, 3: 35}, 'asr': {1: 90, 2: 60, 3: 50},
+    assert read_probe_log(log) == {'acc': {1: 10, 2: 25, 3: 35}, 'asr': {1: 90, 2: 60, 3: 50},
                                                 'asr_excluding_target': {1: 89, 2: 59, 3: 49}}
     # evaluated again from scratch (another encoder): only that evaluation; CA / ASR-B names of a clean encoder
     log.write_text(text + '\n' + probe_log('runs/x/clean/model_2.pth', [(1, 2, 3)]))
-    assert plot_results.read_probe_log(log) == {'acc': {1: 1}, 'asr': {1: 2}, 'asr_excluding_target': {1: 3}}
+    assert read_probe_log(log) == {'acc': {1: 1}, 'asr': {1: 2}, 'asr_excluding_target': {1: 3}}
 
 
 def test_group_log_gives_each_probe_its_own_lines(tmp_path):
@@ -137,23 +138,23 @@ def test_group_log_gives_each_probe_its_own_lines(tmp_path):
     # a later run of the pipeline evaluates the MIMIC encoder again, alone: only its curves start over
     again = probe_log('runs/x/mimic/model2.pth', [(50, 5, 4)], name='eval_mimic')
     log.write_text(interleaved(clean, mimic) + again)
-    curves = plot_results.read_probe_logs(log)
+    curves = read_probe_logs(log)
     assert set(curves) == {'eval_clean', 'eval_mimic'}
     assert curves['eval_clean'] == {'acc': {1: 10, 2: 20}, 'asr': {1: 1, 2: 2}, 'asr_excluding_target': {1: 0, 2: 1}}
-    assert plot_results.read_probe_log(log, 'eval_mimic') == {'acc': {1: 50}, 'asr': {1: 5},
+    assert read_probe_log(log, 'eval_mimic') == {'acc': {1: 50}, 'asr': {1: 5},
                                                               'asr_excluding_target': {1: 4}}
-    assert plot_results.read_probe_log(log) == {}  # no line of a single run
+    assert read_probe_log(log) == {}  # no line of a single run
 
 
 def test_group_log_and_per_encoder_logs_read_alike(tmp_path, trigger10):
-    group = plot_results.read_run(make_run(tmp_path / 'group', 'run', trigger10), 'run')
-    single = plot_results.read_run(make_run(tmp_path / 'single', 'run', trigger10, group_log=False), 'run')
+    group = read_run(make_run(tmp_path / 'group', 'run', trigger10), 'run')
+    single = read_run(make_run(tmp_path / 'single', 'run', trigger10, group_log=False), 'run')
     assert list(group.curves) == ['clean', 'backdoored', 'mimic', 'ft'] and group.curves == single.curves
     assert group.curves['backdoored']['asr'] == {1: 47.5, 2: 94.0, 3: 95.0}
     # a run whose older evaluations kept per-encoder logs, one encoder evaluated again by the group
     run = tmp_path / 'single' / 'run'
     (run / 'eval.log').write_text(probe_log(str(run / 'mimic/model_2.pth'), [(1, 2, 3)], name='eval_mimic'))
-    mixed = plot_results.read_run(run, 'run')
+    mixed = read_run(run, 'run')
     assert mixed.curves['mimic'] == {'acc': {1: 1}, 'asr': {1: 2}, 'asr_excluding_target': {1: 3}}
     assert mixed.curves['clean'] == single.curves['clean']
 
@@ -225,7 +226,7 @@ def test_runs_that_differ_only_in_seed_are_grouped_for_the_mean_figure(tmp_path,
     other = make_run(tmp_path / 'elsewhere', 'seed_0', trigger10, ratio=0.5, seed=0)  # another setting
     lone = make_run(tmp_path / 'old', 'run', trigger10)  # no seed in its run.json
     paths = seeds + [other, lone]
-    runs = [plot_results.read_run(path, tag) for path, tag in zip(paths, plot_results.unique_tags(paths))]
+    runs = [read_run(path, tag) for path, tag in zip(paths, plot_results.unique_tags(paths))]
     groups = plot_results.same_setting_but_seed(runs)
     assert [[run.path for run in group] for group in groups] == [seeds]
     assert plot_results.group_tags(groups) == ['run']
@@ -355,11 +356,11 @@ def test_mimic_curve_reads_each_checkpoints_probe_and_the_loss(tmp_path, trigger
         (run / 'mimic_curve' / f'mimic_{epoch}' / 'metrics.json').write_text(json.dumps(
             {'acc': 30.0 + epoch, 'asr': asr, 'asr_excluding_target': asr - 1, 'epoch': 3}))
     (run / 'mimic' / 'log.csv').write_text('epoch,loss,con\n1,5.5,2.0\n2,4.5,1.5\n3,,1.0\n')
-    read = plot_results.read_run(run, 'run')
+    read = read_run(run, 'run')
     assert {epoch: metrics['asr'] for epoch, metrics in read.mimic_curve.items()} == {10: 80.0, 20: 40.0, 30: 7.0}
     assert read.mimic_log == {'loss': {1: 5.5, 2: 4.5}, 'con': {1: 2.0, 2: 1.5, 3: 1.0}}
     assert plot_results.main([str(run), '--out', str(tmp_path / 'figures')]) == 0
     assert png_title(tmp_path / 'figures' / 'run_mimic_curve.png').endswith('MIMIC over its epochs')
     (run / 'mimic_curve' / 'mimic_20' / 'metrics.json').write_text('{"acc": "x"}')
-    with pytest.raises(plot_results.PlotError):
-        plot_results.read_run(run, 'run')
+    with pytest.raises(RunError):
+        read_run(run, 'run')

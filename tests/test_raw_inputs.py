@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import MIMIC
+import defences.mimic
 import baseline_defence
 import train_clean_encoder as stage0
 import training_downstream_classifier as stage3
@@ -28,8 +29,8 @@ def test_no_normalize_is_recorded_and_kept_by_mimic_and_the_baselines(data_root,
     encoder, checkpoint = load_encoder(tmp_path / 'ctrl' / 'model_1.pth')
     assert checkpoint['raw_inputs'] is True and encoder.raw_inputs
 
-    seen, locate = [], MIMIC.locate_benign_knowledge
-    monkeypatch.setattr(MIMIC, 'locate_benign_knowledge', lambda *args, **kwargs: seen.append(args[2]) or
+    seen, locate = [], defences.mimic.locate_benign_knowledge
+    monkeypatch.setattr(defences.mimic, 'locate_benign_knowledge', lambda *args, **kwargs: seen.append(args[2]) or
                         locate(*args, **kwargs))
     MIMIC.main(['--pretraining_dataset', 'synthetic_shapes', '--data_root', str(data_root), '--teacher',
                 str(tmp_path / 'ctrl' / 'model_1.pth'), '--ratio', '0.25', '--batch_size', '32', '--epochs', '1',

@@ -1,4 +1,5 @@
-"""scripts/results_table.py: reading run directories and writing the Markdown/CSV table and summary."""
+"""scripts/results_table.py: reading run directories and writing the Markdown/CSV table and summary; the statistics
+over seeds (scripts/results/stats.py)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import results_table  # noqa: E402
+from scripts import results_table
+from scripts.results import stats
 
 
 def make_run(root: Path, pretraining: str, downstream: str, metrics: dict) -> Path:
@@ -100,54 +102,54 @@ def test_no_baselines_keeps_the_summary_as_before(tmp_path):
 # --- seeds: the statistics, the grouping, the tables and the summary ---------------------------------------------
 
 def test_mean_std_and_half_width_of_known_values():
-    assert results_table.mean([1.0, 2.0, 3.0]) == 2.0
-    assert results_table.sample_std([1.0, 2.0, 3.0]) == 1.0
-    assert results_table.ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.302652729749464 / 3 ** 0.5)  # 2.484
-    assert results_table.sample_std([2.0, 4.0]) == pytest.approx(2 ** 0.5)
-    assert results_table.ci95_half_width([2.0, 4.0]) == pytest.approx(12.706204736174707)  # t_{0.975,1}·√2/√2
-    assert results_table.sample_std([7.0]) is None and results_table.ci95_half_width([7.0]) is None
-    single = results_table.estimate([None, 7.0])
-    assert single == results_table.Estimate(1, 7.0, None, None) and not single.excludes_zero
-    assert results_table.estimate([None]) is None
+    assert stats.mean([1.0, 2.0, 3.0]) == 2.0
+    assert stats.sample_std([1.0, 2.0, 3.0]) == 1.0
+    assert stats.ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.302652729749464 / 3 ** 0.5)  # 2.484
+    assert stats.sample_std([2.0, 4.0]) == pytest.approx(2 ** 0.5)
+    assert stats.ci95_half_width([2.0, 4.0]) == pytest.approx(12.706204736174707)  # t_{0.975,1}·√2/√2
+    assert stats.sample_std([7.0]) is None and stats.ci95_half_width([7.0]) is None
+    single = stats.estimate([None, 7.0])
+    assert single == stats.Estimate(1, 7.0, None, None) and not single.excludes_zero
+    assert stats.estimate([None]) is None
 
 
 def test_t_central_probability_of_known_values():
     """A(t | ν) = P(|T| < t): ν = 1 is Cauchy (A(1) = 1/2); ν = 2 has A = t / √(t² + 2); ν = 3 at t = √3
     (θ = π/4) is (2/π)(π/4 + 1/2) = 1/2 + 1/π; ν = 4 at t = 2 (c² = 1/2) is (1/√2)(1 + 1/4) = 5/(4√2)."""
-    assert results_table.t_central_probability(1.0, 1) == pytest.approx(0.5, abs=1e-15)
-    assert results_table.t_central_probability(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5, abs=1e-15)
-    assert results_table.t_central_probability(3 ** 0.5, 3) == pytest.approx(0.5 + 1 / math.pi, abs=1e-15)
-    assert results_table.t_central_probability(2.0, 4) == pytest.approx(5 / (4 * 2 ** 0.5), abs=1e-15)
+    assert stats.t_central_probability(1.0, 1) == pytest.approx(0.5, abs=1e-15)
+    assert stats.t_central_probability(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5, abs=1e-15)
+    assert stats.t_central_probability(3 ** 0.5, 3) == pytest.approx(0.5 + 1 / math.pi, abs=1e-15)
+    assert stats.t_central_probability(2.0, 4) == pytest.approx(5 / (4 * 2 ** 0.5), abs=1e-15)
     # ν = 5 at t = √5 (θ = π/4, c² = 1/2): (2/π)(π/4 + (1/√2)(1/√2 + (2/3)(1/√2)³)) = 1/2 + 4/(3π)
-    assert results_table.t_central_probability(5 ** 0.5, 5) == pytest.approx(0.5 + 4 / (3 * math.pi), abs=1e-15)
-    assert results_table.t_central_probability(0.0, 7) == 0.0
+    assert stats.t_central_probability(5 ** 0.5, 5) == pytest.approx(0.5 + 4 / (3 * math.pi), abs=1e-15)
+    assert stats.t_central_probability(0.0, 7) == 0.0
 
 
 def test_t_quantile_exact_and_its_expansion():
-    assert results_table.t_975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-12)  # Cauchy: tan(π(p−½))
-    assert results_table.t_975(2) == pytest.approx(0.95 * (2 / (1 - 0.95 ** 2)) ** 0.5, abs=1e-12)
-    assert results_table.t_975(3) == pytest.approx(3.182446305283710, abs=1e-12)  # the exact quantiles, 16 digits
-    assert results_table.t_975(30) == pytest.approx(2.042272456301238, abs=1e-12)
-    assert results_table.t_975(120) == pytest.approx(1.979930405082422, abs=1e-12)
-    assert results_table.t_975(1000) == pytest.approx(results_table.t_975(1001), abs=1e-5)  # the two methods meet
-    assert results_table.t_975(10 ** 7) == pytest.approx(results_table.Z_975, abs=1e-6)
+    assert stats.t_975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-12)  # Cauchy: tan(π(p−½))
+    assert stats.t_975(2) == pytest.approx(0.95 * (2 / (1 - 0.95 ** 2)) ** 0.5, abs=1e-12)
+    assert stats.t_975(3) == pytest.approx(3.182446305283710, abs=1e-12)  # the exact quantiles, 16 digits
+    assert stats.t_975(30) == pytest.approx(2.042272456301238, abs=1e-12)
+    assert stats.t_975(120) == pytest.approx(1.979930405082422, abs=1e-12)
+    assert stats.t_975(1000) == pytest.approx(stats.t_975(1001), abs=1e-5)  # the two methods meet
+    assert stats.t_975(10 ** 7) == pytest.approx(stats.Z_975, abs=1e-6)
     with pytest.raises(ValueError):
-        results_table.t_975(0)
-    stats = pytest.importorskip('scipy.stats')  # a check against scipy where it is installed (not a dependency)
+        stats.t_975(0)
+    scipy_stats = pytest.importorskip('scipy.stats')  # a check against scipy where it is installed (not a dependency)
     for df in list(range(1, 80)) + [200, 1000, 1001, 5000]:
-        assert results_table.t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-12), df
+        assert stats.t_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-12), df
 
 
 def test_paired_differences_and_whether_the_interval_excludes_zero():
     baseline, mimic = {'0': 10.0, '1': 12.0, '2': None, '3': 5.0}, {'0': 8.0, '1': 9.0, '2': 1.0}
-    assert results_table.paired_differences(baseline, mimic) == {'0': 2.0, '1': 3.0}  # the seeds both have
-    wide = results_table.estimate([2.0, 3.0])
-    assert wide.mean == 2.5 and wide.ci95 == pytest.approx(results_table.t_975(1) * 0.5) and not wide.excludes_zero
-    narrow = results_table.estimate(list(results_table.paired_differences({'0': 3, '1': 4, '2': 5},
+    assert stats.paired_differences(baseline, mimic) == {'0': 2.0, '1': 3.0}  # the seeds both have
+    wide = stats.estimate([2.0, 3.0])
+    assert wide.mean == 2.5 and wide.ci95 == pytest.approx(stats.t_975(1) * 0.5) and not wide.excludes_zero
+    narrow = stats.estimate(list(stats.paired_differences({'0': 3, '1': 4, '2': 5},
                                                                          {'0': 1, '1': 1, '2': 1}).values()))
     assert (narrow.mean, narrow.std) == (3.0, 1.0) and narrow.ci95 == pytest.approx(2.4842, abs=1e-4)
     assert narrow.excludes_zero
-    assert results_table.estimate([-3.0, -4.0, -5.0]).excludes_zero
+    assert stats.estimate([-3.0, -4.0, -5.0]).excludes_zero
 
 
 def seed_run(root: Path, name: str, seed, acc: float, asr: float, defences: dict | None = None,

@@ -1,4 +1,4 @@
-"""scripts/sweep_shapes.py: the grid it builds, how it reads an exit status, and a bounded subset of the sweep."""
+"""scripts/investigate/sweep_shapes.py: the grid it builds, how it reads an exit status, and a bounded subset of the sweep."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from scripts import sweep_shapes
-from scripts.sweep_shapes import Run, grid, outcome
+from scripts.investigate import sweep_shapes
+from scripts.investigate.sweep_shapes import Run, grid, outcome
 
 
 def test_grid_applies_each_axis_only_where_it_means_something():

@@ -1,9 +1,9 @@
 """Run every stage over a grid of small shapes and report how each run ended: no input may end a run by a signal.
 
-    python scripts/sweep_shapes.py                                   # the whole grid, a table on stdout
-    python scripts/sweep_shapes.py --out docs/SWEEP_SHAPES.md --json runs/sweep.json
-    python scripts/sweep_shapes.py --stages badencoder mimic --widths 4 8 --threads 2 --isa default
-    python scripts/sweep_shapes.py --log runs/sweep.jsonl     # continue it after an interruption
+    python -m scripts.investigate.sweep_shapes                     # the whole grid, a table on stdout
+    python -m scripts.investigate.sweep_shapes --out docs/SWEEP_SHAPES.md --json runs/sweep.json
+    python -m scripts.investigate.sweep_shapes --stages badencoder mimic --widths 4 8 --threads 2 --isa default
+    python -m scripts.investigate.sweep_shapes --log runs/sweep.jsonl     # continue it after an interruption
 
 Stages: 0 (clean), 1 (badencoder, drupe), 2 (mimic and each baseline defence, `defence:<name>`), 3 (probe).
 Axes of the grid, each run a fresh process (`python <script> ...`, as a user runs it):
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/sweep_shapes.py` from anywhere
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as `python scripts/investigate/sweep_shapes.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 from datasets.synthetic import make_synthetic  # noqa: E402

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time the original MIMIC implementation on this machine, the way scripts/benchmark.py times ours.
 
-scripts/compare_original.py runs this in a child process with the synthetic data files it wrote; it is
-not meant to be run by hand. The original's own functions are called unchanged:
+scripts/investigate/compare_original.py runs this in a child process with the synthetic data files it wrote; it
+is not meant to be run by hand. The original's own functions are called unchanged:
 
     simclr_img_per_s       train_clean_encoder.train          (stage 0 training loop)
     badencoder_img_per_s   train_badencoder.train             (stage 1, 1 reference)
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 import torchvision.models  # noqa: F401  (imported before the stand-ins exist: it looks for pandas and others)
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# scripts/, for bench_tools: the repository itself stays off the path, whose packages share the original's names
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_tools import (TimedLoader, counting_forwards, extrapolated_figures, probe_figures,  # noqa: E402
                          synchronize)
 

@@ -3,11 +3,11 @@
 
 Both sides run the measurements of scripts/benchmark.py with the same synthetic images, batches, timed
 steps, epochs, DataLoader workers and CPU threads: ours in this process, the original's own training
-functions in a child process (scripts/original_harness.py says which functions and how). --original is
+functions in a child process (scripts/investigate/original_harness.py says which functions and how). --original is
 a checkout of the original implementation (https://github.com/wssun/MIMIC); nothing of it is copied here.
 
-    python scripts/compare_original.py --original ~/src/MIMIC --quick --device cpu
-    python scripts/compare_original.py --original ~/src/MIMIC --device cuda --num_workers 8
+    python -m scripts.investigate.compare_original --original ~/src/MIMIC --quick --device cpu
+    python -m scripts.investigate.compare_original --original ~/src/MIMIC --device cuda --num_workers 8
 
 Stdout is one JSON line {"ours": {...}, "original": {...}, "speedup": {...}}; a speedup above 1 means ours
 is faster (throughput ours/original, seconds original/ours). A Markdown table of the same goes to stderr.
@@ -28,9 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402  (puts the repository on the path too)
-import original_harness  # noqa: E402  (imports nothing of the original until its main() runs)
+if __package__ in (None, ''):  # run as `python scripts/investigate/compare_original.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from scripts import benchmark  # noqa: E402
+from scripts.investigate import original_harness  # noqa: E402  (imports nothing of the original until its main() runs)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
