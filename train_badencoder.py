@@ -201,19 +201,16 @@ def main(argv: list[str] | None = None) -> None:
         if monitor is not None and processes.is_main():  # the state before training, as the original
             training.log({'epoch': 0, **evaluate_backdoor(model.f, monitor, normalization, args, device)})
 
-    def train_epoch(epoch: int) -> dict:
+    for epoch in training.loop():
         loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)
-        return train_one_epoch(encoder_forward, loader, shadow, clean_features, references, clean_reference_features,
-                               trigger, dataset.trigger_index, optimizer, args, normalization, device, epoch,
-                               objective=attack.objective(epoch), num_copies=num_copies)
-
-    def after_epoch(epoch: int, losses: dict) -> dict:
-        row = attack.after_epoch(epoch, losses, model, optimizer, results_dir, reference.target_label)
+        row = {'epoch': epoch, **train_one_epoch(
+            encoder_forward, loader, shadow, clean_features, references, clean_reference_features, trigger,
+            dataset.trigger_index, optimizer, args, normalization, device, epoch, objective=attack.objective(epoch),
+            num_copies=num_copies)}
+        row.update(attack.after_epoch(epoch, row, model, optimizer, results_dir, reference.target_label))
         if monitor and processes.is_main():  # the monitor runs once, in rank 0 (which alone logs)
-            row = {**row, **evaluate_backdoor(model.f, monitor, normalization, args, device)}
-        return row
-
-    training.fit(train_epoch, after_epoch=after_epoch, checkpoint_keys=checkpoint_keys)
+            row.update(evaluate_backdoor(model.f, monitor, normalization, args, device))
+        training.end_epoch(row, **checkpoint_keys(epoch))
     print(f'saved {results_dir / CHECKPOINT_PATTERN.format(args.epochs)}')
     output = attack.describe_output()
     if output:

@@ -178,22 +178,16 @@ def train(args: argparse.Namespace, training: Training, data: PretrainingData, d
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
     forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)
 
-    def set_epoch_learning_rate(epoch: int) -> None:
+    for epoch in training.loop():
         set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))
-
-    def train_epoch(epoch: int) -> dict:
         # the batch order and the workers' augmentation seeds depend only on (seed, epoch)
         loader = pair_batches(pairs, args, data.normalization, epoch, device, device_images, crop_scale)
-        return {'train_loss': train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch, device, args.amp,
-                                              disable)}
-
-    def monitor(epoch: int, row: dict) -> dict:
-        test_acc = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
-                               args.knn_k, args.knn_t, device, disable_progress=disable) \
+        row = {'epoch': epoch, 'train_loss': train_one_epoch(forward_model, loader, optimizer, args.knn_t, epoch,
+                                                             device, args.amp, disable)}
+        row['test_acc@1'] = knn_monitor(model.f, data.memory, *data.test, data.normalization, data.num_classes,
+                                        args.knn_k, args.knn_t, device, disable_progress=disable) \
             if processes.is_main() else float('nan')  # once, not in every process (nothing else reads it)
-        return {'test_acc@1': test_acc}
-
-    training.fit(train_epoch, before_epoch=set_epoch_learning_rate, after_epoch=monitor)
+        training.end_epoch(row)
 
 
 def main(argv: list[str] | None = None) -> None:

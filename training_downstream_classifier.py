@@ -120,13 +120,6 @@ def train_probes(args: argparse.Namespace, members: list[Member], num_classes: i
                               for split in ('train', 'test', 'triggered'))  # (N, T, d)
     labels, test_labels = members[0].features.train_labels, members[0].features.test_labels
 
-    def train_epoch(epoch: int) -> dict:
-        return {'loss': train_one_epoch(group, optimizer, train, labels, args.batch_size, epoch)}
-
-    def after_epoch(epoch: int, row: dict) -> dict:
-        return {'metrics': [{**values, 'epoch': epoch}
-                            for values in evaluate(group, test, triggered, test_labels, args.reference_label)]}
-
     def report(row: dict) -> None:  # each member's lines and log.csv
         for member, loss, values in zip(members, row['loss'], row['metrics']):
             print_epoch(row['epoch'], loss, values, metric_names(member.args.encoder), member.name)
@@ -135,8 +128,12 @@ def train_probes(args: argparse.Namespace, members: list[Member], num_classes: i
             if member.folder is not None:
                 write_csv(member.folder / 'log.csv', member.rows)
 
-    if not training.finished:
-        metrics = training.fit(train_epoch, after_epoch=after_epoch, report=report)[-1]['metrics']
+    for epoch in training.loop():
+        row = {'epoch': epoch, 'loss': train_one_epoch(group, optimizer, train, labels, args.batch_size, epoch)}
+        row['metrics'] = [{**values, 'epoch': epoch}
+                          for values in evaluate(group, test, triggered, test_labels, args.reference_label)]
+        training.end_epoch(row, report)
+        metrics = row['metrics']
     for member, member_metrics in zip(members, metrics):
         if member.folder is not None:
             write_json(member.folder / 'metrics.json',

@@ -1,20 +1,21 @@
-"""The one training engine: the step loop, the epoch loop with its hooks, and the one way a run resumes.
+"""The one training engine: the step loop, the epoch loop's bookkeeping, and the one way a run resumes.
 
 Every stage that trains runs through it (docs/DESIGN.md §1.4, §2.4): stage 0's SimCLR, stage 1's attacks, MIMIC's
-distillation and the baselines' phases in stage 2, and stage 3's probe. A stage describes
+distillation and the baselines' phases in stage 2, and stage 3's probe. A stage writes its epoch loop itself, the
+way a reader expects it on the page:
 
-- a step: `step_loss(*batch) -> (loss, {term: value})`, run by `train_steps` over one epoch's batches;
-- an epoch: `train_epoch(epoch) -> {name: mean}`, usually `train_steps` over that epoch's batches;
-- and, where it has them, hooks: `before_epoch(epoch)` (a learning-rate schedule), `after_epoch(epoch, row) ->
-  {name: value}` (a kNN monitor, DRUPE's adaptation, the probe's evaluation), `checkpoint_keys(epoch) -> dict`
-  (what a resumed run needs besides the weights: layer weights, a pruning mask, DRUPE's run state).
+    for epoch in training.loop():                        # start_epoch..epochs, a progress bar
+        row = {'epoch': epoch, **train_one_epoch(...)}   # train_steps over the epoch's batches
+        row.update(evaluate(...))                        # a kNN monitor, the probe's ACC/ASR, ...
+        training.end_epoch(row)                          # log, checkpoint when due, barrier
 
-`Training.fit` runs the epochs: one log row per epoch (the CSV rewritten atomically, one JSON line printed), a
-resumable checkpoint every --save_freq epochs and after the last (`common.runs.save_run_checkpoint`), and a barrier
-so that under torchrun the epoch is on disk before any process starts the next. `Training.resume` is the one
-resume path: it refuses a checkpoint whose flags marked `same_on_resume` differ from the command line's, and
-restores the weights, the optimiser, the epoch, the log and the RNG states, so that the data order and the
-augmentations, which depend only on (seed, epoch), continue bit for bit.
+`train_steps` runs one epoch's steps, `step_loss(*batch) -> (loss, {term: value})` each. `Training.end_epoch`
+logs the row (the CSV rewritten atomically, one JSON line printed), writes a resumable checkpoint every --save_freq
+epochs and after the last (`common.runs.save_run_checkpoint`, with what a resumed run needs besides the weights),
+and holds a barrier so that under torchrun the epoch is on disk before any process starts the next.
+`Training.resume` is the one resume path: it refuses a checkpoint whose flags marked `same_on_resume` differ from
+the command line's, and restores the weights, the optimiser, the epoch, the log and the RNG states, so that the
+data order and the augmentations, which depend only on (seed, epoch), continue bit for bit.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -187,29 +188,34 @@ class Training:
             write_csv(self.results_dir / self.log_name, self.rows)
         report({'phase': self.label, **row} if self.label else row)
 
-    def fit(self, train_epoch: Callable[[int], dict], *, before_epoch: Callable[[int], None] | None = None,
-            after_epoch: Callable[[int, dict], dict | None] | None = None,
-            checkpoint_keys: Callable[[int], dict] | None = None,
-            report: Callable[[dict], None] = print_row) -> list[dict]:
-        """Epochs start_epoch..epochs: before_epoch, train_epoch, after_epoch, log, checkpoint; returns the rows."""
-        bar = tqdm(range(self.start_epoch, self.epochs + 1), desc=self.label or self.desc,
-                   initial=self.start_epoch - 1, total=self.epochs, disable=progress_disabled(self.args))
-        for epoch in bar:
-            if before_epoch is not None:
-                before_epoch(epoch)
-            row = {'epoch': epoch, **train_epoch(epoch)}
-            if after_epoch is not None:
-                row.update(after_epoch(epoch, row) or {})
-            self.log(row, report)
-            numbers = [(key, value) for key, value in row.items() if key != 'epoch' and isinstance(value, float)]
-            bar.set_postfix({key: f'{value:.4f}' for key, value in numbers[:3]})
-            if self.results_dir is not None and is_save_epoch(epoch, self.epochs, self.args.save_freq):
-                if self.writer is not None:
-                    self.writer(epoch)
-                else:
-                    save_run_checkpoint(self.results_dir / self.pattern.format(epoch), self.model, self.optimizer,
-                                        epoch, self.args, log=self.rows,
-                                        **(checkpoint_keys(epoch) if checkpoint_keys else {}))
-            distributed.barrier()  # the epoch is on disk before any process starts the next one
-            self.start_epoch = epoch + 1
-        return self.rows
+    def loop(self) -> Iterator[int]:
+        """The epochs still to run, start_epoch..epochs, under a progress bar; the stage's loop body trains one,
+        evaluates it and ends it with `end_epoch`:
+
+            for epoch in training.loop():
+                row = {'epoch': epoch, **train_one_epoch(...)}
+                row.update(evaluate(...))
+                training.end_epoch(row)
+        """
+        self._bar = tqdm(range(self.start_epoch, self.epochs + 1), desc=self.label or self.desc,
+                         initial=self.start_epoch - 1, total=self.epochs, disable=progress_disabled(self.args))
+        yield from self._bar
+
+    def end_epoch(self, row: dict, report: Callable[[dict], None] = print_row, **checkpoint_keys) -> None:
+        """The end of epoch row['epoch']: its row logged (`log`), the checkpoint written when it is a save epoch
+        (every --save_freq epochs and the last; `writer`, else `save_run_checkpoint` with `checkpoint_keys`, what a
+        resumed run needs besides the weights), then a barrier, so that under torchrun the epoch is on disk
+        before any process starts the next."""
+        epoch = row['epoch']
+        self.log(row, report)
+        numbers = [(key, value) for key, value in row.items() if key != 'epoch' and isinstance(value, float)]
+        if getattr(self, '_bar', None) is not None:
+            self._bar.set_postfix({key: f'{value:.4f}' for key, value in numbers[:3]})
+        if self.results_dir is not None and is_save_epoch(epoch, self.epochs, self.args.save_freq):
+            if self.writer is not None:
+                self.writer(epoch)
+            else:
+                save_run_checkpoint(self.results_dir / self.pattern.format(epoch), self.model, self.optimizer,
+                                    epoch, self.args, log=self.rows, **checkpoint_keys)
+        distributed.barrier()
+        self.start_epoch = epoch + 1

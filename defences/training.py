@@ -112,12 +112,13 @@ class DefenceRun:
         pairs = ImagePairs(images, simclr_transform(self.normalization, images.shape[1]))
         device_images = device_copy(pairs, self.args, self.device)  # the fast path keeps D on the device
 
-        def train_epoch(epoch: int) -> dict:
-            return train_steps(pair_batches(pairs, self.args, self.normalization, epoch, self.device, device_images),
-                               phase.optimizer, phase.step_loss, epoch=epoch, device=self.device,
-                               set_modes=phase.set_modes, after_step=phase.after_step,
-                               desc=f'{phase.name} epoch {epoch}', disable_progress=self.disable_progress)
-        training.fit(train_epoch, checkpoint_keys=lambda epoch: phase.checkpoint_extra)
+        for epoch in training.loop():
+            batches = pair_batches(pairs, self.args, self.normalization, epoch, self.device, device_images)
+            row = {'epoch': epoch, **train_steps(batches, phase.optimizer, phase.step_loss, epoch=epoch,
+                                                 device=self.device, set_modes=phase.set_modes,
+                                                 after_step=phase.after_step, desc=f'{phase.name} epoch {epoch}',
+                                                 disable_progress=self.disable_progress)}
+            training.end_epoch(row, **phase.checkpoint_extra)
         return training
 
     def save(self, model: torch.nn.Module, path: Path, **extra) -> None:

@@ -64,19 +64,20 @@ def tiny_training(tmp_path, epochs: int, save_freq: int = 1, **kwargs) -> Traini
     return Training(model, torch.optim.SGD(model.parameters(), lr=0.1), args, epochs, tmp_path, **kwargs)
 
 
-def fit_noisy(training: Training) -> list[dict]:
+def train_noisy(training: Training) -> list[dict]:
     """Each epoch: one SGD step on random data (so the RNG and the weights both move); after it, a monitor."""
-    def train_epoch(epoch: int) -> dict:
+    for epoch in training.loop():
         x = torch.randn(8, 2)
-        return train_steps([(x,)], training.optimizer, lambda x: (training.model(x).pow(2).mean(), {}), epoch=epoch,
-                           device=CPU, disable_progress=True)
-    return training.fit(train_epoch, after_epoch=lambda epoch, row: {'monitor': float(epoch * 10)},
-                        checkpoint_keys=lambda epoch: {'extra': epoch})
+        row = {'epoch': epoch, **train_steps([(x,)], training.optimizer, lambda x: (training.model(x).pow(2).mean(), {}),
+                                             epoch=epoch, device=CPU, disable_progress=True)}
+        row['monitor'] = float(epoch * 10)
+        training.end_epoch(row, extra=epoch)
+    return training.rows
 
 
-def test_fit_logs_every_epoch_and_checkpoints_every_save_freq(tmp_path, capsys):
+def test_the_loop_logs_every_epoch_and_checkpoints_every_save_freq(tmp_path, capsys):
     training = tiny_training(tmp_path, epochs=5, save_freq=2)
-    rows = fit_noisy(training)
+    rows = train_noisy(training)
     assert [row['epoch'] for row in rows] == [1, 2, 3, 4, 5] and rows[2]['monitor'] == 30.0
     assert sorted(path.name for path in tmp_path.glob('*.pth')) == ['model_2.pth', 'model_4.pth', 'model_5.pth']
     checkpoint = load_checkpoint(tmp_path / 'model_4.pth')
@@ -91,12 +92,12 @@ def test_resume_continues_bit_for_bit(tmp_path):
     straight = tiny_training(tmp_path / 'straight', epochs=4)
     (tmp_path / 'straight').mkdir()
     seed_everything(5)
-    fit_noisy(straight)
+    train_noisy(straight)
 
     (tmp_path / 'stopped').mkdir()
     stopped = tiny_training(tmp_path / 'stopped', epochs=2)
     seed_everything(5)
-    fit_noisy(stopped)
+    train_noisy(stopped)
     (tmp_path / 'stopped' / 'model_2.pth').rename(tmp_path / 'stopped' / 'latest.pth')
     seed_everything(99)  # a new process: other RNG states, fresh weights
     resumed = tiny_training(tmp_path / 'stopped', epochs=4)
@@ -104,13 +105,13 @@ def test_resume_continues_bit_for_bit(tmp_path):
         resumed.model.weight.fill_(7.0)
     checkpoint = resumed.resume(tmp_path / 'stopped' / 'latest.pth', {'lr': None})
     assert checkpoint['extra'] == 2 and resumed.start_epoch == 3 and len(resumed.rows) == 2
-    fit_noisy(resumed)
+    train_noisy(resumed)
     assert torch.equal(resumed.model.weight, straight.model.weight)
     assert [row['monitor'] for row in resumed.rows] == [10.0, 20.0, 30.0, 40.0]
 
 
 def test_resume_refuses_other_settings_and_foreign_checkpoints(tmp_path):
-    fit_noisy(tiny_training(tmp_path, epochs=1))
+    train_noisy(tiny_training(tmp_path, epochs=1))
     other = tiny_training(tmp_path, epochs=2)
     other.args.lr = 0.2
     with pytest.raises(UsageError, match=r'--lr 0\.1 -> 0\.2'):
@@ -140,7 +141,7 @@ def test_resume_flags_are_the_marked_ones_of_parser_groups_and_parents():
 
 def test_a_phase_label_names_the_printed_lines_and_no_results_dir_writes_nothing(tmp_path, capsys):
     training = tiny_training(None, epochs=1, label='Teacher', log_name=None)
-    fit_noisy(training)
+    train_noisy(training)
     line = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{')][0])
     assert line['phase'] == 'Teacher' and line['epoch'] == 1
     assert list(tmp_path.iterdir()) == []
