@@ -64,7 +64,8 @@ from attacks.badencoder import (IndexedShadow, clean_encoder_features, evaluate_
                                 train_one_epoch)
 from attacks.flags import ATTACKS, get_args_parser
 from common import distributed
-from common.cli import check_save_freq, encoder_family, print_args, progress_disabled, require_positive, seed_everything
+from common.cli import check_save_freq, print_args, progress_disabled, require_positive, seed_everything
+from common.encoders import load_encoder
 from common.engine import Training
 from common.runs import check_layout_resumable, prepare_results_dir, save_layout_checkpoint, write_args
 from core import processes
@@ -72,7 +73,7 @@ from core.cli import resume_flags, run_main
 from core.errors import UsageError
 from datasets import finetune_transform, get_info, normalize_batch, test_transform
 from datasets.fastpath import maybe_compile, shadow_batches, to_channels_last
-from models import ARCHITECTURES, VisualEncoder, encoder_input_size, encoder_normalization, load_any_encoder
+from models import VisualEncoder, encoder_input_size, encoder_normalization
 from models.visual_checkpoint import RESUME_WEIGHTS
 
 CHECKPOINT_PATTERN = 'model_{}.pth'
@@ -104,29 +105,6 @@ def check_args(args: argparse.Namespace) -> None:
     drupe.check(args)
 
 
-def load_clean_encoder(args: argparse.Namespace):
-    """(the encoder to backdoor, its checkpoint): a CIFAR SimCLR, or a real-world encoder of the family
-    --encoder_usage_info CLIP|imagenet or --arch names, else read off the file (models.load_any_encoder). For a
-    real-world encoder, args.arch records its family; DRUPE is refused (its recipe and code are the CIFAR SimCLR's)."""
-    model, checkpoint = load_any_encoder(args.pretrained_encoder, encoder_family(args),
-                                         args.arch if args.arch in ARCHITECTURES else None)
-    if isinstance(model, VisualEncoder):
-        if args.attack != 'badencoder':
-            raise UsageError(f'--attack {args.attack} supports only the CIFAR-style SimCLR; {args.pretrained_encoder} is '
-                             f'a {model.family} encoder (BadEncoder, the default, handles it)')
-        args.arch = model.family
-    return model, checkpoint
-
-
-def warn_on_usage_mismatch(checkpoint: dict, args: argparse.Namespace) -> None:
-    """A checkpoint of ours records the set it was pre-trained on; say so when it is not --encoder_usage_info."""
-    recorded = checkpoint.get('args')
-    recorded = recorded.get('pretraining_dataset') if isinstance(recorded, dict) else None
-    if recorded and recorded != args.encoder_usage_info:
-        print(f'warning: {args.pretrained_encoder} was pre-trained on {recorded}, but --encoder_usage_info is '
-              f'{args.encoder_usage_info}: its inputs will be normalised for the wrong set', file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # Inputs: every file is checked before anything is written. A real-world encoder (CLIP, ImageNet) takes its own
     # normalisation and its 224-px input, has no kNN monitor (as the released code) and is saved in its file's layout.
-    model, clean_checkpoint = load_clean_encoder(args)
+    model, clean_checkpoint = load_encoder(args.pretrained_encoder, args, '--encoder_usage_info',
+                                           args.encoder_usage_info)
+    if isinstance(model, VisualEncoder) and args.attack != 'badencoder':
+        raise UsageError(f'--attack {args.attack} supports only the CIFAR-style SimCLR; {args.pretrained_encoder} is '
+                         f'a {model.family} encoder (BadEncoder, the default, handles it)')
     layout = clean_checkpoint.get('layout') if isinstance(model, VisualEncoder) else None
     image_size = encoder_input_size(model)
     shadow_images = load_shadow_images(args, image_size)
@@ -145,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
                                            resize_references=image_size is not None)
     if layout is None:
         normalization = encoder_normalization(model, get_info(args.encoder_usage_info).normalization)
-        warn_on_usage_mismatch(clean_checkpoint, args)
         monitor = load_monitor_data(args, trigger, reference.target_label)
     else:
         normalization, monitor = model.normalization, None

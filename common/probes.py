@@ -6,7 +6,6 @@ its epoch. The run's epoch loop is in training_downstream_classifier.py.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 from core.errors import CheckpointError, UsageError
 from datasets import get_info, pretraining_names
 from evaluation.probe import Features
-from models import (ARCHITECTURES, FAMILIES, MLPProbe, ProbeGroup, VisualEncoder, encoder_normalization,
-                    load_any_encoder, load_checkpoint, save_atomic)
+from models import (FAMILIES, MLPProbe, ProbeGroup, VisualEncoder, encoder_normalization, load_checkpoint,
+                    save_atomic)
 from models.probe_group import OneProbe
 
-from .cli import encoder_family
+from .encoders import load_encoder, recorded_pretraining_set
 from .engine import Training, train_steps
 from .runs import (check_resumable, checked_checkpoints, checkpoint_epochs, read_csv, restore_optimizer, rng_state,
                    set_rng_state, write_args)
@@ -30,14 +29,9 @@ PROBE_PATTERN = 'probe_{}.pth'
 
 def encoder_usage_info(args: argparse.Namespace, checkpoint: dict) -> str:
     """--encoder_usage_info, else the pre-training set the checkpoint's run recorded."""
-    run_args = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
-    recorded = next((run_args[key] for key in ('encoder_usage_info', 'pretraining_dataset')
-                     if run_args.get(key) in pretraining_names()), None)
     if args.encoder_usage_info:
-        if recorded is not None and recorded != args.encoder_usage_info:
-            print(f"warning: {args.encoder} records the pre-training set '{recorded}', but --encoder_usage_info "
-                  f"is '{args.encoder_usage_info}'; using --encoder_usage_info", file=sys.stderr)
         return args.encoder_usage_info
+    recorded = recorded_pretraining_set(checkpoint)
     if recorded is not None:
         print(f"--encoder_usage_info: using '{recorded}', recorded in {args.encoder}")
         return recorded
@@ -49,10 +43,8 @@ def load_probe_encoder(args: argparse.Namespace) -> torch.nn.Module:
     """The encoder --encoder, loaded safely (models.load_any_encoder: a CIFAR SimCLR, or a real-world encoder of the
     family --encoder_usage_info CLIP|imagenet or --arch names, else read off the file); sets args.encoder_usage_info
     (a CIFAR SimCLR's pre-training set, `encoder_usage_info`) and, for a real-world encoder, args.arch to its family."""
-    encoder, checkpoint = load_any_encoder(args.encoder, encoder_family(args),
-                                           args.arch if args.arch in ARCHITECTURES else None)
+    encoder, checkpoint = load_encoder(args.encoder, args, '--encoder_usage_info', args.encoder_usage_info)
     if isinstance(encoder, VisualEncoder):
-        args.arch = encoder.family
         args.encoder_usage_info = FAMILIES[encoder.family].usage_info or args.encoder_usage_info
     else:
         args.encoder_usage_info = encoder_usage_info(args, checkpoint)

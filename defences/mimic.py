@@ -44,7 +44,7 @@ from models import (TAPPED_LAYERS, CheckpointError, SimCLR, VisualEncoder, build
 from models.losses import attention_transfer, negative_cosine
 from models.mutual_info import NonFiniteCounts, estimate_mi, layer_weights, nonfinite_warning
 
-from .stage import add_defence_arguments, load_suspect, select_images
+from .stage import add_defence_arguments, select_images
 from .training import DefenceRun, Phase
 
 
@@ -77,11 +77,6 @@ def load_mi_images(args, info, clean: np.ndarray, image_size: int | None = None)
         raise UsageError(f'--mi_data labelled: --ratio {args.ratio} gives {count} of the {len(images)} images of '
                          f'{source}; the MI step needs at least 2')
     return select_images(images, count, args.subset, args.seed), source
-
-
-def load_teacher(path: str, device: torch.device, pretraining_dataset: str | None = None) -> torch.nn.Module:
-    """The suspect encoder at `path`, its family read off the file (`stage.load_suspect`)."""
-    return load_suspect(path, device, pretraining_dataset)[0]
 
 
 def build_student(teacher: torch.nn.Module, student_path: str, device: torch.device) -> torch.nn.Module:

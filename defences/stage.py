@@ -11,7 +11,6 @@ what the defence did and its wall-clock seconds.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -19,16 +18,16 @@ import numpy as np
 import torch
 
 from common import distributed
-from common.cli import (add_arch_argument, check_save_freq, data_dir_for, encoder_family, print_args,
-                        require_positive, seed_everything)
+from common.cli import (add_arch_argument, check_save_freq, data_dir_for, print_args, require_positive,
+                        seed_everything)
+from common.encoders import load_encoder
 from common.runs import check_layout_resumable, prepare_results_dir, write_args, write_json
 from core import processes
 from core.cli import SameOnResume, resume_flags
 from core.errors import UsageError
 from datasets import get_info, load_images, pretraining_names
 from datasets.fastpath import to_channels_last
-from models import (ARCHITECTURES, USAGE_INFO_FAMILIES, Layout, VisualEncoder, encoder_input_size,
-                    encoder_normalization, load_any_encoder)
+from models import USAGE_INFO_FAMILIES, Layout, VisualEncoder, encoder_input_size, encoder_normalization
 
 from .training import DefenceRun
 
@@ -68,32 +67,16 @@ def load_clean_subset(args, image_size: int | None = None) -> tuple:
                               f'{info.name}/{info.pretraining_split}')
 
 
-def load_suspect(path: str, device: torch.device, pretraining_dataset: str | None = None, *,
-                 family: str | None = None, arch: str | None = None, resume: bool = False,
-                 ) -> tuple[torch.nn.Module, Layout | None]:
-    """(the suspect encoder at `path`, loaded safely, in eval mode and frozen, and for a real-world encoder the
-    `Layout` of its file, in which its purified copies are written; None for a CIFAR SimCLR).
-
-    `family` (from --encoder_usage_info CLIP|imagenet or --arch: `common.cli.encoder_family`) and `arch` as
-    `models.load_any_encoder`; None: read off the file. A bare or openai file holds tensors only, so the
-    checkpoints written in its layout carry no run state: `resume` is refused for it.
-    """
-    teacher, checkpoint = load_any_encoder(path, family, arch)
-    layout = checkpoint.get('layout') if isinstance(teacher, VisualEncoder) else None
-    check_layout_resumable(layout, path, resume, 'purified')
-    recorded = (checkpoint.get('args') or {}).get('encoder_usage_info') or \
-        (checkpoint.get('args') or {}).get('pretraining_dataset')
-    if layout is None and pretraining_dataset and recorded and recorded != pretraining_dataset:
-        print(f'warning: {path} was trained on {recorded} images, but --pretraining_dataset is '
-              f'{pretraining_dataset}: the clean subset is normalised as {pretraining_dataset}', file=sys.stderr)
-    teacher.eval().requires_grad_(False)
-    return to_channels_last(teacher.to(device), device), layout
-
-
-def load_suspect_for(args, device: torch.device) -> tuple[torch.nn.Module, Layout | None]:
-    """`load_suspect` of --teacher with the flags of MIMIC.py and baseline_defence.py."""
-    return load_suspect(args.teacher, device, args.pretraining_dataset, family=encoder_family(args),
-                        arch=args.arch if args.arch in ARCHITECTURES else None, resume=args.resume)
+def load_suspect(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Layout | None]:
+    """(the suspect encoder --teacher, loaded safely (`common.encoders.load_encoder`), in eval mode and frozen, and
+    for a real-world encoder the `Layout` of its file, in which its purified copies are written; None for a CIFAR
+    SimCLR). A bare or openai file holds tensors only, so the checkpoints written in its layout carry no run state:
+    --resume is refused for it."""
+    suspect, checkpoint = load_encoder(args.teacher, args, '--pretraining_dataset', args.pretraining_dataset)
+    layout = checkpoint.get('layout') if isinstance(suspect, VisualEncoder) else None
+    check_layout_resumable(layout, args.teacher, args.resume, 'purified')
+    suspect.eval().requires_grad_(False)
+    return to_channels_last(suspect.to(device), device), layout
 
 
 def add_defence_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = SHARED_FLAGS,
@@ -168,12 +151,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str, de
 
     # The suspect, frozen (with, for a real-world encoder, its file's layout), and D of its pre-training split, at
     # its input size; none for a data-free defence (clp), which reads no image and so checks no data size.
-    suspect, layout = load_suspect_for(args, device)
-    if layout is not None:
-        if getattr(defence, 'CIFAR_ONLY', None):
-            raise UsageError(f'--defence {name} supports only the CIFAR-style SimCLR: {defence.CIFAR_ONLY}; '
-                             f'{args.teacher} is a {suspect.family} encoder')
-        args.arch = suspect.family  # args.json and the checkpoints name the family, read off the file or not
+    suspect, layout = load_suspect(args, device)
+    if layout is not None and getattr(defence, 'CIFAR_ONLY', None):
+        raise UsageError(f'--defence {name} supports only the CIFAR-style SimCLR: {defence.CIFAR_ONLY}; '
+                         f'{args.teacher} is a {suspect.family} encoder')
     info, clean = load_clean_subset(args, encoder_input_size(suspect)) if defence.READS_IMAGES \
         else (get_info(args.pretraining_dataset), None)
     if not defence.TRAINS and not processes.is_main():
@@ -183,10 +164,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str, de
     results_dir = Path(args.results_dir)
     print_args(args)
     write_args(results_dir, args)
-    source = f'{info.name}/{info.pretraining_split}' if layout is None else \
-        f'{args.data_dir or info.name} at {clean.shape[1]} px'
-    data = f'{len(clean)} clean images of {source} ({args.subset})' if clean is not None \
-        else 'data-free, no image read'
+    if clean is None:
+        data = 'data-free, no image read'
+    else:
+        source = f'{info.name}/{info.pretraining_split}' if layout is None else \
+            f'{args.data_dir or info.name} at {clean.shape[1]} px'
+        data = f'{len(clean)} clean images of {source} ({args.subset})'
     print(f'{name} ({defence.PAPER}): {data}; suspect {suspect.config}'
           f'{f" ({layout.format} layout)" if layout else ""} on {device}')
 

@@ -290,7 +290,7 @@ def bench_badencoder(images: np.ndarray, args: argparse.Namespace, device: torch
 
 
 def mimic_models(args: argparse.Namespace, device: torch.device) -> tuple[SimCLR, SimCLR]:
-    """A frozen teacher (eval mode, no gradients, as defences.mimic.load_teacher) and a fresh student."""
+    """A frozen teacher (eval mode, no gradients, as defences.stage.load_suspect) and a fresh student."""
     teacher = SimCLR(arch=args.arch, width=args.width).eval().requires_grad_(False)
     teacher = to_channels_last(teacher.to(device), device)
     return teacher, mimic_steps.build_student(teacher, '', device)

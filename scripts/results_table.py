@@ -396,19 +396,16 @@ def blocks(text: str, path: Path) -> list[Block]:
 def block_text(arguments: str, where: str) -> str:
     """What the block's command renders: its run folders (glob patterns expanded, sorted) relative to the
     repository root, with --table; `where` names the block in errors."""
-    words = []
-    for word in shlex.split(arguments):
-        if word.startswith('-') or not glob.has_magic(word):
-            words.append(word if word.startswith('-') else str(REPO / word))
-            continue
-        matches = sorted(glob.glob(str(REPO / word)))
-        if not matches:
-            raise RunError(f'{where}: {word} matches no run folder')
-        words += matches
-    args = get_args_parser().parse_args(words)
+    args = get_args_parser().parse_args(shlex.split(arguments))
     if args.out or args.summary or args.check or args.write or not args.run_dirs:
         raise RunError(f"{where}: a rendered block's command takes run folders and --table, and writes no file")
-    return render(read_groups(args.run_dirs), args.table)
+    run_dirs = []
+    for pattern in map(str, args.run_dirs):
+        matches = sorted(glob.glob(str(REPO / pattern))) if glob.has_magic(pattern) else [str(REPO / pattern)]
+        if not matches:
+            raise RunError(f'{where}: {pattern} matches no run folder')
+        run_dirs += map(Path, matches)
+    return render(read_groups(run_dirs), args.table)
 
 
 def rerendered(path: Path) -> tuple[str, list[tuple[Block, str, str]]]:
@@ -443,6 +440,21 @@ def write_page(path: Path) -> int:
     return sum(old != new for _, old, new in changes)
 
 
+def page_main(check: Path | None, write: Path | None) -> int:
+    """--check PAGE: each differing block's diff and status 1, else 0; --write PAGE: render its blocks in place."""
+    if write:
+        print(f'{write}: {write_page(write)} rendered block(s) changed')
+        return 0
+    differences = check_page(check)
+    print(''.join(differences), end='')
+    if differences:
+        print(f'error: {check}: {len(differences)} rendered block(s) differ from what their runs render; '
+              f'`{COMMAND} --write {check}` renders them again', file=sys.stderr)
+        return 1
+    print(f'{check}: each of its {len(blocks(check.read_text(), check))} rendered block(s) is as its runs render it')
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -472,18 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     if not page and not args.run_dirs:
         parser.error('give the run directories (or --check / --write PAGE)')
     try:
-        if args.check:
-            differences = check_page(args.check)
-            print(''.join(differences), end='')
-            if differences:
-                print(f'error: {args.check}: {len(differences)} rendered block(s) differ from what their runs '
-                      f'render; `{COMMAND} --write {args.check}` renders them again', file=sys.stderr)
-                return 1
-            print(f'{args.check}: every rendered block is as its runs render it')
-            return 0
-        if args.write:
-            print(f'{args.write}: {write_page(args.write)} rendered block(s) changed')
-            return 0
+        if page:
+            return page_main(args.check, args.write)
         groups = read_groups(args.run_dirs)
         if args.summary and len(groups) != 1:
             print('error: --summary takes exactly one run directory, or the runs of one setting that differ only '

@@ -433,3 +433,32 @@ def test_a_foreach_checkpoint_resumes_into_fused_adam_and_steps_as_an_uninterrup
     assert resumed.param_groups[0]['fused'] is True
     steps(resumed_weight, resumed, 2)
     assert torch.allclose(resumed_weight, uninterrupted, rtol=0, atol=1e-6)
+
+
+def test_the_recorded_pretraining_set_is_the_runs_usage_info_else_its_pretraining_set():
+    from common.encoders import recorded_pretraining_set
+    assert recorded_pretraining_set({'args': {'encoder_usage_info': 'stl10', 'pretraining_dataset': 'cifar10'}}) \
+        == 'stl10'
+    assert recorded_pretraining_set({'args': {'encoder_usage_info': 'CLIP', 'pretraining_dataset': 'cifar10'}}) \
+        == 'cifar10'  # CLIP names a family, not a set
+    assert recorded_pretraining_set({'args': None}) is None and recorded_pretraining_set({}) is None
+
+
+def test_one_encoder_loader_warns_once_when_the_stage_names_another_set(tiny_encoder, capsys):
+    """The warning names the file, the set its run recorded, the stage's flag and the set the inputs are normalised
+    as; a file that records no set, or the same set, loads silently."""
+    from common.encoders import load_encoder
+    from models import SimCLR, save_atomic
+    from models.checkpoint import encoder_checkpoint
+    path = tiny_encoder.parent / 'recorded.pth'
+    save_atomic({**encoder_checkpoint(SimCLR(width=8), None, 1), 'args': {'pretraining_dataset': 'stl10'}}, path)
+    args = argparse.Namespace(arch='resnet18', encoder_usage_info=None)
+    encoder, checkpoint = load_encoder(str(path), args, '--pretraining_dataset', 'stl10')
+    assert isinstance(encoder, SimCLR) and checkpoint['args'] == {'pretraining_dataset': 'stl10'}
+    assert capsys.readouterr().err == ''
+    load_encoder(str(path), args, '--pretraining_dataset', 'cifar10')
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {path} records the pre-training set 'stl10', but --pretraining_dataset is 'cifar10': "
+                   f"its inputs are normalised as 'cifar10'"]
+    load_encoder(str(tiny_encoder), args, '--pretraining_dataset', 'cifar10')  # records nothing: no warning
+    assert capsys.readouterr().err == ''

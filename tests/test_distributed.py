@@ -351,7 +351,8 @@ def test_stages_0_and_1_with_two_processes_leave_one_set_of_files(tmp_path, data
 
 
 @pytest.mark.parametrize('script, extra, checkpoint, files', [
-    ('MIMIC.py', ['--mi_epochs', '2'], 'model2.pth', {'args.json', 'mi.json', 'log.csv', 'model2.pth'}),
+    ('MIMIC.py', ['--mi_epochs', '2'], 'model2.pth',
+     {'args.json', 'defence.json', 'mi.json', 'log.csv', 'model2.pth'}),
     ('baseline_defence.py', ['--defence', 'kd'], 'model_2.pth', {'args.json', 'defence.json', 'log.csv', 'model_2.pth'}),
     ('baseline_defence.py', ['--defence', 'invert', '--invert_steps', '3'], 'model_2.pth',
      {'args.json', 'defence.json', 'log.csv', 'model_2.pth', 'inverted_trigger.npz'}),

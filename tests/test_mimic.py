@@ -59,7 +59,8 @@ class CountCalls:
 
 @pytest.fixture()
 def teacher(tiny_encoder):
-    return defences.mimic.load_teacher(str(tiny_encoder), torch.device('cpu'))
+    args = defences.mimic.get_args_parser().parse_args(['--teacher', str(tiny_encoder)])
+    return defences.stage.load_suspect(args, torch.device('cpu'))[0]
 
 
 def test_parser_keeps_every_original_flag_and_default():

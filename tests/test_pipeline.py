@@ -685,7 +685,8 @@ def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_i
 
 TOOLS = ('benchmark', 'pipeline', 'plot_results', 'repeat_tests', 'reproduce_paper', 'results_table',
          'investigate.compare_original', 'investigate.original_harness', 'investigate.sweep_shapes')
-LIBRARIES = ('__init__', 'bench_tools', 'investigate.__init__')  # bench_tools: benchmark's and the harness's
+LIBRARIES = ('__init__', 'bench_tools', 'investigate.__init__',  # bench_tools: benchmark's and the harness's
+             'results.__init__', 'results.runs', 'results.stats')  # the run reader and statistics of the tools
 
 
 def test_every_tool_and_wrapper_answers_help():

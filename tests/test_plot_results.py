@@ -2,8 +2,9 @@
 
 The files are those scripts/run_pipeline.sh leaves: run.json, mimic/mi.json (as MIMIC.py writes it),
 eval_<name>/metrics.json and eval.log with the probe group's JSON lines (made with the probe's own
-`metric_line`; runs made before the group kept them in eval_<name>.log, which is read too). The figures need matplotlib, an optional extra: those tests are skipped without it; reading,
-errors and the missing-matplotlib message are tested either way.
+`metric_line`; runs made before the group kept them in eval_<name>.log, which is read too), read by the run reader
+the tables share (scripts/results/runs.py). The figures need matplotlib, an optional extra: those tests are skipped
+without it; reading, errors and the missing-matplotlib message are tested either way.
 """
 from __future__ import annotations
 

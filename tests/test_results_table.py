@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from scripts import results_table
 from scripts.results import stats
 
@@ -97,6 +99,36 @@ def test_no_baselines_keeps_the_summary_as_before(tmp_path):
     run = make_run(tmp_path, 'cifar10', 'gtsrb', METRICS)
     assert results_table.main([str(run), '--summary', str(tmp_path / 's.json')]) == 0
     assert set(json.loads((tmp_path / 's.json').read_text())) == {'clean', 'backdoored', 'mimic'}
+
+
+def test_table_picks_the_encoders_or_the_defences_table(tmp_path, capsys):
+    run = make_run(tmp_path, 'cifar10', 'gtsrb', {**METRICS, 'clp': {'acc': 70.0, 'asr': 50.0,
+                                                                     'asr_excluding_target': 49.0}})
+    assert results_table.main([str(run), '--table', 'encoders']) == 0
+    encoders = capsys.readouterr().out
+    assert encoders.startswith('| Pre-training | Downstream | Attack | clean ACC |') and 'Defence' not in encoders
+    assert results_table.main([str(run), '--table', 'defences']) == 0
+    defences = capsys.readouterr().out
+    assert defences.startswith('| Pre-training | Downstream | Attack | Defence | ACC |') and 'clean ACC' not in defences
+    assert results_table.main([str(run)]) == 0
+    assert capsys.readouterr().out == encoders.rstrip('\n') + '\n\n## Defences\n\n' + defences
+    plain = make_run(tmp_path / 'plain', 'cifar10', 'gtsrb', METRICS)
+    assert results_table.main([str(plain), '--table', 'defences']) == 2
+    assert capsys.readouterr().err == 'error: --table defences: no baseline defence was evaluated in these runs\n'
+
+
+def test_pages_and_run_directories_do_not_mix(tmp_path):
+    run = make_run(tmp_path, 'cifar10', 'gtsrb', METRICS)
+    for argv in (['--check', 'page.md', str(run)], ['--write', 'page.md', '--out', 'x'], []):
+        with pytest.raises(SystemExit):
+            results_table.main(argv)
+
+
+def test_the_table_imports_no_torch():
+    """results_table reads runs without torch: the per-epoch logs that need evaluation.metrics are not read."""
+    check = 'import sys; import scripts.results_table; assert "torch" not in sys.modules, "torch imported"'
+    result = subprocess.run([sys.executable, '-c', check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 # --- seeds: the statistics, the grouping, the tables and the summary ---------------------------------------------

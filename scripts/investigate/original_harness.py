@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import torchvision.models  # noqa: F401  (imported before the stand-ins exist: it looks for pandas and others)
 from torch.utils.data import DataLoader, Subset
 
-# scripts/, for bench_tools: the repository itself stays off the path, whose packages share the original's names
+# scripts/, for bench_tools; not the repository, whose packages share the names of the original's
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_tools import (TimedLoader, counting_forwards, extrapolated_figures, probe_figures,  # noqa: E402
                          synchronize)

@@ -1,5 +1,6 @@
-"""Reading a pipeline run folder: what `scripts/run_pipeline.sh` writes (RUN below), or a folder of its kept
-summaries (docs/results/..., the same layout less checkpoints and logs).
+"""Reading a pipeline run folder: what `scripts/run_pipeline.sh` writes (RUN below), or a folder of the summaries
+of a run kept in the repository (docs/results/...: its run.json, metrics.json and defence.json files in their
+places, no checkpoint).
 
     RUN/run.json                        the setting: data sets, attack, seed, label, epochs, ...
     RUN/eval_<name>/metrics.json        the probe of an encoder (clean, backdoored, mimic, a baseline defence):
