@@ -54,11 +54,12 @@ from pathlib import Path
 if __package__ in (None, ''):  # run as `python scripts/results_table.py`: the repository root is not on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from defences import BASELINES  # noqa: E402  (imports no torch)
-from scripts.results.runs import ENCODERS, METRICS, Run, RunError, read_run, seed_groups, seed_name  # noqa: E402
+from scripts.results.runs import (ENCODER_ORDER, ENCODERS, METRICS, Run, RunError, read_run,  # noqa: E402
+                                  seed_groups, seed_name)
 from scripts.results.stats import Estimate, estimate, paired_differences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ('all', 'encoders', 'defences')
+TABLES = ('all', 'encoders', 'defences', 'seeds', 'curve')
 
 
 # --- the rows: one per setting, a group of the runs that differ only in their seed (n = 1: a single run) ---------
@@ -203,11 +204,56 @@ def defence_markdown(rows: list[dict], with_n: bool) -> str:
     return markdown_table(head, 5 + with_n + len(compared), cells) + note + '\n'
 
 
+def seeds_markdown(groups: list[list[Run]]) -> str:
+    """The per-seed table: one row per run (setting, seed), each encoder it evaluated as 'ACC / ASR*'."""
+    runs = [run for group in groups for run in group]
+    encoders = [name for name in ENCODER_ORDER if any(name in run.metrics for run in runs)]
+    with_label = labelled(groups)
+
+    def cell(run: Run, name: str) -> str:
+        metrics = run.metrics.get(name)
+        if metrics is None:
+            return '–'
+        return ' / '.join('–' if metrics.get(key) is None else f'{metrics[key]:.1f}'
+                          for key in ('acc', 'asr_excluding_target'))
+
+    rows = [setting_of(run, with_label) + [seed_name(run)] + [cell(run, name) for name in encoders] for run in runs]
+    head = ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Seed'] + encoders
+    return (markdown_table(head, len(encoders), rows) + '\n\nEach cell: ACC / ASR* (%) of that encoder on that '
+            'seed, one decimal.\n')
+
+
+def curve_markdown(groups: list[list[Run]]) -> str:
+    """MIMIC over its epochs: one row per run that probed its checkpoints (run_pipeline.sh --mimic_curve), each
+    epoch as 'ACC / ASR*', and MIMIC's training loss at that epoch."""
+    runs = [run for group in groups for run in group if run.mimic_curve]
+    if not runs:
+        raise RunError('--table curve: no run probed its MIMIC checkpoints (run_pipeline.sh --mimic_curve)')
+    epochs = sorted({epoch for run in runs for epoch in run.mimic_curve})
+    with_label = labelled(groups)
+    rows = []
+    for run in runs:
+        loss = run.mimic_log.get('loss', {})
+        rows.append(setting_of(run, with_label) + [seed_name(run)] + [
+            '–' if epoch not in run.mimic_curve else
+            f"{run.mimic_curve[epoch]['acc']:.1f} / {run.mimic_curve[epoch]['asr_excluding_target']:.1f}"
+            + (f' ({loss[epoch]:.1f})' if epoch in loss else '') for epoch in epochs])
+    head = ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Seed'] + [
+        f'epoch {epoch}' for epoch in epochs]
+    return (markdown_table(head, len(epochs), rows) + '\n\nEach cell: ACC / ASR* (%) of MIMIC\'s checkpoint of '
+            'that epoch, probed on its own, and in brackets its training loss at that epoch (mimic/log.csv).\n')
+
+
 def render(groups: list[list[Run]], table: str = 'all') -> str:
-    """The Markdown of `table`: 'encoders', 'defences', or 'all' (the encoders table, then the defences table
-    under a heading when a baseline ran)."""
+    """The Markdown of `table`: 'encoders', 'defences', 'seeds' (every run's values), 'curve' (MIMIC's checkpoints
+    over its epochs), or 'all' (the encoders table, then the defences table under a heading when a baseline
+    ran)."""
     if table == 'encoders':
         return markdown(groups)
+    if table == 'seeds':
+        return seeds_markdown(groups)
+    if table == 'curve':
+        return curve_markdown(groups)
     if table == 'defences':
         if not has_baselines(groups):
             raise RunError('--table defences: no baseline defence was evaluated in these runs')
@@ -465,7 +511,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--summary', type=Path, help='write the summary JSON of the run here (of a single run, or '
                                                      'of the runs of one setting that differ only in their seed)')
     parser.add_argument('--table', choices=TABLES, default='all',
-                        help='which table to print: the encoders table, the defences table, or both (default)')
+                        help='which table to print: the encoders table, the defences table, both (default), '
+                             "every run's values (seeds), or MIMIC's checkpoints over its epochs (curve)")
     pages = parser.add_mutually_exclusive_group()
     pages.add_argument('--check', type=Path, metavar='PAGE',
                        help='render every marked block of this Markdown page again and compare: status 1 and a '

@@ -279,3 +279,36 @@ def test_summary_over_seeds_holds_means_intervals_and_per_seed_values(tmp_path):
     other = seed_run(tmp_path, 'other', 2, 80, 10, ratio=0.5)
     assert results_table.main([*map(str, runs), str(other), '--summary', str(tmp_path / 'no.json')]) == 2
     assert not (tmp_path / 'no.json').exists()
+
+
+def test_the_seeds_table_shows_every_runs_acc_and_asr_star(tmp_path, capsys):
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80 + seed, 10 + seed, {'ft': (70.0, 3.0)} if seed else None)
+            for seed in (0, 1)]
+    assert results_table.main([*map(str, runs), '--table', 'seeds']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == '| Pre-training | Downstream | Attack | Seed | clean | backdoored | mimic | ft |'
+    assert lines[2] == '| cifar10 | gtsrb | badencoder | 0 | 82.0 / 0.0 | 81.0 / 94.0 | 80.0 / 9.0 | – |'
+    assert lines[3] == '| cifar10 | gtsrb | badencoder | 1 | 83.0 / 0.0 | 82.0 / 94.0 | 81.0 / 10.0 | 70.0 / 2.0 |'
+
+
+def test_the_curve_table_shows_mimics_checkpoints_and_its_loss(tmp_path, capsys):
+    run = seed_run(tmp_path, 'seed_0', 0, 80, 10, mimic_epochs=20)
+    (run / 'mimic_curve' / 'mimic_10').mkdir(parents=True)
+    (run / 'mimic_curve' / 'mimic_10' / 'metrics.json').write_text(json.dumps(
+        {'acc': 50.0, 'asr': 30.0, 'asr_excluding_target': 25.5}))
+    (run / 'mimic' / 'log.csv').write_text('epoch,loss\n10,3.25\n20,2.0\n')
+    assert results_table.main([str(run), '--table', 'curve']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == '| Pre-training | Downstream | Attack | Seed | epoch 10 | epoch 20 |'
+    assert lines[2] == '| cifar10 | gtsrb | badencoder | 0 | 50.0 / 25.5 (3.2) | 80.0 / 9.0 (2.0) |'
+    bare = seed_run(tmp_path, 'bare', 0, 80, 10)
+    assert results_table.main([str(bare), '--table', 'curve']) == 2
+    assert 'no run probed its MIMIC checkpoints' in capsys.readouterr().err
+
+
+def test_runs_that_reuse_their_own_seeds_encoder_are_one_setting(tmp_path, capsys):
+    """The budget experiment's seed_<s> reuses main's seed_<s>/backdoor: the path differs by the seed alone."""
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80, 10, backdoored_encoder=f'runs/main/seed_{seed}/m.pth')
+            for seed in (0, 1)]
+    other = seed_run(tmp_path, 'other', 2, 80, 10, backdoored_encoder='runs/main/seed_0/m.pth')
+    assert [len(group) for group in results_table.read_groups([*runs, other])] == [2, 1]

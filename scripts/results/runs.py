@@ -259,8 +259,17 @@ def read_probe_log(path: Path, encoder: str | None = None) -> dict[str, dict[int
 # --- runs that differ only in their seed ---------------------------------------------------------------------
 
 def setting_key(setting: dict) -> str:
-    """A run.json without its seed, as text: two runs with the same key differ at most in their seed."""
-    return json.dumps({key: value for key, value in setting.items() if key != 'seed'}, sort_keys=True)
+    """A run.json without its seed, as text: two runs with the same key differ at most in their seed. A path in it
+    through the run's own seed folder (seed_<seed>, e.g. the backdoored encoder each seed of an experiment reuses)
+    counts as the same path for every seed."""
+    own = f"seed_{setting.get('seed')}"
+
+    def general(value):
+        if isinstance(value, str) and 'seed' in setting:
+            return '/'.join('seed_*' if part == own else part for part in value.split('/'))
+        return value
+
+    return json.dumps({key: general(value) for key, value in setting.items() if key != 'seed'}, sort_keys=True)
 
 
 def seed_name(run: Run) -> str:
