@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import io
 import os
 import signal
@@ -172,35 +171,3 @@ def ctrl_c_raises_keyboard_interrupt():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
-
-
-# --- the `process` marker --------------------------------------------------------------------------------------
-
-# What a test calls when it starts a process: a new interpreter, torchrun, a shell script (a test that starts one
-# through a library function, such as scripts/sweep_shapes.py's, is marked by hand).
-PROCESS_CALLS = ('run_script(', 'subprocess.run(', 'subprocess.check_', 'Popen(', "'bash'")
-
-
-def _starts_processes(module) -> set[str]:
-    """Names of the module's functions that start a process, directly or through another such function."""
-    sources = {name: inspect.getsource(function) for name, function in vars(module).items()
-               if inspect.isfunction(function) and function.__module__ == module.__name__}
-    found = {name for name, source in sources.items() if any(call in source for call in PROCESS_CALLS)}
-    while True:
-        more = {name for name, source in sources.items()
-                if name not in found and any(f'{other}(' in source for other in found)}
-        if not more:
-            return found
-        found |= more
-
-
-def pytest_collection_modifyitems(config, items):
-    """Mark `process` every test that starts a process (a script run as a user runs it, torchrun, a signal sent to
-    a run, the pipeline's real run): `-m 'not process'` leaves them out for a quick in-process round."""
-    cache: dict[str, set[str]] = {}
-    for item in items:
-        module = item.module
-        if module.__name__ not in cache:
-            cache[module.__name__] = _starts_processes(module)
-        if item.function.__name__ in cache[module.__name__]:
-            item.add_marker(pytest.mark.process)

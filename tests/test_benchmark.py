@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import run_script
@@ -21,6 +22,7 @@ TINY = ('--quick', '--width', '8', '--device', 'cpu', '--num_workers', '0', '--b
         '--knn_queries', '32')
 
 
+@pytest.mark.process
 def test_quick_run_prints_the_figures_as_one_json_line():
     # --mi_epochs 1 equals --quick's one measured epoch, so only the probe time is extrapolated
     result = run_script('scripts/benchmark.py', *TINY, '--mi_epochs', '1', timeout=240)
@@ -60,6 +62,7 @@ def test_a_real_world_family_reports_its_feature_pass_and_mimic_step(capsys):
     assert figures['batch_size'] == {'feature': 2, 'mimic': 2} and figures['device'] == 'cpu'
 
 
+@pytest.mark.process
 def test_bad_count_is_a_one_line_error():
     result = run_script('scripts/benchmark.py', *TINY, '--mi_images', '4', timeout=60)
     assert result.returncode == 2 and result.stdout == ''

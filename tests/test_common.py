@@ -346,6 +346,7 @@ def test_run_main_lets_bugs_through():
         run_main(lambda: 1 / 0)
 
 
+@pytest.mark.process
 def test_run_main_as_a_user_sees_it(tmp_path):
     script = tmp_path / 'stage.py'
     script.write_text('from core.cli import run_main\n'
@@ -387,6 +388,7 @@ def test_caused_by_interrupt_follows_the_exception_chain():
      '    except BaseException:\n'
      '        raise CheckpointError("model.pth: not a readable PyTorch checkpoint") from None\n'),
 ], ids=['cleanup_error', 'expected_error'])
+@pytest.mark.process
 def test_an_error_raised_by_an_interrupt_is_the_interrupt(tmp_path, failing_main):
     """One line and exit 130, not the error the interrupt caused."""
     script = tmp_path / 'stage.py'

@@ -203,6 +203,7 @@ def fake_original(tmp_path):
     return root
 
 
+@pytest.mark.process
 def test_comparison_times_both_sides_and_prints_one_json_line(fake_original):
     result = run_script('-m', 'scripts.investigate.compare_original', '--original', str(fake_original), *TINY, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -153,6 +153,7 @@ def test_mimic_rejects_every_term_off(data_root, tiny_encoder, tmp_path):
 
 # ------------------------------------------------------------------------------------ baseline_defence.py
 
+@pytest.mark.process
 def test_help_lists_every_baseline():
     result = run_script('baseline_defence.py', '--help')
     assert result.returncode == 0

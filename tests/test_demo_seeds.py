@@ -84,6 +84,7 @@ def check_pooled(entry: dict, n: int) -> None:
         assert entry[f'{key}_ci95'] == pytest.approx(T_975[n - 1] * std / math.sqrt(n))
 
 
+@pytest.mark.process
 def test_demo_with_seeds_runs_each_seed_and_pools_the_summary(tmp_path):
     python = stand_in_python(tmp_path)
     out = tmp_path / 'demo'

@@ -243,6 +243,7 @@ run_main(stage.main)
 
 
 @pytest.mark.parametrize('attack', ['badencoder', 'drupe'])
+@pytest.mark.process
 def test_stage1_two_processes_take_the_single_process_step(tmp_path, data_root, tiny_encoder, reference_file,
                                                            three_references, attack, monkeypatch):
     # One epoch of 2 steps of the global batch 64 (a quarter of the 256 shadow images is 64: one step; half, 2).
@@ -296,6 +297,7 @@ run_main(stage0.main)
 '''
 
 
+@pytest.mark.process
 def test_stage0_two_processes_take_the_single_process_step(tmp_path, data_root):
     """BatchNorm-free, so that the step is the same on the CPU: this checks the gathered NT-Xent (negatives from
     the other process, gradients through the gather), the data split and DDP's averaging; SGD, whose step is
@@ -328,6 +330,7 @@ def assert_one_set_of_files(results_dir: Path, expected: set[str], stdout: str, 
     assert [line['epoch'] for line in json_lines if 'epoch' in line and 'results_dir' not in line] == epochs
 
 
+@pytest.mark.process
 def test_stages_0_and_1_with_two_processes_leave_one_set_of_files(tmp_path, data_root, tiny_encoder, reference_file):
     clean = tmp_path / 'clean'
     run = two_processes('train_clean_encoder.py', '--pretraining_dataset', 'synthetic_shapes', '--data_root',
@@ -357,6 +360,7 @@ def test_stages_0_and_1_with_two_processes_leave_one_set_of_files(tmp_path, data
     ('baseline_defence.py', ['--defence', 'invert', '--invert_steps', '3'], 'model_2.pth',
      {'args.json', 'defence.json', 'log.csv', 'model_2.pth', 'inverted_trigger.npz'}),
 ], ids=['mimic', 'kd', 'invert'])
+@pytest.mark.process
 def test_stage2_with_two_processes_leaves_one_set_of_files(tmp_path, data_root, tiny_encoder, script, extra,
                                                            checkpoint, files):
     out = tmp_path / 'out'
@@ -391,6 +395,7 @@ run_main(stage0.main)
 '''
 
 
+@pytest.mark.process
 def test_a_failing_process_stops_the_run_and_one_process_resumes_it(tmp_path, data_root, monkeypatch):
     script = tmp_path / 'failing_stage0.py'
     script.write_text(FAILING_STAGE0)

@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SKIPPED = (('git',), ('python', '-m', 'venv'), ('python', '-m', 'pip'), ('python', '-m', 'pytest'))
@@ -53,6 +55,7 @@ def help_text(command: tuple[str, ...]) -> str:
     return result.stdout
 
 
+@pytest.mark.process
 def test_every_flag_of_the_readmes_commands_is_in_its_scripts_help():
     checked = 0
     for words in readme_commands():
@@ -67,6 +70,7 @@ def test_every_flag_of_the_readmes_commands_is_in_its_scripts_help():
     assert checked > 40  # the stage commands, the pipeline and the experiments
 
 
+@pytest.mark.process
 def test_the_readmes_dry_run_runs_as_written():
     words = next(w for w in readme_commands() if w[:3] == ['bash', 'scripts/reproduce_paper.sh', '--dry_run'])
     result = subprocess.run(words, cwd=REPO, capture_output=True, text=True, timeout=120)

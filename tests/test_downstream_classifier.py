@@ -146,6 +146,7 @@ def test_probe_optimizer_is_fused_on_cuda_and_fused_adam_is_the_same_update_with
     assert all(torch.allclose(default[key], fused[key], rtol=0, atol=1e-6) for key in default)
 
 
+@pytest.mark.process
 def test_end_to_end_prints_the_original_lines_and_writes_metrics(probe_args, tiny_encoder, tmp_path):
     results = tmp_path / 'probe'
     result = run_script('training_downstream_classifier.py', *probe_args, '--nn_epochs', '2',

@@ -172,6 +172,7 @@ FAILING_CASE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.process
 def test_width8_backward_through_the_batch_path_finishes_with_two_threads():
     """The issue's case: a width-8 encoder, frozen BatchNorm, a (385, 3, 32, 32) batch from the uint8 path, five
     SGD steps with two threads. Before the fix it died by SIGSEGV or SIGABRT on AVX-512 CPUs."""

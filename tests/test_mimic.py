@@ -190,6 +190,7 @@ def test_clean_subset_first_and_random():
         defences.stage.clean_subset(data, 0.1, 'first', 0, 16, 'x')
 
 
+@pytest.mark.process
 def test_script_end_to_end(data_root, tiny_encoder, tmp_path):
     """The README command (lr 1e-2, one epoch) on the synthetic set; the result loads as an encoder."""
     out = tmp_path / 'mimic'

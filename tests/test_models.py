@@ -232,6 +232,7 @@ def test_a_narrow_encoder_draws_the_weights_it_drew_with_torchvisions_resnet(mon
     assert list(ours) == list(before) and all(torch.equal(ours[key], before[key]) for key in before)
 
 
+@pytest.mark.process
 def test_stages_on_the_tensor_path_never_import_torchvision(data_root, tmp_path):
     """torchvision's import costs every stage process seconds (models/resnet.py): stage 0 and MIMIC (whose training
     loop the baselines share) on the tensor path run without it; their PIL transforms are made, never applied. So

@@ -43,6 +43,7 @@ def pipeline(run_dir: Path, data_root: Path, reference: Path, trigger: Path, *ex
     return result
 
 
+@pytest.mark.process
 def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, trigger_file):
     run = tmp_path / 'run'
     first = pipeline(run, data_root, reference_file, trigger_file, eval_progress=True)
@@ -100,6 +101,7 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, data_root, reference_file, tr
     (['--run_dir', 'x', '--reference_file', 'README.md', '--augment', 'gpu'], "--augment: expected auto, pil or tensor"),
     (['--run_dir', 'x', '--seed', '1', '--seeds', '1,2'], '--seed and --seeds: give one'),
 ])
+@pytest.mark.process
 def test_pipeline_bad_arguments(args, message):
     result = subprocess.run(['bash', 'scripts/run_pipeline.sh', *args], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
@@ -115,6 +117,7 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.process
 def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_path):
     runs = tmp_path / 'paper'
     result = dry_run(str(runs))
@@ -147,6 +150,7 @@ def test_reproduce_paper_dry_run_lists_every_experiment_and_creates_nothing(tmp_
         assert f'--out {runs}/{experiment}/table' in out, experiment
 
 
+@pytest.mark.process
 def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
     result = dry_run('--scale', 'demo', '--experiments', 'ratio', str(tmp_path / 'demo'))
     assert result.returncode == 0, result.stderr
@@ -160,6 +164,7 @@ def test_reproduce_paper_dry_run_of_one_experiment_at_demo_scale(tmp_path):
     assert not (tmp_path / 'demo').exists()
 
 
+@pytest.mark.process
 def test_reproduce_paper_dry_run_with_seeds_runs_everything_once_per_seed(tmp_path):
     runs = tmp_path / 'demo'
     result = dry_run('--scale', 'demo', '--experiments', 'mi_model', '--seeds', '0,1', str(runs))
@@ -188,6 +193,7 @@ def test_reproduce_paper_dry_run_with_seeds_runs_everything_once_per_seed(tmp_pa
     (['--frobnicate'], 'unknown option --frobnicate'),
     (['--seeds', '1,x'], "--seeds: expected comma-separated non-negative integers, got '1,x'"),
 ])
+@pytest.mark.process
 def test_reproduce_paper_bad_arguments(args, message):
     result = dry_run(*args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count('\n') == 1
@@ -364,6 +370,7 @@ def test_reproduce_paper_reads_its_options_anywhere_on_the_line():
         reproduce_paper.parse_args(['--scale'])
 
 
+@pytest.mark.process
 def test_the_wrappers_help_is_their_parsers(monkeypatch):
     monkeypatch.setenv('COLUMNS', '100')  # argparse wraps the help to the terminal's width
     for wrapper, module in (('run_pipeline.sh', driver), ('reproduce_paper.sh', reproduce_paper)):
@@ -616,6 +623,7 @@ def test_reproduce_of_finished_runs_skips_them(tmp_path, reference_file, capfd, 
     assert (runs / 'mi_model' / 'table.md').is_file() and f'tables: {runs}/mi_model/table.md ' in out
 
 
+@pytest.mark.process
 def test_the_wrappers_run_the_python_of_the_tests_not_the_first_on_path(tmp_path):
     # a `python` first on PATH that is not this interpreter (a venv that is not activated): the wrappers must not
     # start it, since conftest hands them this one as $PYTHON
@@ -663,6 +671,7 @@ def test_the_proportions_table_in_the_docs_follows_from_the_flags():
     assert reproduce_paper.standard_proportions() in text
 
 
+@pytest.mark.process
 def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_its_seeds(tmp_path):
     runs = tmp_path / 'prop'
     result = dry_run('--scale', 'proportioned', '--seeds', '0,1', str(runs))
@@ -689,6 +698,7 @@ LIBRARIES = ('__init__', 'bench_tools', 'investigate.__init__',  # bench_tools: 
              'results.__init__', 'results.runs', 'results.stats')  # the run reader and statistics of the tools
 
 
+@pytest.mark.process
 def test_every_tool_and_wrapper_answers_help():
     modules = [path.relative_to(REPO / 'scripts').with_suffix('') for path in (REPO / 'scripts').rglob('*.py')]
     assert sorted(TOOLS + LIBRARIES) == sorted('.'.join(module.parts) for module in modules)

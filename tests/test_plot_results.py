@@ -337,6 +337,7 @@ def test_trigger_files_of_the_same_name_get_one_figure_each(tmp_path):
     assert 'size 6 px' in png_title(out / 'trigger_patch_2.png')
 
 
+@pytest.mark.process
 def test_as_a_user(tmp_path, trigger10):
     pytest.importorskip('matplotlib')
     run = make_run(tmp_path, 'run', trigger10)

@@ -56,6 +56,7 @@ def test_poison_images_triggers_only_the_chosen(trigger_file):
     assert (out[[1, 3], 21:31, 21:31] == 255).all() and np.array_equal(out[[1, 3], :21], images[[1, 3], :21])
 
 
+@pytest.mark.process
 def test_poison_as_a_user_writes_the_copy_and_its_record(tmp_path, data_root, ctrl_trigger):
     out = tmp_path / 'poisoned'
     result = run_script('-m', 'datasets.poison', *poison_args(data_root, ctrl_trigger, out))
@@ -130,6 +131,7 @@ def test_poison_refuses_another_image_size_and_the_source_folder(tmp_path, data_
     assert (data_root / 'synthetic_shapes' / 'train.npz').read_bytes() == before
 
 
+@pytest.mark.process
 def test_poison_keeps_a_non_empty_folder_unless_overwrite(tmp_path, data_root, ctrl_trigger):
     out = tmp_path / 'out'
     out.mkdir()

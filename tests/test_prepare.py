@@ -41,6 +41,7 @@ def trust_raw_files(monkeypatch, name: str, root) -> None:
 
 # ------------------------------------------------------------------------------------------ synthetic
 
+@pytest.mark.process
 def test_synthetic_as_a_user_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / 'data'
     result = run_script('-m', 'datasets.prepare', 'synthetic_shapes', 'synthetic_digits', '--out', str(out),
@@ -116,6 +117,7 @@ def check_written(out, name, expected):
             np.testing.assert_array_equal(y, y_expected)
 
 
+@pytest.mark.process
 def test_cifar10_checksum_refusal_as_a_user(tmp_path):
     write_cifar10(tmp_path / 'raw')
     result = run_script('-m', 'datasets.prepare', 'cifar10', '--root', str(tmp_path / 'raw'),
@@ -155,6 +157,7 @@ def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
     assert not list((tmp_path / 'data').rglob('*.npz'))
 
 
+@pytest.mark.process
 def test_missing_raw_files_one_line(tmp_path):
     result = run_script('-m', 'datasets.prepare', 'stl10', '--root', str(tmp_path / 'raw'),
                         '--out', str(tmp_path / 'data'))

@@ -174,6 +174,7 @@ def test_architecture_mismatch_names_the_keys(tmp_path, data_root, trigger_file,
     assert no_checkpoints(out)
 
 
+@pytest.mark.process
 def test_killed_runs_leave_only_loadable_checkpoints_and_resume(tmp_path, data_root, trigger_file,
                                                                 reference_file, tiny_encoder):
     """SIGKILL a stage-0 run repeatedly while it saves every epoch; every checkpoint on disk loads."""
@@ -241,6 +242,7 @@ def test_stage3_resume_is_bit_identical(tmp_path, data_root, trigger_file, refer
     assert lines and all(line in resumed.stdout for line in lines)
 
 
+@pytest.mark.process
 def test_ctrl_c_is_one_line_and_leaves_loadable_checkpoints(tmp_path, data_root, trigger_file, reference_file,
                                                             tiny_encoder):
     """SIGINT to the whole process group (what Ctrl-C does), DataLoader workers included."""

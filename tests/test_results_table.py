@@ -124,6 +124,7 @@ def test_pages_and_run_directories_do_not_mix(tmp_path):
             results_table.main(argv)
 
 
+@pytest.mark.process
 def test_the_table_imports_no_torch():
     """results_table reads runs without torch: the per-epoch logs that need evaluation.metrics are not read."""
     check = 'import sys; import scripts.results_table; assert "torch" not in sys.modules, "torch imported"'

@@ -147,6 +147,7 @@ def test_freeze_batchnorm_after_train():
     assert model.f.f[0].weight.requires_grad and model.f.training
 
 
+@pytest.mark.process
 def test_end_to_end_plants_the_backdoor(tmp_path, data_root, trigger_file, reference_file, tiny_encoder):
     results = tmp_path / 'run'
     result = run_script('train_badencoder.py', *attack_args(data_root, trigger_file, reference_file, tiny_encoder,

@@ -258,6 +258,7 @@ def test_ctrl_bad_flags(tmp_path, flags, message):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.process
 def test_make_trigger_ctrl_and_blend_as_a_user(tmp_path):
     ctrl = run_script('trigger/make_trigger.py', '--kind', 'ctrl', '--out', str(tmp_path / 'ctrl.npz'))
     assert ctrl.returncode == 0, ctrl.stderr

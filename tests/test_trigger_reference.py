@@ -66,6 +66,7 @@ def test_paper_trigger_applies_bit_for_bit_as_before(folder):
     assert (expected[:, 21:31, 21:31] == 255).all() and not np.array_equal(expected, random)
 
 
+@pytest.mark.process
 def test_make_trigger_as_a_user_regenerates_the_committed_file(tmp_path):
     out = tmp_path / PAPER_TRIGGER
     result = run_script('trigger/make_trigger.py', '--out', str(out))
@@ -113,6 +114,7 @@ def test_make_trigger_bad_flags(tmp_path, flags, message):
 
 # ------------------------------------------------------------------------------------------ reference
 
+@pytest.mark.process
 def test_make_reference_as_a_user(tmp_path, data_root):
     out = tmp_path / 'synthetic_shapes' / 'one.npz'
     result = run_script('reference/make_reference.py', '--dataset', 'synthetic_digits', '--class_id', '1',
