@@ -43,8 +43,8 @@ StepLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: StepLoss, *, epoch: int,
                 device: torch.device, set_modes: Callable[[], None] | None = None,
-                after_step: Callable[[], None] | None = None, per_image: bool = False, desc: str = 'Train',
-                disable_progress: bool = False) -> dict[str, float]:
+                after_step: Callable[[], None] | None = None, lr_at: Callable[[int, int], float] | None = None,
+                per_image: bool = False, desc: str = 'Train', disable_progress: bool = False) -> dict[str, float]:
     """One pass over `batches` (tuples of tensors, moved to `device`): loss, backward, optimiser step.
 
     Returns the epoch's mean of the loss and of each term, over the steps, or with `per_image` over the images
@@ -53,7 +53,8 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     may be a vector (one loss per probe of a group). Under torchrun each step's loss and terms are first averaged
     over the processes (the global batch's). A non-finite loss stops the run, naming the epoch and the step
     (counted from 1). `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after
-    every optimiser step (a pruning mask re-applied).
+    every optimiser step (a pruning mask re-applied); `lr_at(epoch, step)`, a per-step schedule, gives the
+    learning rate of each step (counted from 0 within the epoch), set on every parameter group before it.
 
     The sums are kept on the device in float64 (the same numbers as Python floats of the float32 values). On the
     CPU each step's loss is checked and shown as it comes; on CUDA the host stays out of the step loop: the first
@@ -69,6 +70,9 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     bar = tqdm(batches, desc=desc, leave=False, disable=disable_progress)
     for step, batch in enumerate(bar, start=1):
         batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(epoch, step - 1)
         loss, terms = step_loss(*batch)
         reported = distributed.mean_over_ranks({'loss': loss, **terms})  # {'loss': loss, **terms} in one process
         if each_step:

@@ -84,28 +84,14 @@ def lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int = SSLCLEANSE
     return warmup * drop_factor ** dropped
 
 
-def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Steps the optimiser has taken (Adam's own count, which a resumed run restores with its state)."""
-    for group in optimizer.param_groups:
-        for param in group['params']:
-            state = optimizer.state.get(param)
-            if state and 'step' in state:
-                return int(state['step'])
-    return 0
-
-
-def distillation_step(student: SimCLR, teacher: SimCLR, optimizer: torch.optim.Optimizer, mask: torch.Tensor,
-                      pattern_normalised: torch.Tensor, run: DefenceRun, steps_per_epoch: int):
-    """SSL-Cleanse's step as a phase's step_loss(x1, x2): sets the step's learning rate, then the loss (4 forwards:
-    the student on x1 and stamp(x2), the teacher, no grad, on x2 and x1)."""
+def distillation_step(student: SimCLR, teacher: SimCLR, mask: torch.Tensor, pattern_normalised: torch.Tensor,
+                      run: DefenceRun):
+    """SSL-Cleanse's step as a phase's step_loss(x1, x2) (4 forwards: the student on x1 and stamp(x2), the teacher,
+    no grad, on x2 and x1)."""
     args = run.args
     ddp_student = distributed.data_parallel(student, run.device)
 
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
-        step = optimizer_steps(optimizer)
-        factor = lr_factor(step, step // steps_per_epoch, args.epochs, args.sslcleanse_warmup)
-        for group in optimizer.param_groups:
-            group['lr'] = args.lr * factor
         with autocast(run.device, args.amp):
             _, proj_s1 = ddp_student(x1)
             feature_st, proj_st = ddp_student(stamp(x2, mask, pattern_normalised))
@@ -133,8 +119,13 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     def set_modes() -> None:  # the released code trains the whole module: both networks in training mode
         student.train()
         teacher.train()
-    step = distillation_step(student, teacher, optimizer, mask, pattern_normalised, run, steps_per_epoch)
-    phase = Phase('SSL-Cleanse', student, optimizer, step, set_modes, checkpoint_extra={'inverted_trigger': saved})
+
+    def lr_at(epoch: int, step: int) -> float:  # the code's warm-up and drops, by the run's step (from 0)
+        return args.lr * lr_factor((epoch - 1) * steps_per_epoch + step, epoch - 1, args.epochs,
+                                   args.sslcleanse_warmup)
+    step = distillation_step(student, teacher, mask, pattern_normalised, run)
+    phase = Phase('SSL-Cleanse', student, optimizer, step, set_modes, lr_at=lr_at,
+                  checkpoint_extra={'inverted_trigger': saved})
     run.train(phase, clean, args.epochs)
     return student, {**report, 'epochs': args.epochs, 'unlearned': True,
                      'weights': {'clean': args.sslcleanse_clean_weight, 'trigger': args.sslcleanse_trigger_weight}}

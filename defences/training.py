@@ -38,7 +38,8 @@ class Phase:
     """One training phase of a defence.
 
     `model` is what the checkpoints hold (a SimCLR); `set_modes` puts every network in its train/eval mode
-    at the start of each epoch; `after_step` runs after each optimiser step (e.g. re-applies a pruning mask).
+    at the start of each epoch; `after_step` runs after each optimiser step (e.g. re-applies a pruning mask);
+    `lr_at(epoch, step)` is a per-step learning-rate schedule (`common.engine.train_steps`).
     `checkpoint_extra` is stored in every checkpoint of the phase (what a resumed run needs besides the
     weights: layer weights, masks, an inverted trigger).
     """
@@ -50,6 +51,7 @@ class Phase:
     checkpoint_pattern: str = 'model_{}.pth'
     log_name: str = 'log.csv'
     after_step: Callable[[], None] | None = None
+    lr_at: Callable[[int, int], float] | None = None
     checkpoint_extra: dict = field(default_factory=dict)
 
 
@@ -116,7 +118,8 @@ class DefenceRun:
             batches = pair_batches(pairs, self.args, self.normalization, epoch, self.device, device_images)
             row = {'epoch': epoch, **train_steps(batches, phase.optimizer, phase.step_loss, epoch=epoch,
                                                  device=self.device, set_modes=phase.set_modes,
-                                                 after_step=phase.after_step, desc=f'{phase.name} epoch {epoch}',
+                                                 after_step=phase.after_step, lr_at=phase.lr_at,
+                                                 desc=f'{phase.name} epoch {epoch}',
                                                  disable_progress=self.disable_progress)}
             training.end_epoch(row, **phase.checkpoint_extra)
         return training

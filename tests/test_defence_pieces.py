@@ -19,7 +19,7 @@ from defences.clp import (channel_lipschitz_bounds, clp, clp_prune_mask, conv_bn
 from defences.fp import agreement, lowest_channels, prune_until_agreement_drops
 from defences.invert import (AdaptiveLambda, InvertedTrigger, decree_lambda, decree_lr_factor, detection, from_unit,
                              invert_trigger, inversion_loss, mean_pairwise_cosine, stamp, to_unit, trigger_arrays)
-from defences.sslcleanse import lr_factor, norm_mse, optimizer_steps, sslcleanse_loss
+from defences.sslcleanse import lr_factor, norm_mse, sslcleanse_loss
 from models import SimCLR
 from conftest import CornerCollapse
 
@@ -379,13 +379,3 @@ def test_sslcleanse_lr_factor_follows_the_code():
         pytest.approx([1.0, 0.2, 0.2, 0.04])  # ×0.2 for the last 50 epochs, again for the last 25
     assert [lr_factor(10_000, epoch, 40) for epoch in (14, 15, 39)] == pytest.approx([1.0, 0.2, 0.2])  # 40 − 50 < 0
     assert lr_factor(0, 0, 10, warmup_steps=0) == 1.0
-
-
-def test_optimizer_steps_counts_adams_steps():
-    weight = torch.zeros(2, requires_grad=True)
-    optimizer = torch.optim.Adam([weight], lr=0.1)
-    assert optimizer_steps(optimizer) == 0
-    for _ in range(3):
-        weight.sum().backward()
-        optimizer.step()
-    assert optimizer_steps(optimizer) == 3

@@ -50,6 +50,21 @@ def test_train_steps_steps_the_optimiser_and_runs_the_hooks():
     assert weight.item() == pytest.approx(1.0)  # 0 -> 1 in the first step (gradient -2, lr 0.5), then stays
 
 
+def test_a_per_step_schedule_sets_each_steps_learning_rate_before_it():
+    """lr_at(epoch, step from 0): SGD on (w - 1)² from w = 0 moves w by 2·lr·(1 - w) each step."""
+    weight = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([weight], lr=99.0)
+    seen = []
+
+    def lr_at(epoch: int, step: int) -> float:
+        seen.append((epoch, step))
+        return [0.25, 0.125][step]
+    train_steps([(torch.ones(1),)] * 2, optimizer, lambda x: ((weight - 1) ** 2, {}), epoch=3, device=CPU,
+                lr_at=lr_at, disable_progress=True)
+    assert seen == [(3, 0), (3, 1)] and optimizer.param_groups[0]['lr'] == 0.125
+    assert weight.item() == pytest.approx(0.625)  # 0 + 2·0.25·1 = 0.5, then 0.5 + 2·0.125·0.5 = 0.625
+
+
 def test_a_non_finite_loss_names_the_epoch_and_the_step_from_one():
     weight, step_loss = constant_steps([1.0, float('nan')])
     with pytest.raises(NonFiniteLossError, match='epoch 4, step 2'):
