@@ -2,7 +2,7 @@
 
 `--augment pil` is the original data path: per-image PIL transforms in `--num_workers` worker processes.
 `--augment tensor` keeps the images on the device and draws the views with `datasets.tensor_augment`
-(the same parameter distributions as torchvision's transforms, checked in tests/test_tensor_augment.py).
+(the same parameter distributions as torchvision's transforms, checked in tests/datasets/test_tensor_augment.py).
 `--augment auto` (the default) takes the tensor path on CUDA and the PIL path on the CPU, where the PIL
 workers are as fast and reproduce the original pixel for pixel.
 

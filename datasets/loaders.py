@@ -53,7 +53,7 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     """The order in which `epoch_loader(shuffle=True)` visits a dataset of `size` items in epoch `epoch`.
 
     The loader's iterator draws its workers' base seed from the (seed, epoch) generator first, then its
-    RandomSampler draws the permutation from the same generator (tests/test_distributed.py checks this against
+    RandomSampler draws the permutation from the same generator (tests/stages/test_distributed.py checks this against
     the loader itself).
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))

@@ -47,7 +47,7 @@ Its labels run 0, 1, ..., 9, 0, 1, ... (not sorted by class), so both splits are
 Order: torchvision reads GTSRB's training images class folder by class folder, so they come sorted by class,
 and the probe of stage 3 iterates its training features in a fixed order (as the original): trained on a
 sorted file it sees one class after another, and its predictions pile up on the later classes at a cost in
-accuracy (tests/test_probe_order.py). A labelled split whose labels come sorted by class is therefore written
+accuracy (tests/datasets/test_probe_order.py). A labelled split whose labels come sorted by class is therefore written
 in one fixed random order (numpy's default_rng(--seed).permutation), recorded in the npz as `order` (int64:
 `order[i]` is the index, in the order read, of the i-th image written; `datasets.load_split` reads only `x`
 and `y`), with one printed line. --keep_order writes such splits as read. Splits whose labels are not sorted

@@ -12,7 +12,7 @@ parameter from the same distributions as torchvision's transforms:
 - RandomGrayscale with p = 0.2 (ITU-R 601-2 luma, as torchvision).
 The colour operations follow `torchvision.transforms.functional` on float tensors; the PIL path rounds to
 uint8 after each operation, so single pixels may differ by one grey level while the distributions agree
-(tests/test_tensor_augment.py checks both).
+(tests/datasets/test_tensor_augment.py checks both).
 """
 from __future__ import annotations
 

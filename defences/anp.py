@@ -30,7 +30,7 @@ The reason is the projection head: a backdoor neuron, perturbed, pushes every cl
 collapse it causes on triggered inputs), and with batch statistics the BatchNorm1d of g subtracts exactly such a
 shift common to the batch before the NT-Xent sees it; a classifier has no BatchNorm after its last layer, so
 ANP's cross-entropy sees the shift in either mode. On the positive control (a planted trigger-detecting stem
-neuron, tests/test_positive_controls.py) running statistics prune that neuron and nothing else within 40
+neuron, tests/defences/test_positive_controls.py) running statistics prune that neuron and nothing else within 40
 iterations; batch statistics prune it together with several random neurons.
 Why not the shift of the features from the suspect's own (−cos to cached features, BatchNorm in eval mode, the
 former objective): that loss is at its minimum, with zero gradient, at m = 1 and no perturbation, so only the

@@ -3,7 +3,7 @@
 The modules, their names, their registration order (hence the state_dict keys and their order) and the
 initialisation, including the order in which it draws random numbers, are those of
 `torchvision.models.resnet.ResNet`, so a seed gives the same weights and every checkpoint loads either way
-(tests/test_models.py compares the two). The reason for a copy: importing torchvision imports `torch._dynamo`
+(tests/models/test_models.py compares the two). The reason for a copy: importing torchvision imports `torch._dynamo`
 (through `torchvision.ops`), about 2.6 s of a process's start-up on the 2-core CPU of the README, and the
 stages on the tensor path need only this class from it (their PIL transforms import it when first applied).
 

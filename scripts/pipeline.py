@@ -217,7 +217,7 @@ Every option but --dry_run takes the word after it as its value, also one that s
       --downstream_dataset gtsrb --reference_file reference/cifar10/priority.npz \\
       --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz"""
 
-# the flags that take a value: a field of Setting each (tests/test_pipeline.py checks the parser has them all)
+# the flags that take a value: a field of Setting each (tests/scripts/test_pipeline.py checks the parser has them all)
 VALUE_FLAGS = frozenset(f'--{field.name}' for field in dataclasses.fields(Setting)
                         if field.name not in ('target_label', 'dry_run'))
 

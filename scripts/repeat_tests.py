@@ -1,8 +1,8 @@
 """Run a chosen set of tests N times in a row, optionally beside a CPU-bound load, and report every failure.
 
-    python -m scripts.repeat_tests -n 50 tests/test_distributed.py              # 50 runs, the suite's own xdist
-    python -m scripts.repeat_tests -n 50 --load 2 tests/test_distributed.py     # beside 2 busy processes
-    python -m scripts.repeat_tests -n 5 --core_dumps --pytest_args "-k stage1" tests/test_distributed.py
+    python -m scripts.repeat_tests -n 50 tests/stages/test_distributed.py              # 50 runs, the suite's own xdist
+    python -m scripts.repeat_tests -n 50 --load 2 tests/stages/test_distributed.py     # beside 2 busy processes
+    python -m scripts.repeat_tests -n 5 --core_dumps --pytest_args "-k stage1" tests/stages/test_distributed.py
 
 Each run is `<this python> -m pytest -q <tests> <--pytest_args>` under pytest.ini's options (pytest-xdist over
 the cores, as CI runs it). A run that fails names each failed test id; with --core_dumps every process may write

@@ -279,7 +279,7 @@ def dirname(path: str) -> str:
     return os.path.dirname(path) or '.'
 
 
-# baseline_defence.py's defaults that set how many images a defence passes (tests/test_pipeline.py checks them)
+# baseline_defence.py's defaults that set how many images a defence passes (tests/scripts/test_pipeline.py checks them)
 DEFENCE_DEFAULTS = {'--batch_size': 128, '--anp_iterations': 2000, '--invert_steps': 2000}
 PRETRAINING_IMAGES = {'cifar10': 50000}  # the real pre-training sets' train split, at --scale paper
 

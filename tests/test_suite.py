@@ -2,8 +2,9 @@
 script) carries the `process` marker, so that `-m 'not process'` leaves exactly those out."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
+import sys
 from pathlib import Path
 
 # What a test calls when it starts a process: a new interpreter, torchrun, a shell script. A test that starts one
@@ -28,16 +29,25 @@ def test_a_function_that_calls_one_that_starts_a_process_starts_one():
     assert starts_processes(sources) == {'helper', 'test_a', 'test_c'}
 
 
+def load(path: Path):
+    """The test module at `path`, imported under its own name (as pytest imports it: its folder on the path)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def marked(function) -> bool:
     return any(mark.name == 'process' for mark in getattr(function, 'pytestmark', []))
 
 
 def test_every_test_that_starts_a_process_carries_the_marker():
     unmarked, checked = [], 0
-    for path in sorted(Path(__file__).parent.glob('test_*.py')):
+    for path in sorted(Path(__file__).parent.rglob('test_*.py')):
         if path.stem == Path(__file__).stem:
             continue  # names the calls it looks for, starts none
-        module = importlib.import_module(path.stem)
+        module = sys.modules.get(path.stem) or load(path)
         functions = {name: function for name, function in vars(module).items()
                      if inspect.isfunction(function) and function.__module__ == module.__name__}
         for name in starts_processes({name: inspect.getsource(f) for name, f in functions.items()}):

@@ -13,7 +13,7 @@ import torch
 from conftest import run_script
 from defences import BASELINES, TRAINING_BASELINES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
 import benchmark  # noqa: E402
 
 TINY = ('--quick', '--width', '8', '--device', 'cpu', '--num_workers', '0', '--batch_size', '16',

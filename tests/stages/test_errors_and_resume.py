@@ -1,4 +1,4 @@
-"""Issue 6: untrusted checkpoints, bad input, killed runs, resuming — across all four stages.
+"""Untrusted checkpoints, bad input, killed runs, resuming — across all four stages.
 
 Every expected mistake ends with ONE line on stderr naming the file or flag, exit status 2, no traceback
 and no checkpoint written.

@@ -1,4 +1,4 @@
-"""Issue 19: on the CPU every encoder gets contiguous NCHW input, never channels-last.
+"""On the CPU every encoder gets contiguous NCHW input, never channels-last.
 
 A channels-last input makes oneDNN take its NHWC kernels, whose 1x1 stride-2 backward-weights pass writes past
 its workspace when the input has fewer channels than the kernel's block (docs/ONEDNN_NHWC_CRASH.md): a crash, a
