@@ -14,6 +14,8 @@ from core.errors import UsageError
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
 from conftest import run_in_process, run_script
+from defence_helpers import pair  # noqa: F401  (a fixture)
+from defences.mimic import distillation_losses
 
 NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # synthetic_shapes
 
@@ -344,3 +346,67 @@ def test_resume_of_a_checkpoint_written_before_the_ablation_flags(data_root, tin
     assert load_checkpoint(out / 'model2.pth')['epoch'] == 2
     with pytest.raises(UsageError, match="--mi_data 'subset' -> 'labelled'"):
         MIMIC.main(tiny_args(data_root, tiny_encoder, out, '--epochs', 3, '--resume', '--mi_data', 'labelled'))
+
+
+# ------------------------------------------------------------------------------------- the ablations
+
+OPT = [2000.0, 3000.0, 4000.0, 5000.0]
+
+
+def weighted(terms, opt=OPT, opt5=1.0, con=1.0):
+    value = con * terms.get('loss_con', 0) + opt5 * terms.get('loss_clone', 0)
+    return value + sum(w * terms.get(f'loss_at{i}', 0) for i, w in enumerate(opt, start=1))
+
+
+@pytest.mark.parametrize('ablation', ['none', 'no_attention', 'no_clone', 'no_contrastive'])
+def test_each_ablation_drops_exactly_its_terms(pair, ablation):
+    student, teacher = pair
+    x1, x2 = views(8)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    _, full = distillation_losses(student, teacher, x1, x2, OPT, 1.0, 0.5)
+    student.load_state_dict(state)  # the same BatchNorm statistics for the ablated pass
+    opt = [0.0] * 4 if ablation == 'no_attention' else OPT
+    opt5 = 0.0 if ablation == 'no_clone' else 1.0
+    con = 0.0 if ablation == 'no_contrastive' else 1.0
+    loss, terms = distillation_losses(student, teacher, x1, x2, opt, opt5, 0.5, contrastive_weight=con)
+    dropped = {'none': set(), 'no_attention': {f'loss_at{i}' for i in range(1, 5)}, 'no_clone': {'loss_clone'},
+               'no_contrastive': {'loss_con'}}[ablation]
+    assert set(terms) == set(full) - dropped
+    for key in terms:  # the terms that stay are the same numbers
+        assert torch.allclose(terms[key], full[key], rtol=1e-5, atol=1e-7), key
+    assert loss.item() == pytest.approx(weighted(terms, opt, opt5, con).item(), rel=1e-6)
+
+
+def test_without_contrastive_the_second_view_is_not_encoded(pair):
+    student, teacher = pair
+    calls = []
+    original = student.forward
+    student.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    distillation_losses(student, teacher, *views(8), OPT, 1.0, 0.5, contrastive_weight=0.0)
+    assert len(calls) == 1
+
+
+def test_every_term_off_is_refused(pair):
+    student, teacher = pair
+    with pytest.raises(UsageError, match='every loss term'):
+        distillation_losses(student, teacher, *views(8), [0.0] * 4, 0.0, 0.5, contrastive_weight=0.0)
+
+
+def test_uniform_layer_weights_skip_the_mi_step(data_root, tiny_encoder, tmp_path, monkeypatch):
+    def no_mi(*args, **kwargs):
+        raise AssertionError('the MI step ran')
+    monkeypatch.setattr(defences.mimic, 'estimate_mi', no_mi)
+    out = tmp_path / 'uniform'
+    MIMIC.main(['--pretraining_dataset', 'synthetic_shapes', '--data_root', str(data_root), '--teacher',
+                str(tiny_encoder), '--ratio', '0.25', '--batch_size', '32', '--epochs', '1', '--results_dir', str(out),
+                '--num_workers', '0', '--device', 'cpu', '--no_progress', '--layer_weights', 'uniform'])
+    mi = json.loads((out / 'mi.json').read_text())
+    assert mi['layer_weights'] == 'uniform' and mi['mi'] is None
+    assert mi['weights'] == [0.25] * 4 and mi['opt'] == [3500.0] * 4
+    assert load_checkpoint(out / 'model1.pth')['opt'] == [3500.0] * 4
+
+
+def test_mimic_rejects_every_term_off(data_root, tiny_encoder, tmp_path):
+    with pytest.raises(UsageError, match='no loss'):
+        MIMIC.main(['--teacher', str(tiny_encoder), '--results_dir', str(tmp_path / 'x'), '--no_attention',
+                    '--no_clone', '--no_contrastive'])
