@@ -77,6 +77,11 @@ def setting_of(run: Run, with_label: bool) -> list[str]:
     return [run.pretraining, run.downstream, run.attack] + ([run.label] if with_label else [])
 
 
+def setting_head(with_label: bool) -> list[str]:
+    """The header of `setting_of`'s cells."""
+    return ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label
+
+
 def encoder_estimate(group: list[Run], encoder: str, key: str) -> Estimate | None:
     return estimate([run.metrics.get(encoder, {}).get(key) for run in group])
 
@@ -159,7 +164,7 @@ def markdown_table(head: list[str], numeric: int, rows: list[list[str]]) -> str:
 
 
 def header(with_label: bool = False, with_n: bool = False) -> list[str]:
-    return ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['n'] * with_n + [
+    return setting_head(with_label) + ['n'] * with_n + [
         f'{encoder} {label}' for encoder in ENCODERS for _, label in METRICS]
 
 
@@ -183,7 +188,7 @@ def defence_markdown(rows: list[dict], with_n: bool) -> str:
     MIMIC."""
     with_label = any(row['run'] for row in rows)
     compared = [f'{label} - MIMIC' for _, label in METRICS] if with_n else []
-    head = (['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Defence'] + ['n'] * with_n +
+    head = (setting_head(with_label) + ['Defence'] + ['n'] * with_n +
             ['ACC', 'ASR', 'ASR*', 'ΔACC', 'Time (s)'] + compared)
     cells = []
     for row in rows:
@@ -204,21 +209,22 @@ def defence_markdown(rows: list[dict], with_n: bool) -> str:
     return markdown_table(head, 5 + with_n + len(compared), cells) + note + '\n'
 
 
+def acc_asr_cell(metrics: dict | None) -> str:
+    """A probe's metrics as one cell, 'ACC / ASR*' to one decimal; '–' for what is missing."""
+    if metrics is None:
+        return '–'
+    return ' / '.join('–' if metrics.get(key) is None else f'{metrics[key]:.1f}'
+                      for key in ('acc', 'asr_excluding_target'))
+
+
 def seeds_markdown(groups: list[list[Run]]) -> str:
     """The per-seed table: one row per run (setting, seed), each encoder it evaluated as 'ACC / ASR*'."""
     runs = [run for group in groups for run in group]
     encoders = [name for name in ENCODER_ORDER if any(name in run.metrics for run in runs)]
     with_label = labelled(groups)
-
-    def cell(run: Run, name: str) -> str:
-        metrics = run.metrics.get(name)
-        if metrics is None:
-            return '–'
-        return ' / '.join('–' if metrics.get(key) is None else f'{metrics[key]:.1f}'
-                          for key in ('acc', 'asr_excluding_target'))
-
-    rows = [setting_of(run, with_label) + [seed_name(run)] + [cell(run, name) for name in encoders] for run in runs]
-    head = ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Seed'] + encoders
+    rows = [setting_of(run, with_label) + [seed_name(run)] + [acc_asr_cell(run.metrics.get(name)) for name in encoders]
+            for run in runs]
+    head = setting_head(with_label) + ['Seed'] + encoders
     return (markdown_table(head, len(encoders), rows) + '\n\nEach cell: ACC / ASR* (%) of that encoder on that '
             'seed, one decimal.\n')
 
@@ -236,10 +242,9 @@ def curve_markdown(groups: list[list[Run]]) -> str:
         loss = run.mimic_log.get('loss', {})
         rows.append(setting_of(run, with_label) + [seed_name(run)] + [
             '–' if epoch not in run.mimic_curve else
-            f"{run.mimic_curve[epoch]['acc']:.1f} / {run.mimic_curve[epoch]['asr_excluding_target']:.1f}"
-            + (f' ({loss[epoch]:.1f})' if epoch in loss else '') for epoch in epochs])
-    head = ['Pre-training', 'Downstream', 'Attack'] + ['Run'] * with_label + ['Seed'] + [
-        f'epoch {epoch}' for epoch in epochs]
+            acc_asr_cell(run.mimic_curve[epoch]) + (f' ({loss[epoch]:.1f})' if epoch in loss else '')
+            for epoch in epochs])
+    head = setting_head(with_label) + ['Seed'] + [f'epoch {epoch}' for epoch in epochs]
     return (markdown_table(head, len(epochs), rows) + '\n\nEach cell: ACC / ASR* (%) of MIMIC\'s checkpoint of '
             'that epoch, probed on its own, and in brackets its training loss at that epoch (mimic/log.csv).\n')
 
