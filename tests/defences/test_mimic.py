@@ -13,12 +13,10 @@ from core.cli import run_main
 from core.errors import UsageError
 from models import SimCLR, load_encoder
 from models.checkpoint import load_checkpoint
-from conftest import run_in_process, run_script
-from defence_helpers import pair  # noqa: F401  (a fixture)
 from defences.mimic import distillation_losses
-
-NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # synthetic_shapes
-
+from conftest import run_in_process, run_script
+from defence_helpers import SHAPES_NORMALIZATION, images, views
+from defence_helpers import pair  # noqa: F401  (a fixture)
 
 
 def tiny_args(data_root, teacher, results_dir, *extra, ratio=0.25, batch_size=32, mi_epochs=2):
@@ -27,15 +25,6 @@ def tiny_args(data_root, teacher, results_dir, *extra, ratio=0.25, batch_size=32
             '--teacher', str(teacher), '--ratio', str(ratio), '--batch_size', str(batch_size),
             '--mi_epochs', str(mi_epochs), '--results_dir', str(results_dir), '--num_workers', '0',
             '--device', 'cpu', '--no_progress', *[str(e) for e in extra]]
-
-
-def images(n=32, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-
-
-def views(n=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=generator), torch.randn(n, 3, 32, 32, generator=generator)
 
 
 def snapshot(model):
@@ -152,7 +141,7 @@ def test_tapped_representations_are_cached_in_eval_mode(teacher):
     torch.manual_seed(0)
     student = SimCLR(width=8)  # in train mode, as during distillation
     before = snapshot(student)
-    taps, z = defences.mimic.tapped_representations(student, images(20), NORMALIZATION, batch_size=8,
+    taps, z = defences.mimic.tapped_representations(student, images(20), SHAPES_NORMALIZATION, batch_size=8,
                                            device=torch.device('cpu'), disable_progress=True)
     assert same_state(snapshot(student), before) and student.training  # BN stats untouched, mode restored
     assert [t.shape for t in taps] == [(20, 8 * 32 * 32), (20, 16 * 16 * 16), (20, 32 * 8 * 8), (20, 64 * 4 * 4)]
@@ -163,13 +152,13 @@ def test_tapped_representations_are_cached_in_eval_mode(teacher):
 def test_mi_step_uses_the_estimates_and_warns_on_fallback(teacher, monkeypatch, capsys):
     estimates = iter([0.1, 0.2, 0.3, 0.4])
     monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (next(estimates), [0.0]))
-    report = defences.mimic.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+    report = defences.mimic.locate_benign_knowledge(teacher, images(16), SHAPES_NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)
     assert report['mi'] == {'layer3': 0.1, 'layer4': 0.2, 'layer5': 0.3, 'layer6': 0.4}
     assert report['opt'] == pytest.approx([2000, 3000, 4000, 5000]) and not report['fell_back']
     monkeypatch.setattr(defences.mimic, 'estimate_mi', lambda h, z, **kw: (0.0, [0.0]))
-    report = defences.mimic.locate_benign_knowledge(teacher, images(16), NORMALIZATION, base=[1000] * 4, mi_epochs=1,
+    report = defences.mimic.locate_benign_knowledge(teacher, images(16), SHAPES_NORMALIZATION, base=[1000] * 4, mi_epochs=1,
                                            batch_size=8, seed=0, device=torch.device('cpu'),
                                            disable_progress=True)
     defences.mimic.report_weights(report, 'teacher')
@@ -269,7 +258,7 @@ def test_nan_layer_is_recorded_and_warned(monkeypatch, capsys):
     taps[2][5, 0] = float('nan')  # layer5: one NaN in the first batch
     z = torch.randn(32, 4, generator=generator)
     monkeypatch.setattr(defences.mimic, 'tapped_representations', lambda *a, **k: (taps, z))
-    report = defences.mimic.locate_benign_knowledge(None, images(32), NORMALIZATION, base=[1000] * 4, mi_epochs=2,
+    report = defences.mimic.locate_benign_knowledge(None, images(32), SHAPES_NORMALIZATION, base=[1000] * 4, mi_epochs=2,
                                            batch_size=16, seed=0, device=torch.device('cpu'), disable_progress=True)
     assert report['nonfinite'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
     assert report['nonfinite_losses'] == {'layer3': 0, 'layer4': 0, 'layer5': 4, 'layer6': 0}
