@@ -154,10 +154,6 @@ def main(argv: list[str] | None = None) -> None:
     # Only f is trained (its BatchNorm affine parameters are frozen and get no gradient); g is kept as loaded.
     freeze_batchnorm(model.f)
     optimizer = torch.optim.SGD(model.f.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    # Under torchrun the encoder is trained through DDP; its BatchNorm stays frozen (no SyncBatchNorm needed) and
-    # its buffers never change (nothing to broadcast).
-    encoder_forward = maybe_compile(distributed.data_parallel(model.f, device, sync_batchnorm=False,
-                                                              broadcast_buffers=False), args.compile)
 
     def checkpoint_keys(epoch: int) -> dict:
         return {'target_label': reference.target_label, **attack.checkpoint_keys(epoch, model)}
@@ -181,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         attack.start(results_dir)
         if monitor is not None and processes.is_main():  # the state before training, as the original
             training.log({'epoch': 0, **evaluate_backdoor(model.f, monitor, normalization, args, device)})
+    # Under torchrun the encoder is trained through DDP; its BatchNorm stays frozen (no SyncBatchNorm needed) and
+    # its buffers never change (nothing to broadcast).
+    encoder_forward = maybe_compile(training.parallel(model.f, device, sync_batchnorm=False, broadcast_buffers=False),
+                                    args.compile)
 
     for epoch in training.loop():
         loader = shadow_batches(dataset, args, normalization, epoch, device, device_references)

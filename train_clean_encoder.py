@@ -176,7 +176,7 @@ def train(args: argparse.Namespace, training: Training, data: PretrainingData, d
     crop_scale = (args.crop_min_scale, CROP_SCALE[1])
     pairs = ImagePairs(data.images, simclr_transform(data.normalization, data.image_size, crop_scale))
     device_images = device_copy(pairs, args, device)  # the fast path keeps the uint8 set on the device
-    forward_model = maybe_compile(distributed.data_parallel(model, device), args.compile)
+    forward_model = maybe_compile(training.parallel(model, device), args.compile)
 
     for epoch in training.loop():
         set_learning_rate(optimizer, learning_rate(epoch, args.lr, args.epochs, args.schedule, args.warmup_epochs))

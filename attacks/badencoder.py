@@ -299,10 +299,9 @@ def train_one_epoch(encoder: nn.Module, loader, shadow: torch.Tensor, clean_feat
             f_clean, f_triggered.view(num_copies, batch, -1), f_augmented.view(num_references, batch, -1),
             f_reference, clean_features[indices], clean_reference_features)))
 
-    def set_modes() -> None:
-        encoder.train()
-        freeze_batchnorm(encoder)
-    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device, set_modes=set_modes,
+    encoder.train()
+    freeze_batchnorm(encoder)
+    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device,
                        desc=f'Train {epoch}/{args.epochs}', disable_progress=progress_disabled(args))
 
 

@@ -16,6 +16,7 @@ and holds a barrier so that under torchrun the epoch is on disk before any proce
 `Training.resume` is the one resume path: it refuses a checkpoint whose flags marked `same_on_resume` differ from
 the command line's, and restores the weights, the optimiser, the epoch, the log and the RNG states, so that the
 data order and the augmentations, which depend only on (seed, epoch), continue bit for bit.
+`Training.parallel` is the one place a trained network gets its DistributedDataParallel wrapper under torchrun.
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ StepLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: StepLoss, *, epoch: int,
-                device: torch.device, set_modes: Callable[[], None] | None = None,
-                after_step: Callable[[], None] | None = None, lr_at: Callable[[int, int], float] | None = None,
-                per_image: bool = False, desc: str = 'Train', disable_progress: bool = False) -> dict[str, float]:
+                device: torch.device, after_step: Callable[[], None] | None = None,
+                lr_at: Callable[[int, int], float] | None = None, per_image: bool = False, desc: str = 'Train',
+                disable_progress: bool = False) -> dict[str, float]:
     """One pass over `batches` (tuples of tensors, moved to `device`): loss, backward, optimiser step.
 
     Returns the epoch's mean of the loss and of each term, over the steps, or with `per_image` over the images
@@ -52,7 +53,7 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     Σ_s B_s·v_s / Σ_s B_s, for a last partial batch); a term
     may be a vector (one loss per probe of a group). Under torchrun each step's loss and terms are first averaged
     over the processes (the global batch's). A non-finite loss stops the run, naming the epoch and the step
-    (counted from 1). `set_modes()` puts the networks in their train/eval modes first; `after_step()` runs after
+    (counted from 1). The caller puts the networks in their train/eval modes first. `after_step()` runs after
     every optimiser step (a pruning mask re-applied); `lr_at(epoch, step)`, a per-step schedule, gives the
     learning rate of each step (counted from 0 within the epoch), set on every parameter group before it.
 
@@ -61,8 +62,6 @@ def train_steps(batches: Iterable, optimizer: torch.optim.Optimizer, step_loss: 
     non-finite step is recorded on the device and read, with the means, once at the end of the epoch (the epoch's
     remaining steps run on a non-finite model; nothing of that epoch is saved).
     """
-    if set_modes is not None:
-        set_modes()
     each_step = torch.device(device).type != 'cuda'  # the CPU has no kernel queue to keep full
     totals: dict[str, torch.Tensor] = {}
     count = 0
@@ -154,6 +153,13 @@ class Training:
     start_epoch: int = 1  # the first epoch still to run
     resumed_at: int = 0  # the epoch a resumed run continued from (0: a fresh run)
     rows: list[dict] = field(default_factory=list)  # the log rows of the epochs run so far
+
+    def parallel(self, module: torch.nn.Module, device: torch.device, **options) -> torch.nn.Module:
+        """What the step calls to run `module` (the trained network, a part of it, or its torch.compile wrapper):
+        `module` itself in one process; under torchrun its DistributedDataParallel wrapper
+        (`common.distributed.data_parallel` with `options`: sync_batchnorm, find_unused_parameters,
+        broadcast_buffers). Every stage wraps what it trains here, once, before its epoch loop."""
+        return distributed.data_parallel(module, device, **options)
 
     def resume(self, path: Path, must_match: dict[str, object], *, weights: str = 'state_dict') -> dict:
         """Continue the run that wrote checkpoint `path`; returns the checkpoint, for the stage's own keys.

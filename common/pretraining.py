@@ -75,6 +75,7 @@ def train_one_epoch(model: SimCLR, loader: DataLoader, optimizer: torch.optim.Op
     global batch and the NT-Xent takes its negatives from the global batch (`common.distributed.nt_xent`); the
     loss checked and returned is the global batch's.
     """
+    model.train()
     return train_steps(loader, optimizer, nt_xent_step(model, temperature, device, use_amp), epoch=epoch,
-                       device=device, set_modes=model.train, per_image=True, desc=f'Train epoch {epoch}',
+                       device=device, per_image=True, desc=f'Train epoch {epoch}',
                        disable_progress=disable_progress)['loss']

@@ -221,5 +221,6 @@ def train_one_epoch(group, optimizer: torch.optim.Optimizer, features: torch.Ten
 
     batches = [(features[:, start:start + batch_size], labels[start:start + batch_size])
                for start in range(0, features.shape[1], batch_size)]
-    return train_steps(batches, optimizer, step_loss, epoch=epoch, device=features.device, set_modes=group.train,
-                       per_image=True, disable_progress=True)['losses']
+    group.train()
+    return train_steps(batches, optimizer, step_loss, epoch=epoch, device=features.device, per_image=True,
+                       disable_progress=True)['losses']

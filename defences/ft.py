@@ -15,10 +15,11 @@ import copy
 import numpy as np
 import torch
 
+from common.engine import nt_xent_step
 from datasets.fastpath import maybe_compile
 from models import SimCLR
 
-from .training import DefenceRun, Phase, contrastive_step
+from .training import DefenceRun, Phase
 
 ADAM_WEIGHT_DECAY = 1e-6  # stage 0's (docs/DESIGN.md §4.3)
 PAPER = 'fine-tuning baseline (e.g. Liu et al., RAID 2018), continued SimCLR training'
@@ -37,11 +38,14 @@ def trainable_copy(suspect: SimCLR) -> SimCLR:
 
 def finetune_phase(model: SimCLR, run: DefenceRun, name: str = 'Fine-tune', checkpoint_pattern: str = 'model_{}.pth',
                    log_name: str = 'log.csv', after_step=None, extra=None, checkpoint_extra=None) -> Phase:
-    """SimCLR training of `model` on D as a phase (Adam, lr --lr, weight decay 1e-6)."""
+    """SimCLR training of `model` on D as a phase (Adam, lr --lr, weight decay 1e-6): SimCLR's step
+    (`common.engine.nt_xent_step`; under torchrun its NT-Xent takes its negatives from the global batch).
+    `extra(x1, x2, taps_1) -> {name: (weight, value)}` adds defence-specific terms from the same first forward
+    pass (NAD's attention transfer)."""
     args = run.args
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=ADAM_WEIGHT_DECAY)
-    step = contrastive_step(maybe_compile(model, args.compile), args.knn_t, run.device, args.amp, extra=extra)
-    return Phase(name, model, optimizer, step, model.train, checkpoint_pattern=checkpoint_pattern,
+    return Phase(name, model, optimizer, lambda trained: nt_xent_step(trained, args.knn_t, run.device, args.amp, extra),
+                 model.train, forward=maybe_compile(model, args.compile), checkpoint_pattern=checkpoint_pattern,
                  log_name=log_name, after_step=after_step, checkpoint_extra=checkpoint_extra or {})
 
 

@@ -348,8 +348,12 @@ def purify(suspect: SimCLR, clean: np.ndarray, run) -> tuple[SimCLR, dict]:
     saved, mask, pattern_normalised = trigger
     model = trainable_copy(suspect)
     phase = finetune_phase(model, run, name='Unlearn', checkpoint_extra={'inverted_trigger': saved})
-    simclr_step = phase.step_loss
-    phase.step_loss = lambda x1, x2: simclr_step(x1, stamp(x2, mask, pattern_normalised))  # triggered 2nd views
+    simclr = phase.step
+
+    def step(trained):  # SimCLR's step with every second view stamped with the inverted trigger
+        simclr_step = simclr(trained)
+        return lambda x1, x2: simclr_step(x1, stamp(x2, mask, pattern_normalised))
+    phase.step = step
     run.train(phase, clean, args.epochs)
     return model, {**report, 'epochs': args.epochs, 'unlearned': True}
 

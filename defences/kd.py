@@ -36,7 +36,13 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     args = run.args
     student = build_student(suspect, '', run.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-6)
-    step = distillation_step(maybe_compile(student, args.compile), maybe_compile(suspect, args.compile),
-                             NO_ATTENTION, 1.0, args.knn_t, run.device, args.amp, contrastive_weight=0.0)
-    run.train(Phase('KD', student, optimizer, step, distillation_modes(student, suspect)), clean, args.epochs)
+    teacher_forward = maybe_compile(suspect, args.compile)
+
+    def step(trained: torch.nn.Module):
+        return distillation_step(trained, teacher_forward, NO_ATTENTION, 1.0, args.knn_t, run.device, args.amp,
+                                 contrastive_weight=0.0)
+    # no contrastive term: the student's projection head gets no gradient, which DDP is told
+    run.train(Phase('KD', student, optimizer, step, distillation_modes(student, suspect),
+                    forward=maybe_compile(student, args.compile), parallel_options={'find_unused_parameters': True}),
+              clean, args.epochs)
     return student, {'epochs': args.epochs}

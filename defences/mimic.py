@@ -244,13 +244,8 @@ def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: 
 
 def distillation_step(student: SimCLR, teacher: SimCLR, opt_weights: list[float], opt5: float, temperature: float,
                       device: torch.device, amp: bool = False, contrastive_weight: float = 1.0):
-    """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training).
-
-    Under torchrun the student is called through its DistributedDataParallel wrapper (built here, once);
-    without the contrastive term its projection head gets no gradient, which DDP is told.
-    """
-    student = distributed.data_parallel(student, device, find_unused_parameters=contrastive_weight == 0)
-
+    """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training); `student` as the step calls
+    it (under torchrun, its DistributedDataParallel wrapper: `distillation_phase`)."""
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
         return distillation_losses(student, teacher, x1, x2, opt_weights, opt5, temperature,
                                    precision=lambda: autocast(device, amp), contrastive_weight=contrastive_weight)
@@ -270,7 +265,8 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
                     contrastive_weight: float = 1.0) -> dict:
     """One pass of distillation over the clean subset; returns the mean loss and terms of the epoch."""
     step_loss = distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp, contrastive_weight)
-    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device, set_modes=distillation_modes(student, teacher),
+    distillation_modes(student, teacher)()
+    return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device,
                        desc=f'Distill epoch {epoch}/{epochs}', disable_progress=disable_progress)
 
 
@@ -388,9 +384,14 @@ def distillation_phase(run: DefenceRun, student: SimCLR, teacher: SimCLR, weight
     student_forward, teacher_forward = maybe_compile(student, args.compile), maybe_compile(teacher, args.compile)
     attention_weights = [0.0] * len(weights['opt']) if args.no_attention else weights['opt']
     opt5 = 0.0 if args.no_clone else args.opt5
-    step_loss = distillation_step(student_forward, teacher_forward, attention_weights, opt5, args.knn_t, run.device,
-                                  args.amp, contrastive_weight=0.0 if args.no_contrastive else 1.0)
-    return Phase('Distill', student, optimizer, step_loss, distillation_modes(student, teacher),
+    contrastive_weight = 0.0 if args.no_contrastive else 1.0
+
+    def step(trained: torch.nn.Module):
+        return distillation_step(trained, teacher_forward, attention_weights, opt5, args.knn_t, run.device, args.amp,
+                                 contrastive_weight=contrastive_weight)
+    # without the contrastive term the student's projection head gets no gradient, which DDP is told
+    return Phase('Distill', student, optimizer, step, distillation_modes(student, teacher), forward=student_forward,
+                 parallel_options={'find_unused_parameters': contrastive_weight == 0},
                  checkpoint_pattern=CHECKPOINTS[0], checkpoint_extra=weights)
 
 

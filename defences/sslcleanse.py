@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import distributed
 from core.cli import same_on_resume
 from core.device import autocast
 from core.errors import UsageError
@@ -87,14 +86,13 @@ def lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int = SSLCLEANSE
 def distillation_step(student: SimCLR, teacher: SimCLR, mask: torch.Tensor, pattern_normalised: torch.Tensor,
                       run: DefenceRun):
     """SSL-Cleanse's step as a phase's step_loss(x1, x2) (4 forwards: the student on x1 and stamp(x2), the teacher,
-    no grad, on x2 and x1)."""
+    no grad, on x2 and x1); `student` as the step calls it (under torchrun, its DistributedDataParallel wrapper)."""
     args = run.args
-    ddp_student = distributed.data_parallel(student, run.device)
 
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
         with autocast(run.device, args.amp):
-            _, proj_s1 = ddp_student(x1)
-            feature_st, proj_st = ddp_student(stamp(x2, mask, pattern_normalised))
+            _, proj_s1 = student(x1)
+            feature_st, proj_st = student(stamp(x2, mask, pattern_normalised))
             with torch.no_grad():
                 _, proj_t2 = teacher(x2)
                 feature_t1, proj_t1 = teacher(x1)
@@ -123,9 +121,9 @@ def purify(suspect: SimCLR, clean: np.ndarray, run: DefenceRun) -> tuple[SimCLR,
     def lr_at(epoch: int, step: int) -> float:  # the code's warm-up and drops, by the run's step (from 0)
         return args.lr * lr_factor((epoch - 1) * steps_per_epoch + step, epoch - 1, args.epochs,
                                    args.sslcleanse_warmup)
-    step = distillation_step(student, teacher, mask, pattern_normalised, run)
-    phase = Phase('SSL-Cleanse', student, optimizer, step, set_modes, lr_at=lr_at,
-                  checkpoint_extra={'inverted_trigger': saved})
+    phase = Phase('SSL-Cleanse', student, optimizer,
+                  lambda trained: distillation_step(trained, teacher, mask, pattern_normalised, run), set_modes,
+                  lr_at=lr_at, checkpoint_extra={'inverted_trigger': saved})
     run.train(phase, clean, args.epochs)
     return student, {**report, 'epochs': args.epochs, 'unlearned': True,
                      'weights': {'clean': args.sslcleanse_clean_weight, 'trigger': args.sslcleanse_trigger_weight}}

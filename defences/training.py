@@ -8,7 +8,7 @@ epoch), so that `--resume` continues bit for bit), a non-finite loss stops the r
 per epoch, and a resumable checkpoint every `--save_freq` epochs and after the last.
 
 Under torchrun (common/distributed.py) each process trains on its share of the global batch, the trained network
-through DistributedDataParallel (`contrastive_step` and `defences.mimic.distillation_step` build the wrapper), the
+through DistributedDataParallel (built by the engine, `Training.parallel`, and handed to the phase's step), the
 logged loss and terms are averaged over the processes (the global batch's), and rank 0 alone writes; what a
 defence computes before it trains (MIMIC's layer weights, a pruning mask, an inverted trigger) goes through
 `DefenceRun.once`, which runs it in rank 0 alone and hands the result to every process.
@@ -24,7 +24,7 @@ import torch
 
 from common import distributed
 from common.cli import progress_disabled
-from common.engine import StepLoss, Training, nt_xent_step, train_steps
+from common.engine import StepLoss, Training, train_steps
 from common.runs import checkpoint_epochs, save_layout_checkpoint, save_run_checkpoint
 from core import processes
 from datasets import ImagePairs, simclr_transform
@@ -37,17 +37,22 @@ from models.visual_checkpoint import RESUME_WEIGHTS
 class Phase:
     """One training phase of a defence.
 
-    `model` is what the checkpoints hold (a SimCLR); `set_modes` puts every network in its train/eval mode
-    at the start of each epoch; `after_step` runs after each optimiser step (e.g. re-applies a pruning mask);
-    `lr_at(epoch, step)` is a per-step learning-rate schedule (`common.engine.train_steps`).
-    `checkpoint_extra` is stored in every checkpoint of the phase (what a resumed run needs besides the
-    weights: layer weights, masks, an inverted trigger).
+    `model` is what the checkpoints hold (a SimCLR). `step(trained) -> step_loss(x1, x2)` builds the phase's
+    step around `trained`, which is `forward` (the module the step calls to run `model`: `model` itself, or its
+    torch.compile wrapper) as the engine hands it over: itself in one process, its DistributedDataParallel
+    wrapper under torchrun (`common.engine.Training.parallel` with `parallel_options`). `set_modes` puts every
+    network in its train/eval mode at the start of each epoch; `after_step` runs after each optimiser step
+    (e.g. re-applies a pruning mask); `lr_at(epoch, step)` is a per-step learning-rate schedule
+    (`common.engine.train_steps`). `checkpoint_extra` is stored in every checkpoint of the phase (what a resumed
+    run needs besides the weights: layer weights, masks, an inverted trigger).
     """
     name: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    step_loss: StepLoss
+    step: Callable[[torch.nn.Module], StepLoss]
     set_modes: Callable[[], None]
+    forward: torch.nn.Module | None = None  # None: `model` itself
+    parallel_options: dict = field(default_factory=dict)  # e.g. find_unused_parameters: a head no loss uses
     checkpoint_pattern: str = 'model_{}.pth'
     log_name: str = 'log.csv'
     after_step: Callable[[], None] | None = None
@@ -113,11 +118,14 @@ class DefenceRun:
             training.resume(latest, self.must_match, weights=RESUME_WEIGHTS if self.layout else 'state_dict')
         pairs = ImagePairs(images, simclr_transform(self.normalization, images.shape[1]))
         device_images = device_copy(pairs, self.args, self.device)  # the fast path keeps D on the device
+        trained = training.parallel(phase.model if phase.forward is None else phase.forward, self.device,
+                                    **phase.parallel_options)
+        step_loss = phase.step(trained)
 
         for epoch in training.loop():
             batches = pair_batches(pairs, self.args, self.normalization, epoch, self.device, device_images)
-            row = {'epoch': epoch, **train_steps(batches, phase.optimizer, phase.step_loss, epoch=epoch,
-                                                 device=self.device, set_modes=phase.set_modes,
+            phase.set_modes()
+            row = {'epoch': epoch, **train_steps(batches, phase.optimizer, step_loss, epoch=epoch, device=self.device,
                                                  after_step=phase.after_step, lr_at=phase.lr_at,
                                                  desc=f'{phase.name} epoch {epoch}',
                                                  disable_progress=self.disable_progress)}
@@ -139,11 +147,3 @@ class DefenceRun:
         save_layout_checkpoint(self.results_dir / phase.checkpoint_pattern.format(epoch), phase.model, self.layout,
                                phase.optimizer, epoch, self.args, log=training.rows, **phase.checkpoint_extra)
 
-
-def contrastive_step(model: torch.nn.Module, temperature: float, device: torch.device, amp: bool = False,
-                     extra: Callable | None = None) -> StepLoss:
-    """SimCLR's step (`common.engine.nt_xent_step`) on `model`, called under torchrun through its
-    DistributedDataParallel wrapper (built here, once), so that the NT-Xent takes its negatives from the global
-    batch. `extra(x1, x2, taps_1) -> {name: (weight, value)}` adds defence-specific terms from the same first
-    forward pass."""
-    return nt_xent_step(distributed.data_parallel(model, device), temperature, device, amp, extra)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from common.cli import seed_everything
 from common.engine import Training, train_steps
 from common.runs import check_resumable, read_csv
+from conftest import REPO
 from core.cli import SameOnResume, StageParser, resume_flags, same_on_resume
 from core.errors import NonFiniteLossError, UsageError
 from models import CheckpointError, load_checkpoint
@@ -40,13 +42,16 @@ def test_train_steps_mean_over_steps_and_over_images():
     assert means['loss'] == pytest.approx((4 * 1 + 4 * 2 + 2 * 6) / 10)
 
 
-def test_train_steps_steps_the_optimiser_and_runs_the_hooks():
+def test_train_steps_steps_the_optimiser_and_runs_after_step_after_each_step():
     weight = torch.nn.Parameter(torch.zeros(()))
     calls = []
-    train_steps([(torch.ones(1),)] * 3, torch.optim.SGD([weight], lr=0.5), lambda x: ((weight - 1) ** 2, {}),
-                epoch=1, device=CPU, set_modes=lambda: calls.append('modes'), after_step=lambda: calls.append('step'),
-                disable_progress=True)
-    assert calls == ['modes', 'step', 'step', 'step']
+
+    def step_loss(x):
+        calls.append('loss')
+        return (weight - 1) ** 2, {}
+    train_steps([(torch.ones(1),)] * 3, torch.optim.SGD([weight], lr=0.5), step_loss, epoch=1, device=CPU,
+                after_step=lambda: calls.append('step'), disable_progress=True)
+    assert calls == ['loss', 'step'] * 3
     assert weight.item() == pytest.approx(1.0)  # 0 -> 1 in the first step (gradient -2, lr 0.5), then stays
 
 
@@ -160,3 +165,24 @@ def test_a_phase_label_names_the_printed_lines_and_no_results_dir_writes_nothing
     line = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{')][0])
     assert line['phase'] == 'Teacher' and line['epoch'] == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_hands_back_the_module_itself_in_one_process(tmp_path):
+    training = tiny_training(tmp_path, epochs=1)
+    part = training.model
+    assert training.parallel(part, CPU) is part
+    assert training.parallel(part, CPU, find_unused_parameters=True, sync_batchnorm=False) is part
+
+
+def test_the_engine_is_the_one_place_a_trained_network_is_wrapped_for_torchrun():
+    """`common.distributed.data_parallel` is called by `Training.parallel` alone: a stage or a defence that trains
+    asks the engine for its wrapper."""
+    callers = []
+    for path in sorted(REPO.rglob('*.py')):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in {'tests', '.git', '.ci', 'runs'}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', '')) == 'data_parallel':
+                callers.append(str(relative))
+    assert callers == ['common/engine.py']
