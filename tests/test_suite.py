@@ -30,7 +30,10 @@ def test_a_function_that_calls_one_that_starts_a_process_starts_one():
 
 
 def load(path: Path):
-    """The test module at `path`, imported under its own name (as pytest imports it: its folder on the path)."""
+    """The test module at `path`, imported under its own name (as pytest imports it: its folder on the path, for
+    the helpers beside it, also when this test runs alone)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
