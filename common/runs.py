@@ -8,6 +8,7 @@ import argparse
 import csv
 import io
 import json
+import platform
 import random
 import re
 from pathlib import Path
@@ -28,11 +29,33 @@ def write_json(path: str | Path, obj) -> None:
         write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
 
 
+def cpu_name() -> str:
+    """The CPU as the operating system reports it: on Linux /proc/cpuinfo's first `model name`, with its `cpu
+    family` and `model` numbers (a virtual machine may name only the brand: 'AMD EPYC (family 25, model 17)'),
+    else `platform.processor()` ('' where neither says)."""
+    try:
+        fields = {}
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            key, _, value = line.partition(':')
+            if not key.strip() and fields:
+                break  # the end of the first processor's block
+            fields.setdefault(key.strip(), value.strip())
+        if 'model name' in fields:
+            numbers = [f'{key.replace("cpu ", "")} {fields[key]}' for key in ('cpu family', 'model') if key in fields]
+            return fields['model name'] + (f' ({", ".join(numbers)})' if numbers else '')
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def run_environment() -> dict:
-    """What besides the flags decides a run's last digits: the torch version and the CPU threads. A seed repeats a
-    run digit for digit only on the same thread count (it sets the order of floating-point sums)."""
+    """What besides the flags decides a run's last digits: the torch version, the CPU threads, the CPU and the
+    vector instructions torch's kernels use on it (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2,
+    ...). A seed repeats a run digit for digit only on the same thread count (it sets the order of floating-point
+    sums) and the same kernels; another CPU kind is another draw."""
     return {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
-            'world_size': processes.world_size()}
+            'world_size': processes.world_size(), 'cpu': cpu_name(),
+            'cpu_capability': torch.backends.cpu.get_cpu_capability()}
 
 
 def write_args(results_dir: str | Path, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from common.cli import check_finite, data_dir_for, progress_disabled, require_positive, seed_everything, shared_parser
+from common import runs
 from common.runs import (checkpoint_epochs, prepare_results_dir, read_csv, restore_optimizer, write_args,
                          rng_state, set_rng_state, write_csv, write_json)
 from conftest import REPO, requires_cpu_fused_adam, run_script
@@ -189,8 +190,25 @@ def test_write_args_records_the_flags_and_the_thread_count(tmp_path):
         write_args(tmp_path, argparse.Namespace(lr=0.01, seed=3))
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((tmp_path / 'args.json').read_text()) == {
-        'lr': 0.01, 'seed': 3, 'environment': {'torch': torch.__version__, 'cpu_threads': 1, 'world_size': 1}}
+    recorded = json.loads((tmp_path / 'args.json').read_text())
+    assert recorded == {'lr': 0.01, 'seed': 3, 'environment': {
+        'torch': torch.__version__, 'cpu_threads': 1, 'world_size': 1, 'cpu': recorded['environment']['cpu'],
+        'cpu_capability': torch.backends.cpu.get_cpu_capability()}}
+    assert isinstance(recorded['environment']['cpu'], str)
+
+
+def test_cpu_name_reads_the_model_name_of_proc_cpuinfo(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 106\n'
+                       'model name\t: Intel(R) Xeon(R) Gold 6338 CPU\n\nprocessor\t: 1\nmodel name\t: other\n')
+    real_path = runs.Path
+    monkeypatch.setattr(runs, 'Path', lambda name: cpuinfo if name == '/proc/cpuinfo' else real_path(name))
+    assert runs.cpu_name() == 'Intel(R) Xeon(R) Gold 6338 CPU (family 6, model 106)'
+    cpuinfo.write_text('processor\t: 0\nmodel name\t: AMD EPYC\n')
+    assert runs.cpu_name() == 'AMD EPYC'
+    monkeypatch.setattr(runs, 'Path', lambda name: tmp_path / 'absent')
+    monkeypatch.setattr(runs.platform, 'processor', lambda: 'arm')
+    assert runs.cpu_name() == 'arm'
 
 
 # --- epoch loader --------------------------------------------------------------------------------
