@@ -13,8 +13,9 @@ so a plain run is the one it always was. Under torchrun:
   draw: the same (seed, epoch) permutation and, on the tensor path, the same augmentation draws
   (`datasets.fastpath`).
 - `data_parallel(model)` wraps the trained network in DistributedDataParallel (gradients averaged over the
-  processes) and, on CUDA, turns its BatchNorm layers into torch.nn.SyncBatchNorm, so that they normalise with
-  the statistics of the global batch. SyncBatchNorm does not run on the CPU: there (gloo) every process
+  processes; the engine alone calls it, `common.engine.Training.parallel`) and, on CUDA, turns its BatchNorm
+  layers into torch.nn.SyncBatchNorm, so that they normalise with the statistics of the global batch.
+  SyncBatchNorm does not run on the CPU: there (gloo) every process
   normalises with the statistics of its own part of the batch, and a BatchNorm that trains sees b images, not
   the batch. Frozen networks (BadEncoder's eval-mode BN, f0's cached features, MIMIC's teacher) need nothing.
 - `nt_xent` takes its negatives from the global batch (an all-gather that keeps gradients); `gather` does the

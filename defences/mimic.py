@@ -245,7 +245,8 @@ def distillation_losses(student: SimCLR, teacher: SimCLR, x1: torch.Tensor, x2: 
 def distillation_step(student: SimCLR, teacher: SimCLR, opt_weights: list[float], opt5: float, temperature: float,
                       device: torch.device, amp: bool = False, contrastive_weight: float = 1.0):
     """`distillation_losses` as a phase's step_loss(x1, x2) (see defences.training); `student` as the step calls
-    it (under torchrun, its DistributedDataParallel wrapper: `distillation_phase`)."""
+    it: under torchrun in a phase, its DistributedDataParallel wrapper (built by `DefenceRun.train` through
+    `Training.parallel`)."""
     def step_loss(x1: torch.Tensor, x2: torch.Tensor):
         return distillation_losses(student, teacher, x1, x2, opt_weights, opt5, temperature,
                                    precision=lambda: autocast(device, amp), contrastive_weight=contrastive_weight)
@@ -263,7 +264,8 @@ def train_one_epoch(student: SimCLR, teacher: SimCLR, loader, optimizer: torch.o
                     opt_weights: list[float], opt5: float, temperature: float, *, epoch: int, epochs: int,
                     device: torch.device, amp: bool = False, disable_progress: bool = False,
                     contrastive_weight: float = 1.0) -> dict:
-    """One pass of distillation over the clean subset; returns the mean loss and terms of the epoch."""
+    """One pass of distillation over the clean subset in one process (the benchmark's and the tests'; the stage
+    trains through `distillation_phase`); returns the mean loss and terms of the epoch."""
     step_loss = distillation_step(student, teacher, opt_weights, opt5, temperature, device, amp, contrastive_weight)
     distillation_modes(student, teacher)()
     return train_steps(loader, optimizer, step_loss, epoch=epoch, device=device,

@@ -40,7 +40,7 @@ NAD_BETAS = (0.0, 500.0, 1000.0, 1000.0)  # layer1..layer4; the released code's 
 
 
 def attention_terms(teacher: SimCLR, betas: list[float]):
-    """extra(x1, x2, student_taps) for `contrastive_step`: {'loss_at<l>': (β_l, AT(S_l(x1), T_l(x1)))} for each
+    """extra(x1, x2, student_taps) for `finetune_phase` (`common.engine.nt_xent_step`): {'loss_at<l>': (β_l, AT(S_l(x1), T_l(x1)))} for each
     tapped layer with β_l ≠ 0; one no-grad teacher forward on x1 per step."""
     def extra(x1: torch.Tensor, x2: torch.Tensor, student_taps: list[torch.Tensor]) -> dict:
         with torch.no_grad():

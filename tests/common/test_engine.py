@@ -183,6 +183,7 @@ def test_the_engine_is_the_one_place_a_trained_network_is_wrapped_for_torchrun()
         if relative.parts[0] in {'tests', '.git', '.ci', 'runs'}:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', '')) == 'data_parallel':
-                callers.append(str(relative))
-    assert callers == ['common/engine.py']
+            name = getattr(node.func, 'attr', getattr(node.func, 'id', '')) if isinstance(node, ast.Call) else ''
+            if name in ('data_parallel', 'DistributedDataParallel'):
+                callers.append(f'{relative}: {name}')
+    assert callers == ['common/distributed.py: DistributedDataParallel', 'common/engine.py: data_parallel']
