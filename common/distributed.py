@@ -15,9 +15,8 @@ so a plain run is the one it always was. Under torchrun:
 - `data_parallel(model)` wraps the trained network in DistributedDataParallel (gradients averaged over the
   processes; the engine alone calls it, `common.engine.Training.parallel`) and, on CUDA, turns its BatchNorm
   layers into torch.nn.SyncBatchNorm, so that they normalise with the statistics of the global batch.
-  SyncBatchNorm does not run on the CPU: there (gloo) every process
-  normalises with the statistics of its own part of the batch, and a BatchNorm that trains sees b images, not
-  the batch. Frozen networks (BadEncoder's eval-mode BN, f0's cached features, MIMIC's teacher) need nothing.
+  SyncBatchNorm does not run on the CPU: there (gloo) every process normalises with the statistics of its own
+  part of the batch, and a BatchNorm that trains sees b images, not the batch. Frozen networks (BadEncoder's eval-mode BN, f0's cached features, MIMIC's teacher) need nothing.
 - `nt_xent` takes its negatives from the global batch (an all-gather that keeps gradients); `gather` does the
   same for any per-sample tensor (stage 1 gathers its features and evaluates its objective on the global batch).
 - Rank 0 alone prints (`core.processes.quiet_unless_main` sends the others' stdout and stderr to /dev/null),
