@@ -104,7 +104,7 @@ def test_demo_with_seeds_runs_each_seed_and_pools_the_summary(tmp_path):
     assert summary['mimic']['asr'] == 14.5 and summary['mimic']['asr_ci95'] == pytest.approx(T_975[1] * 2.5)
     assert '| synthetic_shapes | synthetic_digits | badencoder | 2 |' in (out / 'table.md').read_text()
 
-    # without SEEDS: one run in OUT itself, and summary.json as before (the data and reference reused)
+    # without SEEDS: one run in OUT itself, and summary.json without seeds (the data and reference reused)
     single = tmp_path / 'single'
     single.mkdir()
     shutil.copytree(out / 'data', single / 'data')

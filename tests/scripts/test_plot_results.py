@@ -2,7 +2,7 @@
 
 The files are those scripts/run_pipeline.sh leaves: run.json, mimic/mi.json (as MIMIC.py writes it),
 eval_<name>/metrics.json and eval.log with the probe group's JSON lines (made with the probe's own
-`metric_line`; runs made before the group kept them in eval_<name>.log, which is read too), read by the run reader
+`metric_line`; an older layout keeps them in eval_<name>.log, which is read too), read by the run reader
 the tables share (scripts/results/runs.py). The figures need matplotlib, an optional extra: those tests are skipped
 without it; reading, errors and the missing-matplotlib message are tested either way.
 """
@@ -320,7 +320,7 @@ def test_seeds_are_drawn_as_means_with_their_intervals(tmp_path, trigger10):
         title = png_title(out / f'ratio_{ratio}_defences_mean.png')
         assert title.startswith(f'ratio_{ratio} (synthetic_shapes → synthetic_digits, badencoder): ACC, ASR and ASR*')
         assert 'mean and 95% interval over 2 seeds (0, 1; dots: each seed)' in title
-        assert (out / f'ratio_{ratio}_seed_0_defences.png').is_file()  # each seed's own figures as before
+        assert (out / f'ratio_{ratio}_seed_0_defences.png').is_file()  # each seed's own figures too
     assert '4 runs' in png_title(out / 'acc_asr_vs_ratio.png')
 
 

@@ -100,7 +100,7 @@ def test_end_to_end_writes_args_log_and_checkpoint(finished_run):
     assert (model.arch, model.width, checkpoint['epoch']) == ('resnet18', 8, 1)
     assert checkpoint['optimizer']['state'] and 'rng' in checkpoint
     assert checkpoint['args']['pretraining_dataset'] == 'synthetic_shapes'
-    # the defaults are the paper's optimiser, as before: Adam, lr 1e-3, weight decay 1e-6
+    # the defaults are the paper's optimiser: Adam, lr 1e-3, weight decay 1e-6
     group = checkpoint['optimizer']['param_groups'][0]
     assert 'betas' in group and 'momentum' not in group and (group['lr'], group['weight_decay']) == (0.001, 1e-6)
 
