@@ -692,8 +692,8 @@ def test_proportioned_dry_run_shares_one_clean_encoder_and_runs_each_task_over_i
     assert not runs.exists()
 
 
-TOOLS = ('benchmark', 'pipeline', 'plot_results', 'repeat_tests', 'reproduce_paper', 'results_table',
-         'investigate.compare_original', 'investigate.original_harness', 'investigate.sweep_shapes')
+TOOLS = ('benchmark', 'keep_summaries', 'pipeline', 'plot_results', 'repeat_tests', 'reproduce_paper',
+         'results_table', 'investigate.compare_original', 'investigate.original_harness', 'investigate.sweep_shapes')
 LIBRARIES = ('__init__', 'bench_tools', 'investigate.__init__',  # bench_tools: benchmark's and the harness's
              'results.__init__', 'results.runs', 'results.stats')  # the run reader and statistics of the tools
 

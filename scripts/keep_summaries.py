@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Keep the summaries of a finished run folder, the small files its tables and figures are made from, without its
+checkpoints: what docs/results/ holds, so that every table of docs/RESULTS.md renders again from the repository.
+
+    python -m scripts.keep_summaries runs/demo_seeds docs/results/demo_seeds
+    # runs/demo_seeds/seed_0/{run.json, summary.json, eval_*/metrics.json, eval_*/log.csv, clean/log.csv, ...}
+    #   -> docs/results/demo_seeds/seed_0/...  (the same tree, summaries only)
+    python -m scripts.results_table docs/results/demo_seeds/seed_* --table defences   # the table, from them
+
+Kept: the .json, .csv and .txt files (run.json, summary.json, each stage's args.json and log.csv, mi.json,
+defence.json, each probe's metrics.json, stage_seconds.txt). Left: checkpoints (.pth), arrays (.npz: data,
+references, triggers), printed logs (.log), a `data/` folder, and the tables `results_table` derives from the rest
+(table*.md / .csv). A kept file that exists with other content is refused unless --overwrite; one with the same
+content is left as it is, so the command can be run again as a run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+SUMMARY_SUFFIXES = ('.json', '.csv', '.txt')
+SKIPPED_FOLDERS = ('data',)
+
+
+class KeepError(Exception):
+    """A run folder that cannot be kept as asked (one line for the user)."""
+
+
+def is_summary(relative: Path) -> bool:
+    """Whether the file at `relative` (to the run folder) is a summary: a .json, .csv or .txt file outside a
+    `data/` folder that is not one of results_table's own tables (table.md, table.csv, table_seeds.csv, ...)."""
+    return (relative.suffix in SUMMARY_SUFFIXES and not relative.name.startswith('table')
+            and not any(part in SKIPPED_FOLDERS for part in relative.parts[:-1]))
+
+
+def summaries(run: Path) -> list[Path]:
+    """The summaries under `run`, relative to it, sorted."""
+    return sorted(relative for relative in (path.relative_to(run) for path in run.rglob('*') if path.is_file())
+                  if is_summary(relative))
+
+
+def keep(run: Path, out: Path, overwrite: bool = False) -> tuple[int, int]:
+    """Copy `run`'s summaries to the same places under `out`; returns (files copied, files already there). Checks
+    every destination first, so that a refusal copies nothing."""
+    if not run.is_dir():
+        raise KeepError(f'{run}: not a folder')
+    found = summaries(run)
+    if not found:
+        raise KeepError(f'{run}: holds no summary (.json, .csv or .txt file): not a run folder?')
+    same, clashes = [], []
+    for relative in found:
+        target = out / relative
+        if target.exists():
+            if target.read_bytes() == (run / relative).read_bytes():
+                same.append(relative)
+            elif not overwrite:
+                clashes.append(str(target))
+    if clashes:
+        raise KeepError(f'{len(clashes)} file(s) exist with other content, e.g. {clashes[0]}: '
+                         'pass --overwrite to replace them')
+    copied = 0
+    for relative in found:
+        if relative in same:
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / relative, out / relative)
+        copied += 1
+    return copied, len(same)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Copy a run folder's summaries (.json, .csv, .txt; no checkpoint, "
+                                                 'data or printed log) to another folder, keeping its tree.')
+    parser.add_argument('run', type=Path, help='the run folder (a pipeline run, a demo OUT, a folder of seeds)')
+    parser.add_argument('out', type=Path, help='where its summaries go, e.g. docs/results/<name>')
+    parser.add_argument('--overwrite', action='store_true', help='replace kept files whose content differs')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        copied, unchanged = keep(args.run, args.out, args.overwrite)
+    except (KeepError, OSError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    print(f'{copied} file(s) copied to {args.out}, {unchanged} already there')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
