@@ -11,6 +11,8 @@ import json
 import platform
 import random
 import re
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from core.errors import UsageError
 from core.files import write_text_atomic
 from models import CheckpointError, Layout, save_atomic, save_in_layout
 from models.checkpoint import encoder_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose commit a run records
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -48,19 +52,37 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def code_version(root: Path = REPO) -> str:
+    """The git commit of the code under `root` (12 hex digits), with '-dirty' when a tracked file differs from it;
+    '' outside a git checkout or without git."""
+    def git(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(['git', '-C', str(root), *command], capture_output=True, text=True, timeout=30)
+    try:
+        commit = git('rev-parse', '--short=12', 'HEAD')
+        if commit.returncode != 0:
+            return ''
+        changed = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ''
+    return commit.stdout.strip() + ('-dirty' if changed else '')
+
+
 def run_environment() -> dict:
-    """What besides the flags decides a run's last digits: the torch version, the CPU threads, the CPU and the
-    vector instructions torch's kernels use on it (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2,
-    ...). A seed repeats a run digit for digit only on the same thread count (it sets the order of floating-point
-    sums) and the same kernels; another CPU kind is another draw."""
-    return {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
+    """What a run's provenance needs besides its flags: the code (`code_version`), when it started (UTC), and what
+    decides its last digits: the torch version, the CPU threads, the CPU and the vector instructions torch's
+    kernels use on it (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...). A seed repeats a run digit
+    for digit only on the same thread count (it sets the order of floating-point sums) and the same kernels;
+    another CPU kind is another draw."""
+    return {'code': code_version(), 'started': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
             'world_size': processes.world_size(), 'cpu': cpu_name(),
             'cpu_capability': torch.backends.cpu.get_cpu_capability()}
 
 
 def write_args(results_dir: str | Path, args: argparse.Namespace) -> None:
     """`results_dir/args.json`: every flag of the run (`vars(args)`) and, under 'environment', `run_environment()`."""
-    write_json(Path(results_dir) / 'args.json', {**vars(args), 'environment': run_environment()})
+    if processes.is_main():
+        write_json(Path(results_dir) / 'args.json', {**vars(args), 'environment': run_environment()})
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:

@@ -3,9 +3,11 @@ logs, kNN monitor, error handling of the stage scripts."""
 from __future__ import annotations
 
 import argparse
-import sys
 import random
+import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +193,29 @@ def test_write_args_records_the_flags_and_the_thread_count(tmp_path):
     finally:
         torch.set_num_threads(threads)
     recorded = json.loads((tmp_path / 'args.json').read_text())
+    environment = recorded['environment']
     assert recorded == {'lr': 0.01, 'seed': 3, 'environment': {
-        'torch': torch.__version__, 'cpu_threads': 1, 'world_size': 1, 'cpu': recorded['environment']['cpu'],
+        'code': runs.code_version(), 'started': environment['started'], 'torch': torch.__version__,
+        'cpu_threads': 1, 'world_size': 1, 'cpu': environment['cpu'],
         'cpu_capability': torch.backends.cpu.get_cpu_capability()}}
-    assert isinstance(recorded['environment']['cpu'], str)
+    assert isinstance(environment['cpu'], str) and environment['started'].endswith('+00:00')
+    assert re.fullmatch(r'([0-9a-f]{12}(-dirty)?)?', environment['code'])
+
+
+@pytest.mark.process
+def test_code_version_names_the_commit_and_a_changed_checkout(tmp_path):
+    assert runs.code_version(tmp_path) == ''  # not a git checkout
+    git = ['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    subprocess.run([*git, 'init', '-q'], check=True, timeout=60)
+    (tmp_path / 'a.py').write_text('x = 1\n')
+    subprocess.run([*git, 'add', 'a.py'], check=True, timeout=60)
+    subprocess.run([*git, 'commit', '-qm', 'one'], check=True, timeout=60)
+    head = subprocess.run([*git, 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert runs.code_version(tmp_path) == head[:12]
+    (tmp_path / 'b.py').write_text('untracked\n')
+    assert runs.code_version(tmp_path) == head[:12]  # an untracked file changes no code that ran
+    (tmp_path / 'a.py').write_text('x = 2\n')
+    assert runs.code_version(tmp_path) == head[:12] + '-dirty'
 
 
 def test_cpu_name_reads_the_model_name_of_proc_cpuinfo(monkeypatch, tmp_path):
