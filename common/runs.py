@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import platform
@@ -34,9 +35,10 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU as the operating system reports it: on Linux /proc/cpuinfo's first `model name`, with its `cpu
-    family` and `model` numbers (a virtual machine may name only the brand: 'AMD EPYC (family 25, model 17)'),
-    else `platform.processor()` ('' where neither says)."""
+    """The CPU as the operating system reports it, from the first processor's block of /proc/cpuinfo on Linux: its
+    `model name` with its `cpu family` and `model` numbers (a virtual machine may name only the brand: 'AMD EPYC
+    (family 25, model 17)'); on ARM, which has no model name, its `CPU implementer` and `CPU part` codes ('ARM
+    (implementer 0x41, part 0xd40)'); else `platform.processor()` ('' where nothing says)."""
     try:
         fields = {}
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -44,35 +46,49 @@ def cpu_name() -> str:
             if not key.strip() and fields:
                 break  # the end of the first processor's block
             fields.setdefault(key.strip(), value.strip())
-        if 'model name' in fields:
-            numbers = [f'{key.replace("cpu ", "")} {fields[key]}' for key in ('cpu family', 'model') if key in fields]
-            return fields['model name'] + (f' ({", ".join(numbers)})' if numbers else '')
     except OSError:
-        pass
+        fields = {}
+    if 'model name' in fields:
+        numbers = [f'{key.removeprefix("cpu ")} {fields[key]}' for key in ('cpu family', 'model') if key in fields]
+        return fields['model name'] + (f' ({", ".join(numbers)})' if numbers else '')
+    if 'CPU implementer' in fields:
+        codes = [f'{key.removeprefix("CPU ")} {fields[key]}' for key in ('CPU implementer', 'CPU part')
+                 if key in fields]
+        return f'ARM ({", ".join(codes)})'
     return platform.processor()
 
 
+@functools.lru_cache(maxsize=None)
 def code_version(root: Path = REPO) -> str:
-    """The git commit of the code under `root` (12 hex digits), with '-dirty' when a tracked file differs from it;
-    '' outside a git checkout or without git."""
+    """The git commit of the checkout at `root` (12 hex digits), with '-dirty' when a tracked file differs from it
+    ('-unknown' when git could not tell in time); '' where `root` is not the top of a git checkout (a copy of the
+    code inside another repository names no commit) or git is missing. Asked once per process."""
     def git(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(['git', '-C', str(root), *command], capture_output=True, text=True, timeout=30)
+        return subprocess.run(['git', '--no-optional-locks', '-C', str(root), *command], capture_output=True,
+                              text=True, timeout=30)
     try:
+        top = git('rev-parse', '--show-toplevel')
         commit = git('rev-parse', '--short=12', 'HEAD')
-        if commit.returncode != 0:
-            return ''
-        changed = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ''
-    return commit.stdout.strip() + ('-dirty' if changed else '')
+    if top.returncode != 0 or commit.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+        return ''
+    try:
+        changed = git('status', '--porcelain', '--untracked-files=no')
+    except subprocess.SubprocessError:
+        return commit.stdout.strip() + '-unknown'
+    if changed.returncode != 0:
+        return commit.stdout.strip() + '-unknown'
+    return commit.stdout.strip() + ('-dirty' if changed.stdout.strip() else '')
 
 
 def run_environment() -> dict:
-    """What a run's provenance needs besides its flags: the code (`code_version`), when it started (UTC), and what
-    decides its last digits: the torch version, the CPU threads, the CPU and the vector instructions torch's
-    kernels use on it (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...). A seed repeats a run digit
-    for digit only on the same thread count (it sets the order of floating-point sums) and the same kernels;
-    another CPU kind is another draw."""
+    """What a run's provenance needs besides its flags: the code (`code_version`), when this invocation started
+    (UTC; a resumed stage writes args.json again, so it is the resumption's), and what decides its last digits:
+    the torch version, the CPU threads, the CPU and the vector instructions torch's kernels use on it
+    (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...). A seed repeats a run digit for digit only on
+    the same thread count (it sets the order of floating-point sums) and the same kernels; another CPU kind is
+    another draw."""
     return {'code': code_version(), 'started': datetime.now(timezone.utc).isoformat(timespec='seconds'),
             'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(),
             'world_size': processes.world_size(), 'cpu': cpu_name(),

@@ -9,9 +9,10 @@ checkpoints: what docs/results/ holds, so that every table of docs/RESULTS.md re
 
 Kept: the .json, .csv and .txt files (run.json, summary.json, each stage's args.json and log.csv, mi.json,
 defence.json, each probe's metrics.json, stage_seconds.txt). Left: checkpoints (.pth), arrays (.npz: data,
-references, triggers), printed logs (.log), a `data/` folder, and the tables `results_table` derives from the rest
-(table*.md / .csv). A kept file that exists with other content is refused unless --overwrite; one with the same
-content is left as it is, so the command can be run again as a run goes on.
+references, triggers), printed logs (.log), the demo's and pipeline's `data/` folder at the top of RUN, and the
+tables `results_table` derives from the rest (table.md, table.csv, table_seeds.csv, table_defences.csv). A kept
+file that exists with the same content is left as it is; one with other content (a log that has grown since) is
+refused unless --overwrite, so that nothing kept is replaced unasked.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import sys
 from pathlib import Path
 
 SUMMARY_SUFFIXES = ('.json', '.csv', '.txt')
-SKIPPED_FOLDERS = ('data',)
+DERIVED_TABLES = ('table.csv', 'table_seeds.csv', 'table_defences.csv')  # results_table's --out files
+DATA_FOLDER = 'data'  # the synthetic sets the demo and the pipeline generate at the top of a run folder
 
 
 class KeepError(Exception):
@@ -29,10 +31,10 @@ class KeepError(Exception):
 
 
 def is_summary(relative: Path) -> bool:
-    """Whether the file at `relative` (to the run folder) is a summary: a .json, .csv or .txt file outside a
-    `data/` folder that is not one of results_table's own tables (table.md, table.csv, table_seeds.csv, ...)."""
-    return (relative.suffix in SUMMARY_SUFFIXES and not relative.name.startswith('table')
-            and not any(part in SKIPPED_FOLDERS for part in relative.parts[:-1]))
+    """Whether the file at `relative` (to the run folder) is a summary: a .json, .csv or .txt file outside the
+    run's top `data/` folder that is not one of results_table's derived tables."""
+    return (relative.suffix in SUMMARY_SUFFIXES and relative.name not in DERIVED_TABLES
+            and relative.parts[0] != DATA_FOLDER)
 
 
 def summaries(run: Path) -> list[Path]:
@@ -46,6 +48,8 @@ def keep(run: Path, out: Path, overwrite: bool = False) -> tuple[int, int]:
     every destination first, so that a refusal copies nothing."""
     if not run.is_dir():
         raise KeepError(f'{run}: not a folder')
+    if out.resolve().is_relative_to(run.resolve()):
+        raise KeepError(f'{out} is inside {run}: keep the summaries somewhere else')
     found = summaries(run)
     if not found:
         raise KeepError(f'{run}: holds no summary (.json, .csv or .txt file): not a run folder?')

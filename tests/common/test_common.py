@@ -204,18 +204,21 @@ def test_write_args_records_the_flags_and_the_thread_count(tmp_path):
 
 @pytest.mark.process
 def test_code_version_names_the_commit_and_a_changed_checkout(tmp_path):
-    assert runs.code_version(tmp_path) == ''  # not a git checkout
+    version = runs.code_version.__wrapped__  # uncached: the checkout changes between the calls
+    assert version(tmp_path) == ''  # not a git checkout
     git = ['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c', 'user.email=t@t']
     subprocess.run([*git, 'init', '-q'], check=True, timeout=60)
     (tmp_path / 'a.py').write_text('x = 1\n')
     subprocess.run([*git, 'add', 'a.py'], check=True, timeout=60)
     subprocess.run([*git, 'commit', '-qm', 'one'], check=True, timeout=60)
     head = subprocess.run([*git, 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=60).stdout.strip()
-    assert runs.code_version(tmp_path) == head[:12]
+    assert version(tmp_path) == head[:12]
     (tmp_path / 'b.py').write_text('untracked\n')
-    assert runs.code_version(tmp_path) == head[:12]  # an untracked file changes no code that ran
+    assert version(tmp_path) == head[:12]  # an untracked file changes no code that ran
     (tmp_path / 'a.py').write_text('x = 2\n')
-    assert runs.code_version(tmp_path) == head[:12] + '-dirty'
+    assert version(tmp_path) == head[:12] + '-dirty'
+    (tmp_path / 'copy').mkdir()  # a copy of the code inside another checkout is not that checkout's commit
+    assert version(tmp_path / 'copy') == ''
 
 
 def test_cpu_name_reads_the_model_name_of_proc_cpuinfo(monkeypatch, tmp_path):
@@ -227,6 +230,9 @@ def test_cpu_name_reads_the_model_name_of_proc_cpuinfo(monkeypatch, tmp_path):
     assert runs.cpu_name() == 'Intel(R) Xeon(R) Gold 6338 CPU (family 6, model 106)'
     cpuinfo.write_text('processor\t: 0\nmodel name\t: AMD EPYC\n')
     assert runs.cpu_name() == 'AMD EPYC'
+    cpuinfo.write_text('processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU architecture: 8\n'
+                       'CPU part\t: 0xd40\n\nprocessor\t: 1\nCPU part\t: 0xd0c\n')  # ARM: no model name
+    assert runs.cpu_name() == 'ARM (implementer 0x41, part 0xd40)'
     monkeypatch.setattr(runs, 'Path', lambda name: tmp_path / 'absent')
     monkeypatch.setattr(runs.platform, 'processor', lambda: 'arm')
     assert runs.cpu_name() == 'arm'
