@@ -359,7 +359,9 @@ def test_stages_0_and_1_with_two_processes_leave_one_set_of_files(tmp_path, data
     ('baseline_defence.py', ['--defence', 'kd'], 'model_2.pth', {'args.json', 'defence.json', 'log.csv', 'model_2.pth'}),
     ('baseline_defence.py', ['--defence', 'invert', '--invert_steps', '3'], 'model_2.pth',
      {'args.json', 'defence.json', 'log.csv', 'model_2.pth', 'inverted_trigger.npz'}),
-], ids=['mimic', 'kd', 'invert'])
+    ('baseline_defence.py', ['--defence', 'sslcleanse', '--invert_steps', '3'], 'model_2.pth',
+     {'args.json', 'defence.json', 'log.csv', 'model_2.pth', 'inverted_trigger.npz'}),
+], ids=['mimic', 'kd', 'invert', 'sslcleanse'])
 @pytest.mark.process
 def test_stage2_with_two_processes_leaves_one_set_of_files(tmp_path, data_root, tiny_encoder, script, extra,
                                                            checkpoint, files):
