@@ -258,10 +258,14 @@ def read_probe_log(path: Path, encoder: str | None = None) -> dict[str, dict[int
 
 # --- runs that differ only in their seed ---------------------------------------------------------------------
 
+NOT_THE_SETTING = ('seed', 'defences')  # run.json keys that do not make another setting
+
+
 def setting_key(setting: dict) -> str:
-    """A run.json without its seed, as text: two runs with the same key differ at most in their seed. A path in it
-    through the run's own seed folder (seed_<seed>, e.g. the backdoored encoder each seed of an experiment reuses)
-    counts as the same path for every seed."""
+    """A run.json without its seed and its list of baseline defences, as text: two runs with the same key differ at
+    most in their seed and in the baselines that ran beside MIMIC on their backdoor (a baseline missing on a seed
+    counts for fewer seeds: its n). A path in it through the run's own seed folder (seed_<seed>, e.g. the
+    backdoored encoder each seed of an experiment reuses) counts as the same path for every seed."""
     own = f"seed_{setting.get('seed')}"
 
     def general(value):
@@ -269,7 +273,8 @@ def setting_key(setting: dict) -> str:
             return '/'.join('seed_*' if part == own else part for part in value.split('/'))
         return value
 
-    return json.dumps({key: general(value) for key, value in setting.items() if key != 'seed'}, sort_keys=True)
+    return json.dumps({key: general(value) for key, value in setting.items() if key not in NOT_THE_SETTING},
+                      sort_keys=True)
 
 
 def seed_name(run: Run) -> str:

@@ -237,6 +237,19 @@ def test_runs_that_differ_in_anything_else_are_kept_apart(tmp_path):
     assert [len(group) for group in groups] == [2, 1]
 
 
+def test_the_baselines_a_run_also_ran_do_not_make_it_another_setting(tmp_path):
+    # seed 0 ran ft beside MIMIC (its run.json lists it), seeds 1 and 2 did not: one setting, ft on one seed
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80, 10, {'ft': (82.0, 5.0)} if seed == 0 else None)
+            for seed in (0, 1, 2)]
+    for seed, run in enumerate(runs):
+        setting = json.loads((run / 'run.json').read_text())
+        (run / 'run.json').write_text(json.dumps({**setting, 'defences': 'ft' if seed == 0 else ''}))
+    groups = results_table.seed_groups([results_table.read_run(run) for run in runs])
+    assert [len(group) for group in groups] == [3]
+    rows = {row['defence']: row for row in results_table.defence_rows(groups)}
+    assert (rows['mimic']['n'], rows['ft']['n'], rows['ft']['pairs']) == (3, 1, 1)
+
+
 def test_seeded_defences_table_compares_each_baseline_with_mimic_on_the_same_seeds(tmp_path):
     # clp's ASR is MIMIC's + 20, 21, 22 on seeds 0, 1, 2: a difference whose interval excludes zero; ft's ACC
     # differs from MIMIC's by +1 and 0 (seeds 0 and 1; seed 2 has no ft): an interval that holds zero
