@@ -59,7 +59,7 @@ from scripts.results.runs import (ENCODER_ORDER, ENCODERS, METRICS, Run, RunErro
 from scripts.results.stats import Estimate, estimate, paired_differences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ('all', 'encoders', 'defences', 'seeds', 'curve')
+TABLES = ('all', 'encoders', 'defences', 'seeds', 'curve', 'provenance')
 
 
 # --- the rows: one per setting, a group of the runs that differ only in their seed (n = 1: a single run) ---------
@@ -249,9 +249,44 @@ def curve_markdown(groups: list[list[Run]]) -> str:
             'that epoch, probed on its own, and in brackets its training loss at that epoch (mimic/log.csv).\n')
 
 
+def recorded(environments: list[dict], key: str) -> str:
+    """The distinct values the stages recorded under `key`, sorted and joined; 'not recorded' where none did."""
+    values = sorted({str(environment[key]) for environment in environments if environment.get(key) not in (None, '')})
+    return ', '.join(values) or 'not recorded'
+
+
+def provenance_markdown(groups: list[list[Run]]) -> str:
+    """One row per setting: what the args.json of its runs' stages recorded (common.runs.run_environment): the
+    code, the CPU and its vector instructions, the CPU threads (and torchrun processes), the torch version, and the
+    days the stages started; each distinct value once."""
+    with_label = labelled(groups)
+    rows = []
+    for group in groups:
+        environments = [environment for run in group for environment in run.environments.values()]
+        if not environments:
+            raise RunError(f'--table provenance: no stage of {group[0].path} recorded its environment in args.json')
+        machines = sorted({environment['cpu'] + (f" ({environment['cpu_capability']})"
+                                                 if environment.get('cpu_capability') else '')
+                           for environment in environments if environment.get('cpu')})
+        processes = recorded([environment for environment in environments
+                              if environment.get('world_size') not in (None, 1)], 'world_size')
+        days = sorted({environment['started'][:10] for environment in environments if environment.get('started')})
+        rows.append(setting_of(group[0], with_label) + [str(len(group)), recorded(environments, 'code'),
+                    ', '.join(machines) or 'not recorded',
+                    recorded(environments, 'cpu_threads') + ('' if processes == 'not recorded'
+                                                             else f' (torchrun: {processes} processes)'),
+                    recorded(environments, 'torch'), ' to '.join(dict.fromkeys([days[0], days[-1]])) if days
+                    else 'not recorded'])
+    head = setting_head(with_label) + ['n', 'Code', 'CPU', 'Threads', 'torch', 'Started']
+    return (markdown_table(head, 0, rows) + '\n\nWhat the stages of its runs recorded in their args.json: the git '
+            'commit of the code (-dirty: changed files), the CPU and the vector instructions its kernels used, the '
+            "CPU threads, the torch version and the days they started (UTC); 'not recorded': by a version that did "
+            'not record it.\n')
+
+
 def render(groups: list[list[Run]], table: str = 'all') -> str:
     """The Markdown of `table`: 'encoders', 'defences', 'seeds' (every run's values), 'curve' (MIMIC's checkpoints
-    over its epochs), or 'all' (the encoders table, then the defences table under a heading when a baseline
+    over its epochs), 'provenance' (what the stages recorded of code, machine, threads and dates), or 'all' (the encoders table, then the defences table under a heading when a baseline
     ran)."""
     if table == 'encoders':
         return markdown(groups)
@@ -259,6 +294,8 @@ def render(groups: list[list[Run]], table: str = 'all') -> str:
         return seeds_markdown(groups)
     if table == 'curve':
         return curve_markdown(groups)
+    if table == 'provenance':
+        return provenance_markdown(groups)
     if table == 'defences':
         if not has_baselines(groups):
             raise RunError('--table defences: no baseline defence was evaluated in these runs')
@@ -517,7 +554,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                      'of the runs of one setting that differ only in their seed)')
     parser.add_argument('--table', choices=TABLES, default='all',
                         help='which table to print: the encoders table, the defences table, both (default), '
-                             "every run's values (seeds), or MIMIC's checkpoints over its epochs (curve)")
+                             "every run's values (seeds), MIMIC's checkpoints over its epochs (curve), or what "
+                             'the stages recorded of code, CPU, threads, torch and dates (provenance)')
     pages = parser.add_mutually_exclusive_group()
     pages.add_argument('--check', type=Path, metavar='PAGE',
                        help='render every marked block of this Markdown page again and compare: status 1 and a '

@@ -13,6 +13,8 @@ places, no checkpoint).
     RUN/mimic/mi.json                   MIMIC's MI estimate per tapped layer and the layer weights it gave
     RUN/mimic/log.csv                   MIMIC's training losses per epoch
     RUN/mimic_curve/mimic_<epoch>/metrics.json   the probe of each MIMIC checkpoint (run_pipeline.sh --mimic_curve)
+    RUN/<stage>/args.json               a stage's flags and, under 'environment', the code, start time, CPU,
+                                        threads and torch version it ran with (common.runs.run_environment)
 
 A file that is there but malformed is a RunError, one line naming it; a file that is not there is left out.
 """
@@ -76,6 +78,7 @@ class Run:
     mi: dict | None = None  # mimic/mi.json
     mimic_curve: dict[int, dict] = field(default_factory=dict)  # MIMIC epoch -> its checkpoint's metrics.json
     mimic_log: dict[str, dict[int, float]] = field(default_factory=dict)  # mimic/log.csv: column -> {epoch: value}
+    environments: dict[str, dict] = field(default_factory=dict)  # stage folder -> its args.json's 'environment'
 
     @property
     def pretraining(self) -> str:
@@ -129,7 +132,19 @@ def read_run(path: Path, name: str | None = None) -> Run:
     run.mimic_curve = read_mimic_curve(path, run)
     if (path / 'mimic' / 'log.csv').is_file():
         run.mimic_log = read_csv_columns(path / 'mimic' / 'log.csv')
+    run.environments = read_environments(path)
     return run
+
+
+def read_environments(path: Path) -> dict[str, dict]:
+    """{stage folder: the 'environment' its args.json recorded}, for each args.json one level below the run folder
+    (its stages and probes), sorted by folder; one recording none (an earlier version) is left out."""
+    found = {}
+    for args_path in sorted(path.glob('*/args.json')):
+        environment = read_json(args_path).get('environment')
+        if isinstance(environment, dict):
+            found[args_path.parent.name] = environment
+    return found
 
 
 def stage_seconds(folder: Path) -> float | None:

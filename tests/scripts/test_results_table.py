@@ -326,3 +326,23 @@ def test_runs_that_reuse_their_own_seeds_encoder_are_one_setting(tmp_path, capsy
             for seed in (0, 1)]
     other = seed_run(tmp_path, 'other', 2, 80, 10, backdoored_encoder='runs/main/seed_0/m.pth')
     assert [len(group) for group in results_table.read_groups([*runs, other])] == [2, 1]
+
+
+def test_provenance_lists_what_the_stages_recorded_once_each(tmp_path):
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80, 10) for seed in (0, 1)]
+    environment = {'code': 'abc123def456', 'torch': '2.14.1', 'cpu_threads': 1, 'world_size': 1,
+                   'cpu': 'AMD EPYC (family 25, model 17)', 'cpu_capability': 'AVX512'}
+    stages = {runs[0] / 'mimic': {**environment, 'started': '2026-12-07T10:00:00+00:00'},
+              runs[1] / 'mimic': {**environment, 'started': '2026-12-08T09:00:00+00:00', 'cpu_threads': 2},
+              runs[1] / 'eval_mimic': {'torch': '2.14.1', 'cpu_threads': 1, 'world_size': 2}}  # an older version
+    for folder, recorded in stages.items():
+        (folder / 'args.json').write_text(json.dumps({'seed': 0, 'environment': recorded}))
+    (runs[0] / 'eval_clean' / 'args.json').write_text(json.dumps({'seed': 0}))  # no environment at all
+    groups = results_table.seed_groups([results_table.read_run(run) for run in runs])
+    table = results_table.render(groups, 'provenance').splitlines()
+    assert table[0] == '| Pre-training | Downstream | Attack | n | Code | CPU | Threads | torch | Started |'
+    assert table[2] == ('| cifar10 | gtsrb | badencoder | 2 | abc123def456 | AMD EPYC (family 25, model 17) (AVX512) '
+                        '| 1, 2 (torchrun: 2 processes) | 2.14.1 | 2026-12-07 to 2026-12-08 |')
+    bare = seed_run(tmp_path, 'bare', 5, 80, 10)
+    with pytest.raises(results_table.RunError, match='recorded its environment'):
+        results_table.render([[results_table.read_run(bare)]], 'provenance')
