@@ -97,7 +97,7 @@ def run_environment() -> dict:
 
 def write_args(results_dir: str | Path, args: argparse.Namespace) -> None:
     """`results_dir/args.json`: every flag of the run (`vars(args)`) and, under 'environment', `run_environment()`."""
-    if processes.is_main():
+    if processes.is_main():  # write_json writes in rank 0 alone; the other ranks need not ask git either
         write_json(Path(results_dir) / 'args.json', {**vars(args), 'environment': run_environment()})
 
 

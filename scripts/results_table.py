@@ -268,15 +268,15 @@ def provenance_markdown(groups: list[list[Run]]) -> str:
         machines = sorted({environment['cpu'] + (f" ({environment['cpu_capability']})"
                                                  if environment.get('cpu_capability') else '')
                            for environment in environments if environment.get('cpu')})
-        processes = recorded([environment for environment in environments
-                              if environment.get('world_size') not in (None, 1)], 'world_size')
+        threads = recorded(environments, 'cpu_threads')
+        worlds = [environment for environment in environments if environment.get('world_size') not in (None, 1)]
+        if worlds:
+            threads += f" (torchrun: {recorded(worlds, 'world_size')} processes)"
         days = sorted({environment['started'][:10] for environment in environments if environment.get('started')})
-        rows.append(setting_of(group[0], with_label) + [str(len(group)), recorded(environments, 'code'),
-                    ', '.join(machines) or 'not recorded',
-                    recorded(environments, 'cpu_threads') + ('' if processes == 'not recorded'
-                                                             else f' (torchrun: {processes} processes)'),
-                    recorded(environments, 'torch'), ' to '.join(dict.fromkeys([days[0], days[-1]])) if days
-                    else 'not recorded'])
+        started = 'not recorded' if not days else days[0] if days[0] == days[-1] else f'{days[0]} to {days[-1]}'
+        rows.append(setting_of(group[0], with_label) + [
+            str(len(group)), recorded(environments, 'code'), ', '.join(machines) or 'not recorded', threads,
+            recorded(environments, 'torch'), started])
     head = setting_head(with_label) + ['n', 'Code', 'CPU', 'Threads', 'torch', 'Started']
     return (markdown_table(head, 0, rows) + '\n\nWhat the stages of its runs recorded in their args.json: the git '
             'commit of the code (-dirty: changed files), the CPU and the vector instructions its kernels used, the '
@@ -286,8 +286,8 @@ def provenance_markdown(groups: list[list[Run]]) -> str:
 
 def render(groups: list[list[Run]], table: str = 'all') -> str:
     """The Markdown of `table`: 'encoders', 'defences', 'seeds' (every run's values), 'curve' (MIMIC's checkpoints
-    over its epochs), 'provenance' (what the stages recorded of code, machine, threads and dates), or 'all' (the encoders table, then the defences table under a heading when a baseline
-    ran)."""
+    over its epochs), 'provenance' (what the stages recorded of code, machine, threads and dates), or 'all' (the
+    encoders table, then the defences table under a heading when a baseline ran)."""
     if table == 'encoders':
         return markdown(groups)
     if table == 'seeds':

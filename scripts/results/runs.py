@@ -78,7 +78,6 @@ class Run:
     mi: dict | None = None  # mimic/mi.json
     mimic_curve: dict[int, dict] = field(default_factory=dict)  # MIMIC epoch -> its checkpoint's metrics.json
     mimic_log: dict[str, dict[int, float]] = field(default_factory=dict)  # mimic/log.csv: column -> {epoch: value}
-    environments: dict[str, dict] = field(default_factory=dict)  # stage folder -> its args.json's 'environment'
 
     @property
     def pretraining(self) -> str:
@@ -107,6 +106,11 @@ class Run:
         """read_curves of the run, read on first use (the tables need none of it)."""
         return read_curves(self.path)
 
+    @functools.cached_property
+    def environments(self) -> dict[str, dict]:
+        """read_environments of the run, read on first use (only the provenance table needs it)."""
+        return read_environments(self.path)
+
 
 def evaluated(path: Path) -> list[str]:
     """The names of the run's eval_<name> folders: those of ENCODER_ORDER in its order, then the others sorted."""
@@ -116,7 +120,8 @@ def evaluated(path: Path) -> list[str]:
 
 
 def read_run(path: Path, name: str | None = None) -> Run:
-    """Everything a run folder holds but the per-epoch probe values (Run.curves, read when asked for)."""
+    """Everything a run folder holds but the per-epoch probe values and the stages' environments (Run.curves,
+    Run.environments: read when asked for)."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f'{path}: no such run directory')
@@ -132,7 +137,6 @@ def read_run(path: Path, name: str | None = None) -> Run:
     run.mimic_curve = read_mimic_curve(path, run)
     if (path / 'mimic' / 'log.csv').is_file():
         run.mimic_log = read_csv_columns(path / 'mimic' / 'log.csv')
-    run.environments = read_environments(path)
     return run
 
 
