@@ -17,9 +17,12 @@ refused unless --overwrite, so that nothing kept is replaced unasked.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
+
+if __package__ in (None, ''):  # run as `python scripts/keep_summaries.py`: the repository root is not on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.files import copy_atomic  # noqa: E402  (the project's one atomic writer; imports no torch)
 
 SUMMARY_SUFFIXES = ('.json', '.csv', '.txt')
 DERIVED_TABLES = ('table.csv', 'table_seeds.csv', 'table_defences.csv')  # results_table's --out files
@@ -53,25 +56,16 @@ def keep(run: Path, out: Path, overwrite: bool = False) -> tuple[int, int]:
     found = summaries(run)
     if not found:
         raise KeepError(f'{run}: holds no summary (.json, .csv or .txt file): not a run folder?')
-    same, clashes = [], []
-    for relative in found:
-        target = out / relative
-        if target.exists():
-            if target.read_bytes() == (run / relative).read_bytes():
-                same.append(relative)
-            elif not overwrite:
-                clashes.append(str(target))
-    if clashes:
+    unchanged = {relative for relative in found
+                 if (out / relative).exists() and (out / relative).read_bytes() == (run / relative).read_bytes()}
+    to_copy = [relative for relative in found if relative not in unchanged]
+    clashes = [str(out / relative) for relative in to_copy if (out / relative).exists()]
+    if clashes and not overwrite:
         raise KeepError(f'{len(clashes)} file(s) exist with other content, e.g. {clashes[0]}: '
                          'pass --overwrite to replace them')
-    copied = 0
-    for relative in found:
-        if relative in same:
-            continue
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run / relative, out / relative)
-        copied += 1
-    return copied, len(same)
+    for relative in to_copy:
+        copy_atomic(run / relative, out / relative)  # makes the folders it needs
+    return len(to_copy), len(unchanged)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
