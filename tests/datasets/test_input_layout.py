@@ -175,7 +175,8 @@ FAILING_CASE = textwrap.dedent('''
 @pytest.mark.process
 def test_width8_backward_through_the_batch_path_finishes_with_two_threads():
     """The issue's case: a width-8 encoder, frozen BatchNorm, a (385, 3, 32, 32) batch from the uint8 path, five
-    SGD steps with two threads. Before the fix it died by SIGSEGV or SIGABRT on AVX-512 CPUs."""
+    SGD steps with two threads. Before the fix it died by SIGSEGV or SIGABRT on AVX-512 CPUs; on others (AVX2, ARM)
+    oneDNN takes kernels without that bug, and the test checks only that the run ends normally there."""
     done = subprocess.run([sys.executable, '-c', FAILING_CASE], cwd=REPO, capture_output=True, text=True,
                           timeout=180, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='2'))
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

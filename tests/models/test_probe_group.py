@@ -1,7 +1,7 @@
 """Stage 3 with several encoders: their probes trained together as one stacked model (models/probe_group.py), each
 computing its single run's function. Only float32 rounding differs (the batched products round otherwise on some CPUs
 and on CUDA), so a probe of the group equals its single run within tolerances measured here: after one step, its
-weights within a few units of rounding; over a run, its metrics within 2 points (docs/DESIGN.md §7.1)."""
+weights within a few units of rounding; over a run, its metrics within 4 points (docs/DESIGN.md §7.1)."""
 from __future__ import annotations
 
 import copy
@@ -180,8 +180,9 @@ def metric_values(stdout: str) -> dict:
 # the default seed 100 used here. Its final weights moved by up to 0.04 (another seed: 0.27; 80 steps of lr 1e-3 move
 # a weight by at most 0.08), so the saved weights are not compared. Another --seed moved the metrics by 2 to 100
 # points (5 to 100 against seed 100): on this near-chance probe the whole run is a coarse check, the one step a tight
-# one.
-METRIC_POINTS = 2.0
+# one. Another CPU kind rounds differently again, a perturbation of the same kind but not the one measured: the bound
+# is twice the largest drift measured, still under the smallest change another seed made against seed 100.
+METRIC_POINTS = 4.0
 METRICS = ('acc', 'asr', 'asr_excluding_target')
 
 

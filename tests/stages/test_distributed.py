@@ -315,7 +315,8 @@ def test_stage0_two_processes_take_the_single_process_step(tmp_path, data_root):
     assert not any('bn' in key or key.startswith('f.f.1.') for key in one)  # no BatchNorm left
     assert max_difference(one, two) <= 1e-5
     [row_1], [row_2] = log_rows(tmp_path / 'one' / 'log.csv'), log_rows(tmp_path / 'two' / 'log.csv')
-    assert float(row_1['train_loss']) == pytest.approx(float(row_2['train_loss']), abs=1e-6)
+    # the epoch's mean loss (about ln 127 = 4.8, one float32 step 4.8e-7) after steps whose weights differ as above
+    assert float(row_1['train_loss']) == pytest.approx(float(row_2['train_loss']), abs=1e-5)
     # the kNN monitor, in rank 0, of the same encoder (within one of the 128 test images)
     assert float(row_1['test_acc@1']) == pytest.approx(float(row_2['test_acc@1']), abs=1.0)
 
