@@ -16,8 +16,9 @@ The work is split in two:
 * `run(steps, dry_run=False)` carries them out: a stage whose final file exists is skipped; one whose folder
   holds checkpoints is continued with --resume; what it prints goes to the terminal as printed and to
   RUN/<stage>.log as the terminal finally shows it (a progress bar redrawn with \\r keeps its last state);
-  its wall time is added to <stage folder>/stage_seconds.txt. The probe group evaluates only the encoders
-  whose RUN/eval_<name>/metrics.json is missing or stale, logs to RUN/eval.log and adds its wall time to
+  the wall time of the run that finishes it is added to <stage folder>/stage_seconds.txt (a run stopped before
+  the end adds nothing, so a resumed stage's time counts only what remained). The probe group evaluates only the
+  encoders whose RUN/eval_<name>/metrics.json is missing or stale, logs to RUN/eval.log and adds its wall time to
   RUN/eval_seconds.txt. With `dry_run` every stage's command is printed and nothing is read, run or written.
 
 With `--seeds 0,1,2` the plan is that of the setting once per seed, each a whole run in RUN/seed_<seed>/ with
@@ -202,7 +203,7 @@ Chain the four stages for one setting, each stage in its own folder under one ru
                    stage 3  training_downstream_classifier.py -> metrics.json, one run for all the encoders
                    (--encoder ... --names eval_clean ...: their probes trained together, each as its own run)
   RUN/run.json     the setting;  RUN/<stage>.log  what each stage printed (RUN/eval.log: stage 3's run);
-  <stage folder>/stage_seconds.txt  the stage's wall time (summed over the runs that resumed it);
+  <stage folder>/stage_seconds.txt  the wall time of the run that finished the stage (a resumed stage: what remained);
   RUN/eval_seconds.txt  stage 3's (summed over its runs)
 
 Run it again and a finished stage is skipped; an interrupted one continues with --resume from its
@@ -614,7 +615,7 @@ def tee_to_log(command: list, log_path: str) -> int:
 
 
 def add_seconds(path: str, spent: int) -> None:
-    """Add `spent` to the seconds recorded in `path` (a stage's wall time, summed over the runs that resumed it)."""
+    """Add `spent` to the seconds recorded in `path` (a stage's wall time; stage 3's, summed over its runs)."""
     before = 0
     if os.path.isfile(path):
         try:
