@@ -199,7 +199,8 @@ def defence_markdown(rows: list[dict], with_n: bool) -> str:
         values += [paired_cell(row[f'{key}_vs_mimic']) for key, _ in METRICS] if with_n else []
         cells.append(values)
     note = ('\n\nΔACC: ACC of the purified encoder minus that of the backdoored one (points). '
-            'Time: wall-clock seconds of the defence stage, as the pipeline measured it.')
+            'Time: wall-clock seconds of the defence stage, as the pipeline measured it; a stage resumed after a '
+            'stop is left out of it (n=k, or –), its recorded time counting only what remained.')
     if with_n:
         note += (' With n > 1 seeds: mean ± the half-width of the 95% confidence interval (Student\'s t). '
                  'ACC/ASR/ASR* - MIMIC: a paired comparison, the baseline\'s value minus MIMIC\'s on the same seed, '

@@ -9,7 +9,8 @@ places, no checkpoint).
     RUN/eval.log, RUN/eval_<name>.log   runs of earlier versions, whose per-epoch values are only in the stage-3
                                         log's JSON lines (eval.log: one line per probe of the group, naming it)
     RUN/mimic/stage_seconds.txt,        the wall time the pipeline measured for MIMIC and for each baseline
-    RUN/defence_<name>/stage_seconds.txt
+    RUN/defence_<name>/stage_seconds.txt  (left out when the stage's args.json says it resumed: that time
+                                        counts only what remained after a stop)
     RUN/mimic/mi.json                   MIMIC's MI estimate per tapped layer and the layer weights it gave
     RUN/mimic/log.csv                   MIMIC's training losses per epoch
     RUN/mimic_curve/mimic_<epoch>/metrics.json   the probe of each MIMIC checkpoint (run_pipeline.sh --mimic_curve)
@@ -152,7 +153,12 @@ def read_environments(path: Path) -> dict[str, dict]:
 
 
 def stage_seconds(folder: Path) -> float | None:
-    """The wall time the pipeline measured for a stage (its stage_seconds.txt), or None."""
+    """The wall time the pipeline measured for a stage (its stage_seconds.txt), or None: also when the run that
+    finished the stage resumed it (its args.json has "resume": true), since the pipeline records the time of that
+    run only, which leaves out whatever ran before the stop."""
+    args_path = folder / 'args.json'
+    if args_path.is_file() and read_json(args_path).get('resume') is True:
+        return None
     try:
         return float((folder / 'stage_seconds.txt').read_text().strip())
     except (FileNotFoundError, ValueError):

@@ -204,6 +204,21 @@ def seed_run(root: Path, name: str, seed, acc: float, asr: float, defences: dict
     return run
 
 
+def test_a_resumed_stage_has_no_time(tmp_path):
+    """The pipeline records the time of the run that finished a stage; one that resumed it (args.json "resume":
+    true) ran only what remained, so its time is left out: '–' for one run, (n=k) over seeds."""
+    runs = [seed_run(tmp_path, f'seed_{seed}', seed, 80, 10, {'ft': (70, 5)}) for seed in (0, 1, 2)]
+    for seed, run in enumerate(runs):  # seconds: 10 + seed for MIMIC and ft
+        (run / 'defence_ft' / 'args.json').write_text(json.dumps({'defence': 'ft', 'resume': seed == 1}))
+    assert results_table.main([str(runs[1]), '--out', str(tmp_path / 'one')]) == 0
+    assert '| 11 |' in (tmp_path / 'one.md').read_text()  # MIMIC's time
+    assert '| badencoder | ft | 70.00 | 5.00 | 4.00 | -11.00 | – |' in (tmp_path / 'one.md').read_text()
+    assert results_table.main([*map(str, runs), '--out', str(tmp_path / 'three')]) == 0
+    md = (tmp_path / 'three.md').read_text()
+    assert '| 11 ± 2 |' in md  # MIMIC: 10, 11, 12
+    assert '| 11 ± 13 (n=2) |' in md  # ft: 10 and 12, seed 1's resumed 11 left out
+
+
 def test_runs_that_differ_only_in_seed_make_one_row_and_three_per_seed_rows(tmp_path):
     runs = [seed_run(tmp_path, f'seed_{seed}', seed, acc, asr) for seed, acc, asr in [(0, 80, 10), (1, 81, 12),
                                                                                       (2, 82, 14)]]
