@@ -19,7 +19,8 @@ The work is split in two:
   the wall time of the run that finishes it is added to <stage folder>/stage_seconds.txt (a run stopped before
   the end adds nothing, so a resumed stage's time counts only what remained, and the tables leave it out). The
   probe group evaluates only the encoders whose RUN/eval_<name>/metrics.json is missing or stale, logs to
-  RUN/eval.log and adds its wall time to RUN/eval_seconds.txt. With `dry_run` every stage's command is printed and nothing is read, run or written.
+  RUN/eval.log and adds its wall time to RUN/eval_seconds.txt. With `dry_run` every stage's command is printed
+  and nothing is read, run or written.
 
 With `--seeds 0,1,2` the plan is that of the setting once per seed, each a whole run in RUN/seed_<seed>/ with
 --seed <seed> for every stage (its run.json holds the seed), then one table of them all: RUN/table.md (a cell: the
